@@ -115,7 +115,7 @@ class KProdigy(torch.optim.Optimizer):
                 raise ValueError(f"Invalid {name}: {value!r}; expected None, True or False")
         if not isinstance(fsdp_in_use, bool):
             raise ValueError(f"Invalid fsdp_in_use: {fsdp_in_use!r}; expected True or False")
-        if reduce_d_stats not in (None, True, False):
+        if reduce_d_stats is not None and not isinstance(reduce_d_stats, bool):
             raise ValueError(f"Invalid reduce_d_stats: {reduce_d_stats!r}; expected None, True or False")
         if reduce_d_stats is False and fsdp_in_use:
             raise ValueError("fsdp_in_use=True forces the D all-reduce but reduce_d_stats=False forbids it; set one")
@@ -259,17 +259,17 @@ class KProdigy(torch.optim.Optimizer):
             originals.append(p)
             p, g = _local(p), _local(g)
             expected = (p.numel() + hp.slice_p - 1) // hp.slice_p
-            if state["s"].numel() != expected:
+            if _local(state["s"]).numel() != expected:
                 raise ValueError(
                     f"slice_p={hp.slice_p} does not match the state of a parameter of {p.numel()} elements "
-                    f"(s has {state['s'].numel()}); slice_p cannot change after the first step"
+                    f"(s has {_local(state['s']).numel()}); slice_p cannot change after the first step"
                 )
             params.append(p)
             grads.append(g)
             exp_avgs.append(_local(state["exp_avg"]) if "exp_avg" in state else None)
             exp_avg_sqs.append(_local(state["exp_avg_sq"]))
-            ss.append(_local(state["s"]))
-            p0s.append(_local(state["p0"]))
+            ss.append(_flat_local(state["s"]))
+            p0s.append(_flat_local(state["p0"]))
         segment = Segment(params, grads, exp_avgs if hp.betas[0] > 0 else None, exp_avg_sqs, ss, p0s, hp)
         return segment, originals
 
@@ -314,17 +314,28 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
 
-def _init_state(p: Tensor, hp: Hyperparams) -> dict[str, Tensor]:
-    """Per-tensor state; for a DTensor param, from its local shard.
+def _flat_local(t: Tensor) -> Tensor:
+    """``s``/``p0`` as the kernels take them: a DTensor's local shard viewed 1-D (never a copy)."""
+    return t.to_local().view(-1) if DTensor is not None and isinstance(t, DTensor) else t
 
-    exp_avg and exp_avg_sq of a DTensor param are DTensors laid out like it (so distributed
-    checkpoints shard them like the param); ``s`` and ``p0`` are this rank's plain tensors (the
-    sliced local shard), which only reload onto the same sharding.
+
+def _init_state(p: Tensor, hp: Hyperparams) -> dict[str, Tensor]:
+    """Per-tensor state; for a DTensor param, from its local shard (the math is per rank).
+
+    For a DTensor param, exp_avg and exp_avg_sq are DTensors laid out like it, and so are ``s``
+    and ``p0`` when slice_p == 1 (param-shaped, viewed 1-D by the kernels; ``p0`` is always
+    stored, even for an all-zero param): distributed checkpoints save and reshard them like the
+    param. With slice_p > 1, ``s`` and ``p0`` are this rank's plain tensors (every slice_p-th
+    element of the local shard), which reload only into the same sharding and not through
+    torch.distributed.checkpoint (which treats plain tensors as replicated).
     """
     if DTensor is None or not isinstance(p, DTensor):
         return init_tensor_state(p, hp)
-    state = init_tensor_state(p.to_local(), hp)
-    for key in ("exp_avg", "exp_avg_sq"):
+    local = p.to_local()
+    state = init_tensor_state(local, hp)
+    if hp.slice_p == 1:
+        state["s"], state["p0"] = torch.zeros_like(local), local.clone()
+    for key in ("exp_avg", "exp_avg_sq") + (("s", "p0") if hp.slice_p == 1 else ()):
         if key in state:
             state[key] = DTensor.from_local(
                 state[key], p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
