@@ -199,10 +199,7 @@ class KProdigy(torch.optim.Optimizer):
             dtypes = [p.dtype for p in params] or [p.dtype for g in self.param_groups for p in g["params"]]
             d_states.append(
                 DState(
-                    **{
-                        key: torch.tensor(lead[key], dtype=stat_dtype(dtypes), device=device)
-                        for key in _FLOAT_D_KEYS
-                    },
+                    **{key: torch.tensor(lead[key], dtype=stat_dtype(dtypes), device=device) for key in _FLOAT_D_KEYS},
                     k=torch.tensor(lead["k"], dtype=torch.int64, device=device),
                 )
             )
