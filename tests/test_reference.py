@@ -9,10 +9,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from reference import Reference
 
 from kprodigy import KProdigy
 from kprodigy.functional import Hyperparams, init_state, step
-from reference import Reference
 
 D_KEYS = ("d", "d_max", "d_numerator", "d_denom", "d_hat")
 

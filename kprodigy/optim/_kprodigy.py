@@ -94,7 +94,7 @@ class KProdigy(torch.optim.Optimizer):
         fsdp_in_use: bool = False,
     ) -> None:
         for name, value in (("foreach", foreach), ("independent_d", independent_d)):
-            if value not in (None, True, False):
+            if value is not None and not isinstance(value, bool):
                 raise ValueError(f"Invalid {name}: {value!r}; expected None, True or False")
         if not isinstance(fsdp_in_use, bool):
             raise ValueError(f"Invalid fsdp_in_use: {fsdp_in_use!r}; expected True or False")
