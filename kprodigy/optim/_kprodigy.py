@@ -111,7 +111,7 @@ class KProdigy(torch.optim.Optimizer):
         process_group: Any = None,
     ) -> None:
         for name, value in (("foreach", foreach), ("independent_d", independent_d)):
-            if value not in (None, True, False):
+            if value is not None and not isinstance(value, bool):
                 raise ValueError(f"Invalid {name}: {value!r}; expected None, True or False")
         if not isinstance(fsdp_in_use, bool):
             raise ValueError(f"Invalid fsdp_in_use: {fsdp_in_use!r}; expected True or False")
@@ -197,9 +197,12 @@ class KProdigy(torch.optim.Optimizer):
             # a rank holding none of a D-group's params (ZeRO) takes the optimizer's dtypes, so
             # that every rank computes D in the same dtype
             dtypes = [p.dtype for p in params] or [p.dtype for g in self.param_groups for p in g["params"]]
+            packed = torch.tensor(
+                [lead[key] for key in _FLOAT_D_KEYS], dtype=stat_dtype(dtypes), device=device
+            )  # one host-to-device copy for the D state
             d_states.append(
                 DState(
-                    **{key: torch.tensor(lead[key], dtype=stat_dtype(dtypes), device=device) for key in _FLOAT_D_KEYS},
+                    **dict(zip(_FLOAT_D_KEYS, packed.unbind())),
                     k=torch.tensor(lead["k"], dtype=torch.int64, device=device),
                 )
             )
