@@ -9,8 +9,10 @@
 from ._distributed import all_reduce_stats
 from ._hyperparams import Hyperparams
 from ._scalars import Coefficients, coefficients, reduce_d
-from ._state import DState, State, init_d_state, init_state, init_tensor_state
-from ._step import Segment, SegmentResult, step, step_d_group, step_d_groups, use_foreach
+from ._checkpoint import from_optimizer_state_dict, state_from_dict, state_to_dict, to_optimizer_state_dict
+from ._state import DState, State, init_d_state, init_tensor_state
+from ._step import Segment, SegmentResult, step_d_group, step_d_groups, use_foreach
+from ._tree import init_ensemble_state, init_state, step  # the list versions, taking any pytree
 
 __all__ = [
     "Coefficients",
@@ -21,12 +23,17 @@ __all__ = [
     "State",
     "all_reduce_stats",
     "coefficients",
+    "from_optimizer_state_dict",
     "init_d_state",
+    "init_ensemble_state",
     "init_state",
     "init_tensor_state",
     "reduce_d",
+    "state_from_dict",
+    "state_to_dict",
     "step",
     "step_d_group",
     "step_d_groups",
+    "to_optimizer_state_dict",
     "use_foreach",
 ]

@@ -36,6 +36,9 @@ class DState:
 class State:
     """State of a list of tensors sharing one D. Lists are aligned with the params list.
 
+    (``kprodigy.functional.init_state`` given another pytree of params, e.g. a dict, puts that
+    pytree's structure in place of each list: see ``_tree.py``.)
+
     exp_avg:    like each param (stats dtype of the param), or None when betas[0] == 0
     exp_avg_sq: like each param
     s:          1-D, ``x.flatten()[::slice_p]`` sized
@@ -76,11 +79,13 @@ def init_d_state(hparams: Hyperparams, device: torch.device | str, dtype: torch.
     )
 
 
-def init_tensor_state(x: Tensor, hparams: Hyperparams) -> dict[str, Tensor]:
+def init_tensor_state(x: Tensor, hparams: Hyperparams, *, compact_p0: bool = True) -> dict[str, Tensor]:
     """Per-tensor state for param ``x``, keyed as in prodigyopt (``exp_avg`` only if betas[0] > 0).
 
-    Allocated detached, in the param's dtype and memory format. ``p0`` is a 0-dim zero when x is
-    all zeros (LoRA up-projections), to save memory; that check reads x once, at init only.
+    Allocated detached, in the param's dtype and memory format. With ``compact_p0``, ``p0`` is a
+    0-dim zero when x is all zeros (LoRA up-projections), to save memory; that check reads x once,
+    at init only, and is skipped inside torch.func transforms (``vmap``), where it cannot run:
+    there, and with ``compact_p0=False``, ``p0`` is always the full slice.
     """
     x = x.detach()
     sliced = x.flatten()[:: hparams.slice_p]
@@ -89,12 +94,13 @@ def init_tensor_state(x: Tensor, hparams: Hyperparams) -> dict[str, Tensor]:
         state["exp_avg"] = torch.zeros_like(x, memory_format=torch.preserve_format)
     state["exp_avg_sq"] = torch.zeros_like(x, memory_format=torch.preserve_format)
     state["s"] = torch.zeros_like(sliced)
-    state["p0"] = sliced.clone() if bool(x.any()) else torch.zeros((), dtype=x.dtype, device=x.device)
+    compact = compact_p0 and not torch._C._functorch.is_functorch_wrapped_tensor(x) and not bool(x.any())
+    state["p0"] = torch.zeros((), dtype=x.dtype, device=x.device) if compact else sliced.clone()
     return state
 
 
-def init_state(params: Sequence[Tensor], hparams: Hyperparams) -> State:
-    """Initial state for ``params`` (a list of tensors sharing one D)."""
+def init_state(params: Sequence[Tensor], hparams: Hyperparams, *, compact_p0: bool = True) -> State:
+    """Initial state for ``params`` (a list of tensors sharing one D); ``compact_p0``: see ``init_tensor_state``."""
     params = list(params)
     if not params:
         raise ValueError("init_state got an empty list of params; expected at least one tensor")
@@ -105,7 +111,7 @@ def init_state(params: Sequence[Tensor], hparams: Hyperparams) -> State:
                 f"params[{i}] is on {x.device} but params[0] is on {device}; "
                 "tensors sharing one D must be on one device"
             )
-    per_tensor = [init_tensor_state(x, hparams) for x in params]
+    per_tensor = [init_tensor_state(x, hparams, compact_p0=compact_p0) for x in params]
     return State(
         exp_avg=[t["exp_avg"] for t in per_tensor] if hparams.betas[0] > 0 else None,
         exp_avg_sq=[t["exp_avg_sq"] for t in per_tensor],

@@ -55,7 +55,10 @@ def use_foreach(tensors: Sequence[Tensor], foreach: bool | None) -> bool:
 
     ``torch._foreach_*`` ops have no vmap batching rule, so functorch-wrapped tensors (inside
     ``vmap``/``grad``) always take the per-tensor path, even when ``foreach=True`` was asked for.
+    Under ``torch.compile`` (where that check cannot be traced) None means per-tensor.
     """
+    if torch.compiler.is_compiling():  # the check below does not trace; inductor fuses the per-tensor path
+        return bool(foreach)
     wrapped = any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
     if wrapped:
         return False
