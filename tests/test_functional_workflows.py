@@ -56,12 +56,16 @@ def _data(seed: int, n: int = 32) -> tuple[Tensor, Tensor]:
 def test_dict_params_equal_list_params_and_state_mirrors_structure() -> None:
     hp = Hyperparams(weight_decay=0.01)
     gen = torch.Generator().manual_seed(0)
-    params = {"w": torch.randn(4, 3, generator=gen), "inner": {"b": torch.zeros(3)}, "t": (torch.randn(5, generator=gen),)}
+    params = {
+        "w": torch.randn(4, 3, generator=gen),
+        "inner": {"b": torch.zeros(3)},
+        "t": (torch.randn(5, generator=gen),),
+    }
     leaves, spec = pytree.tree_flatten(params)
     sd, sl = F.init_state(params, hp), F.init_state(leaves, hp)
     assert isinstance(sd.exp_avg, dict) and sd.p0["inner"]["b"].dim() == 0  # all zeros: compact p0
     pd, pl = params, leaves
-    for i in range(5):
+    for _ in range(5):
         grads = [torch.randn(x.shape, generator=gen) for x in leaves]
         pd, sd = F.step(pd, pytree.tree_unflatten(grads, spec), sd, hp)
         pl, sl = F.step(pl, grads, sl, hp)
@@ -173,8 +177,12 @@ def test_vmapped_ensemble_equals_separate_runs(d_update_freq: int) -> None:
         pi = {k: v.detach().clone() for k, v in base_i.named_parameters()}
         si = F.init_state(pi, hp)
         x, y = _data(i)
+
+        def loss_i(q: dict[str, Tensor], m: nn.Module = base_i, x: Tensor = x, y: Tensor = y) -> Tensor:
+            return ((functional_call(m, q, (x,)) - y) ** 2).mean()
+
         for _ in range(steps):
-            g = grad(lambda q: ((functional_call(base_i, q, (x,)) - y) ** 2).mean())(pi)
+            g = grad(loss_i)(pi)
             pi, si = F.step(pi, g, si, hp, foreach=False)
         _assert_trees_close({k: v[i] for k, v in p.items()}, pi, 1e-5)
         for name in ("d", "d_max", "d_numerator", "d_denom", "d_hat"):
@@ -314,7 +322,7 @@ def test_switch_between_class_and_functional(betas: tuple[float, float]) -> None
     # functional -> class: load into a fresh optimizer and continue both
     fresh = _model(99)
     with torch.no_grad():
-        for (name, p) in fresh.named_parameters():
+        for name, p in fresh.named_parameters():
             p.copy_(p_f[name])
     opt2 = KProdigy(fresh.parameters(), lr=0.123)  # the state dict's group overrides these arguments
     opt2.load_state_dict(F.to_optimizer_state_dict(s_f, hp))

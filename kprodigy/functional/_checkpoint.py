@@ -105,7 +105,7 @@ def to_optimizer_state_dict(state: State, hparams: Hyperparams) -> dict[str, Any
     k = int(state.d.k)
     per_param: dict[int, dict[str, Any]] = {}
     for i in range(n):
-        entry = {name: lst[i].detach().clone() for name, lst in leaves.items() if lst is not None}
+        entry: dict[str, Any] = {name: lst[i].detach().clone() for name, lst in leaves.items() if lst is not None}
         entry["step"] = k
         per_param[i] = entry
     group: dict[str, Any] = {name: getattr(hparams, name) for name in Hyperparams.field_names()}

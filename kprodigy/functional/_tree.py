@@ -136,4 +136,3 @@ def _unflatten_state(flat: State, spec: pytree.TreeSpec) -> State:
 def _describe(spec: pytree.TreeSpec) -> str:
     text = str(spec)
     return text if len(text) <= 200 else text[:200] + "..."
-
