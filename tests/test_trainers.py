@@ -171,6 +171,15 @@ def test_invalid_d_group_d_steps_and_cap_are_rejected_and_change_nothing() -> No
         opt.step()
 
 
+def test_deepcopy_and_pickle_keep_the_optimizer_wide_settings() -> None:
+    import pickle
+
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = KProdigy([{"params": [p]}], independent_d=True, d_ratio_cap=3.0, reduce_d_stats=False)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert (clone.independent_d, clone.d_ratio_cap, clone.reduce_d_stats) == (True, 3.0, False)
+
+
 def test_per_group_d_coef_with_independent_d() -> None:
     # two identical halves; d_coef 2 doubles the first D estimate
     torch.manual_seed(0)
@@ -359,3 +368,20 @@ def test_step_parameter_intended_difference_is_the_eps_floor() -> None:
     for x, d_floor in ((p, d_new), (q, d_old)):
         expected = x0 - d_old * m / torch.maximum(v.sqrt(), torch.tensor(d_floor * eps, dtype=torch.float64))
         torch.testing.assert_close(x.detach(), expected, rtol=1e-12, atol=0)
+
+
+def test_lr_scheduler_sees_finalize_step_as_a_step() -> None:
+    import warnings
+
+    X, y = data()
+    model = mlp()
+    opt = KProdigy(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    hooked(model, opt)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lr_scheduler.step.*")
+        for _ in range(2):
+            loss_of(model, X, y).backward()
+            opt.finalize_step()
+            sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1 / 3)

@@ -189,6 +189,13 @@ class KProdigy(torch.optim.Optimizer):
                 param_group.setdefault(key, value)
         super().add_param_group(param_group)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's state (defaults, state, param_groups) plus the optimizer-wide settings, so that
+        ``copy.deepcopy`` and pickling keep them (``process_group`` is not picklable: it is left out)."""
+        state = super().__getstate__()
+        state.update(independent_d=self.independent_d, reduce_d_stats=self.reduce_d_stats, d_ratio_cap=self.d_ratio_cap)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Fill keys missing from older or prodigyopt checkpoints; D values become Python floats."""
         super().__setstate__(state)
@@ -366,6 +373,7 @@ class KProdigy(torch.optim.Optimizer):
         if not self._pending:
             return
         pending, self._pending = list(self._pending.values()), {}
+        self._opt_called = True  # what LR schedulers check to know the optimizer stepped (as step() does)
         done = []
         for item in pending:
             lead = item.groups[0]
