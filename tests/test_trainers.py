@@ -151,6 +151,17 @@ def test_d_group_partition_rules() -> None:
     assert KProdigy(copy.deepcopy(groups)).d_groups() == [[0], [1, 3], [2], [4]]
     assert KProdigy(copy.deepcopy(groups), independent_d=False).d_groups() == [[0, 2, 4], [1, 3]]
     assert KProdigy(copy.deepcopy(groups), independent_d=True).d_groups() == [[0], [1, 3], [2], [4]]
+    # labels survive a weights_only checkpoint round trip
+    opt = KProdigy(groups, independent_d=False)
+    for p in ps:
+        p.grad = torch.ones(3)
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    fresh = KProdigy([{"params": [p]} for p in ps], independent_d=False)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert fresh.d_groups() == [[0, 2, 4], [1, 3]] and fresh.param_groups[1]["k"] == 1
 
 
 def test_invalid_d_group_d_steps_and_cap_are_rejected_and_change_nothing() -> None:
