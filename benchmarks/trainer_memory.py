@@ -64,6 +64,8 @@ def table_state() -> None:
         ("betas=(0, 0.999)", {"betas": (0.0, 0.999)}),
         ("d_steps=2 (D frozen)", {"d_steps": 2}),
         ("betas=(0, 0.999), d_steps=2", {"betas": (0.0, 0.999), "d_steps": 2}),
+        ("factored=True", {"factored": True}),
+        ("factored=True, d_steps=2", {"factored": True, "d_steps": 2}),
     ]
     print("| option | LoRA (B zero-initialised) | full fine-tune |")
     print("| --- | --- | --- |")

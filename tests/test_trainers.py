@@ -311,6 +311,7 @@ def hooked(model: torch.nn.Module, opt: KProdigy) -> None:
         {"use_bias_correction": True, "weight_decay": 0.01, "d_update_freq": 2},
         {"betas": (0.0, 0.99), "slice_p": 3, "foreach": False},
         {"d_steps": 3, "safeguard_warmup": True},
+        {"factored": True},
     ],
 )
 def test_step_parameter_matches_step(kwargs: dict) -> None:
@@ -396,3 +397,75 @@ def test_lr_scheduler_sees_finalize_step_as_a_step() -> None:
             opt.finalize_step()
             sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(1 / 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# factored second moment
+
+
+def test_factored_equals_full_when_the_second_moment_is_rank_one() -> None:
+    # g_t = s_t * outer(a, b): v is rank one, which row and column means represent exactly
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)
+    w0, bias0 = (
+        torch.randn(6, 4, generator=gen, dtype=torch.float64),
+        torch.randn(4, generator=gen, dtype=torch.float64),
+    )
+    runs = []
+    for factored in (False, True):
+        w, bias = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(bias0.clone())
+        opt = KProdigy([w, bias], factored=factored, weight_decay=0.01, use_bias_correction=True)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            s = torch.randn((), generator=g, dtype=torch.float64)
+            w.grad = s * torch.outer(a, b)  # rank one
+            bias.grad = torch.randn(4, generator=g, dtype=torch.float64)  # 1-D: full v either way
+            opt.step()
+        runs.append((w.detach().clone(), bias.detach().clone(), opt))
+    (w_full, b_full, full), (w_fact, b_fact, fact) = runs
+    assert fact.state[w_fact_param(fact)]["exp_avg_sq"].shape == (6 + 4,)
+    assert rel_err(w_fact, w_full) < 1e-12 and rel_err(b_fact, b_full) < 1e-12
+    assert fact.param_groups[0]["d"] == pytest.approx(full.param_groups[0]["d"], rel=1e-12)
+
+
+def w_fact_param(opt: KProdigy) -> torch.Tensor:
+    return opt.param_groups[0]["params"][0]
+
+
+def test_factored_step_restated_in_float64() -> None:
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(2, 3, 5, dtype=torch.float64))  # seen as 6 x 5
+    opt = KProdigy([w], factored=True, betas=(0.9, 0.99))
+    d, x0 = opt.param_groups[0]["d"], w.detach().clone()
+    g = torch.randn(2, 3, 5, dtype=torch.float64)
+    w.grad = g.clone()
+    opt.step()
+    g2 = (0.01 * d * d * g * g).reshape(6, 5)
+    r, c = g2.mean(1), g2.mean(0)
+    v_hat = (torch.outer(r, c) / r.mean()).reshape(2, 3, 5)
+    m = 0.1 * d * g
+    expected = x0 - d * m / torch.maximum(v_hat.sqrt(), torch.tensor(opt.param_groups[0]["d"] * 1e-8))
+    torch.testing.assert_close(w.detach(), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(opt.state[w]["exp_avg_sq"], torch.cat([r, c]), rtol=1e-12, atol=0)
+
+
+def test_factored_trains_checkpoints_and_validates() -> None:
+    X, y = data()
+    model = mlp()
+    opt = KProdigy(model.parameters(), factored=True, d_steps=5)
+    losses = train(model, opt, X, y, 10)
+    assert losses[-1] < losses[0]
+    words = sum(t.numel() for p in model.parameters() for t in opt.state[p].values() if torch.is_tensor(t) and t.dim())
+    n = sum(p.numel() for p in model.parameters())
+    assert words < 1.5 * n  # exp_avg, plus the small factored and 1-D statistics
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    model2 = copy.deepcopy(model)
+    opt2 = KProdigy(model2.parameters(), factored=True, d_steps=5)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    train(model, opt, X, y, 2)
+    train(model2, opt2, X, y, 2)
+    torch.testing.assert_close(flat(model2), flat(model), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="factored"):
+        KProdigy(model.parameters(), factored=1)  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..functional import DState, Hyperparams, Segment, all_reduce_stats, init_tensor_state, step_d_groups
+from ..functional._factored import init_factored_v
 from ..functional._partial import cap_d_ratio, effective_lrs, finish_d, step_segment
 from ..functional._state import stat_dtype
 
@@ -85,6 +86,9 @@ class KProdigy(torch.optim.Optimizer):
         d_steps: freeze D after this many steps (default None: never); per group, equal within
             a D-group. From then on D stays fixed, the D statistics are skipped and the ``s`` and
             ``p0`` buffers are freed; the group key ``d_frozen`` records it.
+        factored: keep the second moment of each param with 2+ dims as row and column means
+            (Adafactor-style; about 1 word per param less), per group (default False; fixed at
+            a param's first step).
         d_ratio_cap: keep the D values of the D-groups within this factor (>= 1) of the smallest
             one after every step (default None: no cap), for a component whose D "grows forever".
 
@@ -129,6 +133,7 @@ class KProdigy(torch.optim.Optimizer):
         process_group: Any = None,
         d_steps: int | None = None,
         d_ratio_cap: float | None = None,
+        factored: bool = False,
     ) -> None:
         for name, value in (("foreach", foreach), ("independent_d", independent_d)):
             if value is not None and not isinstance(value, bool):
@@ -160,7 +165,9 @@ class KProdigy(torch.optim.Optimizer):
         defaults: dict[str, Any] = {name: getattr(hp, name) for name in Hyperparams.field_names()}
         defaults.update(foreach=foreach, fsdp_in_use=fsdp_in_use, **_fresh_d_keys(hp.d0))
         _check_d_steps(d_steps)
-        defaults.update(d_steps=d_steps, d_group=None, d_frozen=False, effective_lr=0.0)
+        if not isinstance(factored, bool):
+            raise ValueError(f"Invalid factored: {factored!r}; expected True or False")
+        defaults.update(d_steps=d_steps, d_group=None, d_frozen=False, effective_lr=0.0, factored=factored)
         if d_ratio_cap is not None and (
             isinstance(d_ratio_cap, bool) or not isinstance(d_ratio_cap, (int, float)) or not d_ratio_cap >= 1
         ):
@@ -178,6 +185,8 @@ class KProdigy(torch.optim.Optimizer):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         Hyperparams.from_mapping({**self.defaults, **param_group})
         _check_d_steps(param_group.get("d_steps"))
+        if not isinstance(param_group.get("factored", False), bool):
+            raise ValueError(f"Invalid factored: {param_group['factored']!r}; expected True or False")
         try:
             hash(param_group.get("d_group"))
         except TypeError:
@@ -427,10 +436,14 @@ class KProdigy(torch.optim.Optimizer):
                 )
             state = self.state[p]
             if "exp_avg_sq" not in state:
+                if group.get("factored") and DTensor is not None and isinstance(p, DTensor):
+                    raise RuntimeError("factored=True does not support DTensor (FSDP2) params yet; use factored=False")
                 state.update(_init_state(p, hp))
                 state["step"] = 0
                 if frozen:
                     del state["s"], state["p0"]
+                if group.get("factored") and p.dim() >= 2:
+                    state["exp_avg_sq"] = init_factored_v(p)
             if hp.betas[0] > 0 and "exp_avg" not in state:  # beta1 raised from 0 mid-training
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             originals.append(p)
