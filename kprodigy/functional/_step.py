@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from . import _foreach, _single
+from . import _factored, _foreach, _single
 from ._hyperparams import Hyperparams
 from ._scalars import Coefficients, coefficients, reduce_d
 from ._state import DState, State
@@ -208,7 +208,9 @@ def _accumulate_d_group(
         fe = use_foreach(seg.params, foreach)
         gs = grads[i] = _effective_grads(seg.params, seg.grads, hp, fe)
         m, v, s, num, den = _by_dtype(
-            _foreach.accumulate if fe else _single.accumulate,
+            _factored.accumulate
+            if _factored.is_factored(seg.params, seg.exp_avg_sq)
+            else (_foreach.accumulate if fe else _single.accumulate),
             seg.params,
             [gs, seg.exp_avg, seg.exp_avg_sq, seg.s, seg.p0],
             n_out=3,
@@ -242,7 +244,9 @@ def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[l
         keep = 1 - wd * c.dlr if (wd > 0 and hp.decouple) else None
         fe = use_foreach(seg.params, acc.foreach)
         (xs,) = _by_dtype(
-            _foreach.apply if fe else _single.apply,
+            _factored.apply
+            if _factored.is_factored(seg.params, seg.exp_avg_sq)
+            else (_foreach.apply if fe else _single.apply),
             seg.params,
             [acc.grads[i], res.exp_avg, res.exp_avg_sq],
             n_out=1,
