@@ -350,6 +350,11 @@ def test_optimizer_state_dict_errors() -> None:
         F.from_optimizer_state_dict(opt3.state_dict())
     with pytest.raises(ValueError, match="like has 3 tensors"):
         F.from_optimizer_state_dict(opt.state_dict(), groups=0, like=[torch.zeros(1)] * 3)
+    d = nn.Linear(3, 3)
+    opt4 = KProdigy(d.parameters(), factored=True)
+    _class_steps(opt4, d, 0, 1)
+    with pytest.raises(ValueError, match="factored=True"):
+        F.from_optimizer_state_dict(opt4.state_dict())
     ens = F.init_ensemble_state([torch.randn(2, 3)], Hyperparams())
     with pytest.raises(ValueError, match="one ensemble member at a time"):
         F.to_optimizer_state_dict(ens, Hyperparams())

@@ -145,6 +145,9 @@ def from_optimizer_state_dict(
                 f"param groups {idx[0]} and {i} hold different D estimates (independent D); "
                 "convert one D-group at a time with groups=[...]"
             )
+    for key, why in (("d_frozen", "D is frozen (d_steps): s and p0 were freed"), ("factored", "factored=True")):
+        if any(g.get(key) for g in chosen):
+            raise ValueError(f"the functional state has no form for a group with {why}; convert groups without it")
     has_m = Hyperparams.from_mapping(lead).betas[0] > 0
     ids = [pid for g in chosen for pid in g["params"]]
     fields: dict[str, list[Tensor]] = {name: [] for name in _PER_TENSOR}
