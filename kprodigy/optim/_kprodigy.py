@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,7 +18,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..functional import DState, Hyperparams, Segment, all_reduce_stats, init_tensor_state, step_d_groups
-from ..functional._state import stat_dtype
+from ..functional._state import stat_dtype, state_dtype
+from ._checks import check_grads, check_param_group, check_state_dict
 
 try:  # DTensor: FSDP2 (fully_shard) and tensor-parallel params
     from torch.distributed.tensor import DTensor
@@ -81,6 +83,14 @@ class KProdigy(torch.optim.Optimizer):
             it, False forbids it. Plain DDP (replicated params, averaged grads) needs none.
         process_group: the group to sum over (default: the sharding mesh's group for DTensor
             params, ZeRO's group under ZeroRedundancyOptimizer, else the default group).
+        skip_nonfinite: skip a D-group's step when any of its gradients holds NaN or inf, or its
+            D statistics overflow (default True): params, moments and D stay as they were, ``k``
+            does not advance and the group key ``skipped_steps`` counts it; a warning the first
+            time. Decided on the device (no host sync); False saves one read of the gradients.
+        fp32_state: keep exp_avg, exp_avg_sq and s of bfloat16/float16 params in float32
+            (default True); False keeps them in the param dtype to save memory.
+        stochastic_rounding: round the updates of bfloat16 params stochastically (unbiased), so
+            that updates smaller than the bfloat16 spacing are not lost (default False).
 
     Distributed training: when reduced, the D statistics of all D-groups are packed into one
     tensor and summed with ONE ``all_reduce`` per step (per device), with no host sync; steps that
@@ -109,6 +119,9 @@ class KProdigy(torch.optim.Optimizer):
         fsdp_in_use: bool = False,
         reduce_d_stats: bool | None = None,
         process_group: Any = None,
+        skip_nonfinite: bool = True,
+        fp32_state: bool = True,
+        stochastic_rounding: bool = False,
     ) -> None:
         for name, value in (("foreach", foreach), ("independent_d", independent_d)):
             if value is not None and not isinstance(value, bool):
@@ -136,6 +149,9 @@ class KProdigy(torch.optim.Optimizer):
             d_update_freq=d_update_freq,
             slice_p=slice_p,
             maximize=maximize,
+            skip_nonfinite=skip_nonfinite,
+            fp32_state=fp32_state,
+            stochastic_rounding=stochastic_rounding,
         )
         defaults: dict[str, Any] = {name: getattr(hp, name) for name in Hyperparams.field_names()}
         defaults.update(foreach=foreach, fsdp_in_use=fsdp_in_use, **_fresh_d_keys(hp.d0))
@@ -148,6 +164,7 @@ class KProdigy(torch.optim.Optimizer):
         """Add a group; its hyperparameters are validated first (a bad group changes nothing)."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        check_param_group(param_group, self.param_groups, allow_empty=self.process_group is not None)
         Hyperparams.from_mapping({**self.defaults, **param_group})
         if "d0" in param_group:  # a group-specific d0 starts its own D there
             for key, value in _fresh_d_keys(float(param_group["d0"])).items():
@@ -166,6 +183,53 @@ class KProdigy(torch.optim.Optimizer):
             for key in _FLOAT_D_KEYS:
                 group[key] = float(group[key])
             group["k"] = int(group["k"])
+            group["skipped_steps"] = int(group["skipped_steps"])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint (ours, an older version's, or prodigyopt's) atomically.
+
+        The whole checkpoint is validated first (layout, keys, shapes, dtypes, finite values,
+        hyperparameters); a bad one raises ValueError and leaves the optimizer as it was. The
+        moments and ``s`` of 16-bit params are kept in float32 when ``fp32_state`` (torch's loader
+        would cast them to the param dtype).
+        """
+        id_map = check_state_dict(state_dict, self.param_groups, self.defaults)
+        before = {"state": self.state, "param_groups": self.param_groups}
+        try:
+            super().load_state_dict(state_dict)
+            for pid, saved in state_dict["state"].items():
+                p, hp = id_map[pid]
+                for key in ("exp_avg", "exp_avg_sq", "s"):
+                    if key in saved and key in self.state[p]:
+                        dtype = state_dtype(p.dtype, hp) if saved[key].is_floating_point() else saved[key].dtype
+                        if self.state[p][key].dtype != dtype:  # torch cast it to the param dtype: redo from the source
+                            self.state[p][key] = saved[key].to(device=self.state[p][key].device, dtype=dtype)
+        except Exception:
+            self.__dict__.update(before)
+            raise
+
+    def _check_before_step(self) -> None:
+        """Hyperparameters (a scheduler may have set them), gradients and D-group agreement."""
+        for i, group in enumerate(self.param_groups):
+            try:
+                Hyperparams.from_mapping(group)
+            except ValueError as e:
+                raise ValueError(f"param group {i}: {e}") from None
+            check_grads(group, i, self.state)
+        for members in self.d_groups():
+            groups = [self.param_groups[i] for i in members]
+            hps = [Hyperparams.from_mapping(g) for g in groups]
+            for j, hp in zip(members[1:], hps[1:]):
+                if hp.d_config() != hps[0].d_config() or hp.skip_nonfinite != hps[0].skip_nonfinite:
+                    raise ValueError(
+                        f"Parameter groups {members[0]} and {j} share one D and must agree on beta3, d0, d_coef, "
+                        f"growth_rate, d_update_freq and skip_nonfinite; got {hps[0].d_config()} / "
+                        f"{hps[0].skip_nonfinite} and {hp.d_config()} / {hp.skip_nonfinite}. "
+                        "Use independent_d=True to give each group its own D."
+                    )
+            params = [p for g in groups for p in g["params"] if p.grad is not None]
+            if params and not any(_is_dtensor_like(p) for p in params):
+                _one_device(params, members)
 
     def d_groups(self) -> list[list[int]]:
         """Indices of the param groups sharing each D estimate."""
@@ -180,6 +244,7 @@ class KProdigy(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_before_step()  # bad hyperparameters or gradients: raise before any change
         jobs = []  # (members, groups, segments, the optimizer's params of those segments)
         for members in self.d_groups():
             groups = [self.param_groups[i] for i in members]
@@ -203,7 +268,12 @@ class KProdigy(torch.optim.Optimizer):
             d_states.append(
                 DState(
                     **dict(zip(_FLOAT_D_KEYS, packed.unbind())),
-                    k=torch.tensor(lead["k"], dtype=torch.int64, device=device),
+                    **dict(
+                        zip(
+                            ("k", "skipped_steps"),
+                            torch.tensor([lead["k"], lead["skipped_steps"]], dtype=torch.int64, device=device).unbind(),
+                        )
+                    ),
                 )
             )
         outs = step_d_groups(
@@ -214,12 +284,22 @@ class KProdigy(torch.optim.Optimizer):
             inplace=True,
             reduce_stats=reduce_stats,
         )
-        for (_, groups, _, params), (_, new) in zip(jobs, outs):
-            k = groups[0]["k"]
-            values = torch.stack([getattr(new, key).double() for key in _FLOAT_D_KEYS]).tolist()
+        for (members, groups, _, params), (_, new) in zip(jobs, outs):
+            keys = (*_FLOAT_D_KEYS, "k", "skipped_steps")
+            values = torch.stack([getattr(new, key).double() for key in keys]).tolist()
+            skipped_before = groups[0]["skipped_steps"]
             for group in groups:
                 group.update(zip(_FLOAT_D_KEYS, values))
-                group["k"] = k + 1
+                group["k"], group["skipped_steps"] = int(values[-2]), int(values[-1])
+            if groups[0]["skipped_steps"] > skipped_before and not self.__dict__.get("_warned_skip"):
+                self._warned_skip = True
+                warnings.warn(
+                    f"KProdigy skipped a step of param groups {members}: a gradient (or the D statistics) "
+                    "held NaN or inf; params, moments and D are unchanged. The group key 'skipped_steps' "
+                    "counts such steps (this warning is shown once).",
+                    UserWarning,
+                    stacklevel=2,
+                )
             for p in params:
                 self.state[p]["step"] += 1
         return loss
@@ -255,7 +335,9 @@ class KProdigy(torch.optim.Optimizer):
                 state.update(_init_state(p, hp))
                 state["step"] = 0
             if hp.betas[0] > 0 and "exp_avg" not in state:  # beta1 raised from 0 mid-training
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(
+                    p, dtype=state_dtype(p.dtype, hp), memory_format=torch.preserve_format
+                )
             originals.append(p)
             p, g = _local(p), _local(g)
             expected = (p.numel() + hp.slice_p - 1) // hp.slice_p
@@ -295,7 +377,16 @@ class KProdigy(torch.optim.Optimizer):
 
 
 def _fresh_d_keys(d0: float) -> dict[str, Any]:
-    return {"d": d0, "d0": d0, "d_max": d0, "d_numerator": 0.0, "d_denom": 0.0, "d_hat": 0.0, "k": 0}
+    return {
+        "d": d0,
+        "d0": d0,
+        "d_max": d0,
+        "d_numerator": 0.0,
+        "d_denom": 0.0,
+        "d_hat": 0.0,
+        "k": 0,
+        "skipped_steps": 0,
+    }
 
 
 def _one_device(params: list[Tensor], members: list[int]) -> torch.device:
@@ -307,6 +398,10 @@ def _one_device(params: list[Tensor], members: list[int]) -> torch.device:
                 "put them on one device or use independent_d=True with one device per group"
             )
     return device
+
+
+def _is_dtensor_like(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
 
 
 def _local(t: Tensor) -> Tensor:
