@@ -287,7 +287,7 @@ class KProdigy(torch.optim.Optimizer):
         for (members, groups, _, params), (_, new) in zip(jobs, outs):
             keys = (*_FLOAT_D_KEYS, "k", "skipped_steps")
             values = torch.stack([getattr(new, key).double() for key in keys]).tolist()
-            skipped_before = groups[0]["skipped_steps"]
+            skipped_before, k_before = groups[0]["skipped_steps"], groups[0]["k"]
             for group in groups:
                 group.update(zip(_FLOAT_D_KEYS, values))
                 group["k"], group["skipped_steps"] = int(values[-2]), int(values[-1])
@@ -301,7 +301,7 @@ class KProdigy(torch.optim.Optimizer):
                     stacklevel=2,
                 )
             for p in params:
-                self.state[p]["step"] += 1
+                self.state[p]["step"] += groups[0]["k"] - k_before  # 0 on a skipped step
         return loss
 
     def _segment(self, group: dict[str, Any]) -> tuple[Segment, list[Tensor]]:
