@@ -40,7 +40,13 @@ def train(model, opt, X, y, steps: int) -> list[float]:
 
 def state_tensors(state: State) -> list[torch.Tensor]:
     d = state.d
-    return (state.exp_avg or []) + state.exp_avg_sq + state.s + state.p0 + [d.d, d.d_max, d.d_numerator, d.d_denom, d.d_hat]
+    return (
+        (state.exp_avg or [])
+        + state.exp_avg_sq
+        + state.s
+        + state.p0
+        + [d.d, d.d_max, d.d_numerator, d.d_denom, d.d_hat]
+    )
 
 
 def snapshot(opt: torch.optim.Optimizer, params) -> tuple:
@@ -357,7 +363,11 @@ def test_stochastic_rounding_keeps_updates_below_the_bf16_spacing() -> None:
     n, steps = 4096, 40
     kw = dict(betas=(0.0, 0.999), use_bias_correction=True, d0=1e-3, d_coef=1e-12)  # D stays at d0
     finals = {}
-    for name, dtype, sr in (("fp32", torch.float32, False), ("nearest", torch.bfloat16, False), ("sr", torch.bfloat16, True)):
+    for name, dtype, sr in (
+        ("fp32", torch.float32, False),
+        ("nearest", torch.bfloat16, False),
+        ("sr", torch.bfloat16, True),
+    ):
         torch.manual_seed(0)
         x = torch.nn.Parameter(torch.ones(n, dtype=dtype))
         opt = KProdigy([x], stochastic_rounding=sr, **kw)

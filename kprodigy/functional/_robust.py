@@ -26,6 +26,7 @@ def all_finite(tensors: Sequence[Tensor], device: torch.device, foreach: bool) -
     ts = [t for t in tensors if t.numel() > 0]
     if not ts:
         return torch.ones((), dtype=torch.bool, device=device)
+    norms: Sequence[Tensor]
     if foreach:
         norms = torch._foreach_norm(ts, float("inf"))
     else:

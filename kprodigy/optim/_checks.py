@@ -139,7 +139,9 @@ def check_state_dict(
             id_map[pid] = (p, hp)
     for pid, st in saved_state.items():
         if pid not in id_map:
-            raise ValueError(f"checkpoint has state for param id {pid!r}, which no param group lists; a different param layout")
+            raise ValueError(
+                f"checkpoint has state for param id {pid!r}, which no param group lists; a different param layout"
+            )
         p, hp = id_map[pid]
         _check_tensor_state(pid, st, p, hp)
     return id_map
