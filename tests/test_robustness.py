@@ -387,3 +387,18 @@ def test_float16_params_train() -> None:
     losses = train(model, opt, X, y, 40)
     assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.7 * losses[0]
     assert opt.param_groups[0]["skipped_steps"] == 0
+
+
+def test_stochastic_round_only_picks_the_two_neighbours_and_keeps_specials() -> None:
+    from kprodigy.functional._robust import stochastic_round
+
+    torch.manual_seed(0)
+    exact = torch.tensor([0.0, -0.0, 1.0, -2.5, 3.0e38, float("inf"), -float("inf")])
+    assert torch.equal(stochastic_round(exact, torch.bfloat16), exact.bfloat16())
+    assert torch.isnan(stochastic_round(torch.tensor([float("nan")]), torch.bfloat16)).all()
+    x = torch.full((20000,), 1.0 + 2.0**-9)  # a quarter of the way from 1 to the next bfloat16 (1 + 2^-7)
+    r = stochastic_round(x, torch.bfloat16).float()
+    assert set(r.unique().tolist()) == {1.0, 1.0 + 2.0**-7}
+    assert abs(r.mean().item() - x[0].item()) < 2e-4  # unbiased
+    y = -x
+    assert abs(stochastic_round(y, torch.bfloat16).float().mean().item() - y[0].item()) < 2e-4

@@ -207,11 +207,13 @@ def _accumulate_d_group(
         grads[i] = _effective_grads(seg.params, seg.grads, seg.hparams, fe)
         grads[i] = _robust.promote_grads(grads[i], seg.exp_avg_sq)
     ok: Tensor | None = None
-    if hp0.skip_nonfinite:  # decided before any write; a skipped step zeroes g and keeps the state
+    d_weight = d_state.d  # the weight of g in m and v (d * g): 0 on a skipped step
+    if hp0.skip_nonfinite:  # decided before any write; a skipped step keeps the state exactly
         fe = all(use_foreach(segments[i].params, foreach) for i in active)
         ok = _robust.all_finite([g for i in active for g in grads[i]], d_state.d.device, fe)
+        d_weight = torch.where(ok, d_state.d, 0.0)
         for i in active:
-            grads[i] = _robust.zero_unless(ok, grads[i])
+            grads[i] = _robust.sanitize(grads[i])
     for i in active:
         seg, hp = segments[i], segments[i].hparams
         c = coefs[i] = coefficients(hp, d_state)
@@ -234,7 +236,7 @@ def _accumulate_d_group(
             n_out=3,
             betas=hp.betas,
             beta3=beta3,
-            d=d_state.d,
+            d=d_weight,
             c=c,
             slice_p=hp.slice_p,
             update_d=update_d is not False,
@@ -280,7 +282,7 @@ def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[l
             [acc.grads[i], res.exp_avg, res.exp_avg_sq],
             n_out=1,
             dlr=dlr,
-            d_old=d_state.d,
+            d_old=d_state.d if ok is None else torch.where(ok, d_state.d, 0.0),
             d_new=new_d.d,
             eps=hp.eps,
             keep=keep,
