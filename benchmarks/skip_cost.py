@@ -57,6 +57,30 @@ BASELINE = {  # each configuration is reported relative to this one
 }
 
 
+def micro(n: int, repeats: int) -> None:
+    """Time candidate finiteness checks and sanitizers on one float32 tensor of ``n`` elements."""
+    g = torch.randn(n)
+    ok = torch.tensor(True)
+    candidates = {
+        "check: linalg.vector_norm(g, inf)": lambda: torch.linalg.vector_norm(g, float("inf")),
+        "check: _foreach_norm([g], inf)": lambda: torch._foreach_norm([g], float("inf")),
+        "check: aminmax(g)": lambda: torch.aminmax(g),
+        "check: isfinite(g).all()": lambda: torch.isfinite(g).all(),
+        "sanitize: where(ok, g, 0)": lambda: torch.where(ok, g, 0.0),
+        "sanitize: nan_to_num(g, 0, 0, 0)": lambda: torch.nan_to_num(g, 0.0, 0.0, 0.0),
+        "reference: g.clone()": lambda: g.clone(),
+    }
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name in random.sample(list(candidates), len(candidates)):
+            t0 = time.perf_counter()
+            candidates[name]()
+            times[name].append(time.perf_counter() - t0)
+    print(f"\nmicro: one float32 tensor of {n / 1e6:.1f}M elements, median ms over {repeats}")
+    for name, ts in times.items():
+        print(f"  {name:<40s} {statistics.median(ts) * 1e3:8.2f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -65,6 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"machine: {platform.machine()} CPU ({torch.get_num_threads()} thread), torch {torch.__version__}")
+    micro(int(4 * 2**20 * args.scale), repeats=10 * args.rounds)
     for wname, shapes in workloads(args.scale).items():
         n = sum(torch.Size(s).numel() for s in shapes)
         runs = {}
@@ -85,7 +110,9 @@ def main() -> None:
                     t0 = time.perf_counter()
                     opt.step()
                     times.append(time.perf_counter() - t0)
-        print(f"\n{wname}: {len(shapes)} tensors, {n / 1e6:.2f}M params; median ms/step over {args.rounds}x{args.steps}")
+        print(
+            f"\n{wname}: {len(shapes)} tensors, {n / 1e6:.2f}M params; median ms/step over {args.rounds}x{args.steps}"
+        )
         medians = {name: statistics.median(times) for name, (_, times) in runs.items()}
         for name, med in medians.items():
             base = BASELINE.get(name)
