@@ -56,7 +56,7 @@ def main() -> None:
     print(f"machine: {platform.machine()} CPU, torch {torch.__version__}\n")
     print("1. MLP, 200 steps: final loss, D, |w - w_fp32| / |w_fp32|")
     ref_loss, ref_d, ref_w = mlp_run(torch.float32)
-    print(f"  {"float32":<46s} loss {ref_loss:.5f}  D {ref_d:.4e}")
+    print(f"  {'float32':<46s} loss {ref_loss:.5f}  D {ref_d:.4e}")
     for name, dtype, kwargs in (
         ("bfloat16, float32 state (default)", torch.bfloat16, {}),
         ("bfloat16, float32 state, stochastic rounding", torch.bfloat16, dict(stochastic_rounding=True)),
