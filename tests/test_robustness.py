@@ -402,3 +402,23 @@ def test_stochastic_round_only_picks_the_two_neighbours_and_keeps_specials() -> 
     assert abs(r.mean().item() - x[0].item()) < 2e-4  # unbiased
     y = -x
     assert abs(stochastic_round(y, torch.bfloat16).float().mean().item() - y[0].item()) < 2e-4
+
+
+def test_per_parameter_steps_keep_d_on_a_non_finite_gradient() -> None:
+    """step_parameter (fused backward): the param with the bad gradient and D are left alone;
+    params already stepped this step keep their update (they were written before the bad one)."""
+    model, X, y = model_and_data()
+    opt = KProdigy(model.parameters())
+    train(model, opt, X, y, 3)
+    d_before, k_before = opt.param_groups[0]["d"], opt.param_groups[0]["k"]
+    loss_of(model, X, y).backward()
+    params = list(model.parameters())
+    params[-1].grad[0] = float("nan")
+    last = params[-1].detach().clone()
+    with pytest.warns(UserWarning, match="skipped a step"):
+        for p in params:
+            opt.step_parameter(p)
+        opt.finalize_step()
+    group = opt.param_groups[0]
+    assert group["d"] == d_before and group["k"] == k_before and group["skipped_steps"] == 1
+    assert torch.equal(params[-1], last) and all(torch.isfinite(p).all() for p in params)

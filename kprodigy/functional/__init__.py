@@ -8,6 +8,7 @@
 
 from ._distributed import all_reduce_stats
 from ._hyperparams import Hyperparams
+from ._partial import cap_d_ratio, effective_lrs, finish_d, step_segment
 from ._scalars import Coefficients, coefficients, reduce_d
 from ._state import DState, State, init_d_state, init_state, init_tensor_state
 from ._step import Segment, SegmentResult, step, step_d_group, step_d_groups, use_foreach
@@ -20,7 +21,10 @@ __all__ = [
     "SegmentResult",
     "State",
     "all_reduce_stats",
+    "cap_d_ratio",
     "coefficients",
+    "effective_lrs",
+    "finish_d",
     "init_d_state",
     "init_state",
     "init_tensor_state",
@@ -28,5 +32,6 @@ __all__ = [
     "step",
     "step_d_group",
     "step_d_groups",
+    "step_segment",
     "use_foreach",
 ]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from . import _foreach, _robust, _single
+from . import _factored, _foreach, _robust, _single
 from ._hyperparams import Hyperparams
 from ._scalars import Coefficients, coefficients, reduce_d
 from ._state import DState, State
@@ -230,7 +230,9 @@ def _accumulate_d_group(
         fe = use_foreach(seg.params, foreach)
         gs = grads[i]
         m, v, s, num, den = _by_dtype(
-            _foreach.accumulate if fe else _single.accumulate,
+            _factored.accumulate
+            if _factored.is_factored(seg.params, seg.exp_avg_sq)
+            else (_foreach.accumulate if fe else _single.accumulate),
             seg.params,
             [gs, seg.exp_avg, seg.exp_avg_sq, seg.s, seg.p0],
             n_out=3,
@@ -277,7 +279,9 @@ def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[l
         # stochastic rounding: the kernel writes float32 copies of bfloat16 params, rounded below
         xs_in = [x.float() if x.dtype == torch.bfloat16 else x for x in seg.params] if sr else seg.params
         (xs,) = _by_dtype(
-            _foreach.apply if fe else _single.apply,
+            _factored.apply
+            if _factored.is_factored(seg.params, seg.exp_avg_sq)
+            else (_foreach.apply if fe else _single.apply),
             xs_in,
             [acc.grads[i], res.exp_avg, res.exp_avg_sq],
             n_out=1,

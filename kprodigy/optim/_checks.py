@@ -112,6 +112,7 @@ def check_state_dict(
             "a different param layout"
         )
     id_map: dict[Any, tuple[Tensor, Hyperparams]] = {}
+    frozen: set[Any] = set()  # ids of params whose group froze D (d_steps): s and p0 were freed
     for i, (saved, group) in enumerate(zip(saved_groups, param_groups)):
         if not isinstance(saved, dict) or "params" not in saved:
             raise ValueError(f"checkpoint param group {i} is not a dict with a 'params' list")
@@ -137,23 +138,25 @@ def check_state_dict(
             if pid in id_map:
                 raise ValueError(f"checkpoint lists param id {pid!r} in more than one place")
             id_map[pid] = (p, hp)
+            if saved.get("d_frozen"):
+                frozen.add(pid)
     for pid, st in saved_state.items():
         if pid not in id_map:
             raise ValueError(
                 f"checkpoint has state for param id {pid!r}, which no param group lists; a different param layout"
             )
         p, hp = id_map[pid]
-        _check_tensor_state(pid, st, p, hp)
+        _check_tensor_state(pid, st, p, hp, d_frozen=pid in frozen)
     return id_map
 
 
-def _check_tensor_state(pid: Any, st: Any, p: Tensor, hp: Hyperparams) -> None:
+def _check_tensor_state(pid: Any, st: Any, p: Tensor, hp: Hyperparams, *, d_frozen: bool) -> None:
     where = f"checkpoint state of param id {pid!r} (shape {tuple(p.shape)})"
     if not isinstance(st, dict):
         raise ValueError(f"{where} is a {type(st).__name__}; expected a dict")
     if not st:
         return  # a param that never stepped
-    required = ("exp_avg_sq", "s", "p0") + (("exp_avg",) if hp.betas[0] > 0 else ())
+    required = ("exp_avg_sq",) + (() if d_frozen else ("s", "p0")) + (("exp_avg",) if hp.betas[0] > 0 else ())
     missing = [key for key in required if key not in st]
     if missing:
         raise ValueError(f"{where} is missing {missing}; is it a Prodigy/KProdigy checkpoint?")
@@ -167,11 +170,17 @@ def _check_tensor_state(pid: Any, st: Any, p: Tensor, hp: Hyperparams) -> None:
             raise ValueError(f"{where}: {key} has dtype {t.dtype}; expected a floating dtype")
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{where}: {key} holds NaN or inf")
-    for key in ("exp_avg", "exp_avg_sq"):
-        if key in st and st[key].shape != p.shape:
-            raise ValueError(f"{where}: {key} has shape {tuple(st[key].shape)}; expected the param's shape")
-    if _is_dtensor(p):
-        return  # s and p0 of DTensor params may be per-rank shards
+    if "exp_avg" in st and st["exp_avg"].shape != p.shape:
+        raise ValueError(f"{where}: exp_avg has shape {tuple(st['exp_avg'].shape)}; expected the param's shape")
+    v = st["exp_avg_sq"]
+    packed = p.dim() >= 2 and v.shape == (p.numel() // p.shape[-1] + p.shape[-1],)  # factored=True: [rows, cols]
+    if v.shape != p.shape and not packed:
+        raise ValueError(
+            f"{where}: exp_avg_sq has shape {tuple(v.shape)}; expected the param's shape "
+            "(or the packed row and column statistics of factored=True)"
+        )
+    if _is_dtensor(p) or d_frozen:
+        return  # s and p0 of DTensor params may be per-rank shards; a frozen D freed them
     n = (p.numel() + hp.slice_p - 1) // hp.slice_p
     if st["s"].numel() != n:
         raise ValueError(
