@@ -422,3 +422,39 @@ def test_per_parameter_steps_keep_d_on_a_non_finite_gradient() -> None:
     group = opt.param_groups[0]
     assert group["d"] == d_before and group["k"] == k_before and group["skipped_steps"] == 1
     assert torch.equal(params[-1], last) and all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.parametrize(
+    "grad, message",
+    [
+        (torch.ones(2, 3), "grads\\[1\\] has shape \\(2, 3\\)"),
+        (torch.ones(3, 2).to_sparse(), "dense gradients"),
+        (torch.ones(3, 2, dtype=torch.complex64), "complex"),
+        (torch.ones(3, 2, dtype=torch.float64), "dtype torch.float64"),
+        (torch.ones(3, 2, device="meta"), "is on meta"),
+    ],
+)
+def test_functional_step_rejects_bad_gradients(grad: torch.Tensor, message: str) -> None:
+    params = [torch.randn(4), torch.randn(3, 2)]
+    state = init_state(params, Hyperparams())
+    versions = [t._version for t in params + state_tensors(state)]
+    with pytest.raises(ValueError, match=message):
+        step(params, [torch.ones(4), grad], state, Hyperparams())
+    assert [t._version for t in params + state_tensors(state)] == versions
+
+
+def test_factored_state_skips_exactly() -> None:
+    model, X, y = model_and_data()
+    opt = KProdigy(model.parameters(), factored=True)
+    train(model, opt, X, y, 3)
+    before = snapshot(opt, model.parameters())
+    loss_of(model, X, y).backward()
+    model[0].weight.grad[1, 1] = float("inf")
+    with pytest.warns(UserWarning):
+        opt.step()
+    assert opt.param_groups[0]["skipped_steps"] == 1
+    after = snapshot(opt, model.parameters())
+    before[0]["param_groups"][0]["skipped_steps"] = 1
+    for sd in (before[0], after[0]):  # the logged step size follows the current D
+        sd["param_groups"][0].pop("effective_lr")
+    assert same(after, before)

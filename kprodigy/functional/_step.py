@@ -329,6 +329,14 @@ def _check_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
     for i, (x, g) in enumerate(zip(params, grads)):
         if g.shape != x.shape:
             raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] has shape {tuple(x.shape)}")
+        if g.layout != torch.strided:
+            raise ValueError(f"grads[{i}] is {g.layout}; K-Prodigy needs dense gradients")
+        if x.is_complex() or g.is_complex():
+            raise ValueError(f"params[{i}] or grads[{i}] is complex; view them as real with torch.view_as_real")
+        if not x.is_floating_point() or g.dtype != x.dtype:
+            raise ValueError(f"grads[{i}] has dtype {g.dtype} and params[{i}] {x.dtype}; expected one floating dtype")
+        if g.device != x.device:
+            raise ValueError(f"grads[{i}] is on {g.device} but params[{i}] on {x.device}")
 
 
 def _unchanged(seg: Segment) -> SegmentResult:
