@@ -110,7 +110,7 @@ def to_optimizer_state_dict(state: State, hparams: Hyperparams) -> dict[str, Any
         per_param[i] = entry
     group: dict[str, Any] = {name: getattr(hparams, name) for name in Hyperparams.field_names()}
     group.update(zip(_FLOAT_D_KEYS, scalars.tolist()))
-    group.update(k=k, d0=hparams.d0, params=list(range(n)))
+    group.update(k=k, skipped_steps=int(state.d.skipped_steps), d0=hparams.d0, params=list(range(n)))
     return {"state": per_param, "param_groups": [group]}
 
 
@@ -175,6 +175,7 @@ def from_optimizer_state_dict(
     d = DState(
         **{key: scalar(lead[key]) for key in _FLOAT_D_KEYS},
         k=torch.tensor(int(lead["k"]), dtype=torch.int64, device=ref.device),
+        skipped_steps=torch.tensor(int(lead.get("skipped_steps", 0)), dtype=torch.int64, device=ref.device),
     )
     spec = pytree.tree_structure(like) if like is not None else pytree.tree_structure(fields["exp_avg_sq"])
     if spec.num_leaves != len(ids):

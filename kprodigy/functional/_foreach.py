@@ -36,15 +36,17 @@ def accumulate(
     slice_p: int,
     update_d: bool,
     inplace: bool,
+    decay: tuple[Scalar, Scalar] | None = None,
 ) -> tuple[TensorList | None, TensorList, TensorList, Tensor, Tensor]:
     """Same contract as ``_single.accumulate``."""
     b1, b2 = betas
+    k1, k2 = betas if decay is None else decay
     dg = torch._foreach_mul(list(gs), d)
     new_m = None
     if exp_avgs is not None:
-        new_m = _mul(exp_avgs, b1, inplace)
+        new_m = _mul(exp_avgs, k1, inplace)
         torch._foreach_add_(new_m, dg, alpha=1 - b1)
-    new_v = _mul(exp_avg_sqs, b2, inplace)
+    new_v = _mul(exp_avg_sqs, k2, inplace)
     torch._foreach_addcmul_(new_v, dg, dg, value=1 - b2)
     del dg
     zero = torch.zeros_like(d)

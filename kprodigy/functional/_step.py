@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from . import _factored, _foreach, _single
+from . import _factored, _foreach, _robust, _single
 from ._hyperparams import Hyperparams
 from ._scalars import Coefficients, coefficients, reduce_d
 from ._state import DState, State
@@ -160,6 +160,7 @@ class _Accumulated:
     foreach: bool | None
     inplace: bool
     stats: Tensor  # local [numerator_delta, denom], stats dtype, on the params' device
+    ok: Tensor | None = None  # 0-dim bool: every local gradient finite (None: skip_nonfinite off)
 
 
 def _accumulate_d_group(
@@ -185,6 +186,11 @@ def _accumulate_d_group(
                 f"and d_update_freq; got {hp0.d_config()} and {seg.hparams.d_config()}. "
                 "Use independent_d=True to give each group its own D."
             )
+        if seg.hparams.skip_nonfinite != hp0.skip_nonfinite:
+            raise ValueError(
+                "Parameter groups that share one D must agree on skip_nonfinite (a skip covers the whole "
+                f"D-group); got {hp0.skip_nonfinite} and {seg.hparams.skip_nonfinite}"
+            )
     if update_d is None:
         freq = hp0.d_update_freq
         update_d = True if freq == 1 else (d_state.k % freq) == 0
@@ -199,14 +205,33 @@ def _accumulate_d_group(
     grads: dict[int, list[Tensor]] = {}
     numerators, denoms = [], []
     for i in active:
+        seg = segments[i]
+        fe = use_foreach(seg.params, foreach)
+        grads[i] = _effective_grads(seg.params, seg.grads, seg.hparams, fe)
+        grads[i] = _robust.promote_grads(grads[i], seg.exp_avg_sq)
+    ok: Tensor | None = None
+    d_weight = d_state.d  # the weight of g in m and v (d * g): 0 on a skipped step
+    if hp0.skip_nonfinite:  # decided before any write; a skipped step keeps the state exactly
+        fe = all(use_foreach(segments[i].params, foreach) for i in active)
+        ok = _robust.all_finite([g for i in active for g in grads[i]], d_state.d.device, fe)
+        d_weight = torch.where(ok, d_state.d, 0.0)
+        for i in active:
+            grads[i] = _robust.sanitize(grads[i])
+    for i in active:
         seg, hp = segments[i], segments[i].hparams
         c = coefs[i] = coefficients(hp, d_state)
         beta3: float | Tensor = hp0.beta3_value
         if isinstance(update_d, Tensor):  # blend on the device: s unchanged when not updating
             beta3 = torch.where(update_d, beta3, 1.0).to(d_state.d.dtype)
             c = replace(c, s_scale=torch.where(update_d, c.s_scale, 0.0))
+        decay: tuple[Tensor, Tensor] | None = None
+        if ok is not None:  # a skipped step keeps m, v, s: decays 1, s_scale 0
+            one = torch.ones_like(d_state.d)
+            beta3 = torch.where(ok, beta3, one)
+            c = replace(c, s_scale=torch.where(ok, c.s_scale, 0.0))
+            decay = (torch.where(ok, hp.betas[0], one), torch.where(ok, hp.betas[1], one))
         fe = use_foreach(seg.params, foreach)
-        gs = grads[i] = _effective_grads(seg.params, seg.grads, hp, fe)
+        gs = grads[i]
         m, v, s, num, den = _by_dtype(
             _factored.accumulate
             if _factored.is_factored(seg.params, seg.exp_avg_sq)
@@ -216,11 +241,12 @@ def _accumulate_d_group(
             n_out=3,
             betas=hp.betas,
             beta3=beta3,
-            d=d_state.d,
+            d=d_weight,
             c=c,
             slice_p=hp.slice_p,
             update_d=update_d is not False,
             inplace=inplace,
+            **({} if decay is None else {"decay": decay}),
         )
         results[i] = SegmentResult(list(seg.params), m, v, s)
         numerators.append(num)
@@ -228,7 +254,11 @@ def _accumulate_d_group(
     if not active:  # nothing local: zero statistics, still reduced with the other ranks'
         numerators = denoms = [torch.zeros_like(d_state.d)]
     stats = torch.stack([torch.stack(numerators).sum(), torch.stack(denoms).sum()])
-    return _Accumulated(segments, active, results, coefs, grads, update_d, foreach, inplace, stats)
+    if hp0.skip_nonfinite:
+        if ok is None:  # no local tensors (sharded): only the reduced statistics decide
+            ok = torch.ones((), dtype=torch.bool, device=stats.device)
+        stats = torch.where(ok, stats, torch.nan)  # a local skip reaches every rank through the reduction
+    return _Accumulated(segments, active, results, coefs, grads, update_d, foreach, inplace, stats, ok)
 
 
 def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[list[SegmentResult], DState]:
@@ -236,27 +266,36 @@ def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[l
     segments, results = acc.segments, acc.results
     hp0 = segments[0].hparams
     new_d = reduce_d(d_state, stats[0], stats[1], hp0, update_d=acc.update_d)
+    ok = acc.ok
+    if ok is not None:  # skip on a non-finite gradient (any rank) or non-finite statistics
+        ok = ok & torch.isfinite(stats).all()
+        new_d = _robust.guard_d_state(d_state, new_d, ok)
 
     # apply
     for i in acc.active:
         seg, hp, c, res = segments[i], segments[i].hparams, acc.coefs[i], results[i]
         wd = hp.weight_decay
-        keep = 1 - wd * c.dlr if (wd > 0 and hp.decouple) else None
+        dlr = c.dlr if ok is None else torch.where(ok, c.dlr, 0.0)  # a skipped step moves nothing
+        keep = 1 - wd * dlr if (wd > 0 and hp.decouple) else None
         fe = use_foreach(seg.params, acc.foreach)
+        sr = hp.stochastic_rounding and any(x.dtype == torch.bfloat16 for x in seg.params)
+        # stochastic rounding: the kernel writes float32 copies of bfloat16 params, rounded below
+        xs_in = [x.float() if x.dtype == torch.bfloat16 else x for x in seg.params] if sr else seg.params
         (xs,) = _by_dtype(
             _factored.apply
             if _factored.is_factored(seg.params, seg.exp_avg_sq)
             else (_foreach.apply if fe else _single.apply),
-            seg.params,
+            xs_in,
             [acc.grads[i], res.exp_avg, res.exp_avg_sq],
             n_out=1,
-            dlr=c.dlr,
-            d_old=d_state.d,
+            dlr=dlr,
+            d_old=d_state.d if ok is None else torch.where(ok, d_state.d, 0.0),
             d_new=new_d.d,
             eps=hp.eps,
             keep=keep,
             inplace=acc.inplace,
         )
+        xs = _robust.write_back(seg.params, xs, inplace=acc.inplace, sr=sr)
         results[i] = replace(res, params=xs)
     return results, new_d
 
@@ -293,6 +332,14 @@ def _check_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
     for i, (x, g) in enumerate(zip(params, grads)):
         if g.shape != x.shape:
             raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] has shape {tuple(x.shape)}")
+        if g.layout != torch.strided:
+            raise ValueError(f"grads[{i}] is {g.layout}; K-Prodigy needs dense gradients")
+        if x.is_complex() or g.is_complex():
+            raise ValueError(f"params[{i}] or grads[{i}] is complex; view them as real with torch.view_as_real")
+        if not x.is_floating_point() or g.dtype != x.dtype:
+            raise ValueError(f"grads[{i}] has dtype {g.dtype} and params[{i}] {x.dtype}; expected one floating dtype")
+        if g.device != x.device:
+            raise ValueError(f"grads[{i}] is on {g.device} but params[{i}] on {x.device}")
 
 
 def _unchanged(seg: Segment) -> SegmentResult:
