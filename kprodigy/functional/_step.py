@@ -14,12 +14,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from . import _foreach, _single
+from . import _foreach, _fused, _single
 from ._hyperparams import Hyperparams
 from ._scalars import Coefficients, coefficients, reduce_d
 from ._state import DState, State
 
-__all__ = ["Segment", "SegmentResult", "step", "step_d_group", "use_foreach"]
+__all__ = ["Segment", "SegmentResult", "step", "step_d_group", "use_foreach", "use_fused"]
 
 # Hook at the reduction seam: takes the packed local statistics [numerator, denom] (1-D, stats
 # dtype, params' device) and returns the global ones. Used for distributed training.
@@ -61,6 +61,21 @@ def use_foreach(tensors: Sequence[Tensor], foreach: bool | None) -> bool:
     return True if foreach is None else foreach
 
 
+def use_fused(tensors: Sequence[Tensor], fused: bool | None, update_d: bool | Tensor | None = None) -> bool:
+    """Resolve ``fused``: the compiled kernels of ``_fused.py`` where asked for and possible.
+
+    None means False (the foreach path): the first fused step compiles for seconds, a cost the
+    user opts into with ``fused=True``. torch.func-wrapped inputs and a device-side ``update_d``
+    (a 0-dim tensor) never take the fused path; neither does a device where compiling fails
+    (one-line warning, then foreach).
+    """
+    if not fused or not tensors or isinstance(update_d, Tensor):
+        return False
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return False
+    return _fused.available(tensors[0].device)
+
+
 def step_d_group(
     segments: Sequence[Segment],
     d_state: DState,
@@ -69,6 +84,7 @@ def step_d_group(
     foreach: bool | None = None,
     inplace: bool = False,
     reduce_stats: ReduceStats | None = None,
+    fused: bool | None = None,
 ) -> tuple[list[SegmentResult], DState]:
     """One K-Prodigy step of a D-group.
 
@@ -76,6 +92,7 @@ def step_d_group(
               decided on the device (branch-free) unless d_update_freq == 1. The optimizer shell
               passes a Python bool it knows from its step count, which skips the work entirely.
     inplace:  update the given tensors (the shell) instead of returning new ones (pure step).
+    fused:    compiled kernels (``_fused.py``) instead of foreach/per-tensor; see ``use_fused``.
     """
     if not segments:
         return [], replace(d_state, k=d_state.k + 1)
@@ -108,9 +125,10 @@ def step_d_group(
             beta3 = torch.where(update_d, beta3, 1.0).to(d_state.d.dtype)
             c = replace(c, s_scale=torch.where(update_d, c.s_scale, 0.0))
         fe = use_foreach(seg.params, foreach)
+        fu = use_fused(seg.params, fused, update_d)
         gs = grads[i] = _effective_grads(seg.params, seg.grads, hp, fe)
         m, v, s, num, den = _by_dtype(
-            _foreach.accumulate if fe else _single.accumulate,
+            _fused.accumulate if fu else _foreach.accumulate if fe else _single.accumulate,
             seg.params,
             [gs, seg.exp_avg, seg.exp_avg_sq, seg.s, seg.p0],
             n_out=3,
@@ -138,8 +156,9 @@ def step_d_group(
         wd = hp.weight_decay
         keep = 1 - wd * c.dlr if (wd > 0 and hp.decouple) else None
         fe = use_foreach(seg.params, foreach)
+        fu = use_fused(seg.params, fused, update_d)
         (xs,) = _by_dtype(
-            _foreach.apply if fe else _single.apply,
+            _fused.apply if fu else _foreach.apply if fe else _single.apply,
             seg.params,
             [grads[i], res.exp_avg, res.exp_avg_sq],
             n_out=1,
@@ -161,6 +180,7 @@ def step(
     hparams: Hyperparams,
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
 ) -> tuple[list[Tensor], State]:
     """One pure K-Prodigy step over ``params`` sharing one D.
 
@@ -176,7 +196,7 @@ def step(
             f"{hparams.betas[0]}; exp_avg exists exactly when betas[0] > 0: rebuild the state with init_state"
         )
     seg = Segment(params, grads, state.exp_avg, state.exp_avg_sq, state.s, state.p0, hparams)
-    (res,), d_state = step_d_group([seg], state.d, foreach=foreach, inplace=False)
+    (res,), d_state = step_d_group([seg], state.d, foreach=foreach, inplace=False, fused=fused)
     return res.params, State(exp_avg=res.exp_avg, exp_avg_sq=res.exp_avg_sq, s=res.s, p0=list(state.p0), d=d_state)
 
 
