@@ -97,9 +97,16 @@ def _apply_1d(
     )
 
 
+# Graphs per kernel: dtype x exp_avg present x update_d x slice_p x decoupled decay x packed or
+# not; more than dynamo's default of 8 per function, so the limit is raised (once, globally).
+_RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def _compiled(name: str) -> Callable[..., Any]:
     fn = {"accumulate": _accumulate_1d, "apply": _apply_1d}[name]
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, _RECOMPILE_LIMIT)
     return torch.compile(fn, fullgraph=True, dynamic=True)
 
 

@@ -70,6 +70,9 @@ class KProdigy(torch.optim.Optimizer):
         maximize: maximize the objective (default False).
         fsdp_in_use: all-reduce the D statistics over the default process group, for sharded
             params (default False).
+        fused: compiled kernels (torch.compile; one fused loop per pass) if True; None (default)
+            and False use ``foreach``. The first fused step compiles for seconds; where compiling
+            fails the step warns once and uses foreach.
     """
 
     def __init__(
@@ -92,8 +95,9 @@ class KProdigy(torch.optim.Optimizer):
         independent_d: bool | None = None,
         maximize: bool = False,
         fsdp_in_use: bool = False,
+        fused: bool | None = None,
     ) -> None:
-        for name, value in (("foreach", foreach), ("independent_d", independent_d)):
+        for name, value in (("foreach", foreach), ("independent_d", independent_d), ("fused", fused)):
             if value not in (None, True, False):
                 raise ValueError(f"Invalid {name}: {value!r}; expected None, True or False")
         if not isinstance(fsdp_in_use, bool):
@@ -115,7 +119,7 @@ class KProdigy(torch.optim.Optimizer):
             maximize=maximize,
         )
         defaults: dict[str, Any] = {name: getattr(hp, name) for name in Hyperparams.field_names()}
-        defaults.update(foreach=foreach, fsdp_in_use=fsdp_in_use, **_fresh_d_keys(hp.d0))
+        defaults.update(foreach=foreach, fsdp_in_use=fsdp_in_use, fused=fused, **_fresh_d_keys(hp.d0))
         self.independent_d = independent_d
         super().__init__(params, defaults)
 
@@ -176,6 +180,7 @@ class KProdigy(torch.optim.Optimizer):
                 foreach=lead["foreach"],
                 inplace=True,
                 reduce_stats=self._reduce_stats(lead, params),
+                fused=lead["fused"],
             )
             values = torch.stack([getattr(new, key).double() for key in _FLOAT_D_KEYS]).tolist()
             for group in groups:
