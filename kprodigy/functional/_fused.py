@@ -45,14 +45,17 @@ def _accumulate_1d(
     v: Tensor,
     s: Tensor,
     p0: Tensor,
-    betas: tuple[float, float],
-    beta3: float | Tensor,
+    betas: tuple[Tensor, Tensor],
+    beta3: Tensor,
     d: Tensor,
     c: Coefficients,
     slice_p: int,
     update_d: bool,
 ) -> tuple[Tensor, Tensor]:
-    """``_single.accumulate`` on one flat tensor, in place; returns (numerator_delta, denom)."""
+    """``_single.accumulate`` on one flat tensor, in place; returns (numerator_delta, denom).
+
+    betas, beta3: 0-dim tensors (the reference's scalar arguments accept them when compiled).
+    """
     _, _, _, num, den = _single.accumulate(
         [x],
         [g],
@@ -60,7 +63,7 @@ def _accumulate_1d(
         [v],
         [s],
         [p0],
-        betas=betas,
+        betas=betas,  # type: ignore[arg-type]
         beta3=beta3,
         d=d,
         c=c,
@@ -195,7 +198,10 @@ def accumulate(
         exp_avg_sqs = [t.clone() for t in exp_avg_sqs]
         ss = [t.clone() for t in ss] if update_d else list(ss)
     kernel = _compiled("accumulate")
-    kw: dict[str, Any] = dict(betas=betas, beta3=beta3, d=d, c=c, slice_p=slice_p, update_d=update_d)
+    # betas and beta3 as 0-dim tensors: a Python float used as ``alpha``/``value`` is a constant
+    # of the graph, and a scheduler changing betas would recompile.
+    b1, b2, b3 = (torch.as_tensor(b, dtype=d.dtype, device=d.device) for b in (*betas, beta3))
+    kw: dict[str, Any] = dict(betas=(b1, b2), beta3=b3, d=d, c=c, slice_p=slice_p, update_d=update_d)
     nums: list[Tensor] = []
     dens: list[Tensor] = []
     packed, direct, eager = _partition(xs, slice_p)
@@ -227,7 +233,7 @@ def accumulate(
             [ss[i] for i in eager],
             [p0s[i] for i in eager],
             inplace=True,
-            **kw,
+            **{**kw, "betas": betas, "beta3": beta3},
         )
         nums.append(num)
         dens.append(den)
