@@ -107,7 +107,7 @@ _RECOMPILE_LIMIT = 64
 
 @functools.cache
 def _compiled(name: str) -> Callable[..., Any]:
-    fn = {"accumulate": _accumulate_1d, "apply": _apply_1d}[name]
+    fn: Callable[..., Any] = _accumulate_1d if name == "accumulate" else _apply_1d
     cfg = torch._dynamo.config
     cfg.recompile_limit = max(cfg.recompile_limit, _RECOMPILE_LIMIT)
     return torch.compile(fn, fullgraph=True, dynamic=True)
