@@ -6,10 +6,11 @@
 ``KProdigy`` optimizer runs, in place), with a hook at the reduction seam.
 """
 
+from ._distributed import all_reduce_stats
 from ._hyperparams import Hyperparams
 from ._scalars import Coefficients, coefficients, reduce_d
 from ._state import DState, State, init_d_state, init_state, init_tensor_state
-from ._step import Segment, SegmentResult, step, step_d_group, use_foreach
+from ._step import Segment, SegmentResult, step, step_d_group, step_d_groups, use_foreach
 
 __all__ = [
     "Coefficients",
@@ -18,6 +19,7 @@ __all__ = [
     "Segment",
     "SegmentResult",
     "State",
+    "all_reduce_stats",
     "coefficients",
     "init_d_state",
     "init_state",
@@ -25,5 +27,6 @@ __all__ = [
     "reduce_d",
     "step",
     "step_d_group",
+    "step_d_groups",
     "use_foreach",
 ]
