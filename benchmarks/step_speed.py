@@ -213,8 +213,8 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4))
-    for ax, (wl, res) in zip(axes, results.items()):
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    for ax, (wl, res) in zip(axes[0], results.items()):
         names = list(res)
         ax.barh(names, [res[n]["ms"] for n in names])
         ax.set_title(wl)
@@ -226,6 +226,19 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], path: Path) -> bool:
     return True
 
 
+def replot(md: Path) -> bool:
+    """Redraw the plot of a results table (``--replot``), from its markdown alone."""
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    current: dict[str, dict[str, Any]] = {}
+    for line in md.read_text().splitlines():
+        if line.startswith("### "):
+            current = results.setdefault(line[4:].split(" (")[0], {})
+        elif line.startswith("| ") and not line.startswith("| optimizer"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            current[cells[0]] = {"ms": float(cells[1])}
+    return plot(results, md.with_suffix(".png"))
+
+
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=("tiny", "full"), default="full")
@@ -235,7 +248,11 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--only", default="", help="comma-separated workload names to run")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--replot", default="", help="only redraw the plot of this results .md file")
     args = ap.parse_args(argv)
+    if args.replot:
+        replot(Path(args.replot))
+        return Path(args.replot)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
