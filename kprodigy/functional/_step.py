@@ -10,16 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import _factored, _foreach, _robust, _single
+from . import _factored, _foreach, _fused, _robust, _single
 from ._hyperparams import Hyperparams
 from ._scalars import Coefficients, coefficients, reduce_d
 from ._state import DState, State
 
-__all__ = ["Segment", "SegmentResult", "step", "step_d_group", "step_d_groups", "use_foreach"]
+__all__ = ["Segment", "SegmentResult", "step", "step_d_group", "step_d_groups", "use_foreach", "use_fused"]
 
 # Hook at the reduction seam: takes the packed local statistics [numerator, denom] of every
 # D-group that updates D, concatenated (1-D, float32 or float64, params' device), and returns the
@@ -65,6 +66,35 @@ def use_foreach(tensors: Sequence[Tensor], foreach: bool | None) -> bool:
     return True if foreach is None else foreach
 
 
+def use_fused(tensors: Sequence[Tensor], fused: bool | None, update_d: bool | Tensor | None = None) -> bool:
+    """Resolve ``fused``: the compiled kernels of ``_fused.py`` where asked for and possible.
+
+    None means False (the foreach path): the first fused step compiles for seconds, a cost the
+    user opts into with ``fused=True``. torch.func-wrapped inputs and a device-side ``update_d``
+    (a 0-dim tensor) never take the fused path; neither does a device where compiling fails
+    (one-line warning, then foreach).
+    """
+    if not fused or not tensors or isinstance(update_d, Tensor):
+        return False
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return False
+    return _fused.available(tensors[0].device)
+
+
+def _accumulate_kernel(seg: Segment, fe: bool, fu: bool) -> Callable[..., Any]:
+    """The accumulate kernel of a segment: factored, fused (compiled), foreach or per-tensor."""
+    if _factored.is_factored(seg.params, seg.exp_avg_sq):
+        return _factored.accumulate
+    return _fused.accumulate if fu else _foreach.accumulate if fe else _single.accumulate
+
+
+def _apply_kernel(seg: Segment, fe: bool, fu: bool) -> Callable[..., Any]:
+    """The apply kernel of a segment, chosen like ``_accumulate_kernel``."""
+    if _factored.is_factored(seg.params, seg.exp_avg_sq):
+        return _factored.apply
+    return _fused.apply if fu else _foreach.apply if fe else _single.apply
+
+
 def step_d_group(
     segments: Sequence[Segment],
     d_state: DState,
@@ -73,6 +103,7 @@ def step_d_group(
     foreach: bool | None = None,
     inplace: bool = False,
     reduce_stats: ReduceStats | None = None,
+    fused: bool | None = None,
 ) -> tuple[list[SegmentResult], DState]:
     """One K-Prodigy step of a D-group.
 
@@ -81,9 +112,16 @@ def step_d_group(
               passes a Python bool it knows from its step count, which skips the work entirely.
     inplace:  update the given tensors (the shell) instead of returning new ones (pure step).
     reduce_stats: see ``step_d_groups`` (called with this group's [numerator_delta, denom]).
+    fused:    compiled kernels (``_fused.py``) instead of foreach/per-tensor; see ``use_fused``.
     """
     ((results, new_d),) = step_d_groups(
-        [segments], [d_state], update_d=[update_d], foreach=foreach, inplace=inplace, reduce_stats=reduce_stats
+        [segments],
+        [d_state],
+        update_d=[update_d],
+        foreach=foreach,
+        inplace=inplace,
+        reduce_stats=reduce_stats,
+        fused=fused,
     )
     return results, new_d
 
@@ -96,12 +134,14 @@ def step_d_groups(
     foreach: bool | None | Sequence[bool | None] = None,
     inplace: bool = False,
     reduce_stats: ReduceStats | None = None,
+    fused: bool | None | Sequence[bool | None] = None,
 ) -> list[tuple[list[SegmentResult], DState]]:
     """One K-Prodigy step of several D-groups, with ONE call of ``reduce_stats`` for all of them.
 
     d_groups, d_states, update_d: aligned, one entry per D-group (``update_d`` as in
         ``step_d_group``; None for all: decided from each group's step count).
     foreach: one flag for all D-groups, or a sequence of flags, one per D-group.
+    fused: like ``foreach``, for the compiled kernels (see ``use_fused``).
     reduce_stats: sums the statistics over ranks (distributed training). Called once per device
         with the packed 1-D tensor [numerator_delta_0, denom_0, numerator_delta_1, ...] of every
         D-group that updates D this step (float64 if any group's statistics are, else float32),
@@ -119,9 +159,12 @@ def step_d_groups(
     fes = list(foreach) if isinstance(foreach, Sequence) else [foreach] * len(d_groups)
     if len(fes) != len(d_groups):
         raise ValueError(f"got {len(d_groups)} D-groups but {len(fes)} foreach flags; expected one per D-group")
+    fus = list(fused) if isinstance(fused, Sequence) else [fused] * len(d_groups)
+    if len(fus) != len(d_groups):
+        raise ValueError(f"got {len(d_groups)} D-groups but {len(fus)} fused flags; expected one per D-group")
     pending = [
-        _accumulate_d_group(segs, ds, upd, fe, inplace, reduce_stats is not None)
-        for segs, ds, upd, fe in zip(d_groups, d_states, flags, fes)
+        _accumulate_d_group(segs, ds, upd, fe, inplace, reduce_stats is not None, fu)
+        for segs, ds, upd, fe, fu in zip(d_groups, d_states, flags, fes, fus)
     ]
 
     # reduce: one packed tensor (and one reduce_stats call) per device
@@ -161,6 +204,7 @@ class _Accumulated:
     inplace: bool
     stats: Tensor  # local [numerator_delta, denom], stats dtype, on the params' device
     ok: Tensor | None = None  # 0-dim bool: every local gradient finite (None: skip_nonfinite off)
+    fused: bool | None = None
 
 
 def _accumulate_d_group(
@@ -170,6 +214,7 @@ def _accumulate_d_group(
     foreach: bool | None,
     inplace: bool,
     reduced: bool,
+    fused: bool | None = None,
 ) -> _Accumulated | None:
     """Accumulate pass of one D-group; None when it does not step (only k advances).
 
@@ -233,9 +278,7 @@ def _accumulate_d_group(
         fe = use_foreach(seg.params, foreach)
         gs = grads[i]
         m, v, s, num, den = _by_dtype(
-            _factored.accumulate
-            if _factored.is_factored(seg.params, seg.exp_avg_sq)
-            else (_foreach.accumulate if fe else _single.accumulate),
+            _accumulate_kernel(seg, fe, use_fused(seg.params, fused, update_d)),
             seg.params,
             [gs, seg.exp_avg, seg.exp_avg_sq, seg.s, seg.p0],
             n_out=3,
@@ -258,7 +301,7 @@ def _accumulate_d_group(
         if ok is None:  # no local tensors (sharded): only the reduced statistics decide
             ok = torch.ones((), dtype=torch.bool, device=stats.device)
         stats = torch.where(ok, stats, torch.nan)  # a local skip reaches every rank through the reduction
-    return _Accumulated(segments, active, results, coefs, grads, update_d, foreach, inplace, stats, ok)
+    return _Accumulated(segments, active, results, coefs, grads, update_d, foreach, inplace, stats, ok, fused)
 
 
 def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[list[SegmentResult], DState]:
@@ -282,9 +325,7 @@ def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[l
         # stochastic rounding: the kernel writes float32 copies of bfloat16 params, rounded below
         xs_in = [x.float() if x.dtype == torch.bfloat16 else x for x in seg.params] if sr else seg.params
         (xs,) = _by_dtype(
-            _factored.apply
-            if _factored.is_factored(seg.params, seg.exp_avg_sq)
-            else (_foreach.apply if fe else _single.apply),
+            _apply_kernel(seg, fe, use_fused(seg.params, acc.fused, acc.update_d)),
             xs_in,
             [acc.grads[i], res.exp_avg, res.exp_avg_sq],
             n_out=1,
@@ -307,6 +348,7 @@ def step(
     hparams: Hyperparams,
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
 ) -> tuple[list[Tensor], State]:
     """One pure K-Prodigy step over ``params`` sharing one D.
 
@@ -322,7 +364,7 @@ def step(
             f"{hparams.betas[0]}; exp_avg exists exactly when betas[0] > 0: rebuild the state with init_state"
         )
     seg = Segment(params, grads, state.exp_avg, state.exp_avg_sq, state.s, state.p0, hparams)
-    (res,), d_state = step_d_group([seg], state.d, foreach=foreach, inplace=False)
+    (res,), d_state = step_d_group([seg], state.d, foreach=foreach, inplace=False, fused=fused)
     return res.params, State(exp_avg=res.exp_avg, exp_avg_sq=res.exp_avg_sq, s=res.s, p0=list(state.p0), d=d_state)
 
 

@@ -75,6 +75,7 @@ def step(
     hparams: Hyperparams,
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
 ) -> tuple[PyTree, State]:
     """One pure K-Prodigy step over ``params``, a pytree of tensors sharing one D.
 
@@ -91,7 +92,7 @@ def step(
             "expected one grad per param, in the same structure"
         )
     flat = _flatten_state(state, spec)
-    new_leaves, new_flat = _core_step.step(leaves, gleaves, flat, hparams, foreach=foreach)
+    new_leaves, new_flat = _core_step.step(leaves, gleaves, flat, hparams, foreach=foreach, fused=fused)
     return pytree.tree_unflatten(new_leaves, spec), _unflatten_state(new_flat, spec)
 
 

@@ -113,6 +113,9 @@ class KProdigy(torch.optim.Optimizer):
 
     Fused backward: ``step_parameter(p)`` (from ``p.register_post_accumulate_grad_hook``) steps
     one param as soon as its gradient is ready and ``finalize_step()`` updates D once all are in.
+        fused: compiled kernels (torch.compile: one fused loop per pass, no parameter-sized
+            temporaries) if True; None (default) and False use ``foreach``. The first fused step
+            compiles for seconds; where compiling fails the step warns once and uses foreach.
 
     Distributed training: when reduced, the D statistics of all D-groups are packed into one
     tensor and summed with ONE ``all_reduce`` per step (per device), with no host sync; steps that
@@ -147,8 +150,9 @@ class KProdigy(torch.optim.Optimizer):
         skip_nonfinite: bool = True,
         fp32_state: bool = True,
         stochastic_rounding: bool = False,
+        fused: bool | None = None,
     ) -> None:
-        for name, value in (("foreach", foreach), ("independent_d", independent_d)):
+        for name, value in (("foreach", foreach), ("independent_d", independent_d), ("fused", fused)):
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"Invalid {name}: {value!r}; expected None, True or False")
         if not isinstance(fsdp_in_use, bool):
@@ -179,7 +183,7 @@ class KProdigy(torch.optim.Optimizer):
             stochastic_rounding=stochastic_rounding,
         )
         defaults: dict[str, Any] = {name: getattr(hp, name) for name in Hyperparams.field_names()}
-        defaults.update(foreach=foreach, fsdp_in_use=fsdp_in_use, **_fresh_d_keys(hp.d0))
+        defaults.update(foreach=foreach, fsdp_in_use=fsdp_in_use, fused=fused, **_fresh_d_keys(hp.d0))
         _check_d_steps(d_steps)
         if not isinstance(factored, bool):
             raise ValueError(f"Invalid factored: {factored!r}; expected True or False")
@@ -335,6 +339,7 @@ class KProdigy(torch.optim.Optimizer):
             d_states,
             update_d=[_updates_d(job[1][0]) for job in jobs],
             foreach=[job[1][0]["foreach"] for job in jobs],
+            fused=[job[1][0]["fused"] for job in jobs],
             inplace=True,
             reduce_stats=reduce_stats,
         )
