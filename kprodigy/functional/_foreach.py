@@ -1,0 +1,102 @@
+"""Multi-tensor kernels: the per-tensor sequence of ``_single.py`` with ``torch._foreach_*`` ops.
+
+Callers pass lists that share one device and dtype (see ``_step.py``). Scalars that depend on D
+are 0-dim tensors (the ``Tensor`` overloads of the foreach ops), never Python numbers read from
+the device. Not usable under ``torch.func.vmap`` (no batching rules for foreach ops).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._scalars import Coefficients
+from ._single import _up, _up_dtype
+
+__all__ = ["accumulate", "apply"]
+
+Scalar = float | Tensor
+TensorList = list[Tensor]
+
+
+def accumulate(
+    xs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor] | None,
+    exp_avg_sqs: Sequence[Tensor],
+    ss: Sequence[Tensor],
+    p0s: Sequence[Tensor],
+    *,
+    betas: tuple[float, float],
+    beta3: Scalar,
+    d: Tensor,
+    c: Coefficients,
+    slice_p: int,
+    update_d: bool,
+    inplace: bool,
+) -> tuple[TensorList | None, TensorList, TensorList, Tensor, Tensor]:
+    """Same contract as ``_single.accumulate``."""
+    b1, b2 = betas
+    dg = torch._foreach_mul(list(gs), d)
+    new_m = None
+    if exp_avgs is not None:
+        new_m = _mul(exp_avgs, b1, inplace)
+        torch._foreach_add_(new_m, dg, alpha=1 - b1)
+    new_v = _mul(exp_avg_sqs, b2, inplace)
+    torch._foreach_addcmul_(new_v, dg, dg, value=1 - b2)
+    del dg
+    zero = torch.zeros_like(d)
+    if not update_d or not xs:
+        return new_m, new_v, list(ss), zero, zero
+    g_sliced = [g.flatten()[::slice_p] for g in gs]
+    diffs = torch._foreach_sub(list(p0s), [x.flatten()[::slice_p] for x in xs])
+    dots = torch.stack([torch.dot(_up(g), _up(diff)) for g, diff in zip(g_sliced, diffs)])
+    del diffs
+    new_s = _mul(ss, beta3, inplace)
+    torch._foreach_add_(new_s, torch._foreach_mul(g_sliced, c.s_scale))
+    norms = torch._foreach_norm(new_s, 1, dtype=_up_dtype(new_s[0].dtype))
+    numerator = c.numerator_scale * dots.sum().to(d.dtype)
+    return new_m, new_v, new_s, numerator, torch.stack(norms).sum().to(d.dtype)
+
+
+def apply(
+    xs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor] | None,
+    exp_avg_sqs: Sequence[Tensor],
+    *,
+    dlr: Tensor,
+    d_old: Tensor,
+    d_new: Tensor,
+    eps: float,
+    keep: Tensor | None,
+    inplace: bool,
+) -> TensorList:
+    """Same contract as ``_single.apply``."""
+    if not xs:
+        return []
+    floor = d_new * eps
+    den = torch._foreach_sqrt(list(exp_avg_sqs))
+    torch._foreach_maximum_(den, [floor] * len(den))
+    direction = list(exp_avgs) if exp_avgs is not None else torch._foreach_mul(list(gs), d_old)
+    u = torch._foreach_div(direction, den)
+    del den, direction
+    torch._foreach_mul_(u, -dlr)
+    out = list(xs)
+    if keep is not None:
+        out = _mul(out, keep, inplace)
+    if inplace:
+        torch._foreach_add_(out, u)
+        return out
+    return list(torch._foreach_add(out, u))
+
+
+def _mul(ts: Sequence[Tensor], a: Scalar, inplace: bool) -> TensorList:
+    """a * ts, in place or into new tensors."""
+    ts = list(ts)
+    if inplace:
+        torch._foreach_mul_(ts, a)
+        return ts
+    return list(torch._foreach_mul(ts, a))

@@ -1,0 +1,99 @@
+"""Hyperparameters of one parameter group, validated once on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = ["Hyperparams"]
+
+
+@dataclass(frozen=True)
+class Hyperparams:
+    """Every hyperparameter of K-Prodigy for one parameter group.
+
+    Plain Python numbers (a scheduler may change ``lr`` or ``betas`` between steps by
+    building a new instance). Invalid values raise ``ValueError`` naming the field.
+
+    Fields that act on the shared D estimate (``beta3``, ``d0``, ``d_coef``,
+    ``growth_rate``, ``d_update_freq``) must be equal in all groups that share one D.
+    """
+
+    lr: float = 1.0  # multiplier of the adapted step size D; 0 freezes the group
+    betas: tuple[float, float] = (0.9, 0.999)  # EMA rates of the gradient and its square
+    beta3: float | None = None  # EMA rate of the D statistics; None means sqrt(betas[1])
+    eps: float = 1e-8  # denominator floor, in units of D: max(sqrt(v), D * eps)
+    weight_decay: float = 0.0
+    decouple: bool = True  # AdamW-style decay (True) or L2 added to the gradient (False)
+    use_bias_correction: bool = False
+    safeguard_warmup: bool = False  # leave lr out of the D denominator (helps warm-up)
+    d0: float = 1e-6  # initial D
+    d_coef: float = 1.0  # multiplier of the D estimate
+    growth_rate: float = math.inf  # D grows at most by this factor per step
+    d_update_freq: int = 1  # update the D statistics every this many steps
+    slice_p: int = 1  # D statistics use every slice_p-th entry of each tensor
+    maximize: bool = False
+
+    def __post_init__(self) -> None:
+        betas = self.betas
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
+        object.__setattr__(self, "betas", (_number("betas[0]", betas[0]), _number("betas[1]", betas[1])))
+        for name in ("lr", "eps", "weight_decay", "d0", "d_coef", "growth_rate"):
+            object.__setattr__(self, name, _number(name, getattr(self, name)))
+        if self.beta3 is not None:
+            object.__setattr__(self, "beta3", _number("beta3", self.beta3))
+        for name in ("decouple", "use_bias_correction", "safeguard_warmup", "maximize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Invalid {name}: {getattr(self, name)!r}; expected True or False")
+        for name in ("d_update_freq", "slice_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= 1")
+
+        b1, b2 = self.betas
+        _check("lr", self.lr, math.isfinite(self.lr) and self.lr >= 0, "a finite number >= 0")
+        _check("betas[0]", b1, 0.0 <= b1 < 1.0, "a number in [0, 1)")
+        _check("betas[1]", b2, 0.0 <= b2 < 1.0, "a number in [0, 1)")
+        if self.beta3 is not None:
+            _check("beta3", self.beta3, 0.0 <= self.beta3 < 1.0, "None or a number in [0, 1)")
+        _check("eps", self.eps, math.isfinite(self.eps) and self.eps > 0, "a finite number > 0")
+        _check(
+            "weight_decay",
+            self.weight_decay,
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            "a finite number >= 0",
+        )
+        _check("d0", self.d0, math.isfinite(self.d0) and self.d0 > 0, "a finite number > 0")
+        _check("d_coef", self.d_coef, math.isfinite(self.d_coef) and self.d_coef > 0, "a finite number > 0")
+        _check("growth_rate", self.growth_rate, self.growth_rate >= 1, "a number >= 1 (inf allowed)")
+
+    @property
+    def beta3_value(self) -> float:
+        """``beta3``, with None resolved to ``sqrt(betas[1])``."""
+        return math.sqrt(self.betas[1]) if self.beta3 is None else self.beta3
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_mapping(cls, mapping: dict[str, Any]) -> Hyperparams:
+        """Build from a dict such as an optimizer param group; unrelated keys are ignored."""
+        return cls(**{name: mapping[name] for name in cls.field_names() if name in mapping})
+
+    def d_config(self) -> tuple[float, float, float, float, int]:
+        """The fields that must agree among groups sharing one D."""
+        return (self.beta3_value, self.d0, self.d_coef, self.growth_rate, self.d_update_freq)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name}: {value!r}; expected a Python number")
+    return float(value)
+
+
+def _check(name: str, value: float, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r}; expected {expected}")

@@ -1,0 +1,127 @@
+"""Per-tensor kernels: the readable reference statement of the two elementwise passes.
+
+Each op runs in place (``inplace=True``: the optimizer shell, no extra copies) or out of place
+(the pure step, safe under ``torch.func.vmap``). The two modes call the same ATen kernels in the
+same order, so they produce bit-identical results. ``_foreach.py`` states the same sequence with
+``torch._foreach_*`` ops; tests prove the two agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._scalars import Coefficients
+
+__all__ = ["accumulate", "apply"]
+
+Scalar = float | Tensor
+
+
+def accumulate(
+    xs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor] | None,
+    exp_avg_sqs: Sequence[Tensor],
+    ss: Sequence[Tensor],
+    p0s: Sequence[Tensor],
+    *,
+    betas: tuple[float, float],
+    beta3: Scalar,
+    d: Tensor,
+    c: Coefficients,
+    slice_p: int,
+    update_d: bool,
+    inplace: bool,
+) -> tuple[list[Tensor] | None, list[Tensor], list[Tensor], Tensor, Tensor]:
+    """Moments and D statistics of one group; reads g, x, p0, s, m, v once.
+
+    Returns (exp_avgs, exp_avg_sqs, ss, numerator_delta, denom): the new moment and ``s`` lists
+    (the same tensors when ``inplace``), ``numerator_scale * sum <g[::p], p0 - x[::p]>`` and
+    ``sum ||s||_1`` as 0-dim tensors of ``d``'s dtype (zeros when not ``update_d``).
+    """
+    b1, b2 = betas
+    new_m: list[Tensor] | None = [] if exp_avgs is not None else None
+    new_v: list[Tensor] = []
+    new_s: list[Tensor] = []
+    dots: list[Tensor] = []
+    norms: list[Tensor] = []
+    for i, (x, g) in enumerate(zip(xs, gs)):
+        dg = torch.mul(g, d)
+        if exp_avgs is not None and new_m is not None:
+            m = _mul(exp_avgs[i], b1, inplace)
+            new_m.append(_add(m, dg, 1 - b1, inplace))
+        v = _mul(exp_avg_sqs[i], b2, inplace)
+        new_v.append(_addcmul(v, dg, dg, 1 - b2, inplace))
+        del dg
+        if not update_d:
+            new_s.append(ss[i])
+            continue
+        g_sliced = g.flatten()[::slice_p]
+        diff = torch.sub(p0s[i], x.flatten()[::slice_p])
+        dots.append(torch.dot(_up(g_sliced), _up(diff)).to(d.dtype))
+        s = _mul(ss[i], beta3, inplace)
+        s = _add(s, torch.mul(g_sliced, c.s_scale), 1, inplace)
+        new_s.append(s)
+        norms.append(torch.linalg.vector_norm(s, 1, dtype=_up_dtype(s.dtype)).to(d.dtype))
+    if not update_d or not dots:
+        zero = torch.zeros_like(d)
+        return new_m, new_v, new_s, zero, zero
+    numerator = c.numerator_scale * torch.stack(dots).sum()
+    return new_m, new_v, new_s, numerator, torch.stack(norms).sum()
+
+
+def apply(
+    xs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor] | None,
+    exp_avg_sqs: Sequence[Tensor],
+    *,
+    dlr: Tensor,
+    d_old: Tensor,
+    d_new: Tensor,
+    eps: float,
+    keep: Tensor | None,
+    inplace: bool,
+) -> list[Tensor]:
+    """x <- x * keep - dlr * m / max(sqrt(v), d_new * eps); reads x, m, v once, writes x.
+
+    With no exp_avg (betas[0] == 0) the direction is ``d_old * g``. ``keep`` is the decoupled
+    weight-decay factor ``1 - wd * dlr``, or None for no decoupled decay.
+    """
+    floor = d_new * eps
+    neg_dlr = -dlr
+    out = []
+    for i, x in enumerate(xs):
+        den = torch.maximum(torch.sqrt(exp_avg_sqs[i]), floor)
+        direction = exp_avgs[i] if exp_avgs is not None else torch.mul(gs[i], d_old)
+        u = torch.div(direction, den)
+        del den, direction
+        u = torch.mul(u, neg_dlr)
+        if keep is not None:
+            x = _mul(x, keep, inplace)
+        out.append(_add(x, u, 1, inplace))
+    return out
+
+
+def _mul(t: Tensor, a: Scalar, inplace: bool) -> Tensor:
+    return t.mul_(a) if inplace else torch.mul(t, a)
+
+
+def _add(t: Tensor, u: Tensor, alpha: float, inplace: bool) -> Tensor:
+    return t.add_(u, alpha=alpha) if inplace else torch.add(t, u, alpha=alpha)
+
+
+def _addcmul(t: Tensor, u: Tensor, w: Tensor, value: float, inplace: bool) -> Tensor:
+    return t.addcmul_(u, w, value=value) if inplace else torch.addcmul(t, u, w, value=value)
+
+
+def _up_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16-bit floats, else the dtype itself: reductions accumulate in at least fp32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _up(t: Tensor) -> Tensor:
+    return t.to(_up_dtype(t.dtype))
