@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,8 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import convergence_tasks as T  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-ADAMW_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
-ADAMW_GRID_CONVEX = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
+ADAMW_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+ADAMW_GRID_CONVEX = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0]
 TWO_COMP_HEAD_LRS = [3e-4, 1e-3, 3e-3]
 TWO_COMP_ENC_RATIOS = [1.0, 0.1, 0.01]
 
@@ -213,10 +213,9 @@ def train_run(task: T.Task, data: T.Data, cfg: OptConfig, seed: int, steps: int,
               scale: float = 1.0, on_step: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train one model with one optimizer and seed; return final metrics and curves."""
     l2 = T.LOGREG_L2 if task.convex else 0.0
+    pre = pretrain(task, seed, scale) if task.two_component else None  # before seeding: it uses the RNG
     torch.manual_seed(seed)
-    pre = None
-    if task.two_component:
-        pre = pretrain(task, seed, scale)
+    if pre is not None:
         model = T.TwoComponent(copy.deepcopy(pre.encoder), 64, T.n_classes(data))
         enc0 = [p.detach().clone() for p in model.encoder.parameters()]
         groups = [{"params": list(model.encoder.parameters()), "lr": cfg.lr * cfg.enc_lr},
@@ -225,6 +224,7 @@ def train_run(task: T.Task, data: T.Data, cfg: OptConfig, seed: int, steps: int,
         model = task.build_model(data)
         groups = [{"params": list(model.parameters()), "lr": cfg.lr}]
     opt = make_optimizer(cfg, groups)
+    initial_loss = T.evaluate(model, data.x, data.y, l2)[0]
     base_lrs = [g["lr"] for g in opt.param_groups]
     gen = torch.Generator().manual_seed(1_000 + seed)
     losses: list[float] = []
@@ -249,9 +249,12 @@ def train_run(task: T.Task, data: T.Data, cfg: OptConfig, seed: int, steps: int,
             break
     seconds = time.perf_counter() - t0
     train_loss, train_acc = T.evaluate(model, data.x, data.y, l2)
+    if task.convex:  # float64 objective, so tiny suboptimalities are not float32 rounding
+        train_loss = T.evaluate(copy.deepcopy(model).double(), data.x.double(), data.y, l2)[0]
     test_loss, test_acc = T.evaluate(model, data.x_test, data.y_test, l2)
     out: dict[str, Any] = {
         "task": task.name, "opt": cfg.name, "seed": seed, "steps": steps, "seconds": seconds,
+        "initial_train_loss": initial_loss,
         "train_loss": train_loss if math.isfinite(train_loss) else float("nan"),
         "train_acc": train_acc, "test_loss": test_loss, "test_acc": test_acc,
         "diverged": diverged or not math.isfinite(train_loss),
@@ -288,17 +291,29 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def tune_adamw(task: T.Task, data: T.Data, steps: int, scale: float, progress: bool) -> dict[str, Any]:
-    """Pick AdamW's learning rate(s) by final validation loss, seed 0."""
+    """Pick AdamW's learning rate(s) on a validation split, seed 0.
+
+    Criterion: highest validation accuracy, ties broken by lower validation loss.
+    """
     val = T.split_validation(data)
     grid = adamw_grid_configs(task.two_component, task.convex)
     bar = _progress(len(grid) * steps, f"{task.name} adamw-tuning", progress)
     runs = [safe_run(task, val, cfg, 0, steps, scale, on_step=bar.update if bar else None) for cfg in grid]
     if bar:
         bar.close()
-    score = lambda r: r["test_loss"] if not r["diverged"] and math.isfinite(r.get("test_loss", math.nan)) else math.inf  # noqa: E731
-    best = min(range(len(grid)), key=lambda i: score(runs[i]))
-    return {"grid": [(c.lr, c.lr * c.enc_lr) for c in grid], "val_loss": [score(r) for r in runs],
+
+    def ok(r: dict) -> bool:
+        return not r["diverged"] and math.isfinite(r.get("test_loss", math.nan))
+
+    key = lambda i: (-runs[i]["test_acc"], runs[i]["test_loss"]) if ok(runs[i]) else (math.inf, math.inf)  # noqa: E731
+    best = min(range(len(grid)), key=key)
+    by_train = min(range(len(grid)), key=lambda i: runs[i]["train_loss"] if ok(runs[i]) else math.inf)
+    return {"grid": [(c.lr, c.lr * c.enc_lr) for c in grid],
+            "criterion": "validation accuracy, ties by validation loss",
+            "val_acc": [r.get("test_acc", math.nan) for r in runs],
+            "val_loss": [r.get("test_loss", math.nan) if ok(r) else math.inf for r in runs],
             "best_lr": grid[best].lr, "best_enc_lr": grid[best].lr * grid[best].enc_lr,
+            "lr_min_train_loss": (grid[by_train].lr, grid[by_train].lr * grid[by_train].enc_lr),
             "at_edge": best in (0, len(grid) - 1) and not task.two_component,
             "runs": [{k: v for k, v in r.items() if not k.endswith("curve")} for r in runs]}
 

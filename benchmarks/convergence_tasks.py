@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable
 
 import numpy as np
 import torch
@@ -113,7 +113,7 @@ def fashion_data(n_train: int = 12000, n_test: int = 10000) -> Data:
     img = lambda a: torch.tensor((a.astype(np.float32) - mean) / std).unsqueeze(1)  # noqa: E731
     return Data(img(xtr[idx]), torch.tensor(ytr[idx].astype(np.int64)),
                 img(xte[:n_test]), torch.tensor(yte[:n_test].astype(np.int64)),
-                note=f"Fashion-MNIST, {n_train} training / {n_test} test images")
+                note="Fashion-MNIST (random fixed training subset)")
 
 
 @lru_cache(maxsize=2)
@@ -129,7 +129,7 @@ def mnist1d_data(num_samples: int = 10000) -> Data:
     t = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(1)  # noqa: E731
     return Data(t(d["x"]), torch.tensor(d["y"], dtype=torch.int64),
                 t(d["x_test"]), torch.tensor(d["y_test"], dtype=torch.int64),
-                note=f"MNIST-1D generated with make_dataset, {num_samples} samples")
+                note="MNIST-1D from make_dataset")
 
 
 def label_subset(data: Data, labels: list[int]) -> Data:
