@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --disable-pip-version-check torch==2.13.0
 python3 -m pip install -q --disable-pip-version-check -e ".[test]"
-python3 -m ruff check kprodigy tests benchmarks
+python3 -m ruff check .
 python3 -m mypy kprodigy
 python3 -m pytest -q "$@"

@@ -17,7 +17,8 @@ class Hyperparams:
     building a new instance). Invalid values raise ``ValueError`` naming the field.
 
     Fields that act on the shared D estimate (``beta3``, ``d0``, ``d_coef``,
-    ``growth_rate``, ``d_update_freq``) must be equal in all groups that share one D.
+    ``growth_rate``, ``d_update_freq``) must be equal in all groups that share one D; there
+    ``beta3=None`` means sqrt(betas[1]) of the first group.
     """
 
     lr: float = 1.0  # multiplier of the adapted step size D; 0 freezes the group
@@ -83,9 +84,12 @@ class Hyperparams:
         """Build from a dict such as an optimizer param group; unrelated keys are ignored."""
         return cls(**{name: mapping[name] for name in cls.field_names() if name in mapping})
 
-    def d_config(self) -> tuple[float, float, float, float, int]:
-        """The fields that must agree among groups sharing one D."""
-        return (self.beta3_value, self.d0, self.d_coef, self.growth_rate, self.d_update_freq)
+    def d_config(self) -> tuple[float | None, float, float, float, int]:
+        """The fields that must agree among groups sharing one D.
+
+        ``beta3=None`` resolves to sqrt(betas[1]) of the D-group's first group.
+        """
+        return (self.beta3, self.d0, self.d_coef, self.growth_rate, self.d_update_freq)
 
 
 def _number(name: str, value: Any) -> float:

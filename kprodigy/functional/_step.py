@@ -103,7 +103,7 @@ def step_d_group(
     for i in active:
         seg, hp = segments[i], segments[i].hparams
         c = coefs[i] = coefficients(hp, d_state)
-        beta3: float | Tensor = hp.beta3_value
+        beta3: float | Tensor = hp0.beta3_value
         if isinstance(update_d, Tensor):  # blend on the device: s unchanged when not updating
             beta3 = torch.where(update_d, beta3, 1.0).to(d_state.d.dtype)
             c = replace(c, s_scale=torch.where(update_d, c.s_scale, 0.0))

@@ -94,7 +94,7 @@ class KProdigy(torch.optim.Optimizer):
         fsdp_in_use: bool = False,
     ) -> None:
         for name, value in (("foreach", foreach), ("independent_d", independent_d)):
-            if value not in (None, True, False):
+            if value is not None and not isinstance(value, bool):
                 raise ValueError(f"Invalid {name}: {value!r}; expected None, True or False")
         if not isinstance(fsdp_in_use, bool):
             raise ValueError(f"Invalid fsdp_in_use: {fsdp_in_use!r}; expected True or False")
@@ -161,11 +161,11 @@ class KProdigy(torch.optim.Optimizer):
                 continue
             lead = groups[0]
             device = _one_device(params, members)
+            packed = torch.tensor(
+                [lead[key] for key in _FLOAT_D_KEYS], dtype=stat_dtype([p.dtype for p in params]), device=device
+            )  # one host-to-device copy for the D state
             d_state = DState(
-                **{
-                    key: torch.tensor(lead[key], dtype=stat_dtype([p.dtype for p in params]), device=device)
-                    for key in _FLOAT_D_KEYS
-                },
+                **dict(zip(_FLOAT_D_KEYS, packed.unbind())),
                 k=torch.tensor(lead["k"], dtype=torch.int64, device=device),
             )
             k = lead["k"]
