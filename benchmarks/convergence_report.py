@@ -8,6 +8,7 @@ import os
 import statistics
 
 STANDARD = ["kprodigy", "kprodigy-bc", "kprodigy-f5", "prodigyopt", "dadapt-adam", "adamw-tuned"]
+D_PLOT_TWO_COMPONENT = ["kprodigy", "kprodigy-shared", "kprodigy-indep-enc0.1", "kprodigy-shared-enc0.1"]
 PAIRS = ["logreg", "fmnist-mlp", "fmnist-cnn", "mnist1d-mlp", "mnist1d-cnn", "two-component"]
 LOSS_TOL = 0.01  # K-Prodigy defaults may be at most 1% (relative) above tuned AdamW's train loss
 ACC_TOL = 0.05  # ... and at most 5% (relative) below its test accuracy
@@ -277,6 +278,8 @@ def _plot_task(task: dict, path: str) -> None:
         xs = [task["steps"] * (i + 0.5) / n for i in range(n)]
         ax1.plot(xs, avg, label=opt)
         seed0 = next(r for r in task["runs"] if r["opt"] == opt)
+        if task["group"] == "two-component" and opt not in D_PLOT_TWO_COMPONENT:
+            continue
         for gi, dc in enumerate(seed0.get("d_curve") or []):
             lab = opt if len(seed0["d_curve"]) == 1 else f"{opt} [{['encoder', 'head'][gi]}]"
             ax2.plot([task["steps"] * (i + 0.5) / len(dc) for i in range(len(dc))], dc, label=lab,
