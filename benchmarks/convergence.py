@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import platform
@@ -381,6 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these sizes)")
     p.add_argument("--out", default=RESULTS_DIR, help="where to write results ('' to write nothing)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--from-json", default="", help="re-render tables and plots from a saved convergence.json")
     return p.parse_args(argv)
 
 
@@ -388,6 +390,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import convergence_report as R
 
     args = parse_args(argv)
+    if args.from_json:  # no training: tables and plots from saved numbers
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        print(R.summary(saved))
+        if args.out:
+            R.write_all(saved, args.out)
+        return saved
     torch.set_num_threads(args.threads)
     scale, n_seeds = (0.05 * args.steps, min(args.seeds, 2)) if args.quick else (args.steps, args.seeds)
     all_tasks = build_tasks(scale)

@@ -71,7 +71,8 @@ def task_table(task: dict) -> str:
         lines.append("Param groups [encoder, head]. AdamW tuned per component: "
                      f"head lr {tun['best_lr']:g}, encoder lr {tun['best_enc_lr']:g} "
                      f"(grid {len(tun['grid'])} pairs × 1 seed on a validation split, by {tun['criterion']}; "
-                     f"the pair with the lowest training loss there was {tun['lr_min_train_loss']}).")
+                     "the pair with the lowest training loss there was "
+                     f"head {tun['lr_min_train_loss'][0]:g} / encoder {tun['lr_min_train_loss'][1]:g}).")
         old = mean(_vals(runs, runs[0]["opt"], "pretrained_old_acc"))
         lines.append(f"Old-task test accuracy of the pretrained encoder before fine-tuning: {100 * old:.2f}%.")
     else:
