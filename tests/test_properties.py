@@ -164,3 +164,18 @@ def test_shared_d_over_two_groups_equals_one_merged_group(shapes_a, shapes_b, se
     for key in ("d", "d_max", "d_numerator", "d_hat", "k"):
         assert two.param_groups[0][key] == two.param_groups[1][key]
         assert abs(two.param_groups[0][key] - one.param_groups[0][key]) <= 1e-10 * abs(one.param_groups[0][key])
+
+
+def test_bias_correction_is_accurate_in_float32() -> None:
+    """bc = sqrt(1 - b2^(k+1)) / (1 - b1^(k+1)) to float32 round-off, also at k = 0 and for b1 = 0."""
+    import math
+
+    from kprodigy.functional._scalars import bias_correction
+
+    for betas in [(0.9, 0.999), (0.0, 0.99), (0.95, 0.9999)]:
+        hp = Hyperparams(betas=betas, use_bias_correction=True)
+        for k in [0, 1, 10, 1000]:
+            got = float(bias_correction(hp, torch.tensor(k), torch.float32))
+            b1, b2 = betas
+            expected = math.sqrt(1 - b2 ** (k + 1)) / (1 - b1 ** (k + 1))
+            assert abs(got - expected) <= 2e-7 * expected, (betas, k, got, expected)

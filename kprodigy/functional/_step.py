@@ -14,15 +14,16 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from . import _foreach, _single
+from . import _factored, _foreach, _single
 from ._hyperparams import Hyperparams
 from ._scalars import Coefficients, coefficients, reduce_d
 from ._state import DState, State
 
-__all__ = ["Segment", "SegmentResult", "step", "step_d_group", "use_foreach"]
+__all__ = ["Segment", "SegmentResult", "step", "step_d_group", "step_d_groups", "use_foreach"]
 
-# Hook at the reduction seam: takes the packed local statistics [numerator, denom] (1-D, stats
-# dtype, params' device) and returns the global ones. Used for distributed training.
+# Hook at the reduction seam: takes the packed local statistics [numerator, denom] of every
+# D-group that updates D, concatenated (1-D, float32 or float64, params' device), and returns the
+# global ones (their sum over ranks). Used for distributed training; see ``step_d_groups``.
 ReduceStats = Callable[[Tensor], Tensor]
 
 
@@ -76,9 +77,103 @@ def step_d_group(
               decided on the device (branch-free) unless d_update_freq == 1. The optimizer shell
               passes a Python bool it knows from its step count, which skips the work entirely.
     inplace:  update the given tensors (the shell) instead of returning new ones (pure step).
+    reduce_stats: see ``step_d_groups`` (called with this group's [numerator_delta, denom]).
+    """
+    ((results, new_d),) = step_d_groups(
+        [segments], [d_state], update_d=[update_d], foreach=foreach, inplace=inplace, reduce_stats=reduce_stats
+    )
+    return results, new_d
+
+
+def step_d_groups(
+    d_groups: Sequence[Sequence[Segment]],
+    d_states: Sequence[DState],
+    *,
+    update_d: Sequence[bool | Tensor | None] | None = None,
+    foreach: bool | None | Sequence[bool | None] = None,
+    inplace: bool = False,
+    reduce_stats: ReduceStats | None = None,
+) -> list[tuple[list[SegmentResult], DState]]:
+    """One K-Prodigy step of several D-groups, with ONE call of ``reduce_stats`` for all of them.
+
+    d_groups, d_states, update_d: aligned, one entry per D-group (``update_d`` as in
+        ``step_d_group``; None for all: decided from each group's step count).
+    foreach: one flag for all D-groups, or a sequence of flags, one per D-group.
+    reduce_stats: sums the statistics over ranks (distributed training). Called once per device
+        with the packed 1-D tensor [numerator_delta_0, denom_0, numerator_delta_1, ...] of every
+        D-group that updates D this step (float64 if any group's statistics are, else float32),
+        and must return the global tensor of the same shape. Not called on steps where no group
+        updates D. With a ``reduce_stats``, a D-group whose segments hold no tensors on this rank
+        still takes part (zero local statistics) and updates D from the global ones, so every
+        rank keeps the same D; only a D-group whose groups all have lr == 0 sits out.
+    Returns one (segment results, new D state) pair per D-group.
+    """
+    if len(d_groups) != len(d_states):
+        raise ValueError(f"got {len(d_groups)} D-groups but {len(d_states)} D states; expected one state per D-group")
+    flags = list(update_d) if update_d is not None else [None] * len(d_groups)
+    if len(flags) != len(d_groups):
+        raise ValueError(f"got {len(d_groups)} D-groups but {len(flags)} update_d flags; expected one per D-group")
+    fes = list(foreach) if isinstance(foreach, Sequence) else [foreach] * len(d_groups)
+    if len(fes) != len(d_groups):
+        raise ValueError(f"got {len(d_groups)} D-groups but {len(fes)} foreach flags; expected one per D-group")
+    pending = [
+        _accumulate_d_group(segs, ds, upd, fe, inplace, reduce_stats is not None)
+        for segs, ds, upd, fe in zip(d_groups, d_states, flags, fes)
+    ]
+
+    # reduce: one packed tensor (and one reduce_stats call) per device
+    stats: list[Tensor | None] = [None if p is None else p.stats for p in pending]
+    if reduce_stats is not None:
+        by_device: dict[torch.device, list[int]] = {}
+        for j, p in enumerate(pending):
+            if p is not None and p.update_d is not False:
+                by_device.setdefault(p.stats.device, []).append(j)
+        for idx in by_device.values():
+            parts = [pending[j].stats for j in idx]  # type: ignore[union-attr]
+            dtype = torch.float64 if any(t.dtype == torch.float64 for t in parts) else torch.float32
+            packed = reduce_stats(torch.cat([t.to(dtype) for t in parts]))
+            for j, part, chunk in zip(idx, parts, packed.view(len(idx), 2).unbind(0)):
+                stats[j] = chunk.to(part.dtype)
+
+    out = []
+    for segs, ds, p, st in zip(d_groups, d_states, pending, stats):
+        if p is None or st is None:  # no segment, or every group frozen (lr == 0): only k advances
+            out.append(([_unchanged(seg) for seg in segs], replace(ds, k=ds.k + 1)))
+        else:
+            out.append(_apply_d_group(p, ds, st))
+    return out
+
+
+@dataclass
+class _Accumulated:
+    """A D-group between the accumulate and apply passes."""
+
+    segments: Sequence[Segment]
+    active: list[int]  # indices of the segments that step (lr > 0, at least one tensor)
+    results: list[SegmentResult]
+    coefs: dict[int, Coefficients]
+    grads: dict[int, list[Tensor]]
+    update_d: bool | Tensor
+    foreach: bool | None
+    inplace: bool
+    stats: Tensor  # local [numerator_delta, denom], stats dtype, on the params' device
+
+
+def _accumulate_d_group(
+    segments: Sequence[Segment],
+    d_state: DState,
+    update_d: bool | Tensor | None,
+    foreach: bool | None,
+    inplace: bool,
+    reduced: bool,
+) -> _Accumulated | None:
+    """Accumulate pass of one D-group; None when it does not step (only k advances).
+
+    reduced: the statistics will be summed over ranks, so a group with no local tensors still
+             steps (with zero statistics) unless all its segments are frozen (lr == 0).
     """
     if not segments:
-        return [], replace(d_state, k=d_state.k + 1)
+        return None
     hp0 = segments[0].hparams
     for seg in segments[1:]:
         if seg.hparams.d_config() != hp0.d_config():
@@ -93,8 +188,8 @@ def step_d_group(
 
     active = [i for i, seg in enumerate(segments) if seg.hparams.lr > 0 and len(seg.params) > 0]
     results = [_unchanged(seg) for seg in segments]
-    if not active:  # every group frozen (lr == 0): nothing changes but the step count
-        return results, replace(d_state, k=d_state.k + 1)
+    if not active and not (reduced and any(seg.hparams.lr > 0 for seg in segments)):
+        return None  # every group frozen (lr == 0), or no tensors and nothing to reduce
 
     # accumulate
     coefs: dict[int, Coefficients] = {}
@@ -110,7 +205,9 @@ def step_d_group(
         fe = use_foreach(seg.params, foreach)
         gs = grads[i] = _effective_grads(seg.params, seg.grads, hp, fe)
         m, v, s, num, den = _by_dtype(
-            _foreach.accumulate if fe else _single.accumulate,
+            _factored.accumulate
+            if _factored.is_factored(seg.params, seg.exp_avg_sq)
+            else (_foreach.accumulate if fe else _single.accumulate),
             seg.params,
             [gs, seg.exp_avg, seg.exp_avg_sq, seg.s, seg.p0],
             n_out=3,
@@ -125,30 +222,37 @@ def step_d_group(
         results[i] = SegmentResult(list(seg.params), m, v, s)
         numerators.append(num)
         denoms.append(den)
-
-    # reduce
+    if not active:  # nothing local: zero statistics, still reduced with the other ranks'
+        numerators = denoms = [torch.zeros_like(d_state.d)]
     stats = torch.stack([torch.stack(numerators).sum(), torch.stack(denoms).sum()])
-    if reduce_stats is not None and update_d is not False:
-        stats = reduce_stats(stats)
-    new_d = reduce_d(d_state, stats[0], stats[1], hp0, update_d=update_d)
+    return _Accumulated(segments, active, results, coefs, grads, update_d, foreach, inplace, stats)
+
+
+def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[list[SegmentResult], DState]:
+    """D update from the (global) statistics [numerator_delta, denom], then the apply pass."""
+    segments, results = acc.segments, acc.results
+    hp0 = segments[0].hparams
+    new_d = reduce_d(d_state, stats[0], stats[1], hp0, update_d=acc.update_d)
 
     # apply
-    for i in active:
-        seg, hp, c, res = segments[i], segments[i].hparams, coefs[i], results[i]
+    for i in acc.active:
+        seg, hp, c, res = segments[i], segments[i].hparams, acc.coefs[i], results[i]
         wd = hp.weight_decay
         keep = 1 - wd * c.dlr if (wd > 0 and hp.decouple) else None
-        fe = use_foreach(seg.params, foreach)
+        fe = use_foreach(seg.params, acc.foreach)
         (xs,) = _by_dtype(
-            _foreach.apply if fe else _single.apply,
+            _factored.apply
+            if _factored.is_factored(seg.params, seg.exp_avg_sq)
+            else (_foreach.apply if fe else _single.apply),
             seg.params,
-            [grads[i], res.exp_avg, res.exp_avg_sq],
+            [acc.grads[i], res.exp_avg, res.exp_avg_sq],
             n_out=1,
             dlr=c.dlr,
             d_old=d_state.d,
             d_new=new_d.d,
             eps=hp.eps,
             keep=keep,
-            inplace=inplace,
+            inplace=acc.inplace,
         )
         results[i] = replace(res, params=xs)
     return results, new_d

@@ -8,6 +8,7 @@ read), and calls ``step_d_group`` in place. All arithmetic lives in the function
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -15,8 +16,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..functional import DState, Hyperparams, Segment, init_tensor_state, step_d_group
+from ..functional import DState, Hyperparams, Segment, all_reduce_stats, init_tensor_state, step_d_groups
+from ..functional._factored import init_factored_v
+from ..functional._partial import cap_d_ratio, effective_lrs, finish_d, step_segment
 from ..functional._state import stat_dtype
+
+try:  # DTensor: FSDP2 (fully_shard) and tensor-parallel params
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = None  # type: ignore[assignment,misc]
 
 __all__ = ["KProdigy"]
 
@@ -68,8 +76,37 @@ class KProdigy(torch.optim.Optimizer):
         independent_d: one D per param group (True), one D for all (False), or automatic
             (None, default: one D per group when there is more than one group).
         maximize: maximize the objective (default False).
-        fsdp_in_use: all-reduce the D statistics over the default process group, for sharded
-            params (default False).
+        fsdp_in_use: force the all-reduce of the D statistics (prodigyopt's flag; default False).
+        reduce_d_stats: sum the D statistics over ranks so that every rank has the same D:
+            None (default) detects when this is needed (DTensor params from FSDP2 ``fully_shard``,
+            FSDP1 flat params, or construction inside ``ZeroRedundancyOptimizer``); True forces
+            it, False forbids it. Plain DDP (replicated params, averaged grads) needs none.
+        process_group: the group to sum over (default: the sharding mesh's group for DTensor
+            params, ZeRO's group under ZeroRedundancyOptimizer, else the default group).
+        d_steps: freeze D after this many steps (default None: never); per group, equal within
+            a D-group. From then on D stays fixed, the D statistics are skipped and the ``s`` and
+            ``p0`` buffers are freed; the group key ``d_frozen`` records it.
+        factored: keep the second moment of each param with 2+ dims as row and column means
+            (Adafactor-style; about 1 word per param less), per group (default False; fixed at
+            a param's first step).
+        d_ratio_cap: keep the D values of the D-groups within this factor (>= 1) of the smallest
+            one after every step (default None: no cap), for a component whose D "grows forever".
+
+    Param groups may carry ``d_group`` (any hashable; use a str or int to keep checkpoints
+    loadable with ``weights_only=True``): groups with equal ``d_group`` share one D, whatever
+    ``independent_d`` says about the groups without one.
+
+    Group keys for logging (Python floats, updated by every step): ``d``, ``d_max``,
+    ``d_numerator``, ``d_denom``, ``d_hat``, ``k`` (int), ``lr`` and ``effective_lr`` (the step
+    size ``d * lr * bias_correction`` the last step applied; 0.0 before the first step).
+    ``get_learning_rates()`` lists ``effective_lr`` per group.
+
+    Fused backward: ``step_parameter(p)`` (from ``p.register_post_accumulate_grad_hook``) steps
+    one param as soon as its gradient is ready and ``finalize_step()`` updates D once all are in.
+
+    Distributed training: when reduced, the D statistics of all D-groups are packed into one
+    tensor and summed with ONE ``all_reduce`` per step (per device), with no host sync; steps that
+    do not update D (``d_update_freq``) communicate nothing.
     """
 
     def __init__(
@@ -92,12 +129,23 @@ class KProdigy(torch.optim.Optimizer):
         independent_d: bool | None = None,
         maximize: bool = False,
         fsdp_in_use: bool = False,
+        reduce_d_stats: bool | None = None,
+        process_group: Any = None,
+        d_steps: int | None = None,
+        d_ratio_cap: float | None = None,
+        factored: bool = False,
     ) -> None:
         for name, value in (("foreach", foreach), ("independent_d", independent_d)):
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"Invalid {name}: {value!r}; expected None, True or False")
         if not isinstance(fsdp_in_use, bool):
             raise ValueError(f"Invalid fsdp_in_use: {fsdp_in_use!r}; expected True or False")
+        if reduce_d_stats is not None and not isinstance(reduce_d_stats, bool):
+            raise ValueError(f"Invalid reduce_d_stats: {reduce_d_stats!r}; expected None, True or False")
+        if reduce_d_stats is False and fsdp_in_use:
+            raise ValueError("fsdp_in_use=True forces the D all-reduce but reduce_d_stats=False forbids it; set one")
+        if process_group is not None and not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+            raise ValueError(f"Invalid process_group: {process_group!r}; expected a torch.distributed ProcessGroup")
         hp = Hyperparams(
             lr=lr,
             betas=betas,
@@ -116,7 +164,19 @@ class KProdigy(torch.optim.Optimizer):
         )
         defaults: dict[str, Any] = {name: getattr(hp, name) for name in Hyperparams.field_names()}
         defaults.update(foreach=foreach, fsdp_in_use=fsdp_in_use, **_fresh_d_keys(hp.d0))
+        _check_d_steps(d_steps)
+        if not isinstance(factored, bool):
+            raise ValueError(f"Invalid factored: {factored!r}; expected True or False")
+        defaults.update(d_steps=d_steps, d_group=None, d_frozen=False, effective_lr=0.0, factored=factored)
+        if d_ratio_cap is not None and (
+            isinstance(d_ratio_cap, bool) or not isinstance(d_ratio_cap, (int, float)) or not d_ratio_cap >= 1
+        ):
+            raise ValueError(f"Invalid d_ratio_cap: {d_ratio_cap!r}; expected None or a number >= 1")
+        self.d_ratio_cap = None if d_ratio_cap is None else float(d_ratio_cap)
+        self._pending: dict[tuple[int, ...], _Pending] = {}  # per-param steps not yet finalized
         self.independent_d = independent_d
+        self.reduce_d_stats = reduce_d_stats
+        self.process_group = process_group if process_group is not None else _enclosing_zero_group()
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -124,15 +184,35 @@ class KProdigy(torch.optim.Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         Hyperparams.from_mapping({**self.defaults, **param_group})
+        _check_d_steps(param_group.get("d_steps"))
+        if not isinstance(param_group.get("factored", False), bool):
+            raise ValueError(f"Invalid factored: {param_group['factored']!r}; expected True or False")
+        try:
+            hash(param_group.get("d_group"))
+        except TypeError:
+            raise ValueError(
+                f"Invalid d_group: {param_group['d_group']!r}; expected a hashable label such as a str"
+            ) from None
         if "d0" in param_group:  # a group-specific d0 starts its own D there
             for key, value in _fresh_d_keys(float(param_group["d0"])).items():
                 param_group.setdefault(key, value)
         super().add_param_group(param_group)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's state (defaults, state, param_groups) plus the optimizer-wide settings, so that
+        ``copy.deepcopy`` and pickling keep them (``process_group`` is not picklable: it is left out)."""
+        state = super().__getstate__()
+        state.update(independent_d=self.independent_d, reduce_d_stats=self.reduce_d_stats, d_ratio_cap=self.d_ratio_cap)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Fill keys missing from older or prodigyopt checkpoints; D values become Python floats."""
         super().__setstate__(state)
         self.__dict__.setdefault("independent_d", None)
+        self.__dict__.setdefault("reduce_d_stats", None)
+        self.__dict__.setdefault("process_group", None)
+        self.__dict__.setdefault("d_ratio_cap", None)
+        self.__dict__.setdefault("_pending", {})
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -141,10 +221,27 @@ class KProdigy(torch.optim.Optimizer):
             group["k"] = int(group["k"])
 
     def d_groups(self) -> list[list[int]]:
-        """Indices of the param groups sharing each D estimate."""
+        """Indices of the param groups sharing each D estimate, ordered by their first group.
+
+        Groups with the same ``d_group`` label share one D; groups without one follow
+        ``independent_d`` (None: one D per group when there is more than one group).
+        """
         n = len(self.param_groups)
         independent = self.independent_d if self.independent_d is not None else n > 1
-        return [[i] for i in range(n)] if independent else [list(range(n))]
+        where: dict[Any, int] = {}
+        out: list[list[int]] = []
+        for i, group in enumerate(self.param_groups):
+            label = group.get("d_group")
+            key = ("label", label) if label is not None else ("auto", i if independent else -1)
+            if key not in where:
+                where[key] = len(out)
+                out.append([])
+            out[where[key]].append(i)
+        return out
+
+    def get_learning_rates(self) -> list[float]:
+        """The step size ``d * lr * bias_correction`` applied by the last step, per param group."""
+        return [float(group["effective_lr"]) for group in self.param_groups]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -153,42 +250,174 @@ class KProdigy(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.finalize_step()  # per-parameter steps taken since the last step, if any
+        jobs = []  # (members, groups, segments, the optimizer's params of those segments)
         for members in self.d_groups():
             groups = [self.param_groups[i] for i in members]
-            segments = [self._segment(group) for group in groups]
-            params = [p for seg in segments for p in seg.params]
-            if not params:  # no gradients in this D-group this step: nothing happens
-                continue
-            lead = groups[0]
-            device = _one_device(params, members)
-            packed = torch.tensor(
-                [lead[key] for key in _FLOAT_D_KEYS], dtype=stat_dtype([p.dtype for p in params]), device=device
-            )  # one host-to-device copy for the D state
-            d_state = DState(
-                **dict(zip(_FLOAT_D_KEYS, packed.unbind())),
-                k=torch.tensor(lead["k"], dtype=torch.int64, device=device),
-            )
-            k = lead["k"]
-            _, new = step_d_group(
-                segments,
-                d_state,
-                update_d=k % lead["d_update_freq"] == 0,
-                foreach=lead["foreach"],
-                inplace=True,
-                reduce_stats=self._reduce_stats(lead, params),
-            )
-            values = torch.stack([getattr(new, key).double() for key in _FLOAT_D_KEYS]).tolist()
-            for group in groups:
-                group.update(zip(_FLOAT_D_KEYS, values))
-                group["k"] = k + 1
-            for p in params:
-                self.state[p]["step"] += 1
+            _check_same_d_steps(groups, members)
+            built = [self._segment(group, frozen=_is_frozen(groups[0])) for group in groups]
+            jobs.append((members, groups, [seg for seg, _ in built], [p for _, ps in built for p in ps]))
+        reduce_stats = self._reduce_stats([p for job in jobs for p in job[3]])
+        if reduce_stats is None:  # no gradients in a D-group this step: nothing happens there
+            jobs = [job for job in jobs if job[3]]
+        # under a reduction every rank steps every D-group (zero local statistics if it holds none)
+        fallback = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        d_states = []
+        for members, groups, _, params in jobs:
+            d_states.append(self._d_state(groups, members, params, fallback))
+        outs = step_d_groups(
+            [job[2] for job in jobs],
+            d_states,
+            update_d=[_updates_d(job[1][0]) for job in jobs],
+            foreach=[job[1][0]["foreach"] for job in jobs],
+            inplace=True,
+            reduce_stats=reduce_stats,
+        )
+        self._record(
+            [(groups, params, old, new) for (_, groups, _, params), old, (_, new) in zip(jobs, d_states, outs)]
+        )
         return loss
 
-    def _segment(self, group: dict[str, Any]) -> Segment:
-        """Gather one group's tensors with gradients, creating their state on first use."""
+    def _d_state(
+        self, groups: list[dict[str, Any]], members: list[int], params: list[Tensor], fallback: torch.device
+    ) -> DState:
+        """The D state of a D-group as 0-dim device tensors, from its first group's Python floats."""
+        lead = groups[0]
+        device = _one_device(params, members) if params else fallback
+        # a rank holding none of a D-group's params (ZeRO) takes the optimizer's dtypes, so
+        # that every rank computes D in the same dtype
+        dtypes = [p.dtype for p in params] or [p.dtype for g in self.param_groups for p in g["params"]]
+        packed = torch.tensor(
+            [lead[key] for key in _FLOAT_D_KEYS], dtype=stat_dtype(dtypes), device=device
+        )  # one host-to-device copy for the D state
+        return DState(
+            **dict(zip(_FLOAT_D_KEYS, packed.unbind())),
+            k=torch.tensor(lead["k"], dtype=torch.int64, device=device),
+        )
+
+    def _record(self, done: list[tuple[list[dict[str, Any]], list[Tensor], DState, DState]]) -> None:
+        """Write back the new D state and effective_lr of each stepped D-group; freeze D if due.
+
+        done: (groups, stepped params, D state before the step, D state after it) per D-group.
+        The D cap (``d_ratio_cap``) acts here, over the D-groups that stepped with some lr > 0.
+        """
+        news = [new for _, _, _, new in done]
+        if self.d_ratio_cap is not None:
+            live = [j for j, (groups, *_) in enumerate(done) if any(g["lr"] > 0 for g in groups)]
+            if len(live) > 1:
+                capped = cap_d_ratio([news[j].d for j in live], self.d_ratio_cap)
+                for j, d in zip(live, capped):
+                    news[j] = news[j].replace(d=d)
+        for (groups, params, old, _), new in zip(done, news):
+            k = groups[0]["k"]
+            lrs = effective_lrs([Hyperparams.from_mapping(g) for g in groups], old)
+            values = torch.stack(
+                [getattr(new, key).double() for key in _FLOAT_D_KEYS] + [lr.double() for lr in lrs]
+            ).tolist()  # one device-to-host copy per D-group
+            for group, lr in zip(groups, values[len(_FLOAT_D_KEYS) :]):
+                group.update(zip(_FLOAT_D_KEYS, values))
+                group["k"] = k + 1
+                group["effective_lr"] = lr
+            for p in params:
+                self.state[p]["step"] += 1
+            due = groups[0]["d_steps"] is not None and k + 1 >= groups[0]["d_steps"]
+            if due and not all(g["d_frozen"] for g in groups):
+                for group in groups:
+                    group["d_frozen"] = True
+                    for p in group["params"]:  # D is fixed from now on: its statistics are not needed
+                        self.state.get(p, {}).pop("s", None)
+                        self.state.get(p, {}).pop("p0", None)
+
+    @torch.no_grad()
+    def step_parameter(self, p: Tensor) -> None:
+        """Step one param now, with the D of this step; D is updated by ``finalize_step()``.
+
+        For fused backward passes: call it from ``p.register_post_accumulate_grad_hook`` (then
+        ``p.grad`` may be freed at once), and call ``finalize_step()`` after ``backward()``. If
+        ``p`` was already stepped since the last finalization, that step is finalized first; so
+        is it by ``step()`` and ``state_dict()``. A param without a gradient is skipped.
+
+        Equal to ``step()`` up to float rounding (the D statistics are summed in another order),
+        with ONE intended difference: the Adam denominator is floored at ``d_old * eps`` (the D
+        before this step's update) instead of ``d_new * eps``.
+        """
+        index = self._group_index(p)
+        members = next(m for m in self.d_groups() if index in m)
+        key = tuple(members)
+        pending = self._pending.get(key)
+        if pending is not None and any(q is p for q in pending.params):
+            self.finalize_step()
+            pending = None
+        if p.grad is None:
+            return
+        group = self.param_groups[index]
+        if pending is None:
+            groups = [self.param_groups[i] for i in members]
+            _check_same_d_steps(groups, members)
+            configs = {Hyperparams.from_mapping(g).d_config() for g in groups}
+            if len(configs) > 1:
+                raise ValueError(
+                    f"Parameter groups {members} share one D but disagree on beta3, d0, d_coef, growth_rate "
+                    f"or d_update_freq: {sorted(configs, key=repr)}. Give them different d_group labels."
+                )
+            d_state = self._d_state(groups, members, [q for g in groups for q in g["params"]], p.device)
+            pending = self._pending[key] = _Pending(
+                groups, d_state, torch.zeros(2, dtype=d_state.d.dtype, device=p.device)
+            )
+        segment, _ = self._segment({**group, "params": [p]}, frozen=_is_frozen(pending.groups[0]))
+        if pending.d_state.d.device != p.device:
+            raise RuntimeError(
+                f"param groups {members} share one D but hold params on {pending.d_state.d.device} and {p.device}; "
+                "put them on one device or give the groups different d_group labels"
+            )
+        _, stats = step_segment(
+            segment, pending.d_state, update_d=_updates_d(pending.groups[0]), foreach=group["foreach"], inplace=True
+        )
+        pending.stats += stats.to(pending.stats.dtype)
+        pending.params.append(p)
+
+    @torch.no_grad()
+    def finalize_step(self) -> None:
+        """Update D from the statistics of the params stepped by ``step_parameter`` (no-op if none)."""
+        if not self._pending:
+            return
+        pending, self._pending = list(self._pending.values()), {}
+        self._opt_called = True  # what LR schedulers check to know the optimizer stepped (as step() does)
+        done = []
+        for item in pending:
+            lead = item.groups[0]
+            upd = _updates_d(lead)
+            reduce_stats = self._reduce_stats(item.params) if upd else None
+            new = finish_d(
+                item.d_state, item.stats, Hyperparams.from_mapping(lead), update_d=upd, reduce_stats=reduce_stats
+            )
+            done.append((item.groups, item.params, item.d_state, new))
+        self._record(done)
+
+    def state_dict(self) -> dict[str, Any]:
+        """As ``torch.optim.Optimizer.state_dict``, after finalizing pending per-parameter steps."""
+        self.finalize_step()
+        return super().state_dict()
+
+    def _group_index(self, p: Tensor) -> int:
+        for i, group in enumerate(self.param_groups):
+            if any(q is p for q in group["params"]):
+                return i
+        raise ValueError("step_parameter got a tensor that is not a param of this optimizer")
+
+    def _segment(self, group: dict[str, Any], frozen: bool = False) -> tuple[Segment, list[Tensor]]:
+        """Gather one group's tensors with gradients, creating their state on first use.
+
+        frozen: D no longer adapts (``d_steps``): ``s`` and ``p0`` are not kept; the kernels,
+        which do not read them then, get empty placeholders.
+
+        Returns the segment (local shards of DTensor params and state: the math is per rank) and
+        the optimizer's params it holds, in the same order.
+        """
         hp = Hyperparams.from_mapping(group)
-        params, grads, exp_avgs, exp_avg_sqs, ss, p0s = [], [], [], [], [], []
+        params, grads, exp_avg_sqs, ss, p0s = [], [], [], [], []
+        exp_avgs: list[Any] = []  # None entries only when betas[0] == 0 (then unused)
+        originals: list[Tensor] = []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -207,35 +436,95 @@ class KProdigy(torch.optim.Optimizer):
                 )
             state = self.state[p]
             if "exp_avg_sq" not in state:
-                state.update(init_tensor_state(p, hp))
+                if group.get("factored") and DTensor is not None and isinstance(p, DTensor):
+                    raise RuntimeError("factored=True does not support DTensor (FSDP2) params yet; use factored=False")
+                state.update(_init_state(p, hp))
                 state["step"] = 0
+                if frozen:
+                    del state["s"], state["p0"]
+                if group.get("factored") and p.dim() >= 2:
+                    state["exp_avg_sq"] = init_factored_v(p)
             if hp.betas[0] > 0 and "exp_avg" not in state:  # beta1 raised from 0 mid-training
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            originals.append(p)
+            p, g = _local(p), _local(g)
             expected = (p.numel() + hp.slice_p - 1) // hp.slice_p
-            if state["s"].numel() != expected:
+            if "s" in state and _local(state["s"]).numel() != expected:
                 raise ValueError(
                     f"slice_p={hp.slice_p} does not match the state of a parameter of {p.numel()} elements "
-                    f"(s has {state['s'].numel()}); slice_p cannot change after the first step"
+                    f"(s has {_local(state['s']).numel()}); slice_p cannot change after the first step"
                 )
             params.append(p)
             grads.append(g)
-            exp_avgs.append(state.get("exp_avg"))
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            ss.append(state["s"])
-            p0s.append(state["p0"])
-        return Segment(params, grads, exp_avgs if hp.betas[0] > 0 else None, exp_avg_sqs, ss, p0s, hp)
+            exp_avgs.append(_local(state["exp_avg"]) if "exp_avg" in state else None)
+            exp_avg_sqs.append(_local(state["exp_avg_sq"]))
+            if "s" in state:
+                ss.append(_flat_local(state["s"]))
+                p0s.append(_flat_local(state["p0"]))
+            else:
+                if not frozen:
+                    raise RuntimeError(
+                        "the state of a parameter has no s/p0 (freed when D froze after d_steps), but its "
+                        "D-group adapts D again: d_steps cannot be raised or removed after D froze"
+                    )
+                ss.append(p.new_empty(0))
+                p0s.append(p.new_empty(0))
+        segment = Segment(params, grads, exp_avgs if hp.betas[0] > 0 else None, exp_avg_sqs, ss, p0s, hp)
+        return segment, originals
 
-    def _reduce_stats(self, lead: dict[str, Any], params: list[Tensor]) -> Callable[[Tensor], Tensor] | None:
-        """All-reduce of the D statistics for sharded params (fsdp_in_use or FSDP flat params)."""
-        sharded = lead["fsdp_in_use"] or any(hasattr(p, "_fsdp_flattened") for p in params)
-        if not sharded or not (dist.is_available() and dist.is_initialized()):
+    def _reduce_stats(self, params: list[Tensor]) -> Callable[[Tensor], Tensor] | None:
+        """The all-reduce of the D statistics if this step needs one, else None (no collective).
+
+        Needed when each rank holds part of the sums: DTensor params (FSDP2), FSDP1 flat params,
+        an optimizer built by ZeroRedundancyOptimizer (its group is taken at construction), an
+        explicit ``process_group``, ``fsdp_in_use=True`` or ``reduce_d_stats=True``. Replicated
+        params (plain DDP) need none. Without an initialized default group nothing is reduced.
+        """
+        if self.reduce_d_stats is False or not (dist.is_available() and dist.is_initialized()):
             return None
+        forced = self.reduce_d_stats is True or any(g["fsdp_in_use"] for g in self.param_groups)
+        if self.process_group is not None:
+            return all_reduce_stats(self.process_group)
+        mesh_group = _sharding_group([p for p in params if DTensor is not None and isinstance(p, DTensor)])
+        if mesh_group is not None:
+            return all_reduce_stats(mesh_group)
+        if forced or any(hasattr(p, "_fsdp_flattened") for p in params):
+            return all_reduce_stats(None)
+        return None
 
-        def all_reduce(stats: Tensor) -> Tensor:
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-            return stats
 
-        return all_reduce
+class _Pending:
+    """A D-group between ``step_parameter`` calls and ``finalize_step``."""
+
+    def __init__(self, groups: list[dict[str, Any]], d_state: DState, stats: Tensor) -> None:
+        self.groups = groups
+        self.d_state = d_state  # the D state at the start of this step
+        self.stats = stats  # running sum of the params' [numerator_delta, denom]
+        self.params: list[Tensor] = []  # the params stepped so far
+
+
+def _is_frozen(lead: dict[str, Any]) -> bool:
+    """Whether a D-group's D no longer adapts (``d_steps`` reached), from its first group."""
+    return lead["d_steps"] is not None and lead["k"] >= lead["d_steps"]
+
+
+def _updates_d(lead: dict[str, Any]) -> bool:
+    """Whether this step updates the D statistics (every d_update_freq steps, until D froze)."""
+    return not _is_frozen(lead) and lead["k"] % lead["d_update_freq"] == 0
+
+
+def _check_d_steps(value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"Invalid d_steps: {value!r}; expected None or an integer >= 1")
+
+
+def _check_same_d_steps(groups: list[dict[str, Any]], members: list[int]) -> None:
+    values = {g["d_steps"] for g in groups}
+    if len(values) > 1:
+        raise ValueError(
+            f"param groups {members} share one D but have different d_steps {sorted(values, key=repr)}; "
+            "give them one value or different d_group labels"
+        )
 
 
 def _fresh_d_keys(d0: float) -> dict[str, Any]:
@@ -251,3 +540,87 @@ def _one_device(params: list[Tensor], members: list[int]) -> torch.device:
                 "put them on one device or use independent_d=True with one device per group"
             )
     return device
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (a view: in-place updates reach the DTensor), else ``t``."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def _flat_local(t: Tensor) -> Tensor:
+    """``s``/``p0`` as the kernels take them: a DTensor's local shard viewed 1-D (never a copy)."""
+    return t.to_local().view(-1) if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def _init_state(p: Tensor, hp: Hyperparams) -> dict[str, Tensor]:
+    """Per-tensor state; for a DTensor param, from its local shard (the math is per rank).
+
+    For a DTensor param, exp_avg and exp_avg_sq are DTensors laid out like it, and so are ``s``
+    and ``p0`` when slice_p == 1 (param-shaped, viewed 1-D by the kernels; ``p0`` is always
+    stored, even for an all-zero param): distributed checkpoints save and reshard them like the
+    param. With slice_p > 1, ``s`` and ``p0`` are this rank's plain tensors (every slice_p-th
+    element of the local shard), which reload only into the same sharding and not through
+    torch.distributed.checkpoint (which treats plain tensors as replicated).
+    """
+    if DTensor is None or not isinstance(p, DTensor):
+        return init_tensor_state(p, hp)
+    local = p.to_local()
+    state = init_tensor_state(local, hp)
+    if hp.slice_p == 1:
+        state["s"], state["p0"] = torch.zeros_like(local), local.clone()
+    for key in ("exp_avg", "exp_avg_sq") + (("s", "p0") if hp.slice_p == 1 else ()):
+        if key in state:
+            state[key] = DTensor.from_local(
+                state[key], p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+            )
+    return state
+
+
+def _sharding_group(dtensors: list[Tensor]) -> Any:
+    """The process group over which these DTensor params are sharded; None if none is sharded."""
+    found: Any = None
+    seen: set[tuple[int, tuple[Any, ...]]] = set()
+    for p in dtensors:
+        mesh, placements = p.device_mesh, p.placements  # type: ignore[attr-defined]
+        if (id(mesh), placements) in seen:
+            continue
+        seen.add((id(mesh), placements))
+        dims = [i for i, pl in enumerate(placements) if pl.is_shard()]
+        if not dims:
+            continue
+        if len(dims) > 1:
+            raise ValueError(
+                f"a DTensor param is sharded over {len(dims)} mesh dimensions {placements}; KProdigy cannot "
+                "choose one group for its D statistics: pass process_group= (the ranks holding disjoint shards)"
+            )
+        group = mesh.get_group(dims[0]) if mesh.ndim > 1 else mesh.get_group()
+        if found is not None and group is not found:
+            raise ValueError(
+                "DTensor params are sharded over different process groups; one KProdigy sums its D "
+                "statistics over one group: pass process_group= or use one optimizer per mesh"
+            )
+        found = group
+    return found
+
+
+def _enclosing_zero_group() -> Any:
+    """ZeroRedundancyOptimizer's process group if it is constructing this optimizer, else None.
+
+    ZeRO builds one local optimizer per rank over a subset of the params from inside its own
+    methods; the caller frames are searched for that ``self`` (at construction only).
+    """
+    if not dist.is_available():
+        return None
+    try:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+    except ImportError:  # pragma: no cover
+        return None
+    frame: Any = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, ZeroRedundancyOptimizer):
+            return owner.process_group
+        frame = frame.f_back
+    return None

@@ -1,0 +1,42 @@
+"""Shared setup of the distributed examples: gloo on CPU (nccl on GPU), a toy regression task."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def setup() -> tuple[int, int, torch.device]:
+    """Join the process group torchrun describes in the environment; returns (rank, world, device)."""
+    torch.set_num_threads(1)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def model(device: torch.device) -> nn.Module:
+    torch.manual_seed(0)  # the same initial params on every rank
+    return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 1)).to(device)
+
+
+def batch(step: int, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's batch: a different slice of the data on every rank."""
+    g = torch.Generator().manual_seed(10_000 * step + rank)
+    x = torch.randn(64, 32, generator=g)
+    return x.to(device), x.sum(dim=1, keepdim=True).sin().to(device)
+
+
+def report(rank: int, d_values: list[float], loss: float) -> None:
+    """Print every rank's D: they must agree."""
+    gathered: list[list[float] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, d_values)
+    if rank == 0:
+        print(f"loss {loss:.4f}; D per rank: {gathered}")

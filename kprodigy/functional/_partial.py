@@ -1,0 +1,88 @@
+"""Pieces of a step for trainers: per-tensor stepping (fused backward), the step size, the D cap.
+
+``step_segment`` runs the accumulate and apply passes of one segment (typically one tensor whose
+gradient has just been accumulated) with the D of ``d_state``, and returns its share of the D
+statistics; ``finish_d`` later updates D from the sum of those shares. Together they are the
+full step of ``step_d_groups`` with ONE intended difference: the apply pass floors the Adam
+denominator at ``d_old * eps`` (the D before this step's update, the only one known while the
+other gradients are not ready) instead of ``d_new * eps``. Everything else (dlr, the D statistics,
+the moments, the D update) is the same arithmetic on the same values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from ._hyperparams import Hyperparams
+from ._scalars import coefficients, reduce_d
+from ._state import DState
+from ._step import ReduceStats, Segment, SegmentResult, _accumulate_d_group, _apply_d_group, _unchanged
+
+__all__ = ["cap_d_ratio", "effective_lrs", "finish_d", "step_segment"]
+
+
+def step_segment(
+    segment: Segment,
+    d_state: DState,
+    *,
+    update_d: bool,
+    foreach: bool | None = None,
+    inplace: bool = False,
+) -> tuple[SegmentResult, Tensor]:
+    """Accumulate and apply one segment with the D of ``d_state``; D itself is not updated.
+
+    Returns (result, stats): the new params and state (the inputs themselves if ``inplace``) and
+    the segment's local D statistics ``[numerator_delta, denom]`` (1-D, 2 entries, stats dtype,
+    zeros when not ``update_d``), to be summed over the segments of the D-group and passed to
+    ``finish_d``. The denominator floor is ``d_old * eps`` (see the module docstring).
+    """
+    acc = _accumulate_d_group([segment], d_state, update_d, foreach, inplace, False)
+    if acc is None:  # frozen (lr == 0) or empty: nothing changes
+        return _unchanged(segment), torch.zeros(2, dtype=d_state.d.dtype, device=d_state.d.device)
+    # apply with update_d=False: new D == old D, so the apply pass uses d_old everywhere
+    (result,), _ = _apply_d_group(replace(acc, update_d=False), d_state, acc.stats)
+    return result, acc.stats
+
+
+def finish_d(
+    d_state: DState,
+    stats: Tensor,
+    hparams: Hyperparams,
+    *,
+    update_d: bool,
+    reduce_stats: ReduceStats | None = None,
+) -> DState:
+    """The D update of a step taken segment by segment: ``stats`` is the sum of their shares.
+
+    hparams: of the D-group's first group (beta3, d0, d_coef, growth_rate are read).
+    reduce_stats: the distributed all-reduce, called on ``stats`` when ``update_d``.
+    Advances k by one, like the full step.
+    """
+    if update_d and reduce_stats is not None:
+        stats = reduce_stats(stats.clone())
+    return reduce_d(d_state, stats[0], stats[1], hparams, update_d=update_d)
+
+
+def effective_lrs(hparams: Sequence[Hyperparams], d_state: DState) -> list[Tensor]:
+    """``d * lr * bias_correction`` of each group: the step size the step from ``d_state`` applies.
+
+    0-dim tensors in the statistics dtype; ``d_state`` is the D state *before* the step.
+    """
+    return [coefficients(hp, d_state).dlr for hp in hparams]
+
+
+def cap_d_ratio(ds: Sequence[Tensor], ratio: float) -> list[Tensor]:
+    """Keep D values within ``ratio`` of the smallest: ``d_i <- min(d_i, ratio * min_j d_j)``.
+
+    ds: 0-dim tensors (any devices; the result of each stays on its own device). ratio >= 1.
+    Since every d_j never decreases, a capped d never decreases either.
+    """
+    if not ds:
+        return []
+    device = ds[0].device
+    floor = torch.stack([d.to(device, torch.float64) for d in ds]).min() * ratio
+    return [torch.minimum(d, floor.to(d.device, d.dtype)) for d in ds]
