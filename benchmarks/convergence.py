@@ -364,6 +364,24 @@ def run_task(task: T.Task, seeds: list[int], scale: float = 1.0, progress: bool 
 
 
 # ------------------------------------------------------------------ entry point
+def code_version() -> str:
+    """kprodigy version and the git commit of this checkout (if any)."""
+    import subprocess
+
+    try:
+        import kprodigy
+
+        version = f"kprodigy {kprodigy.__version__}"
+    except ImportError:
+        version = "kprodigy not importable"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version}, commit {commit or 'unknown'}"
+
+
 def machine_description() -> str:
     cpu = platform.processor() or platform.machine()
     return (f"{os.cpu_count()}-core CPU ({cpu}), {platform.system()}, Python {platform.python_version()}, "
@@ -409,7 +427,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("WARNING: kprodigy is not importable; K-Prodigy rows are skipped", file=sys.stderr)
     seeds = list(range(n_seeds))
     t0 = time.time()
-    results = {"machine": machine_description(), "command": "python benchmarks/convergence.py " + " ".join(
+    results = {"machine": machine_description(), "code": code_version(), "command": "python benchmarks/convergence.py " + " ".join(
         sys.argv[1:] if argv is None else argv), "seeds": seeds, "step_scale": scale, "tasks": {}}
     only = [o for o in args.opts.split(",") if o] or None
     for name in names:
