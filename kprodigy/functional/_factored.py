@@ -77,9 +77,10 @@ def accumulate(
     slice_p: int,
     update_d: bool,
     inplace: bool,
+    decay: tuple[float | Tensor, float | Tensor] | None = None,
 ) -> tuple[list[Tensor] | None, list[Tensor], list[Tensor], Tensor, Tensor]:
     """Same contract as ``_single.accumulate``; factored entries of ``exp_avg_sqs`` are packed ``[r, c]``."""
-    b2 = betas[1]
+    b2 = betas[1] if decay is None else decay[1]
     new_m: list[Tensor] | None = [] if exp_avgs is not None else None
     new_v: list[Tensor] = []
     new_s: list[Tensor] = []
@@ -102,6 +103,7 @@ def accumulate(
             slice_p=slice_p,
             update_d=update_d,
             inplace=inplace,
+            decay=decay,
         )
         if factored:
             r, col = _split(x, v)

@@ -36,15 +36,17 @@ def accumulate(
     slice_p: int,
     update_d: bool,
     inplace: bool,
+    decay: tuple[Scalar, Scalar] | None = None,
 ) -> tuple[TensorList | None, TensorList, TensorList, Tensor, Tensor]:
     """Same contract as ``_single.accumulate``."""
     b1, b2 = betas
+    k1, k2 = betas if decay is None else decay
     dg = torch._foreach_mul(list(gs), d)
     new_m = None
     if exp_avgs is not None:
-        new_m = _mul(exp_avgs, b1, inplace)
+        new_m = _mul(exp_avgs, k1, inplace)
         torch._foreach_add_(new_m, dg, alpha=1 - b1)
-    new_v = _mul(exp_avg_sqs, b2, inplace)
+    new_v = _mul(exp_avg_sqs, k2, inplace)
     torch._foreach_addcmul_(new_v, dg, dg, value=1 - b2)
     del dg
     zero = torch.zeros_like(d)
@@ -52,13 +54,35 @@ def accumulate(
         return new_m, new_v, list(ss), zero, zero
     g_sliced = [g.flatten()[::slice_p] for g in gs]
     diffs = torch._foreach_sub(list(p0s), [x.flatten()[::slice_p] for x in xs])
-    dots = torch.stack([torch.dot(_up(g), _up(diff)) for g, diff in zip(g_sliced, diffs)])
+    dots = _sum_of_dots(g_sliced, diffs)
     del diffs
     new_s = _mul(ss, beta3, inplace)
-    torch._foreach_add_(new_s, torch._foreach_mul(g_sliced, c.s_scale))
+    scaled = torch._foreach_mul(g_sliced, c.s_scale)
+    torch._foreach_add_(new_s, scaled)
+    del scaled
     norms = torch._foreach_norm(new_s, 1, dtype=_up_dtype(new_s[0].dtype))
-    numerator = c.numerator_scale * dots.sum().to(d.dtype)
+    numerator = c.numerator_scale * dots.to(d.dtype)
     return new_m, new_v, new_s, numerator, torch.stack(norms).sum().to(d.dtype)
+
+
+_DOT_CAT_MAX = 1 << 16  # tensors below this size join one concatenated dot product
+
+
+def _sum_of_dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """sum_i <a_i, b_i> (flattened, accumulated in at least fp32); a 0-dim tensor.
+
+    Small tensors are concatenated into one dot product (no per-tensor Python work); large ones
+    take one ``torch.dot`` each (no concatenation copy). A 0-dim ``b_i`` (zero p0) broadcasts.
+    """
+    small = [i for i, t in enumerate(a) if t.numel() < _DOT_CAT_MAX]
+    large = [i for i, t in enumerate(a) if t.numel() >= _DOT_CAT_MAX]
+    parts: list[Tensor] = []
+    if small:
+        ca = torch.cat([a[i].reshape(-1) for i in small])
+        cb = torch.cat([b[i].reshape(-1).expand(a[i].numel()) for i in small])
+        parts.append(torch.dot(_up(ca), _up(cb)))
+    parts.extend(torch.dot(_up(a[i].reshape(-1)), _up(b[i].reshape(-1).expand(a[i].numel()))) for i in large)
+    return torch.stack(parts).sum()
 
 
 def apply(
@@ -80,17 +104,15 @@ def apply(
     floor = d_new * eps
     den = torch._foreach_sqrt(list(exp_avg_sqs))
     torch._foreach_maximum_(den, [floor] * len(den))
+    torch._foreach_div_(den, -dlr)  # den / (-dlr): the step below is one addcdiv
     direction = list(exp_avgs) if exp_avgs is not None else torch._foreach_mul(list(gs), d_old)
-    u = torch._foreach_div(direction, den)
-    del den, direction
-    torch._foreach_mul_(u, -dlr)
     out = list(xs)
     if keep is not None:
         out = _mul(out, keep, inplace)
-    if inplace:
-        torch._foreach_add_(out, u)
-        return out
-    return list(torch._foreach_add(out, u))
+    elif not inplace:
+        out = [x.clone() for x in out]
+    torch._foreach_addcdiv_(out, direction, den)
+    return out
 
 
 def _mul(ts: Sequence[Tensor], a: Scalar, inplace: bool) -> TensorList:

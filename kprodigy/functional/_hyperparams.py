@@ -35,6 +35,9 @@ class Hyperparams:
     d_update_freq: int = 1  # update the D statistics every this many steps
     slice_p: int = 1  # D statistics use every slice_p-th entry of each tensor
     maximize: bool = False
+    skip_nonfinite: bool = True  # skip the D-group's step when a gradient holds NaN/inf (on device, no sync)
+    fp32_state: bool = True  # keep exp_avg, exp_avg_sq and s of 16-bit params in float32
+    stochastic_rounding: bool = False  # round bfloat16 param updates stochastically (unbiased)
 
     def __post_init__(self) -> None:
         betas = self.betas
@@ -45,7 +48,15 @@ class Hyperparams:
             object.__setattr__(self, name, _number(name, getattr(self, name)))
         if self.beta3 is not None:
             object.__setattr__(self, "beta3", _number("beta3", self.beta3))
-        for name in ("decouple", "use_bias_correction", "safeguard_warmup", "maximize"):
+        for name in (
+            "decouple",
+            "use_bias_correction",
+            "safeguard_warmup",
+            "maximize",
+            "skip_nonfinite",
+            "fp32_state",
+            "stochastic_rounding",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Invalid {name}: {getattr(self, name)!r}; expected True or False")
         for name in ("d_update_freq", "slice_p"):

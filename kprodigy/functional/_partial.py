@@ -17,6 +17,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from . import _robust
 from ._hyperparams import Hyperparams
 from ._scalars import coefficients, reduce_d
 from ._state import DState
@@ -64,7 +65,10 @@ def finish_d(
     """
     if update_d and reduce_stats is not None:
         stats = reduce_stats(stats.clone())
-    return reduce_d(d_state, stats[0], stats[1], hparams, update_d=update_d)
+    new = reduce_d(d_state, stats[0], stats[1], hparams, update_d=update_d)
+    if hparams.skip_nonfinite:  # a segment that met a non-finite gradient made the statistics NaN
+        new = _robust.guard_d_state(d_state, new, torch.isfinite(stats).all())
+    return new
 
 
 def effective_lrs(hparams: Sequence[Hyperparams], d_state: DState) -> list[Tensor]:

@@ -89,6 +89,7 @@ def reduce_d(
         d_denom=denom,
         d_hat=torch.where(moves, d_hat, ds.d_hat),
         k=ds.k + 1,
+        skipped_steps=ds.skipped_steps,
     )
     if isinstance(update_d, Tensor):
         return new.replace(

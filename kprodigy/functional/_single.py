@@ -35,14 +35,18 @@ def accumulate(
     slice_p: int,
     update_d: bool,
     inplace: bool,
+    decay: tuple[Scalar, Scalar] | None = None,
 ) -> tuple[list[Tensor] | None, list[Tensor], list[Tensor], Tensor, Tensor]:
     """Moments and D statistics of one group; reads g, x, p0, s, m, v once.
 
     Returns (exp_avgs, exp_avg_sqs, ss, numerator_delta, denom): the new moment and ``s`` lists
     (the same tensors when ``inplace``), ``numerator_scale * sum <g[::p], p0 - x[::p]>`` and
     ``sum ||s||_1`` as 0-dim tensors of ``d``'s dtype (zeros when not ``update_d``).
+    ``decay``: multipliers of m and v (default ``betas``); 0-dim tensors let a skipped step keep
+    the moments exactly (decay 1 with a zeroed gradient).
     """
     b1, b2 = betas
+    k1, k2 = betas if decay is None else decay
     new_m: list[Tensor] | None = [] if exp_avgs is not None else None
     new_v: list[Tensor] = []
     new_s: list[Tensor] = []
@@ -51,9 +55,9 @@ def accumulate(
     for i, (x, g) in enumerate(zip(xs, gs)):
         dg = torch.mul(g, d)
         if exp_avgs is not None and new_m is not None:
-            m = _mul(exp_avgs[i], b1, inplace)
+            m = _mul(exp_avgs[i], k1, inplace)
             new_m.append(_add(m, dg, 1 - b1, inplace))
-        v = _mul(exp_avg_sqs[i], b2, inplace)
+        v = _mul(exp_avg_sqs[i], k2, inplace)
         new_v.append(_addcmul(v, dg, dg, 1 - b2, inplace))
         del dg
         if not update_d:

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import _factored, _foreach, _single
+from . import _factored, _foreach, _fused, _robust, _single
 from ._hyperparams import Hyperparams
 from ._scalars import Coefficients, coefficients, reduce_d
 from ._state import DState, State
 
-__all__ = ["Segment", "SegmentResult", "step", "step_d_group", "step_d_groups", "use_foreach"]
+__all__ = ["Segment", "SegmentResult", "step", "step_d_group", "step_d_groups", "use_foreach", "use_fused"]
 
 # Hook at the reduction seam: takes the packed local statistics [numerator, denom] of every
 # D-group that updates D, concatenated (1-D, float32 or float64, params' device), and returns the
@@ -55,11 +56,43 @@ def use_foreach(tensors: Sequence[Tensor], foreach: bool | None) -> bool:
 
     ``torch._foreach_*`` ops have no vmap batching rule, so functorch-wrapped tensors (inside
     ``vmap``/``grad``) always take the per-tensor path, even when ``foreach=True`` was asked for.
+    Under ``torch.compile`` (where that check cannot be traced) None means per-tensor.
     """
+    if torch.compiler.is_compiling():  # the check below does not trace; inductor fuses the per-tensor path
+        return bool(foreach)
     wrapped = any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
     if wrapped:
         return False
     return True if foreach is None else foreach
+
+
+def use_fused(tensors: Sequence[Tensor], fused: bool | None, update_d: bool | Tensor | None = None) -> bool:
+    """Resolve ``fused``: the compiled kernels of ``_fused.py`` where asked for and possible.
+
+    None means False (the foreach path): the first fused step compiles for seconds, a cost the
+    user opts into with ``fused=True``. torch.func-wrapped inputs and a device-side ``update_d``
+    (a 0-dim tensor) never take the fused path; neither does a device where compiling fails
+    (one-line warning, then foreach).
+    """
+    if not fused or not tensors or isinstance(update_d, Tensor):
+        return False
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return False
+    return _fused.available(tensors[0].device)
+
+
+def _accumulate_kernel(seg: Segment, fe: bool, fu: bool) -> Callable[..., Any]:
+    """The accumulate kernel of a segment: factored, fused (compiled), foreach or per-tensor."""
+    if _factored.is_factored(seg.params, seg.exp_avg_sq):
+        return _factored.accumulate
+    return _fused.accumulate if fu else _foreach.accumulate if fe else _single.accumulate
+
+
+def _apply_kernel(seg: Segment, fe: bool, fu: bool) -> Callable[..., Any]:
+    """The apply kernel of a segment, chosen like ``_accumulate_kernel``."""
+    if _factored.is_factored(seg.params, seg.exp_avg_sq):
+        return _factored.apply
+    return _fused.apply if fu else _foreach.apply if fe else _single.apply
 
 
 def step_d_group(
@@ -70,6 +103,7 @@ def step_d_group(
     foreach: bool | None = None,
     inplace: bool = False,
     reduce_stats: ReduceStats | None = None,
+    fused: bool | None = None,
 ) -> tuple[list[SegmentResult], DState]:
     """One K-Prodigy step of a D-group.
 
@@ -78,9 +112,16 @@ def step_d_group(
               passes a Python bool it knows from its step count, which skips the work entirely.
     inplace:  update the given tensors (the shell) instead of returning new ones (pure step).
     reduce_stats: see ``step_d_groups`` (called with this group's [numerator_delta, denom]).
+    fused:    compiled kernels (``_fused.py``) instead of foreach/per-tensor; see ``use_fused``.
     """
     ((results, new_d),) = step_d_groups(
-        [segments], [d_state], update_d=[update_d], foreach=foreach, inplace=inplace, reduce_stats=reduce_stats
+        [segments],
+        [d_state],
+        update_d=[update_d],
+        foreach=foreach,
+        inplace=inplace,
+        reduce_stats=reduce_stats,
+        fused=fused,
     )
     return results, new_d
 
@@ -93,12 +134,14 @@ def step_d_groups(
     foreach: bool | None | Sequence[bool | None] = None,
     inplace: bool = False,
     reduce_stats: ReduceStats | None = None,
+    fused: bool | None | Sequence[bool | None] = None,
 ) -> list[tuple[list[SegmentResult], DState]]:
     """One K-Prodigy step of several D-groups, with ONE call of ``reduce_stats`` for all of them.
 
     d_groups, d_states, update_d: aligned, one entry per D-group (``update_d`` as in
         ``step_d_group``; None for all: decided from each group's step count).
     foreach: one flag for all D-groups, or a sequence of flags, one per D-group.
+    fused: like ``foreach``, for the compiled kernels (see ``use_fused``).
     reduce_stats: sums the statistics over ranks (distributed training). Called once per device
         with the packed 1-D tensor [numerator_delta_0, denom_0, numerator_delta_1, ...] of every
         D-group that updates D this step (float64 if any group's statistics are, else float32),
@@ -116,9 +159,12 @@ def step_d_groups(
     fes = list(foreach) if isinstance(foreach, Sequence) else [foreach] * len(d_groups)
     if len(fes) != len(d_groups):
         raise ValueError(f"got {len(d_groups)} D-groups but {len(fes)} foreach flags; expected one per D-group")
+    fus = list(fused) if isinstance(fused, Sequence) else [fused] * len(d_groups)
+    if len(fus) != len(d_groups):
+        raise ValueError(f"got {len(d_groups)} D-groups but {len(fus)} fused flags; expected one per D-group")
     pending = [
-        _accumulate_d_group(segs, ds, upd, fe, inplace, reduce_stats is not None)
-        for segs, ds, upd, fe in zip(d_groups, d_states, flags, fes)
+        _accumulate_d_group(segs, ds, upd, fe, inplace, reduce_stats is not None, fu)
+        for segs, ds, upd, fe, fu in zip(d_groups, d_states, flags, fes, fus)
     ]
 
     # reduce: one packed tensor (and one reduce_stats call) per device
@@ -157,6 +203,8 @@ class _Accumulated:
     foreach: bool | None
     inplace: bool
     stats: Tensor  # local [numerator_delta, denom], stats dtype, on the params' device
+    ok: Tensor | None = None  # 0-dim bool: every local gradient finite (None: skip_nonfinite off)
+    fused: bool | None = None
 
 
 def _accumulate_d_group(
@@ -166,6 +214,7 @@ def _accumulate_d_group(
     foreach: bool | None,
     inplace: bool,
     reduced: bool,
+    fused: bool | None = None,
 ) -> _Accumulated | None:
     """Accumulate pass of one D-group; None when it does not step (only k advances).
 
@@ -182,6 +231,11 @@ def _accumulate_d_group(
                 f"and d_update_freq; got {hp0.d_config()} and {seg.hparams.d_config()}. "
                 "Use independent_d=True to give each group its own D."
             )
+        if seg.hparams.skip_nonfinite != hp0.skip_nonfinite:
+            raise ValueError(
+                "Parameter groups that share one D must agree on skip_nonfinite (a skip covers the whole "
+                f"D-group); got {hp0.skip_nonfinite} and {seg.hparams.skip_nonfinite}"
+            )
     if update_d is None:
         freq = hp0.d_update_freq
         update_d = True if freq == 1 else (d_state.k % freq) == 0
@@ -196,28 +250,46 @@ def _accumulate_d_group(
     grads: dict[int, list[Tensor]] = {}
     numerators, denoms = [], []
     for i in active:
+        seg = segments[i]
+        fe = use_foreach(seg.params, foreach)
+        grads[i] = _effective_grads(seg.params, seg.grads, seg.hparams, fe)
+        grads[i] = _robust.promote_grads(grads[i], seg.exp_avg_sq)
+    ok: Tensor | None = None
+    d_weight = d_state.d  # the weight of g in m and v (d * g): 0 on a skipped step
+    if hp0.skip_nonfinite:  # decided before any write; a skipped step keeps the state exactly
+        fe = all(use_foreach(segments[i].params, foreach) for i in active)
+        ok = _robust.all_finite([g for i in active for g in grads[i]], d_state.d.device, fe)
+        d_weight = torch.where(ok, d_state.d, 0.0)
+        for i in active:
+            grads[i] = _robust.sanitize(grads[i])
+    for i in active:
         seg, hp = segments[i], segments[i].hparams
         c = coefs[i] = coefficients(hp, d_state)
         beta3: float | Tensor = hp0.beta3_value
         if isinstance(update_d, Tensor):  # blend on the device: s unchanged when not updating
             beta3 = torch.where(update_d, beta3, 1.0).to(d_state.d.dtype)
             c = replace(c, s_scale=torch.where(update_d, c.s_scale, 0.0))
+        decay: tuple[Tensor, Tensor] | None = None
+        if ok is not None:  # a skipped step keeps m, v, s: decays 1, s_scale 0
+            one = torch.ones_like(d_state.d)
+            beta3 = torch.where(ok, beta3, one)
+            c = replace(c, s_scale=torch.where(ok, c.s_scale, 0.0))
+            decay = (torch.where(ok, hp.betas[0], one), torch.where(ok, hp.betas[1], one))
         fe = use_foreach(seg.params, foreach)
-        gs = grads[i] = _effective_grads(seg.params, seg.grads, hp, fe)
+        gs = grads[i]
         m, v, s, num, den = _by_dtype(
-            _factored.accumulate
-            if _factored.is_factored(seg.params, seg.exp_avg_sq)
-            else (_foreach.accumulate if fe else _single.accumulate),
+            _accumulate_kernel(seg, fe, use_fused(seg.params, fused, update_d)),
             seg.params,
             [gs, seg.exp_avg, seg.exp_avg_sq, seg.s, seg.p0],
             n_out=3,
             betas=hp.betas,
             beta3=beta3,
-            d=d_state.d,
+            d=d_weight,
             c=c,
             slice_p=hp.slice_p,
             update_d=update_d is not False,
             inplace=inplace,
+            **({} if decay is None else {"decay": decay}),
         )
         results[i] = SegmentResult(list(seg.params), m, v, s)
         numerators.append(num)
@@ -225,7 +297,11 @@ def _accumulate_d_group(
     if not active:  # nothing local: zero statistics, still reduced with the other ranks'
         numerators = denoms = [torch.zeros_like(d_state.d)]
     stats = torch.stack([torch.stack(numerators).sum(), torch.stack(denoms).sum()])
-    return _Accumulated(segments, active, results, coefs, grads, update_d, foreach, inplace, stats)
+    if hp0.skip_nonfinite:
+        if ok is None:  # no local tensors (sharded): only the reduced statistics decide
+            ok = torch.ones((), dtype=torch.bool, device=stats.device)
+        stats = torch.where(ok, stats, torch.nan)  # a local skip reaches every rank through the reduction
+    return _Accumulated(segments, active, results, coefs, grads, update_d, foreach, inplace, stats, ok, fused)
 
 
 def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[list[SegmentResult], DState]:
@@ -233,27 +309,34 @@ def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[l
     segments, results = acc.segments, acc.results
     hp0 = segments[0].hparams
     new_d = reduce_d(d_state, stats[0], stats[1], hp0, update_d=acc.update_d)
+    ok = acc.ok
+    if ok is not None:  # skip on a non-finite gradient (any rank) or non-finite statistics
+        ok = ok & torch.isfinite(stats).all()
+        new_d = _robust.guard_d_state(d_state, new_d, ok)
 
     # apply
     for i in acc.active:
         seg, hp, c, res = segments[i], segments[i].hparams, acc.coefs[i], results[i]
         wd = hp.weight_decay
-        keep = 1 - wd * c.dlr if (wd > 0 and hp.decouple) else None
+        dlr = c.dlr if ok is None else torch.where(ok, c.dlr, 0.0)  # a skipped step moves nothing
+        keep = 1 - wd * dlr if (wd > 0 and hp.decouple) else None
         fe = use_foreach(seg.params, acc.foreach)
+        sr = hp.stochastic_rounding and any(x.dtype == torch.bfloat16 for x in seg.params)
+        # stochastic rounding: the kernel writes float32 copies of bfloat16 params, rounded below
+        xs_in = [x.float() if x.dtype == torch.bfloat16 else x for x in seg.params] if sr else seg.params
         (xs,) = _by_dtype(
-            _factored.apply
-            if _factored.is_factored(seg.params, seg.exp_avg_sq)
-            else (_foreach.apply if fe else _single.apply),
-            seg.params,
+            _apply_kernel(seg, fe, use_fused(seg.params, acc.fused, acc.update_d)),
+            xs_in,
             [acc.grads[i], res.exp_avg, res.exp_avg_sq],
             n_out=1,
-            dlr=c.dlr,
-            d_old=d_state.d,
+            dlr=dlr,
+            d_old=d_state.d if ok is None else torch.where(ok, d_state.d, 0.0),
             d_new=new_d.d,
             eps=hp.eps,
             keep=keep,
             inplace=acc.inplace,
         )
+        xs = _robust.write_back(seg.params, xs, inplace=acc.inplace, sr=sr)
         results[i] = replace(res, params=xs)
     return results, new_d
 
@@ -265,6 +348,7 @@ def step(
     hparams: Hyperparams,
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
 ) -> tuple[list[Tensor], State]:
     """One pure K-Prodigy step over ``params`` sharing one D.
 
@@ -280,7 +364,7 @@ def step(
             f"{hparams.betas[0]}; exp_avg exists exactly when betas[0] > 0: rebuild the state with init_state"
         )
     seg = Segment(params, grads, state.exp_avg, state.exp_avg_sq, state.s, state.p0, hparams)
-    (res,), d_state = step_d_group([seg], state.d, foreach=foreach, inplace=False)
+    (res,), d_state = step_d_group([seg], state.d, foreach=foreach, inplace=False, fused=fused)
     return res.params, State(exp_avg=res.exp_avg, exp_avg_sq=res.exp_avg_sq, s=res.s, p0=list(state.p0), d=d_state)
 
 
@@ -290,6 +374,14 @@ def _check_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
     for i, (x, g) in enumerate(zip(params, grads)):
         if g.shape != x.shape:
             raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] has shape {tuple(x.shape)}")
+        if g.layout != torch.strided:
+            raise ValueError(f"grads[{i}] is {g.layout}; K-Prodigy needs dense gradients")
+        if x.is_complex() or g.is_complex():
+            raise ValueError(f"params[{i}] or grads[{i}] is complex; view them as real with torch.view_as_real")
+        if not x.is_floating_point() or g.dtype != x.dtype:
+            raise ValueError(f"grads[{i}] has dtype {g.dtype} and params[{i}] {x.dtype}; expected one floating dtype")
+        if g.device != x.device:
+            raise ValueError(f"grads[{i}] is on {g.device} but params[{i}] on {x.device}")
 
 
 def _unchanged(seg: Segment) -> SegmentResult:

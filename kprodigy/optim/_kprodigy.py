@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,7 +20,8 @@ from torch import Tensor
 from ..functional import DState, Hyperparams, Segment, all_reduce_stats, init_tensor_state, step_d_groups
 from ..functional._factored import init_factored_v
 from ..functional._partial import cap_d_ratio, effective_lrs, finish_d, step_segment
-from ..functional._state import stat_dtype
+from ..functional._state import stat_dtype, state_dtype
+from ._checks import check_grads, check_param_group, check_state_dict
 
 try:  # DTensor: FSDP2 (fully_shard) and tensor-parallel params
     from torch.distributed.tensor import DTensor
@@ -83,6 +85,14 @@ class KProdigy(torch.optim.Optimizer):
             it, False forbids it. Plain DDP (replicated params, averaged grads) needs none.
         process_group: the group to sum over (default: the sharding mesh's group for DTensor
             params, ZeRO's group under ZeroRedundancyOptimizer, else the default group).
+        skip_nonfinite: skip a D-group's step when any of its gradients holds NaN or inf, or its
+            D statistics overflow (default True): params, moments and D stay as they were, ``k``
+            does not advance and the group key ``skipped_steps`` counts it; a warning the first
+            time. Decided on the device (no host sync); False saves one read of the gradients.
+        fp32_state: keep exp_avg, exp_avg_sq and s of bfloat16/float16 params in float32
+            (default True); False keeps them in the param dtype to save memory.
+        stochastic_rounding: round the updates of bfloat16 params stochastically (unbiased), so
+            that updates smaller than the bfloat16 spacing are not lost (default False).
         d_steps: freeze D after this many steps (default None: never); per group, equal within
             a D-group. From then on D stays fixed, the D statistics are skipped and the ``s`` and
             ``p0`` buffers are freed; the group key ``d_frozen`` records it.
@@ -103,6 +113,9 @@ class KProdigy(torch.optim.Optimizer):
 
     Fused backward: ``step_parameter(p)`` (from ``p.register_post_accumulate_grad_hook``) steps
     one param as soon as its gradient is ready and ``finalize_step()`` updates D once all are in.
+        fused: compiled kernels (torch.compile: one fused loop per pass, no parameter-sized
+            temporaries) if True; None (default) and False use ``foreach``. The first fused step
+            compiles for seconds; where compiling fails the step warns once and uses foreach.
 
     Distributed training: when reduced, the D statistics of all D-groups are packed into one
     tensor and summed with ONE ``all_reduce`` per step (per device), with no host sync; steps that
@@ -134,8 +147,12 @@ class KProdigy(torch.optim.Optimizer):
         d_steps: int | None = None,
         d_ratio_cap: float | None = None,
         factored: bool = False,
+        skip_nonfinite: bool = True,
+        fp32_state: bool = True,
+        stochastic_rounding: bool = False,
+        fused: bool | None = None,
     ) -> None:
-        for name, value in (("foreach", foreach), ("independent_d", independent_d)):
+        for name, value in (("foreach", foreach), ("independent_d", independent_d), ("fused", fused)):
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"Invalid {name}: {value!r}; expected None, True or False")
         if not isinstance(fsdp_in_use, bool):
@@ -161,9 +178,12 @@ class KProdigy(torch.optim.Optimizer):
             d_update_freq=d_update_freq,
             slice_p=slice_p,
             maximize=maximize,
+            skip_nonfinite=skip_nonfinite,
+            fp32_state=fp32_state,
+            stochastic_rounding=stochastic_rounding,
         )
         defaults: dict[str, Any] = {name: getattr(hp, name) for name in Hyperparams.field_names()}
-        defaults.update(foreach=foreach, fsdp_in_use=fsdp_in_use, **_fresh_d_keys(hp.d0))
+        defaults.update(foreach=foreach, fsdp_in_use=fsdp_in_use, fused=fused, **_fresh_d_keys(hp.d0))
         _check_d_steps(d_steps)
         if not isinstance(factored, bool):
             raise ValueError(f"Invalid factored: {factored!r}; expected True or False")
@@ -183,6 +203,7 @@ class KProdigy(torch.optim.Optimizer):
         """Add a group; its hyperparameters are validated first (a bad group changes nothing)."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        check_param_group(param_group, self.param_groups, allow_empty=self.process_group is not None)
         Hyperparams.from_mapping({**self.defaults, **param_group})
         _check_d_steps(param_group.get("d_steps"))
         if not isinstance(param_group.get("factored", False), bool):
@@ -219,6 +240,53 @@ class KProdigy(torch.optim.Optimizer):
             for key in _FLOAT_D_KEYS:
                 group[key] = float(group[key])
             group["k"] = int(group["k"])
+            group["skipped_steps"] = int(group["skipped_steps"])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint (ours, an older version's, or prodigyopt's) atomically.
+
+        The whole checkpoint is validated first (layout, keys, shapes, dtypes, finite values,
+        hyperparameters); a bad one raises ValueError and leaves the optimizer as it was. The
+        moments and ``s`` of 16-bit params are kept in float32 when ``fp32_state`` (torch's loader
+        would cast them to the param dtype).
+        """
+        id_map = check_state_dict(state_dict, self.param_groups, self.defaults)
+        before = {"state": self.state, "param_groups": self.param_groups}
+        try:
+            super().load_state_dict(state_dict)
+            for pid, saved in state_dict["state"].items():
+                p, hp = id_map[pid]
+                for key in ("exp_avg", "exp_avg_sq", "s"):
+                    if key in saved and key in self.state[p]:
+                        dtype = state_dtype(p.dtype, hp) if saved[key].is_floating_point() else saved[key].dtype
+                        if self.state[p][key].dtype != dtype:  # torch cast it to the param dtype: redo from the source
+                            self.state[p][key] = saved[key].to(device=self.state[p][key].device, dtype=dtype)
+        except Exception:
+            self.__dict__.update(before)
+            raise
+
+    def _check_before_step(self) -> None:
+        """Hyperparameters (a scheduler may have set them), gradients and D-group agreement."""
+        for i, group in enumerate(self.param_groups):
+            try:
+                Hyperparams.from_mapping(group)
+            except ValueError as e:
+                raise ValueError(f"param group {i}: {e}") from None
+            check_grads(group, i, self.state)
+        for members in self.d_groups():
+            groups = [self.param_groups[i] for i in members]
+            hps = [Hyperparams.from_mapping(g) for g in groups]
+            for j, hp in zip(members[1:], hps[1:]):
+                if hp.d_config() != hps[0].d_config() or hp.skip_nonfinite != hps[0].skip_nonfinite:
+                    raise ValueError(
+                        f"Parameter groups {members[0]} and {j} share one D and must agree on beta3, d0, d_coef, "
+                        f"growth_rate, d_update_freq and skip_nonfinite; got {hps[0].d_config()} / "
+                        f"{hps[0].skip_nonfinite} and {hp.d_config()} / {hp.skip_nonfinite}. "
+                        "Give them different d_group labels (or independent_d=True) for separate D values."
+                    )
+            params = [p for g in groups for p in g["params"] if p.grad is not None]
+            if params and not any(_is_dtensor_like(p) for p in params):
+                _one_device(params, members)
 
     def d_groups(self) -> list[list[int]]:
         """Indices of the param groups sharing each D estimate, ordered by their first group.
@@ -251,6 +319,7 @@ class KProdigy(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.finalize_step()  # per-parameter steps taken since the last step, if any
+        self._check_before_step()  # bad hyperparameters or gradients: raise before any change
         jobs = []  # (members, groups, segments, the optimizer's params of those segments)
         for members in self.d_groups():
             groups = [self.param_groups[i] for i in members]
@@ -270,6 +339,7 @@ class KProdigy(torch.optim.Optimizer):
             d_states,
             update_d=[_updates_d(job[1][0]) for job in jobs],
             foreach=[job[1][0]["foreach"] for job in jobs],
+            fused=[job[1][0]["fused"] for job in jobs],
             inplace=True,
             reduce_stats=reduce_stats,
         )
@@ -290,10 +360,8 @@ class KProdigy(torch.optim.Optimizer):
         packed = torch.tensor(
             [lead[key] for key in _FLOAT_D_KEYS], dtype=stat_dtype(dtypes), device=device
         )  # one host-to-device copy for the D state
-        return DState(
-            **dict(zip(_FLOAT_D_KEYS, packed.unbind())),
-            k=torch.tensor(lead["k"], dtype=torch.int64, device=device),
-        )
+        counts = torch.tensor([lead["k"], lead["skipped_steps"]], dtype=torch.int64, device=device)
+        return DState(**dict(zip(_FLOAT_D_KEYS, packed.unbind())), **dict(zip(("k", "skipped_steps"), counts.unbind())))
 
     def _record(self, done: list[tuple[list[dict[str, Any]], list[Tensor], DState, DState]]) -> None:
         """Write back the new D state and effective_lr of each stepped D-group; freeze D if due.
@@ -309,17 +377,21 @@ class KProdigy(torch.optim.Optimizer):
                 for j, d in zip(live, capped):
                     news[j] = news[j].replace(d=d)
         for (groups, params, old, _), new in zip(done, news):
-            k = groups[0]["k"]
+            k, skipped = groups[0]["k"], groups[0]["skipped_steps"]
             lrs = effective_lrs([Hyperparams.from_mapping(g) for g in groups], old)
+            counts = (new.k.double(), new.skipped_steps.double())
             values = torch.stack(
-                [getattr(new, key).double() for key in _FLOAT_D_KEYS] + [lr.double() for lr in lrs]
+                [getattr(new, key).double() for key in _FLOAT_D_KEYS] + [*counts] + [lr.double() for lr in lrs]
             ).tolist()  # one device-to-host copy per D-group
-            for group, lr in zip(groups, values[len(_FLOAT_D_KEYS) :]):
+            n = len(_FLOAT_D_KEYS)
+            for group, lr in zip(groups, values[n + 2 :]):
                 group.update(zip(_FLOAT_D_KEYS, values))
-                group["k"] = k + 1
+                group["k"], group["skipped_steps"] = int(values[n]), int(values[n + 1])  # a skip keeps k
                 group["effective_lr"] = lr
             for p in params:
-                self.state[p]["step"] += 1
+                self.state[p]["step"] += groups[0]["k"] - k  # 0 on a skipped step
+            if groups[0]["skipped_steps"] > skipped:
+                self._warn_skip([i for i, g in enumerate(self.param_groups) if any(g is h for h in groups)])
             due = groups[0]["d_steps"] is not None and k + 1 >= groups[0]["d_steps"]
             if due and not all(g["d_frozen"] for g in groups):
                 for group in groups:
@@ -327,6 +399,19 @@ class KProdigy(torch.optim.Optimizer):
                     for p in group["params"]:  # D is fixed from now on: its statistics are not needed
                         self.state.get(p, {}).pop("s", None)
                         self.state.get(p, {}).pop("p0", None)
+
+    def _warn_skip(self, members: list[int]) -> None:
+        """Warn the first time a step is skipped for non-finite gradients (host side, after the step)."""
+        if self.__dict__.get("_warned_skip"):
+            return
+        self._warned_skip = True
+        warnings.warn(
+            f"KProdigy skipped a step of param groups {members}: a gradient (or the D statistics) held NaN "
+            "or inf; params, moments and D are unchanged. The group key 'skipped_steps' counts such "
+            "steps (this warning is shown once).",
+            UserWarning,
+            stacklevel=3,
+        )
 
     @torch.no_grad()
     def step_parameter(self, p: Tensor) -> None:
@@ -443,9 +528,11 @@ class KProdigy(torch.optim.Optimizer):
                 if frozen:
                     del state["s"], state["p0"]
                 if group.get("factored") and p.dim() >= 2:
-                    state["exp_avg_sq"] = init_factored_v(p)
+                    state["exp_avg_sq"] = init_factored_v(p).to(state_dtype(p.dtype, hp))
             if hp.betas[0] > 0 and "exp_avg" not in state:  # beta1 raised from 0 mid-training
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(
+                    p, dtype=state_dtype(p.dtype, hp), memory_format=torch.preserve_format
+                )
             originals.append(p)
             p, g = _local(p), _local(g)
             expected = (p.numel() + hp.slice_p - 1) // hp.slice_p
@@ -528,7 +615,16 @@ def _check_same_d_steps(groups: list[dict[str, Any]], members: list[int]) -> Non
 
 
 def _fresh_d_keys(d0: float) -> dict[str, Any]:
-    return {"d": d0, "d0": d0, "d_max": d0, "d_numerator": 0.0, "d_denom": 0.0, "d_hat": 0.0, "k": 0}
+    return {
+        "d": d0,
+        "d0": d0,
+        "d_max": d0,
+        "d_numerator": 0.0,
+        "d_denom": 0.0,
+        "d_hat": 0.0,
+        "k": 0,
+        "skipped_steps": 0,
+    }
 
 
 def _one_device(params: list[Tensor], members: list[int]) -> torch.device:
@@ -540,6 +636,10 @@ def _one_device(params: list[Tensor], members: list[int]) -> torch.device:
                 "put them on one device or use independent_d=True with one device per group"
             )
     return device
+
+
+def _is_dtensor_like(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
 
 
 def _local(t: Tensor) -> Tensor:
@@ -567,7 +667,7 @@ def _init_state(p: Tensor, hp: Hyperparams) -> dict[str, Tensor]:
     local = p.to_local()
     state = init_tensor_state(local, hp)
     if hp.slice_p == 1:
-        state["s"], state["p0"] = torch.zeros_like(local), local.clone()
+        state["s"], state["p0"] = torch.zeros_like(local, dtype=state_dtype(local.dtype, hp)), local.clone()
     for key in ("exp_avg", "exp_avg_sq") + (("s", "p0") if hp.slice_p == 1 else ()):
         if key in state:
             state[key] = DTensor.from_local(

@@ -1,0 +1,95 @@
+"""Robustness pieces of the step: the non-finite skip and low-precision parameter writes.
+
+Everything here runs on the device without reading a value on the host: the skip decision is a
+0-dim bool tensor ``ok`` and a skipped step is made a no-op by ``torch.where`` on the scalars
+(decays 1, gradient weight d and step size 0, D state kept) applied to sanitized gradients (no
+NaN/inf, so that a zero weight gives an exact zero), never by a Python branch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._state import DState
+
+__all__ = ["all_finite", "guard_d_state", "promote_grads", "sanitize", "stochastic_round", "write_back"]
+
+
+def all_finite(tensors: Sequence[Tensor], device: torch.device, foreach: bool) -> Tensor:
+    """0-dim bool on ``device``: True iff every element of every tensor is finite.
+
+    One read of each tensor, by a reduction that propagates NaN and cannot overflow: the
+    max-norm ``torch._foreach_norm(ord=inf)`` (one fused kernel for all tensors on CUDA) on the
+    multi-tensor path off CPU; elsewhere ``torch.aminmax`` per tensor (on CPU 20-30x faster than
+    the inf-norm, see benchmarks/NOTES.md).
+    """
+    ts = [t for t in tensors if t.numel() > 0]
+    ok = torch.ones((), dtype=torch.bool, device=device)
+    if not ts:
+        return ok
+    extremes: list[Tensor]
+    if foreach and device.type != "cpu":
+        extremes = list(torch._foreach_norm(ts, float("inf")))
+    else:
+        extremes = [e for t in ts for e in torch.aminmax(t)]
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for e in extremes:
+        by_dtype.setdefault(e.dtype, []).append(e)
+    for group in by_dtype.values():
+        ok = ok & torch.isfinite(torch.stack(group)).all()
+    return ok
+
+
+def sanitize(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """``nan_to_num(t, 0, 0, 0)`` for each tensor: equal to ``t`` when it is finite; on a skipped
+    step the non-finite entries become 0, so that the zeroed coefficients give exact zeros
+    (``0 * NaN`` would be NaN). As cheap as a copy, and independent of the skip decision."""
+    return [torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in tensors]
+
+
+def promote_grads(grads: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
+    """Each gradient in the dtype of its state tensor ``like[i]`` (float32 state of 16-bit params),
+    so that ``d * g`` and ``d^2 * g^2`` neither underflow (float16) nor round to 8 bits (bfloat16)."""
+    return [g if g.dtype == v.dtype else g.to(v.dtype) for g, v in zip(grads, like)]
+
+
+def guard_d_state(old: DState, new: DState, ok: Tensor) -> DState:
+    """``new`` where ``ok``, else ``old`` with ``skipped_steps + 1`` (k does not advance)."""
+    return DState(
+        d=torch.where(ok, new.d, old.d),
+        d_max=torch.where(ok, new.d_max, old.d_max),
+        d_numerator=torch.where(ok, new.d_numerator, old.d_numerator),
+        d_denom=torch.where(ok, new.d_denom, old.d_denom),
+        d_hat=torch.where(ok, new.d_hat, old.d_hat),
+        k=torch.where(ok, new.k, old.k),
+        skipped_steps=old.skipped_steps + (~ok).to(old.skipped_steps.dtype),
+    )
+
+
+def stochastic_round(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """float32 ``x`` rounded to bfloat16 stochastically: up with probability equal to the dropped
+    fraction (unbiased: E[round(x)] = x), using the global torch RNG. Other dtypes: plain cast.
+
+    Adds 16 random low bits to the float32 bit pattern and truncates; inf and NaN stay inf and NaN.
+    """
+    if dtype != torch.bfloat16 or x.dtype != torch.float32:
+        return x.to(dtype)
+    bits = x.view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    return ((bits + noise) & -65536).view(torch.float32).to(dtype)
+
+
+def write_back(originals: Sequence[Tensor], new: Sequence[Tensor], *, inplace: bool, sr: bool) -> list[Tensor]:
+    """New params in the dtype of the originals (rounded stochastically when ``sr``); written into
+    the originals when ``inplace``. Tensors the kernel already updated in place pass through."""
+    out = []
+    for x, y in zip(originals, new):
+        if y is x:
+            out.append(x)
+            continue
+        y = stochastic_round(y, x.dtype) if sr else y.to(x.dtype)
+        out.append(x.copy_(y) if inplace else y)
+    return out

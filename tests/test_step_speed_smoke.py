@@ -1,0 +1,27 @@
+"""The step-speed benchmark runs end to end at a tiny size (no timings are checked)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_step_speed_runs_tiny(tmp_path):
+    spec = importlib.util.spec_from_file_location("step_speed", ROOT / "benchmarks" / "step_speed.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        md = bench.main(
+            ["--size", "tiny", "--rounds", "1", "--steps", "1", "--only", "4 large", "--out", str(tmp_path)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    text = md.read_text()
+    assert "| kprodigy fused |" in text and "| prodigyopt |" in text and "| AdamW fused |" in text
+    assert "nan" not in text.lower()
