@@ -56,6 +56,7 @@ def test_every_optimizer_runs_and_lowers_the_loss(name: str) -> None:
 
 
 def test_cli_quick_writes_tables_and_plots(tmp_path, capsys) -> None:
+    pytest.importorskip("matplotlib")  # plots only; not in the test extras
     C.main(["--quick", "--tasks", "logreg-iris", "--seeds", "1", "--no-progress", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "| kprodigy |" in out and "Targets" in out
