@@ -92,7 +92,7 @@ def standard_configs(adamw_lr: float | None) -> list[OptConfig]:
     """Optimizers run on every single-component task."""
     cfgs = [
         OptConfig("kprodigy", "kprodigy"),
-        OptConfig("kprodigy-bc", "kprodigy", kwargs={"use_bias_correction": True}),
+        OptConfig("kprodigy-nobc", "kprodigy", kwargs={"use_bias_correction": False}),
         OptConfig("kprodigy-f5", "kprodigy", kwargs={"d_update_freq": 5}),
         OptConfig("prodigyopt", "prodigyopt"),
         OptConfig("dadapt-adam", "dadapt"),
@@ -109,7 +109,7 @@ def two_component_configs(adamw: tuple[float, float] | None) -> list[OptConfig]:
         OptConfig("kprodigy-shared", "kprodigy", kwargs={"independent_d": False}),
         OptConfig("kprodigy-indep-enc0.1", "kprodigy", enc_lr=0.1, kwargs={"independent_d": True}),
         OptConfig("kprodigy-shared-enc0.1", "kprodigy", enc_lr=0.1, kwargs={"independent_d": False}),
-        OptConfig("kprodigy-bc", "kprodigy", kwargs={"use_bias_correction": True}),
+        OptConfig("kprodigy-nobc", "kprodigy", kwargs={"use_bias_correction": False}),
         OptConfig("kprodigy-f5", "kprodigy", kwargs={"d_update_freq": 5}),
         OptConfig("prodigyopt", "prodigyopt"),  # same lr in both groups: one shared D
         OptConfig("dadapt-adam", "dadapt"),

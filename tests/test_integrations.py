@@ -51,7 +51,7 @@ def test_averaged_model_ema_of_kprodigy_weights() -> None:
 def test_swa_lr_scheduler_and_warmup_scale_the_effective_lr() -> None:
     X, y = data()
     model = mlp()
-    opt = KProdigy(model.parameters())
+    opt = KProdigy(model.parameters(), use_bias_correction=False)  # effective_lr = d * lr
     warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=5)
     for _ in range(8):
         opt.zero_grad()
@@ -116,7 +116,9 @@ def test_schedule_free_wrapper() -> None:
     schedulefree = pytest.importorskip("schedulefree")
     X, y = data()
     model = mlp()
-    base = KProdigy(model.parameters(), betas=(0.0, 0.999))  # the wrapper supplies the momentum
+    base = KProdigy(
+        model.parameters(), betas=(0.0, 0.999), use_bias_correction=False
+    )  # the wrapper supplies the momentum
     opt = schedulefree.ScheduleFreeWrapper(base, momentum=0.9)
     first = loss_of(model, X, y).item()
     for _ in range(30):

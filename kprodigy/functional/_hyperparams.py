@@ -27,7 +27,7 @@ class Hyperparams:
     eps: float = 1e-8  # denominator floor, in units of D: max(sqrt(v), D * eps)
     weight_decay: float = 0.0
     decouple: bool = True  # AdamW-style decay (True) or L2 added to the gradient (False)
-    use_bias_correction: bool = False
+    use_bias_correction: bool = True
     safeguard_warmup: bool = False  # leave lr out of the D denominator (helps warm-up)
     d0: float = 1e-6  # initial D
     d_coef: float = 1.0  # multiplier of the D estimate

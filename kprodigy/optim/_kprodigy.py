@@ -67,7 +67,7 @@ class KProdigy(torch.optim.Optimizer):
         eps: denominator floor, relative to D (default 1e-8).
         weight_decay: weight decay (default 0).
         decouple: AdamW-style decay if True (default), else L2 added to the gradient.
-        use_bias_correction: Adam's bias correction (default False).
+        use_bias_correction: Adam's bias correction of the step size (default True: chosen by the convergence benchmark; prodigyopt's default is False).
         safeguard_warmup: leave lr out of the D denominator, for warm-up schedules (default False).
         d0: initial D (default 1e-6).
         d_coef: multiplier of the D estimate (default 1.0); the preferred knob to tune.
@@ -131,7 +131,7 @@ class KProdigy(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         decouple: bool = True,
-        use_bias_correction: bool = False,
+        use_bias_correction: bool = True,
         safeguard_warmup: bool = False,
         d0: float = 1e-6,
         d_coef: float = 1.0,
