@@ -709,12 +709,12 @@ def _enclosing_zero_group() -> Any:
     ZeRO builds one local optimizer per rank over a subset of the params from inside its own
     methods; the caller frames are searched for that ``self`` (at construction only).
     """
-    if not dist.is_available():
+    # ZeRO can only be constructing us if its module was imported: importing it here would cost
+    # every user torch.distributed.optim's import (and its deprecation warnings)
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    if not dist.is_available() or module is None:
         return None
-    try:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-    except ImportError:  # pragma: no cover
-        return None
+    ZeroRedundancyOptimizer = module.ZeroRedundancyOptimizer
     frame: Any = sys._getframe(2)
     for _ in range(8):
         if frame is None:
