@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ._scalars import Coefficients
-from ._single import _up, _up_dtype
+from ._single import _l1, _up, _up_dtype
 
 __all__ = ["accumulate", "apply"]
 
@@ -57,10 +57,15 @@ def accumulate(
     dots = _sum_of_dots(g_sliced, diffs)
     del diffs
     new_s = _mul(ss, beta3, inplace)
-    scaled = torch._foreach_mul(g_sliced, c.s_scale)
-    torch._foreach_add_(new_s, scaled)
-    del scaled
-    norms = torch._foreach_norm(new_s, 1, dtype=_up_dtype(new_s[0].dtype))
+    if d.device.type == "cpu":  # foreach ops are per-tensor loops on CPU: the passes of _single
+        for s, g in zip(new_s, g_sliced):
+            s.addcmul_(g, c.s_scale)  # s + g * s_scale, no temporary
+        norms = [_l1(s) for s in new_s]
+    else:  # one fused launch per op on CUDA (addcmul with a 0-dim operand would loop per tensor)
+        scaled = torch._foreach_mul(g_sliced, c.s_scale)
+        torch._foreach_add_(new_s, scaled)
+        del scaled
+        norms = list(torch._foreach_norm(new_s, 1, dtype=_up_dtype(new_s[0].dtype)))
     numerator = c.numerator_scale * dots.to(d.dtype)
     return new_m, new_v, new_s, numerator, torch.stack(norms).sum().to(d.dtype)
 

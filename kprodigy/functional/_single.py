@@ -67,9 +67,9 @@ def accumulate(
         diff = torch.sub(p0s[i], x.flatten()[::slice_p])
         dots.append(torch.dot(_up(g_sliced), _up(diff)).to(d.dtype))
         s = _mul(ss[i], beta3, inplace)
-        s = _add(s, torch.mul(g_sliced, c.s_scale), 1, inplace)
+        s = _addcmul(s, g_sliced, c.s_scale, 1, inplace)  # s + g * s_scale: no temporary
         new_s.append(s)
-        norms.append(torch.linalg.vector_norm(s, 1, dtype=_up_dtype(s.dtype)).to(d.dtype))
+        norms.append(_l1(s).to(d.dtype))
     if not update_d or not dots:
         zero = torch.zeros_like(d)
         return new_m, new_v, new_s, zero, zero
@@ -99,19 +99,30 @@ def apply(
     neg_dlr = -dlr
     out = []
     for i, x in enumerate(xs):
-        den = torch.maximum(torch.sqrt(exp_avg_sqs[i]), floor)
+        # den = max(sqrt(v), floor) / (-dlr), then one addcdiv: x + direction / den.
+        # den is a temporary of ours: updated in place when ``inplace`` (no further copies).
+        den = torch.sqrt(exp_avg_sqs[i])
+        den = den.maximum(floor) if not inplace else torch.maximum(den, floor, out=den)
+        den = _div(den, neg_dlr, inplace)
         direction = exp_avgs[i] if exp_avgs is not None else torch.mul(gs[i], d_old)
-        u = torch.div(direction, den)
-        del den, direction
-        u = torch.mul(u, neg_dlr)
         if keep is not None:
             x = _mul(x, keep, inplace)
-        out.append(_add(x, u, 1, inplace))
+        out.append(x.addcdiv_(direction, den) if inplace else torch.addcdiv(x, direction, den))
     return out
 
 
 def _mul(t: Tensor, a: Scalar, inplace: bool) -> Tensor:
     return t.mul_(a) if inplace else torch.mul(t, a)
+
+
+def _div(t: Tensor, a: Tensor, inplace: bool) -> Tensor:
+    return t.div_(a) if inplace else torch.div(t, a)
+
+
+def _l1(t: Tensor) -> Tensor:
+    """||t||_1 accumulated in at least fp32, as ``abs`` then ``sum``: on CPU several times faster
+    than ``torch.linalg.vector_norm(t, 1)`` (see benchmarks/NOTES.md, change 3)."""
+    return torch.abs(t).sum(dtype=_up_dtype(t.dtype))
 
 
 def _add(t: Tensor, u: Tensor, alpha: float, inplace: bool) -> Tensor:

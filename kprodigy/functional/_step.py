@@ -56,14 +56,18 @@ def use_foreach(tensors: Sequence[Tensor], foreach: bool | None) -> bool:
 
     ``torch._foreach_*`` ops have no vmap batching rule, so functorch-wrapped tensors (inside
     ``vmap``/``grad``) always take the per-tensor path, even when ``foreach=True`` was asked for.
-    Under ``torch.compile`` (where that check cannot be traced) None means per-tensor.
+    Under ``torch.compile`` (where that check cannot be traced) None means per-tensor. On CPU,
+    None also means per-tensor: CPU foreach ops are per-tensor loops, and the per-tensor kernels
+    with in-place temporaries measured faster there (benchmarks/NOTES.md, change 3).
     """
     if torch.compiler.is_compiling():  # the check below does not trace; inductor fuses the per-tensor path
         return bool(foreach)
     wrapped = any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
     if wrapped:
         return False
-    return True if foreach is None else foreach
+    if foreach is None:
+        return not all(t.device.type == "cpu" for t in tensors)
+    return foreach
 
 
 def use_fused(tensors: Sequence[Tensor], fused: bool | None, update_d: bool | Tensor | None = None) -> bool:
