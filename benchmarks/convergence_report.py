@@ -221,7 +221,7 @@ def defaults_table(results: dict) -> str:
     """Evidence for the contested defaults: each variant against K-Prodigy defaults, per task."""
     variants = [("kprodigy-nobc", "use_bias_correction=False"), ("kprodigy-f5", "d_update_freq=5")]
     head = ["task"] + [f"{v} ({d}) loss ÷ default" for v, d in variants] + \
-           [f"{v} test acc Δ (pts)" for v, _ in variants] + ["s/run default / bc / f5"]
+           [f"{v} test acc Δ (pts)" for v, _ in variants] + ["s/run default / nobc / f5"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     tally = {v: [0, 0, 0] for v, _ in variants}  # wins, ties (±1%), losses on mean train loss
     logs: dict[str, list[float]] = {v: [] for v, _ in variants}
