@@ -65,6 +65,8 @@ def optimizers(device: torch.device) -> tuple[dict[str, tuple[Factory, str]], li
     from kprodigy.optim import KProdigy
 
     opts: dict[str, tuple[Factory, str]] = {
+        "kprodigy default": (lambda ps: KProdigy(ps), "prodigy"),
+        "kprodigy no skip": (lambda ps: KProdigy(ps, skip_nonfinite=False), "prodigy"),
         "kprodigy foreach": (lambda ps: KProdigy(ps, foreach=True), "prodigy"),
         "kprodigy fused": (lambda ps: KProdigy(ps, fused=True), "prodigy"),
     }

@@ -155,3 +155,39 @@ def test_no_compiler_falls_back_with_one_warning(monkeypatch):
 def test_bad_fused_flag_is_rejected():
     with pytest.raises(ValueError, match="Invalid fused: 'yes'"):
         KProdigy([torch.nn.Parameter(torch.ones(2))], fused="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.0, 0.999)])
+def test_fused_skips_a_nonfinite_step_exactly_and_matches_eager(betas):
+    """The fused kernels zero non-finite gradient entries in their own loop (no copy beforehand):
+    a step with a NaN/inf leaves params, state and D bit-identical; finite steps match eager."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(300, 300), (7, 3), (5,)]  # one tensor on the direct path, two packed
+    xs = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(4)]
+    grads[2][0][3, 4] = float("nan")
+    grads[2][1][0, 0] = float("inf")
+    runs = {}
+    for fused in (False, True):
+        ps = [x.clone().requires_grad_() for x in xs]
+        opt = KProdigy(ps, betas=betas, fused=fused, foreach=False)
+        trace = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the one-time skip warning
+            for gs in grads:
+                for p, g in zip(ps, gs):
+                    p.grad = g.clone()
+                before = [p.detach().clone() for p in ps] + [
+                    opt.state[p]["exp_avg_sq"].clone() for p in ps if p in opt.state
+                ]
+                opt.step()
+                trace.append((before, [p.detach().clone() for p in ps], opt.param_groups[0]["d"]))
+        runs[fused] = (trace, opt.param_groups[0]["skipped_steps"])
+    (eager, eager_skips), (fused_trace, fused_skips) = runs[False], runs[True]
+    assert eager_skips == fused_skips == 1
+    before, after, _ = fused_trace[2]
+    assert all(torch.equal(a, b) for a, b in zip(before[: len(shapes)], after))  # the skipped step moved nothing
+    for (_, a, da), (_, b, db) in zip(eager, fused_trace):
+        assert all(torch.isfinite(t).all() for t in b)
+        assert all(torch.allclose(x, y, rtol=1e-10, atol=1e-12) for x, y in zip(a, b))
+        assert da == pytest.approx(db, rel=1e-10)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _single
+from . import _robust, _single
 from ._scalars import Coefficients
 
 __all__ = ["FLAT_MAX", "accumulate", "apply", "available"]
@@ -52,11 +52,16 @@ def _accumulate_1d(
     slice_p: int,
     update_d: bool,
     decay: tuple[Tensor, Tensor] | None = None,
+    sanitize: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``_single.accumulate`` on one flat tensor, in place; returns (numerator_delta, denom).
 
+    sanitize: replace non-finite gradient entries by 0 inside the loop (the non-finite skip).
+
     betas, beta3: 0-dim tensors (the reference's scalar arguments accept them when compiled).
     """
+    if sanitize:
+        g = _robust.sanitize([g])[0]
     _, _, _, num, den = _single.accumulate(
         [x],
         [g],
@@ -86,8 +91,11 @@ def _apply_1d(
     d_new: Tensor,
     eps: float,
     keep: Tensor | None,
+    sanitize: bool = False,
 ) -> None:
-    """``_single.apply`` on one flat tensor, in place."""
+    """``_single.apply`` on one flat tensor, in place (``sanitize`` as in ``_accumulate_1d``)."""
+    if sanitize:
+        g = _robust.sanitize([g])[0]
     _single.apply(
         [x],
         [g],
@@ -194,8 +202,10 @@ def accumulate(
     update_d: bool,
     inplace: bool,
     decay: tuple[Tensor, Tensor] | None = None,
+    sanitize: bool = False,
 ) -> tuple[TensorList | None, TensorList, TensorList, Tensor, Tensor]:
-    """Same contract as ``_single.accumulate``."""
+    """Same contract as ``_single.accumulate``; ``sanitize`` zeroes non-finite gradient entries
+    inside the compiled loop (the non-finite skip) instead of in a copy beforehand."""
     if not inplace:  # the pure step: copies, then the same in-place kernels
         exp_avgs = None if exp_avgs is None else [t.clone() for t in exp_avgs]
         exp_avg_sqs = [t.clone() for t in exp_avg_sqs]
@@ -205,12 +215,18 @@ def accumulate(
     # of the graph, and a scheduler changing betas would recompile.
     b1, b2, b3 = (torch.as_tensor(b, dtype=d.dtype, device=d.device) for b in (*betas, beta3))
     kw: dict[str, Any] = dict(betas=(b1, b2), beta3=b3, d=d, c=c, slice_p=slice_p, update_d=update_d, decay=decay)
+    if sanitize:  # the eager remainder below gets sanitised copies
+        gs = list(gs)
+        for i in _partition(xs, slice_p)[2]:
+            gs[i] = _robust.sanitize([gs[i]])[0]
     nums: list[Tensor] = []
     dens: list[Tensor] = []
     packed, direct, eager = _partition(xs, slice_p)
     for i in direct:
         m = None if exp_avgs is None else _flat(exp_avgs[i])
-        num, den = kernel(_flat(xs[i]), _flat(gs[i]), m, _flat(exp_avg_sqs[i]), ss[i], p0s[i].reshape(-1), **kw)
+        num, den = kernel(
+            _flat(xs[i]), _flat(gs[i]), m, _flat(exp_avg_sqs[i]), ss[i], p0s[i].reshape(-1), sanitize=sanitize, **kw
+        )
         nums.append(num)
         dens.append(den)
     if packed:
@@ -219,7 +235,7 @@ def accumulate(
         v_flat, s_flat = _cat([exp_avg_sqs[i] for i in packed]), _cat([ss[i] for i in packed])
         p0_flat = _cat([_p0_full(p0s[i], ss[i].numel()) for i in packed])
         x_flat, g_flat = _cat([xs[i] for i in packed]), _cat([gs[i] for i in packed])
-        num, den = kernel(x_flat, g_flat, m_flat, v_flat, s_flat, p0_flat, **kw)
+        num, den = kernel(x_flat, g_flat, m_flat, v_flat, s_flat, p0_flat, sanitize=sanitize, **kw)
         nums.append(num)
         dens.append(den)
         _write_back(exp_avg_sqs, packed, v_flat)
@@ -259,15 +275,20 @@ def apply(
     eps: float,
     keep: Tensor | None,
     inplace: bool,
+    sanitize: bool = False,
 ) -> TensorList:
-    """Same contract as ``_single.apply``."""
+    """Same contract as ``_single.apply`` (``sanitize`` as in ``accumulate``)."""
     out = list(xs) if inplace else [x.clone() for x in xs]
     kernel = _compiled("apply")
     kw: dict[str, Any] = dict(dlr=dlr, d_old=d_old, d_new=d_new, eps=eps, keep=keep)
     packed, direct, eager = _partition(xs, 1)
+    if sanitize:
+        gs = list(gs)
+        for i in eager:
+            gs[i] = _robust.sanitize([gs[i]])[0]
     for i in direct:
         m = None if exp_avgs is None else _flat(exp_avgs[i])
-        kernel(_flat(out[i]), _flat(gs[i]), m, _flat(exp_avg_sqs[i]), **kw)
+        kernel(_flat(out[i]), _flat(gs[i]), m, _flat(exp_avg_sqs[i]), sanitize=sanitize, **kw)
     if packed:
         ms = _pick(exp_avgs, packed)
         x_flat = _cat([out[i] for i in packed])
@@ -276,6 +297,7 @@ def apply(
             _cat([gs[i] for i in packed]),
             None if ms is None else _cat(ms),
             _cat([exp_avg_sqs[i] for i in packed]),
+            sanitize=sanitize,
             **kw,
         )
         _write_back(out, packed, x_flat)

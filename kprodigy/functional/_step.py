@@ -85,6 +85,11 @@ def use_fused(tensors: Sequence[Tensor], fused: bool | None, update_d: bool | Te
     return _fused.available(tensors[0].device)
 
 
+def _runs_fused(seg: Segment, fused: bool | None, update_d: bool | Tensor | None) -> bool:
+    """Whether the segment takes the compiled kernels (factored params never do)."""
+    return use_fused(seg.params, fused, update_d) and not _factored.is_factored(seg.params, seg.exp_avg_sq)
+
+
 def _accumulate_kernel(seg: Segment, fe: bool, fu: bool) -> Callable[..., Any]:
     """The accumulate kernel of a segment: factored, fused (compiled), foreach or per-tensor."""
     if _factored.is_factored(seg.params, seg.exp_avg_sq):
@@ -264,8 +269,9 @@ def _accumulate_d_group(
         fe = all(use_foreach(segments[i].params, foreach) for i in active)
         ok = _robust.all_finite([g for i in active for g in grads[i]], d_state.d.device, fe)
         d_weight = torch.where(ok, d_state.d, 0.0)
-        for i in active:
-            grads[i] = _robust.sanitize(grads[i])
+        for i in active:  # the fused kernels sanitise inside their loop instead of copying here
+            if not _runs_fused(segments[i], fused, update_d):
+                grads[i] = _robust.sanitize(grads[i])
     for i in active:
         seg, hp = segments[i], segments[i].hparams
         c = coefs[i] = coefficients(hp, d_state)
@@ -280,9 +286,10 @@ def _accumulate_d_group(
             c = replace(c, s_scale=torch.where(ok, c.s_scale, 0.0))
             decay = (torch.where(ok, hp.betas[0], one), torch.where(ok, hp.betas[1], one))
         fe = use_foreach(seg.params, foreach)
+        fu = _runs_fused(seg, fused, update_d)
         gs = grads[i]
         m, v, s, num, den = _by_dtype(
-            _accumulate_kernel(seg, fe, use_fused(seg.params, fused, update_d)),
+            _accumulate_kernel(seg, fe, fu),
             seg.params,
             [gs, seg.exp_avg, seg.exp_avg_sq, seg.s, seg.p0],
             n_out=3,
@@ -294,6 +301,7 @@ def _accumulate_d_group(
             update_d=update_d is not False,
             inplace=inplace,
             **({} if decay is None else {"decay": decay}),
+            **({"sanitize": True} if ok is not None and fu else {}),
         )
         results[i] = SegmentResult(list(seg.params), m, v, s)
         numerators.append(num)
@@ -328,8 +336,9 @@ def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[l
         sr = hp.stochastic_rounding and any(x.dtype == torch.bfloat16 for x in seg.params)
         # stochastic rounding: the kernel writes float32 copies of bfloat16 params, rounded below
         xs_in = [x.float() if x.dtype == torch.bfloat16 else x for x in seg.params] if sr else seg.params
+        fu = _runs_fused(seg, acc.fused, acc.update_d)
         (xs,) = _by_dtype(
-            _apply_kernel(seg, fe, use_fused(seg.params, acc.fused, acc.update_d)),
+            _apply_kernel(seg, fe, fu),
             xs_in,
             [acc.grads[i], res.exp_avg, res.exp_avg_sq],
             n_out=1,
@@ -339,6 +348,7 @@ def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[l
             eps=hp.eps,
             keep=keep,
             inplace=acc.inplace,
+            **({"sanitize": True} if ok is not None and fu else {}),
         )
         xs = _robust.write_back(seg.params, xs, inplace=acc.inplace, sr=sr)
         results[i] = replace(res, params=xs)
