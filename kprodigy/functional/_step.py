@@ -209,11 +209,10 @@ class _Accumulated:
     coefs: dict[int, Coefficients]
     grads: dict[int, list[Tensor]]
     update_d: bool | Tensor
-    foreach: bool | None
+    paths: dict[int, tuple[bool, bool]]  # per active segment: (foreach, fused), resolved once
     inplace: bool
     stats: Tensor  # local [numerator_delta, denom], stats dtype, on the params' device
     ok: Tensor | None = None  # 0-dim bool: every local gradient finite (None: skip_nonfinite off)
-    fused: bool | None = None
 
 
 def _accumulate_d_group(
@@ -258,19 +257,20 @@ def _accumulate_d_group(
     coefs: dict[int, Coefficients] = {}
     grads: dict[int, list[Tensor]] = {}
     numerators, denoms = [], []
+    # kernel choice per segment, resolved once per step (each check walks the segment's tensors)
+    paths = {i: (use_foreach(segments[i].params, foreach), _runs_fused(segments[i], fused, update_d)) for i in active}
     for i in active:
         seg = segments[i]
-        fe = use_foreach(seg.params, foreach)
-        grads[i] = _effective_grads(seg.params, seg.grads, seg.hparams, fe)
+        grads[i] = _effective_grads(seg.params, seg.grads, seg.hparams, paths[i][0])
         grads[i] = _robust.promote_grads(grads[i], seg.exp_avg_sq)
     ok: Tensor | None = None
     d_weight = d_state.d  # the weight of g in m and v (d * g): 0 on a skipped step
     if hp0.skip_nonfinite:  # decided before any write; a skipped step keeps the state exactly
-        fe = all(use_foreach(segments[i].params, foreach) for i in active)
+        fe = all(paths[i][0] for i in active)
         ok = _robust.all_finite([g for i in active for g in grads[i]], d_state.d.device, fe)
         d_weight = torch.where(ok, d_state.d, 0.0)
         for i in active:  # the fused kernels sanitise inside their loop instead of copying here
-            if not _runs_fused(segments[i], fused, update_d):
+            if not paths[i][1]:
                 grads[i] = _robust.sanitize(grads[i])
     for i in active:
         seg, hp = segments[i], segments[i].hparams
@@ -285,8 +285,7 @@ def _accumulate_d_group(
             beta3 = torch.where(ok, beta3, one)
             c = replace(c, s_scale=torch.where(ok, c.s_scale, 0.0))
             decay = (torch.where(ok, hp.betas[0], one), torch.where(ok, hp.betas[1], one))
-        fe = use_foreach(seg.params, foreach)
-        fu = _runs_fused(seg, fused, update_d)
+        fe, fu = paths[i]
         gs = grads[i]
         m, v, s, num, den = _by_dtype(
             _accumulate_kernel(seg, fe, fu),
@@ -313,7 +312,7 @@ def _accumulate_d_group(
         if ok is None:  # no local tensors (sharded): only the reduced statistics decide
             ok = torch.ones((), dtype=torch.bool, device=stats.device)
         stats = torch.where(ok, stats, torch.nan)  # a local skip reaches every rank through the reduction
-    return _Accumulated(segments, active, results, coefs, grads, update_d, foreach, inplace, stats, ok, fused)
+    return _Accumulated(segments, active, results, coefs, grads, update_d, paths, inplace, stats, ok)
 
 
 def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[list[SegmentResult], DState]:
@@ -332,11 +331,10 @@ def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[l
         wd = hp.weight_decay
         dlr = c.dlr if ok is None else torch.where(ok, c.dlr, 0.0)  # a skipped step moves nothing
         keep = 1 - wd * dlr if (wd > 0 and hp.decouple) else None
-        fe = use_foreach(seg.params, acc.foreach)
+        fe, fu = acc.paths[i]
         sr = hp.stochastic_rounding and any(x.dtype == torch.bfloat16 for x in seg.params)
         # stochastic rounding: the kernel writes float32 copies of bfloat16 params, rounded below
         xs_in = [x.float() if x.dtype == torch.bfloat16 else x for x in seg.params] if sr else seg.params
-        fu = _runs_fused(seg, acc.fused, acc.update_d)
         (xs,) = _by_dtype(
             _apply_kernel(seg, fe, fu),
             xs_in,
