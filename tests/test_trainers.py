@@ -469,3 +469,12 @@ def test_factored_trains_checkpoints_and_validates() -> None:
     torch.testing.assert_close(flat(model2), flat(model), rtol=0, atol=0)
     with pytest.raises(ValueError, match="factored"):
         KProdigy(model.parameters(), factored=1)  # type: ignore[arg-type]
+
+
+def test_step_parameter_rejects_a_sparse_gradient_before_any_change() -> None:
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = KProdigy(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step_parameter(emb.weight)
+    assert not opt._pending and not opt.state

@@ -436,6 +436,7 @@ class KProdigy(torch.optim.Optimizer):
         if p.grad is None:
             return
         group = self.param_groups[index]
+        check_grads({**group, "params": [p]}, index, self.state)  # before any change
         if pending is None:
             groups = [self.param_groups[i] for i in members]
             _check_same_d_steps(groups, members)
@@ -506,19 +507,7 @@ class KProdigy(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            g = p.grad
-            if g.is_sparse:
-                raise RuntimeError(
-                    "KProdigy does not support sparse gradients; use dense gradients (e.g. sparse=False in nn.Embedding)"
-                )
-            if torch.is_complex(p):
-                raise RuntimeError(
-                    "KProdigy does not support complex parameters; view them as real with torch.view_as_real"
-                )
-            if g.shape != p.shape:
-                raise RuntimeError(
-                    f"a gradient of shape {tuple(g.shape)} belongs to a parameter of shape {tuple(p.shape)}"
-                )
+            g = p.grad  # dense, real, shaped like p: checked by check_grads before any change
             state = self.state[p]
             if "exp_avg_sq" not in state:
                 if group.get("factored") and DTensor is not None and isinstance(p, DTensor):
