@@ -275,15 +275,7 @@ class KProdigy(torch.optim.Optimizer):
             check_grads(group, i, self.state)
         for members in self.d_groups():
             groups = [self.param_groups[i] for i in members]
-            hps = [Hyperparams.from_mapping(g) for g in groups]
-            for j, hp in zip(members[1:], hps[1:]):
-                if hp.d_config() != hps[0].d_config() or hp.skip_nonfinite != hps[0].skip_nonfinite:
-                    raise ValueError(
-                        f"Parameter groups {members[0]} and {j} share one D and must agree on beta3, d0, d_coef, "
-                        f"growth_rate, d_update_freq and skip_nonfinite; got {hps[0].d_config()} / "
-                        f"{hps[0].skip_nonfinite} and {hp.d_config()} / {hp.skip_nonfinite}. "
-                        "Give them different d_group labels (or independent_d=True) for separate D values."
-                    )
+            _check_d_group_agrees(groups, members)
             params = [p for g in groups for p in g["params"] if p.grad is not None]
             if params and not any(_is_dtensor_like(p) for p in params):
                 _one_device(params, members)
@@ -440,12 +432,7 @@ class KProdigy(torch.optim.Optimizer):
         if pending is None:
             groups = [self.param_groups[i] for i in members]
             _check_same_d_steps(groups, members)
-            configs = {Hyperparams.from_mapping(g).d_config() for g in groups}
-            if len(configs) > 1:
-                raise ValueError(
-                    f"Parameter groups {members} share one D but disagree on beta3, d0, d_coef, growth_rate "
-                    f"or d_update_freq: {sorted(configs, key=repr)}. Give them different d_group labels."
-                )
+            _check_d_group_agrees(groups, members)
             d_state = self._d_state(groups, members, [q for g in groups for q in g["params"]], p.device)
             pending = self._pending[key] = _Pending(
                 groups, d_state, torch.zeros(2, dtype=d_state.d.dtype, device=p.device)
@@ -601,6 +588,19 @@ def _check_same_d_steps(groups: list[dict[str, Any]], members: list[int]) -> Non
             f"param groups {members} share one D but have different d_steps {sorted(values, key=repr)}; "
             "give them one value or different d_group labels"
         )
+
+
+def _check_d_group_agrees(groups: list[dict[str, Any]], members: list[int]) -> None:
+    """Groups sharing one D agree on the D settings and on skip_nonfinite (a skip covers the D-group)."""
+    hps = [Hyperparams.from_mapping(g) for g in groups]
+    for j, hp in zip(members[1:], hps[1:]):
+        if hp.d_config() != hps[0].d_config() or hp.skip_nonfinite != hps[0].skip_nonfinite:
+            raise ValueError(
+                f"Parameter groups {members[0]} and {j} share one D and must agree on beta3, d0, d_coef, "
+                f"growth_rate, d_update_freq and skip_nonfinite; got {hps[0].d_config()} / "
+                f"{hps[0].skip_nonfinite} and {hp.d_config()} / {hp.skip_nonfinite}. "
+                "Give them different d_group labels (or independent_d=True) for separate D values."
+            )
 
 
 def _fresh_d_keys(d0: float) -> dict[str, Any]:
