@@ -478,3 +478,12 @@ def test_step_parameter_rejects_a_sparse_gradient_before_any_change() -> None:
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step_parameter(emb.weight)
     assert not opt._pending and not opt.state
+
+
+def test_step_parameter_requires_groups_sharing_d_to_agree() -> None:
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+    opt = KProdigy([{"params": [a]}, {"params": [b], "skip_nonfinite": False}], independent_d=False)
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    with pytest.raises(ValueError, match="must agree"):
+        opt.step_parameter(a)
+    assert not opt._pending and not opt.state
