@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--only", default="", help="comma-separated workload names to run")
+    ap.add_argument("--opts", default="", help="comma-separated optimizer names to run (default: all)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--replot", default="", help="only redraw the plot of this results .md file")
     args = ap.parse_args(argv)
@@ -259,6 +260,8 @@ def main(argv: list[str] | None = None) -> Path:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     opts, notes = optimizers(device)
+    if args.opts:
+        opts = {k: v for k, v in opts.items() if k in args.opts.split(",")}
     wls = workloads(args.size)
     if args.only:
         wls = {k: v for k, v in wls.items() if k in args.only.split(",")}

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,7 +35,7 @@ from torch import Tensor
 from . import _robust, _single
 from ._scalars import Coefficients
 
-__all__ = ["FLAT_MAX", "accumulate", "apply", "available"]
+__all__ = ["FLAT_MAX", "Gathered", "accumulate", "apply", "available", "flat_span", "gather", "pack", "unpacked_grads"]
 
 FLAT_MAX = 1 << 16  # tensors with fewer elements are packed into flat buffers
 TensorList = list[Tensor]
@@ -177,11 +179,100 @@ def _partition(xs: Sequence[Tensor], slice_p: int) -> tuple[list[int], list[int]
 
 
 def _cat(ts: Sequence[Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in ts])
+    """The tensors flattened and concatenated (a new buffer)."""
+    return torch._C._nn.flatten_dense_tensors(list(ts))
+
+
+_SCRATCH = threading.local()  # per thread: {(device, dtype, slot, id of the first tensor): 1-D buffer}
+_SCRATCH_ENTRIES = 16  # most recently used buffers kept per thread
+
+
+def _cat_scratch(ts: Sequence[Tensor], slot: str) -> Tensor:
+    """``_cat`` into a buffer reused by later steps, on CPU: there a fresh multi-megabyte buffer
+    per step costs more in page faults than the copy itself (benchmarks/NOTES.md, change 6);
+    elsewhere (caching allocators) a new buffer. Buffers are keyed by thread, device, dtype,
+    ``slot`` and the first tensor, so two gathers alive at once never share one."""
+    first = ts[0]
+    if first.device.type != "cpu":
+        return _cat(ts)
+    n = sum(t.numel() for t in ts)
+    bufs: dict[Any, Tensor] = _SCRATCH.__dict__.setdefault("bufs", {})
+    key = (first.device, first.dtype, slot, id(first))
+    buf = bufs.pop(key, None)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(n, dtype=first.dtype, device=first.device)
+    bufs[key] = buf  # most recent last
+    while len(bufs) > _SCRATCH_ENTRIES:
+        del bufs[next(iter(bufs))]
+    return torch.cat([t.view(-1) for t in ts], out=buf[:n])
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """Flat copies of a segment's small params and gradients (``packed``: their indices), made
+    once per step and shared by the non-finite check and both passes. The apply pass updates
+    ``x`` and writes it back; nothing may change the params between the passes."""
+
+    packed: list[int]
+    x: Tensor
+    g: Tensor
+
+
+def gather(xs: Sequence[Tensor], gs: Sequence[Tensor], slice_p: int) -> Gathered | None:
+    """The ``Gathered`` of one segment (one dtype, one device), or None if no tensor is packed."""
+    packed = _partition(xs, slice_p)[0]
+    return _gather_packed(xs, gs, packed) if packed else None
+
+
+def _gather_packed(xs: Sequence[Tensor], gs: Sequence[Tensor], packed: list[int]) -> Gathered:
+    return Gathered(packed, _cat_scratch([xs[i] for i in packed], "x"), _cat_scratch([gs[i] for i in packed], "g"))
+
+
+def unpacked_grads(gs: Sequence[Tensor], gathered: Gathered | None) -> list[Tensor]:
+    """The gradients as the non-finite check reads them: the packed ones as one flat tensor."""
+    if gathered is None:
+        return list(gs)
+    skip = set(gathered.packed)
+    return [gathered.g] + [g for i, g in enumerate(gs) if i not in skip]
+
+
+def flat_span(ts: Sequence[Tensor]) -> Tensor | None:
+    """The 1-D tensor whose consecutive slices are ``ts``, when they lie back to back in one
+    buffer (as ``pack`` leaves them), else None. Reads pointers only: no copy, no sync."""
+    if not ts:
+        return None
+    first = ts[0]
+    dtype, ptr, size = first.dtype, first.data_ptr(), first.element_size()
+    total = 0
+    for t in ts:
+        if t.dtype != dtype or t.data_ptr() != ptr + total * size or not t.is_contiguous():
+            return None
+        total += t.numel()
+    if (first.storage_offset() + total) * size > first.untyped_storage().nbytes():
+        return None  # adjacent addresses, but not one buffer
+    return first.as_strided((total,), (1,))
+
+
+def pack(ts: Sequence[Tensor]) -> list[Tensor]:
+    """Copies of ``ts`` (same shapes, dtype, device), laid back to back in one new flat buffer.
+
+    The optimizer keeps the state of small params this way: the fused kernels then step all of
+    them in one call on the buffer itself, with no gathering copies (``flat_span``).
+    """
+    flat = _cat(ts)
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in ts]), ts)]
+
+
+def _gather(ts: Sequence[Tensor]) -> tuple[Tensor, bool]:
+    """(flat tensor of ``ts``, whether it is a copy that must be written back)."""
+    span = flat_span(ts)
+    return (span, False) if span is not None else (_cat(ts), True)
 
 
 def _p0_full(p0: Tensor, n: int) -> Tensor:
     """p0 as a flat tensor of ``n`` elements (a 0-dim zero p0 is broadcast)."""
+    if p0.dim() == 1:
+        return p0
     return p0.reshape(-1).expand(n) if p0.numel() == 1 and n != 1 else p0.reshape(-1)
 
 
@@ -191,8 +282,8 @@ def _pick(ts: Sequence[Tensor] | None, idx: list[int]) -> list[Tensor] | None:
 
 def _write_back(dst: Sequence[Tensor], idx: list[int], flat: Tensor) -> None:
     """Copy the packed buffer ``flat`` back into ``dst[i]`` for i in idx (one multi-tensor copy)."""
-    parts = torch.split(flat, [dst[i].numel() for i in idx])
-    torch._foreach_copy_([dst[i] for i in idx], [p.view(dst[i].shape) for p, i in zip(parts, idx)])
+    targets = [dst[i] for i in idx]
+    torch._foreach_copy_(targets, torch._C._nn.unflatten_dense_tensors(flat, targets))
 
 
 def accumulate(
@@ -212,9 +303,11 @@ def accumulate(
     inplace: bool,
     decay: tuple[Tensor, Tensor] | None = None,
     sanitize: bool = False,
+    gathered: Gathered | None = None,
 ) -> tuple[TensorList | None, TensorList, TensorList, Tensor, Tensor]:
     """Same contract as ``_single.accumulate``; ``sanitize`` zeroes non-finite gradient entries
-    inside the compiled loop (the non-finite skip) instead of in a copy beforehand."""
+    inside the compiled loop (the non-finite skip) instead of in a copy beforehand; ``gathered``:
+    this step's ``gather(xs, gs, slice_p)``, made here if None."""
     if not inplace:  # the pure step: copies, then the same in-place kernels
         exp_avgs = None if exp_avgs is None else [t.clone() for t in exp_avgs]
         exp_avg_sqs = [t.clone() for t in exp_avg_sqs]
@@ -239,18 +332,22 @@ def accumulate(
         nums.append(num)
         dens.append(den)
     if packed:
-        ms = _pick(exp_avgs, packed)
-        m_flat = None if ms is None else _cat(ms)
-        v_flat, s_flat = _cat([exp_avg_sqs[i] for i in packed]), _cat([ss[i] for i in packed])
-        p0_flat = _cat([_p0_full(p0s[i], ss[i].numel()) for i in packed])
-        x_flat, g_flat = _cat([xs[i] for i in packed]), _cat([gs[i] for i in packed])
-        num, den = kernel(x_flat, g_flat, m_flat, v_flat, s_flat, p0_flat, sanitize=sanitize, **kw)
+        # state kept back to back in one buffer (``pack``) is stepped where it lies; other state
+        # is gathered into a flat copy and written back afterwards
+        m_flat, m_copied = (None, False) if exp_avgs is None else _gather([exp_avgs[i] for i in packed])
+        v_flat, v_copied = _gather([exp_avg_sqs[i] for i in packed])
+        s_flat, s_copied = _gather([ss[i] for i in packed])
+        p0_flat, _ = _gather([_p0_full(p0s[i], ss[i].numel()) for i in packed])
+        reuse = gathered is not None and gathered.packed == packed
+        flat = gathered if gathered is not None and reuse else _gather_packed(xs, gs, packed)
+        num, den = kernel(flat.x, flat.g, m_flat, v_flat, s_flat, p0_flat, sanitize=sanitize, **kw)
         nums.append(num)
         dens.append(den)
-        _write_back(exp_avg_sqs, packed, v_flat)
-        if exp_avgs is not None and m_flat is not None:
+        if v_copied:
+            _write_back(exp_avg_sqs, packed, v_flat)
+        if exp_avgs is not None and m_flat is not None and m_copied:
             _write_back(exp_avgs, packed, m_flat)
-        if update_d:
+        if update_d and s_copied:
             _write_back(ss, packed, s_flat)
     if eager:
         _, _, _, num, den = _single.accumulate(
@@ -285,8 +382,10 @@ def apply(
     keep: Tensor | None,
     inplace: bool,
     sanitize: bool = False,
+    gathered: Gathered | None = None,
 ) -> TensorList:
-    """Same contract as ``_single.apply`` (``sanitize`` as in ``accumulate``)."""
+    """Same contract as ``_single.apply`` (``sanitize``, ``gathered`` as in ``accumulate``: the
+    gathered params must be unchanged since then; used only in place)."""
     out = list(xs) if inplace else [x.clone() for x in xs]
     kernel = _compiled("apply")
     kw: dict[str, Any] = dict(dlr=dlr, d_old=d_old, d_new=d_new, eps=eps, keep=keep)
@@ -300,12 +399,14 @@ def apply(
         kernel(_flat(out[i]), _flat(gs[i]), m, _flat(exp_avg_sqs[i]), sanitize=sanitize, **kw)
     if packed:
         ms = _pick(exp_avgs, packed)
-        x_flat = _cat([out[i] for i in packed])
+        reuse = gathered is not None and inplace and gathered.packed == packed
+        flat = gathered if gathered is not None and reuse else _gather_packed(out, gs, packed)
+        x_flat = flat.x
         kernel(
             x_flat,
-            _cat([gs[i] for i in packed]),
-            None if ms is None else _cat(ms),
-            _cat([exp_avg_sqs[i] for i in packed]),
+            flat.g,
+            None if ms is None else _gather(ms)[0],
+            _gather([exp_avg_sqs[i] for i in packed])[0],
             sanitize=sanitize,
             **kw,
         )

@@ -210,6 +210,7 @@ class _Accumulated:
     grads: dict[int, list[Tensor]]
     update_d: bool | Tensor
     paths: dict[int, tuple[bool, bool]]  # per active segment: (foreach, fused), resolved once
+    gathered: dict[int, _fused.Gathered | None]  # per active segment: its small params, gathered once
     inplace: bool
     stats: Tensor  # local [numerator_delta, denom], stats dtype, on the params' device
     ok: Tensor | None = None  # 0-dim bool: every local gradient finite (None: skip_nonfinite off)
@@ -259,15 +260,20 @@ def _accumulate_d_group(
     numerators, denoms = [], []
     # kernel choice per segment, resolved once per step (each check walks the segment's tensors)
     paths = {i: (use_foreach(segments[i].params, foreach), _runs_fused(segments[i], fused, update_d)) for i in active}
+    # fused segments of one dtype: small params and grads gathered once, for the check and both passes
+    gathered: dict[int, _fused.Gathered | None] = {}
     for i in active:
         seg = segments[i]
         grads[i] = _effective_grads(seg.params, seg.grads, seg.hparams, paths[i][0])
         grads[i] = _robust.promote_grads(grads[i], seg.exp_avg_sq)
+        one_dtype = paths[i][1] and len({x.dtype for x in seg.params}) == 1
+        gathered[i] = _fused.gather(seg.params, grads[i], seg.hparams.slice_p) if one_dtype else None
     ok: Tensor | None = None
     d_weight = d_state.d  # the weight of g in m and v (d * g): 0 on a skipped step
     if hp0.skip_nonfinite:  # decided before any write; a skipped step keeps the state exactly
         fe = all(paths[i][0] for i in active)
-        ok = _robust.all_finite([g for i in active for g in grads[i]], d_state.d.device, fe)
+        checked = [g for i in active for g in _fused.unpacked_grads(grads[i], gathered[i])]
+        ok = _robust.all_finite(checked, d_state.d.device, fe)
         d_weight = torch.where(ok, d_state.d, 0.0)
         for i in active:  # the fused kernels sanitise inside their loop instead of copying here
             if not paths[i][1]:
@@ -301,6 +307,7 @@ def _accumulate_d_group(
             inplace=inplace,
             **({} if decay is None else {"decay": decay}),
             **({"sanitize": True} if ok is not None and fu else {}),
+            **({"gathered": gathered[i]} if gathered[i] is not None else {}),
         )
         results[i] = SegmentResult(list(seg.params), m, v, s)
         numerators.append(num)
@@ -312,7 +319,7 @@ def _accumulate_d_group(
         if ok is None:  # no local tensors (sharded): only the reduced statistics decide
             ok = torch.ones((), dtype=torch.bool, device=stats.device)
         stats = torch.where(ok, stats, torch.nan)  # a local skip reaches every rank through the reduction
-    return _Accumulated(segments, active, results, coefs, grads, update_d, paths, inplace, stats, ok)
+    return _Accumulated(segments, active, results, coefs, grads, update_d, paths, gathered, inplace, stats, ok)
 
 
 def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[list[SegmentResult], DState]:
@@ -347,6 +354,7 @@ def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[l
             keep=keep,
             inplace=acc.inplace,
             **({"sanitize": True} if ok is not None and fu else {}),
+            **({"gathered": acc.gathered[i]} if acc.gathered[i] is not None and not sr else {}),
         )
         xs = _robust.write_back(seg.params, xs, inplace=acc.inplace, sr=sr)
         results[i] = replace(res, params=xs)

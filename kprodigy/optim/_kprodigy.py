@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..functional import DState, Hyperparams, Segment, all_reduce_stats, init_tensor_state, step_d_groups
+from ..functional import DState, Hyperparams, Segment, _fused, all_reduce_stats, init_tensor_state, step_d_groups
 from ..functional._factored import init_factored_v
 from ..functional._partial import cap_d_ratio, effective_lrs, finish_d, step_segment
 from ..functional._state import stat_dtype, state_dtype
+from ..functional._step import use_fused
 from ._checks import check_grads, check_param_group, check_state_dict
 
 try:  # DTensor: FSDP2 (fully_shard) and tensor-parallel params
@@ -254,6 +255,7 @@ class KProdigy(torch.optim.Optimizer):
         before = {"state": self.state, "param_groups": self.param_groups}
         try:
             super().load_state_dict(state_dict)
+            self._repack = {id(g) for g in self.param_groups}  # the fused path re-packs small params' state
             for pid, saved in state_dict["state"].items():
                 p, hp = id_map[pid]
                 for key in ("exp_avg", "exp_avg_sq", "s"):
@@ -491,6 +493,7 @@ class KProdigy(torch.optim.Optimizer):
         params, grads, exp_avg_sqs, ss, p0s = [], [], [], [], []
         exp_avgs: list[Any] = []  # None entries only when betas[0] == 0 (then unused)
         originals: list[Tensor] = []
+        created = False  # whether state was created: the small params' state is then re-packed
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -501,6 +504,7 @@ class KProdigy(torch.optim.Optimizer):
                     raise RuntimeError("factored=True does not support DTensor (FSDP2) params yet; use factored=False")
                 state.update(_init_state(p, hp))
                 state["step"] = 0
+                created = True
                 if frozen:
                     del state["s"], state["p0"]
                 if group.get("factored") and p.dim() >= 2:
@@ -509,6 +513,7 @@ class KProdigy(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(
                     p, dtype=state_dtype(p.dtype, hp), memory_format=torch.preserve_format
                 )
+                created = True
             originals.append(p)
             p, g = _local(p), _local(g)
             expected = (p.numel() + hp.slice_p - 1) // hp.slice_p
@@ -532,8 +537,36 @@ class KProdigy(torch.optim.Optimizer):
                     )
                 ss.append(p.new_empty(0))
                 p0s.append(p.new_empty(0))
+        repack = self.__dict__.setdefault("_repack", set())
+        if created or id(group) in repack:
+            repack.discard(id(group))
+            self._pack_small_state(group, hp)
+            return self._segment(group, frozen)  # the state tensors changed: gather them again
         segment = Segment(params, grads, exp_avgs if hp.betas[0] > 0 else None, exp_avg_sqs, ss, p0s, hp)
         return segment, originals
+
+    def _pack_small_state(self, group: dict[str, Any], hp: Hyperparams) -> None:
+        """With the fused path, lay the state of the group's small params back to back in one
+        buffer per key and dtype (values unchanged), so that the compiled kernels step them in
+        one call on the buffer itself (``_fused.flat_span``) instead of gathering copies."""
+        params = [p for p in group["params"] if self.state.get(p)]
+        if not use_fused(params, group["fused"]):
+            return
+        buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for p in params:
+            st = self.state[p]
+            plain = not _is_dtensor_like(p) and p.is_contiguous() and p.numel() < _fused.FLAT_MAX
+            if plain and hp.slice_p == 1 and st["exp_avg_sq"].shape == p.shape:  # not factored
+                buckets.setdefault((p.device, p.dtype), []).append(p)
+        for ps in buckets.values():
+            for key in ("exp_avg", "exp_avg_sq", "s", "p0"):
+                states = [self.state[p] for p in ps]
+                if len(ps) < 2 or not all(key in st for st in states):
+                    continue
+                ts = [st[key].expand(p.numel()) if st[key].dim() == 0 else st[key] for p, st in zip(ps, states)]
+                if _fused.flat_span(ts) is None:
+                    for st, packed in zip(states, _fused.pack(ts)):
+                        st[key] = packed
 
     def _reduce_stats(self, params: list[Tensor]) -> Callable[[Tensor], Tensor] | None:
         """The all-reduce of the D statistics if this step needs one, else None (no collective).
