@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kprodigy.functional import Hyperparams, _fused, init_state, step
+from kprodigy.functional import Hyperparams, _fused, _step, init_state, step
 from kprodigy.optim import KProdigy
 
 SHAPES = st.lists(
@@ -137,9 +137,14 @@ def test_no_compiler_falls_back_with_one_warning(monkeypatch):
         raise RuntimeError("no C++ compiler found\nsecond line")
 
     monkeypatch.setattr(_fused, "_STATUS", {})
+    monkeypatch.setattr(_fused, "_WARNED", set())
     monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(_step, "AUTO_FUSED_MIN", 1)  # fused=None would take the fused path
     hp = Hyperparams()
     xs, grads = _tensors([(7, 9), (3,)], 0, torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # automatic mode falls back silently
+        auto, _ = step(xs, grads[0], init_state(xs, hp), hp)
     with pytest.warns(
         RuntimeWarning, match=r"fused step unavailable on cpu \(RuntimeError: no C\+\+ compiler found\); using foreach"
     ):
@@ -148,8 +153,24 @@ def test_no_compiler_falls_back_with_one_warning(monkeypatch):
         warnings.simplefilter("error")  # only once
         step(xs, grads[0], init_state(xs, hp), hp, fused=True)
     want, _ = step(xs, grads[0], init_state(xs, hp), hp, foreach=True)
-    for a, b in zip(got, want):
+    for a, b, c in zip(got, want, auto):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(c, b, rtol=0, atol=0)
+
+
+def test_automatic_fused_takes_the_compiled_kernels_from_the_size_threshold(monkeypatch):
+    calls = []
+    real = _fused.accumulate
+    monkeypatch.setattr(_fused, "accumulate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    small = [torch.zeros(10), torch.zeros(5)]
+    assert not _step.use_fused(small, None) and _step.use_fused(small, True)
+    assert not _step.use_fused(small, False)
+    monkeypatch.setattr(_step, "AUTO_FUSED_MIN", 15)  # 15 elements: automatic mode compiles
+    assert _step.use_fused(small, None)
+    hp = Hyperparams()
+    xs, grads = _tensors([(3, 5)], 0, torch.float32)
+    step(xs, grads[0], init_state(xs, hp), hp)
+    assert calls  # fused=None reached the compiled kernels
 
 
 def test_bad_fused_flag_is_rejected():

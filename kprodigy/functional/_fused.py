@@ -134,30 +134,30 @@ def _compiled(name: str) -> Callable[..., Any]:
     return torch.compile(fn, fullgraph=True, dynamic=True)
 
 
-_STATUS: dict[str, bool] = {}
+_STATUS: dict[str, str | None] = {}  # per device type: None if compiling works, else why not
+_WARNED: set[str] = set()
 
 
-def available(device: torch.device) -> bool:
+def available(device: torch.device, warn: bool = True) -> bool:
     """Whether ``torch.compile`` works here (probed once per device type on a tiny kernel).
 
-    On failure (no C++ compiler, no Triton...) warns once, in one line, and returns False; the
-    caller then uses the foreach path.
+    On failure (no C++ compiler, no Triton...) returns False and, if ``warn`` (the user asked for
+    ``fused=True``), warns once per device type, in one line; the caller then uses foreach.
     """
     key = device.type
     if key not in _STATUS:
         try:
             probe = torch.compile(lambda t: t * 2 + 1, fullgraph=True)
             probe(torch.ones(3, device=device))
-            _STATUS[key] = True
+            _STATUS[key] = None
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: fall back
             first = (str(exc).strip().splitlines() or [""])[0][:200]
-            warnings.warn(
-                f"kprodigy: fused step unavailable on {key} ({type(exc).__name__}: {first}); using foreach",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            _STATUS[key] = False
-    return _STATUS[key]
+            _STATUS[key] = f"{type(exc).__name__}: {first}"
+    why = _STATUS[key]
+    if why is not None and warn and key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"kprodigy: fused step unavailable on {key} ({why}); using foreach", RuntimeWarning, stacklevel=3)
+    return why is None
 
 
 def _flat(t: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from ._hyperparams import Hyperparams
 from ._scalars import Coefficients, coefficients, reduce_d
 from ._state import DState, State
 
-__all__ = ["Segment", "SegmentResult", "step", "step_d_group", "step_d_groups", "use_foreach", "use_fused"]
+__all__ = ["AUTO_FUSED_MIN", "Segment", "SegmentResult", "step", "step_d_group", "step_d_groups", "use_foreach", "use_fused"]
 
 # Hook at the reduction seam: takes the packed local statistics [numerator, denom] of every
 # D-group that updates D, concatenated (1-D, float32 or float64, params' device), and returns the
@@ -70,19 +70,27 @@ def use_foreach(tensors: Sequence[Tensor], foreach: bool | None) -> bool:
     return foreach
 
 
+# fused=None (automatic) compiles the kernels for a segment of at least this many elements: below
+# it, the first step's compile time (seconds) outweighs what the compiled kernels save.
+AUTO_FUSED_MIN = 1 << 20
+
+
 def use_fused(tensors: Sequence[Tensor], fused: bool | None, update_d: bool | Tensor | None = None) -> bool:
     """Resolve ``fused``: the compiled kernels of ``_fused.py`` where asked for and possible.
 
-    None means False (the foreach path): the first fused step compiles for seconds, a cost the
-    user opts into with ``fused=True``. torch.func-wrapped inputs and a device-side ``update_d``
-    (a 0-dim tensor) never take the fused path; neither does a device where compiling fails
-    (one-line warning, then foreach).
+    True asks for them; None (automatic) takes them for at least ``AUTO_FUSED_MIN`` elements
+    (the first fused step compiles for seconds; small models do not win that back), outside
+    ``torch.compile`` (which fuses the per-tensor path itself). torch.func-wrapped inputs and a
+    device-side ``update_d`` (a 0-dim tensor) never take the fused path; neither does a device
+    where compiling fails (a one-line warning if ``fused=True`` was asked for; then foreach).
     """
-    if not fused or not tensors or isinstance(update_d, Tensor):
+    if fused is False or not tensors or isinstance(update_d, Tensor):
+        return False
+    if fused is None and (torch.compiler.is_compiling() or sum(t.numel() for t in tensors) < AUTO_FUSED_MIN):
         return False
     if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
         return False
-    return _fused.available(tensors[0].device)
+    return _fused.available(tensors[0].device, warn=fused is True)
 
 
 def _runs_fused(seg: Segment, fused: bool | None, update_d: bool | Tensor | None) -> bool:

@@ -115,8 +115,10 @@ class KProdigy(torch.optim.Optimizer):
     Fused backward: ``step_parameter(p)`` (from ``p.register_post_accumulate_grad_hook``) steps
     one param as soon as its gradient is ready and ``finalize_step()`` updates D once all are in.
         fused: compiled kernels (torch.compile: one fused loop per pass, no parameter-sized
-            temporaries) if True; None (default) and False use ``foreach``. The first fused step
-            compiles for seconds; where compiling fails the step warns once and uses foreach.
+            temporaries) if True; None (default) takes them for param groups of at least 2**20
+            elements where torch.compile works; False uses ``foreach``. The first fused step
+            compiles for seconds; where compiling fails the step uses foreach (with a one-line
+            warning if ``fused=True`` was asked for).
 
     Distributed training: when reduced, the D statistics of all D-groups are packed into one
     tensor and summed with ONE ``all_reduce`` per step (per device), with no host sync; steps that
