@@ -264,9 +264,9 @@ class KProdigy(torch.optim.Optimizer):
             if not group["capturable"]:
                 _to_numbers(group)
             for p in group["params"]:
-                state = self.state.get(p)
-                if state and "step" in state:
-                    state["step"] = _step_count(state["step"], p, group["capturable"])
+                param_state = self.state.get(p)
+                if param_state and "step" in param_state:
+                    param_state["step"] = _step_count(param_state["step"], p, group["capturable"])
         self._bind_d_tensors()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -416,7 +416,8 @@ class KProdigy(torch.optim.Optimizer):
         this compares metadata only (no host read); binding (a new group, a loaded checkpoint,
         a moved model) copies the values once and reads tensors held elsewhere on the host.
         """
-        fallback, seen = self._fallback_device(), set()  # ids of the tensors already bound
+        fallback = self._fallback_device()
+        seen: set[int] = set()  # ids of the tensors already bound
         for members in self.d_groups():
             groups = [self.param_groups[i] for i in members]
             if not all(g["capturable"] for g in groups):
