@@ -258,6 +258,7 @@ class KProdigy(torch.optim.Optimizer):
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("d_ratio_cap", None)
         self.__dict__.setdefault("_pending", {})
+        self.defaults.setdefault("capturable", False)  # optimizers pickled before capturable existed
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -416,6 +417,8 @@ class KProdigy(torch.optim.Optimizer):
         this compares metadata only (no host read); binding (a new group, a loaded checkpoint,
         a moved model) copies the values once and reads tensors held elsewhere on the host.
         """
+        if not any(g["capturable"] for g in self.param_groups):
+            return  # the default mode: nothing to bind
         fallback = self._fallback_device()
         seen: set[int] = set()  # ids of the tensors already bound
         for members in self.d_groups():
