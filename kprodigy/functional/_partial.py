@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import _robust
 from ._hyperparams import Hyperparams
-from ._scalars import coefficients, reduce_d
+from ._scalars import coefficients, reduce_d, updates_d
 from ._state import DState
 from ._step import ReduceStats, Segment, SegmentResult, _accumulate_d_group, _apply_d_group, _unchanged
 
@@ -30,7 +30,7 @@ def step_segment(
     segment: Segment,
     d_state: DState,
     *,
-    update_d: bool,
+    update_d: bool | Tensor | None,
     foreach: bool | None = None,
     inplace: bool = False,
 ) -> tuple[SegmentResult, Tensor]:
@@ -40,6 +40,9 @@ def step_segment(
     the segment's local D statistics ``[numerator_delta, denom]`` (1-D, 2 entries, stats dtype,
     zeros when not ``update_d``), to be summed over the segments of the D-group and passed to
     ``finish_d``. The denominator floor is ``d_old * eps`` (see the module docstring).
+    ``update_d``: as in ``step_d_group`` (None: decided on the device from ``d_state.k``); when it
+    is not a Python bool, pass the same value to ``finish_d``, which then discards the statistics
+    of a step that does not update D.
     """
     acc = _accumulate_d_group([segment], d_state, update_d, foreach, inplace, False)
     if acc is None:  # frozen (lr == 0) or empty: nothing changes
@@ -54,16 +57,19 @@ def finish_d(
     stats: Tensor,
     hparams: Hyperparams,
     *,
-    update_d: bool,
+    update_d: bool | Tensor | None,
     reduce_stats: ReduceStats | None = None,
 ) -> DState:
     """The D update of a step taken segment by segment: ``stats`` is the sum of their shares.
 
     hparams: of the D-group's first group (beta3, d0, d_coef, growth_rate are read).
-    reduce_stats: the distributed all-reduce, called on ``stats`` when ``update_d``.
+    update_d: as given to ``step_segment``; None: ``k % d_update_freq == 0`` decided on the device.
+    reduce_stats: the distributed all-reduce, called on ``stats`` unless ``update_d`` is False.
     Advances k by one, like the full step.
     """
-    if update_d and reduce_stats is not None:
+    if update_d is None:
+        update_d = updates_d(hparams, d_state.k)
+    if update_d is not False and reduce_stats is not None:
         stats = reduce_stats(stats.clone())
     new = reduce_d(d_state, stats[0], stats[1], hparams, update_d=update_d)
     if hparams.skip_nonfinite:  # a segment that met a non-finite gradient made the statistics NaN

@@ -15,7 +15,7 @@ from torch import Tensor
 from ._hyperparams import Hyperparams
 from ._state import DState
 
-__all__ = ["Coefficients", "coefficients", "reduce_d"]
+__all__ = ["Coefficients", "coefficients", "reduce_d", "updates_d"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,12 @@ def coefficients(hp: Hyperparams, ds: DState) -> Coefficients:
         numerator_scale=d_ratio * dlr,
         s_scale=d_ratio * (d if hp.safeguard_warmup else dlr),
     )
+
+
+def updates_d(hp: Hyperparams, k: Tensor) -> bool | Tensor:
+    """Whether the step from step count ``k`` updates D (``k % d_update_freq == 0``), decided on
+    the device: a 0-dim bool tensor, or True when ``d_update_freq == 1``."""
+    return True if hp.d_update_freq == 1 else (k % hp.d_update_freq) == 0
 
 
 def reduce_d(

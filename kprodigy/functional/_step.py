@@ -291,7 +291,7 @@ def _accumulate_d_group(
         c = coefs[i] = coefficients(hp, d_state)
         beta3: float | Tensor = hp0.beta3_value
         if isinstance(update_d, Tensor):  # blend on the device: s unchanged when not updating
-            beta3 = torch.where(update_d, beta3, 1.0).to(d_state.d.dtype)
+            beta3 = torch.where(update_d, torch.full_like(d_state.d, hp0.beta3_value), 1.0)  # beta3 in the stats dtype
             c = replace(c, s_scale=torch.where(update_d, c.s_scale, 0.0))
         decay: tuple[Tensor, Tensor] | None = None
         if ok is not None:  # a skipped step keeps m, v, s: decays 1, s_scale 0

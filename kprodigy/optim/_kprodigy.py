@@ -1,8 +1,9 @@
 """``KProdigy``: the ``torch.optim.Optimizer`` shell around ``kprodigy.functional``.
 
 The shell does bookkeeping only: it maps param groups to D-groups, creates per-tensor state
-lazily, keeps the D state as Python floats in the param groups (the keys prodigyopt trainers
-read), and calls ``step_d_group`` in place. All arithmetic lives in the functional core.
+lazily, keeps the D state in the param groups (the keys prodigyopt trainers read: Python floats,
+or with ``capturable=True`` persistent 0-dim device tensors updated in place), and calls
+``step_d_groups`` in place. All arithmetic lives in the functional core.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor
 from ..functional import DState, Hyperparams, Segment, _fused, all_reduce_stats, init_tensor_state, step_d_groups
 from ..functional._factored import init_factored_v
 from ..functional._partial import cap_d_ratio, effective_lrs, finish_d, step_segment
-from ..functional._state import stat_dtype, state_dtype
+from ..functional._state import D_STATE_FIELDS, stat_dtype, state_dtype
 from ..functional._step import use_fused
 from ._checks import check_grads, check_param_group, check_state_dict
 
@@ -102,15 +103,28 @@ class KProdigy(torch.optim.Optimizer):
             a param's first step).
         d_ratio_cap: keep the D values of the D-groups within this factor (>= 1) of the smallest
             one after every step (default None: no cap), for a component whose D "grows forever".
+        capturable: keep each D-group's D state as 0-dim tensors on its params' device, updated in
+            place (fixed addresses), so that ``step()`` reads nothing on the host and can be
+            captured in a CUDA graph (default False; per group, equal within a D-group). The group
+            keys ``d``, ``d_max``, ``d_numerator``, ``d_denom``, ``d_hat``, ``k``, ``skipped_steps``
+            (int64) and ``effective_lr`` are then those tensors (the same objects in the groups of
+            a D-group; ``float(group["d"])`` reads one), ``state[p]["step"]`` is an int64 tensor,
+            and whether a step updates D (``d_update_freq``) is decided on the device.
+            ``state_dict()`` returns Python numbers as in the default mode. ``lr`` and the other
+            hyperparameters stay Python numbers: a captured graph keeps the values it was
+            captured with (capture again after changing them). Not supported: ``d_steps``. No
+            warning on a skipped step (read ``skipped_steps``). A param's first step creates its
+            state and reads the param once on the host (whether it is all zeros, for ``p0``):
+            take warm-up steps before capturing, as CUDA graphs need anyway.
 
     Param groups may carry ``d_group`` (any hashable; use a str or int to keep checkpoints
     loadable with ``weights_only=True``): groups with equal ``d_group`` share one D, whatever
     ``independent_d`` says about the groups without one.
 
-    Group keys for logging (Python floats, updated by every step): ``d``, ``d_max``,
-    ``d_numerator``, ``d_denom``, ``d_hat``, ``k`` (int), ``lr`` and ``effective_lr`` (the step
-    size ``d * lr * bias_correction`` the last step applied; 0.0 before the first step).
-    ``get_learning_rates()`` lists ``effective_lr`` per group.
+    Group keys for logging (Python floats, or 0-dim tensors with ``capturable=True``, updated by
+    every step): ``d``, ``d_max``, ``d_numerator``, ``d_denom``, ``d_hat``, ``k`` (int), ``lr``
+    and ``effective_lr`` (the step size ``d * lr * bias_correction`` the last step applied; 0.0
+    before the first step). ``get_learning_rates()`` lists ``effective_lr`` per group.
 
     Fused backward: ``step_parameter(p)`` (from ``p.register_post_accumulate_grad_hook``) steps
     one param as soon as its gradient is ready and ``finalize_step()`` updates D once all are in.
@@ -154,6 +168,7 @@ class KProdigy(torch.optim.Optimizer):
         fp32_state: bool = True,
         stochastic_rounding: bool = False,
         fused: bool | None = None,
+        capturable: bool = False,
     ) -> None:
         for name, value in (("foreach", foreach), ("independent_d", independent_d), ("fused", fused)):
             if value is not None and not isinstance(value, bool):
@@ -188,9 +203,11 @@ class KProdigy(torch.optim.Optimizer):
         defaults: dict[str, Any] = {name: getattr(hp, name) for name in Hyperparams.field_names()}
         defaults.update(foreach=foreach, fsdp_in_use=fsdp_in_use, fused=fused, **_fresh_d_keys(hp.d0))
         _check_d_steps(d_steps)
+        _check_capturable({"capturable": capturable, "d_steps": d_steps})
         if not isinstance(factored, bool):
             raise ValueError(f"Invalid factored: {factored!r}; expected True or False")
         defaults.update(d_steps=d_steps, d_group=None, d_frozen=False, effective_lr=0.0, factored=factored)
+        defaults.update(capturable=capturable)
         if d_ratio_cap is not None and (
             isinstance(d_ratio_cap, bool) or not isinstance(d_ratio_cap, (int, float)) or not d_ratio_cap >= 1
         ):
@@ -209,6 +226,7 @@ class KProdigy(torch.optim.Optimizer):
         check_param_group(param_group, self.param_groups, allow_empty=self.process_group is not None)
         Hyperparams.from_mapping({**self.defaults, **param_group})
         _check_d_steps(param_group.get("d_steps"))
+        _check_capturable({**self.defaults, **param_group})
         if not isinstance(param_group.get("factored", False), bool):
             raise ValueError(f"Invalid factored: {param_group['factored']!r}; expected True or False")
         try:
@@ -221,6 +239,11 @@ class KProdigy(torch.optim.Optimizer):
             for key, value in _fresh_d_keys(float(param_group["d0"])).items():
                 param_group.setdefault(key, value)
         super().add_param_group(param_group)
+        try:
+            self._bind_d_tensors()  # capturable: the new group's D keys become device tensors
+        except Exception:
+            self.param_groups.pop()
+            raise
 
     def __getstate__(self) -> dict[str, Any]:
         """torch's state (defaults, state, param_groups) plus the optimizer-wide settings, so that
@@ -230,20 +253,25 @@ class KProdigy(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Fill keys missing from older or prodigyopt checkpoints; D values become Python floats."""
+        """Fill keys missing from older or prodigyopt checkpoints; D values and steps become Python
+        numbers, or persistent device tensors in capturable groups (see ``_bind_d_tensors``)."""
         super().__setstate__(state)
         self.__dict__.setdefault("independent_d", None)
         self.__dict__.setdefault("reduce_d_stats", None)
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("d_ratio_cap", None)
         self.__dict__.setdefault("_pending", {})
+        self.defaults.setdefault("capturable", False)  # optimizers pickled before capturable existed
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-            for key in _FLOAT_D_KEYS:
-                group[key] = float(group[key])
-            group["k"] = int(group["k"])
-            group["skipped_steps"] = int(group["skipped_steps"])
+            if not group["capturable"]:
+                _to_numbers(group)
+            for p in group["params"]:
+                param_state = self.state.get(p)
+                if param_state and "step" in param_state:
+                    param_state["step"] = _step_count(param_state["step"], p, group["capturable"])
+        self._bind_d_tensors()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint (ours, an older version's, or prodigyopt's) atomically.
@@ -251,9 +279,21 @@ class KProdigy(torch.optim.Optimizer):
         The whole checkpoint is validated first (layout, keys, shapes, dtypes, finite values,
         hyperparameters); a bad one raises ValueError and leaves the optimizer as it was. The
         moments and ``s`` of 16-bit params are kept in float32 when ``fp32_state`` (torch's loader
-        would cast them to the param dtype).
+        would cast them to the param dtype). ``capturable`` is kept from this optimizer's groups
+        (it says how the D state is held, not what it is): a checkpoint of either mode loads into
+        either mode.
         """
         id_map = check_state_dict(state_dict, self.param_groups, self.defaults)
+        saved_groups = [
+            {**saved, "capturable": group["capturable"]}
+            for saved, group in zip(state_dict["param_groups"], self.param_groups)
+        ]
+        for i, saved in enumerate(saved_groups):
+            try:
+                _check_capturable({**self.defaults, **saved})
+            except ValueError as e:
+                raise ValueError(f"checkpoint param group {i}: {e}") from None
+        state_dict = {**state_dict, "param_groups": saved_groups}
         before = {"state": self.state, "param_groups": self.param_groups}
         try:
             super().load_state_dict(state_dict)
@@ -274,6 +314,7 @@ class KProdigy(torch.optim.Optimizer):
         for i, group in enumerate(self.param_groups):
             try:
                 Hyperparams.from_mapping(group)
+                _check_capturable(group)
             except ValueError as e:
                 raise ValueError(f"param group {i}: {e}") from None
             check_grads(group, i, self.state)
@@ -304,7 +345,8 @@ class KProdigy(torch.optim.Optimizer):
         return out
 
     def get_learning_rates(self) -> list[float]:
-        """The step size ``d * lr * bias_correction`` applied by the last step, per param group."""
+        """The step size ``d * lr * bias_correction`` applied by the last step, per param group
+        (with ``capturable=True`` this reads the ``effective_lr`` tensors on the host)."""
         return [float(group["effective_lr"]) for group in self.param_groups]
 
     @torch.no_grad()
@@ -326,7 +368,8 @@ class KProdigy(torch.optim.Optimizer):
         if reduce_stats is None:  # no gradients in a D-group this step: nothing happens there
             jobs = [job for job in jobs if job[3]]
         # under a reduction every rank steps every D-group (zero local statistics if it holds none)
-        fallback = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        fallback = self._fallback_device()
+        self._bind_d_tensors()
         d_states = []
         for members, groups, _, params in jobs:
             d_states.append(self._d_state(groups, members, params, fallback))
@@ -347,17 +390,56 @@ class KProdigy(torch.optim.Optimizer):
     def _d_state(
         self, groups: list[dict[str, Any]], members: list[int], params: list[Tensor], fallback: torch.device
     ) -> DState:
-        """The D state of a D-group as 0-dim device tensors, from its first group's Python floats."""
+        """The D state of a D-group as 0-dim device tensors: a capturable D-group's own group keys
+        (bound by ``_bind_d_tensors``), else built from its first group's Python floats."""
         lead = groups[0]
+        if lead["capturable"]:
+            return DState(**{key: lead[key] for key in D_STATE_FIELDS})
+        return _new_d_state(lead, *self._placement(params, members, fallback))
+
+    def _placement(
+        self, params: list[Tensor], members: list[int], fallback: torch.device
+    ) -> tuple[torch.device, torch.dtype]:
+        """Device and statistics dtype of a D-group's D state: those of ``params``.
+
+        A rank holding none of a D-group's params (ZeRO) takes ``fallback`` and the optimizer's
+        dtypes, so that every rank computes D in the same dtype.
+        """
         device = _one_device(params, members) if params else fallback
-        # a rank holding none of a D-group's params (ZeRO) takes the optimizer's dtypes, so
-        # that every rank computes D in the same dtype
         dtypes = [p.dtype for p in params] or [p.dtype for g in self.param_groups for p in g["params"]]
-        packed = torch.tensor(
-            [lead[key] for key in _FLOAT_D_KEYS], dtype=stat_dtype(dtypes), device=device
-        )  # one host-to-device copy for the D state
-        counts = torch.tensor([lead["k"], lead["skipped_steps"]], dtype=torch.int64, device=device)
-        return DState(**dict(zip(_FLOAT_D_KEYS, packed.unbind())), **dict(zip(("k", "skipped_steps"), counts.unbind())))
+        return device, stat_dtype(dtypes)
+
+    def _fallback_device(self) -> torch.device:
+        return next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+
+    def _bind_d_tensors(self) -> None:
+        """Capturable D-groups: hold the D state in the group keys as persistent 0-dim tensors.
+
+        Per D-group whose groups are all capturable: on the device of all its params, in their
+        statistics dtype, the same tensor objects in every group (the first group's values win),
+        never shared with another D-group; and one ``effective_lr`` tensor per group. Once bound
+        this compares metadata only (no host read); binding (a new group, a loaded checkpoint,
+        a moved model) copies the values once and reads tensors held elsewhere on the host.
+        """
+        if not any(g["capturable"] for g in self.param_groups):
+            return  # the default mode: nothing to bind
+        fallback = self._fallback_device()
+        seen: set[int] = set()  # ids of the tensors already bound
+        for members in self.d_groups():
+            groups = [self.param_groups[i] for i in members]
+            if not all(g["capturable"] for g in groups):
+                continue
+            lead = groups[0]
+            device, dtype = self._placement([p for g in groups for p in g["params"]], members, fallback)
+            if not all(_bound(lead[key], device, _d_dtype(key, dtype), seen) for key in D_STATE_FIELDS):
+                fresh = _new_d_state(lead, device, dtype)
+                lead.update({key: getattr(fresh, key).clone() for key in D_STATE_FIELDS})
+            seen.update(id(lead[key]) for key in D_STATE_FIELDS)
+            for group in groups:
+                group.update({key: lead[key] for key in D_STATE_FIELDS})
+                if not _bound(group["effective_lr"], device, dtype, seen):
+                    group["effective_lr"] = torch.tensor(float(group["effective_lr"]), dtype=dtype, device=device)
+                seen.add(id(group["effective_lr"]))
 
     def _record(self, done: list[tuple[list[dict[str, Any]], list[Tensor], DState, DState]]) -> None:
         """Write back the new D state and effective_lr of each stepped D-group; freeze D if due.
@@ -373,6 +455,9 @@ class KProdigy(torch.optim.Optimizer):
                 for j, d in zip(live, capped):
                     news[j] = news[j].replace(d=d)
         for (groups, params, old, _), new in zip(done, news):
+            if groups[0]["capturable"]:
+                _record_in_place(groups, [self.state[p] for p in params], old, new)
+                continue
             k, skipped = groups[0]["k"], groups[0]["skipped_steps"]
             lrs = effective_lrs([Hyperparams.from_mapping(g) for g in groups], old)
             counts = (new.k.double(), new.skipped_steps.double())
@@ -437,6 +522,7 @@ class KProdigy(torch.optim.Optimizer):
             groups = [self.param_groups[i] for i in members]
             _check_same_d_steps(groups, members)
             _check_d_group_agrees(groups, members)
+            self._bind_d_tensors()
             d_state = self._d_state(groups, members, [q for g in groups for q in g["params"]], p.device)
             pending = self._pending[key] = _Pending(
                 groups, d_state, torch.zeros(2, dtype=d_state.d.dtype, device=p.device)
@@ -464,7 +550,7 @@ class KProdigy(torch.optim.Optimizer):
         for item in pending:
             lead = item.groups[0]
             upd = _updates_d(lead)
-            reduce_stats = self._reduce_stats(item.params) if upd else None
+            reduce_stats = self._reduce_stats(item.params) if upd is not False else None
             new = finish_d(
                 item.d_state, item.stats, Hyperparams.from_mapping(lead), update_d=upd, reduce_stats=reduce_stats
             )
@@ -472,9 +558,20 @@ class KProdigy(torch.optim.Optimizer):
         self._record(done)
 
     def state_dict(self) -> dict[str, Any]:
-        """As ``torch.optim.Optimizer.state_dict``, after finalizing pending per-parameter steps."""
+        """As ``torch.optim.Optimizer.state_dict``, after finalizing pending per-parameter steps.
+
+        The same format in both modes (prodigyopt's): Python numbers in the D group keys and in
+        ``step``; with ``capturable=True`` their tensors are read on the host here.
+        """
         self.finalize_step()
-        return super().state_dict()
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            _to_numbers(group)  # torch packed new group dicts: the optimizer's keep their tensors
+        state_dict["state"] = {
+            pid: {**st, "step": int(st["step"])} if isinstance(st.get("step"), Tensor) else st
+            for pid, st in state_dict["state"].items()
+        }
+        return state_dict
 
     def _group_index(self, p: Tensor) -> int:
         for i, group in enumerate(self.param_groups):
@@ -505,7 +602,7 @@ class KProdigy(torch.optim.Optimizer):
                 if group.get("factored") and DTensor is not None and isinstance(p, DTensor):
                     raise RuntimeError("factored=True does not support DTensor (FSDP2) params yet; use factored=False")
                 state.update(_init_state(p, hp))
-                state["step"] = 0
+                state["step"] = _step_count(0, p, group["capturable"])
                 created = True
                 if frozen:
                     del state["s"], state["p0"]
@@ -606,8 +703,11 @@ def _is_frozen(lead: dict[str, Any]) -> bool:
     return lead["d_steps"] is not None and lead["k"] >= lead["d_steps"]
 
 
-def _updates_d(lead: dict[str, Any]) -> bool:
-    """Whether this step updates the D statistics (every d_update_freq steps, until D froze)."""
+def _updates_d(lead: dict[str, Any]) -> bool | None:
+    """Whether this step updates the D statistics (every d_update_freq steps, until D froze);
+    None for a capturable D-group: the core decides it on the device, from k there."""
+    if lead["capturable"]:
+        return None
     return not _is_frozen(lead) and lead["k"] % lead["d_update_freq"] == 0
 
 
@@ -626,7 +726,14 @@ def _check_same_d_steps(groups: list[dict[str, Any]], members: list[int]) -> Non
 
 
 def _check_d_group_agrees(groups: list[dict[str, Any]], members: list[int]) -> None:
-    """Groups sharing one D agree on the D settings and on skip_nonfinite (a skip covers the D-group)."""
+    """Groups sharing one D agree on the D settings, on skip_nonfinite (a skip covers the D-group)
+    and on capturable (how the D state is held)."""
+    flags = [g["capturable"] for g in groups]
+    if len(set(flags)) > 1:
+        raise ValueError(
+            f"param groups {members} share one D but have capturable={flags}; give them one value "
+            "or different d_group labels"
+        )
     hps = [Hyperparams.from_mapping(g) for g in groups]
     for j, hp in zip(members[1:], hps[1:]):
         if hp.d_config() != hps[0].d_config() or hp.skip_nonfinite != hps[0].skip_nonfinite:
@@ -636,6 +743,66 @@ def _check_d_group_agrees(groups: list[dict[str, Any]], members: list[int]) -> N
                 f"{hps[0].skip_nonfinite} and {hp.d_config()} / {hp.skip_nonfinite}. "
                 "Give them different d_group labels (or independent_d=True) for separate D values."
             )
+
+
+def _check_capturable(group: dict[str, Any]) -> None:
+    """``capturable`` is True or False; d_steps, which needs the host to know k, is refused with it."""
+    value = group["capturable"]
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid capturable: {value!r}; expected True or False")
+    if value and group.get("d_steps") is not None:
+        raise ValueError(
+            f"d_steps={group['d_steps']!r} is not supported with capturable=True (freezing D needs the "
+            "step count on the host); use d_steps=None or capturable=False"
+        )
+
+
+def _record_in_place(groups: list[dict[str, Any]], states: list[dict[str, Any]], old: DState, new: DState) -> None:
+    """Capturable: copy the new D state and effective_lr into the D-group's tensors and advance the
+    stepped params' ``step``, all on the device. ``old`` holds those tensors: it is read first."""
+    lrs = effective_lrs([Hyperparams.from_mapping(g) for g in groups], old)
+    steps = [state["step"] for state in states]
+    if steps:
+        torch._foreach_add_(steps, new.k - old.k)  # 0 on a skipped step
+    for key in D_STATE_FIELDS:
+        groups[0][key].copy_(getattr(new, key))
+    for group, lr in zip(groups, lrs):
+        group["effective_lr"].copy_(lr)
+
+
+def _new_d_state(lead: dict[str, Any], device: torch.device, dtype: torch.dtype) -> DState:
+    """A D state of 0-dim tensors from a group's D keys (numbers, or tensors read on the host)."""
+    packed = torch.tensor(
+        [float(lead[key]) for key in _FLOAT_D_KEYS], dtype=dtype, device=device
+    )  # one host-to-device copy for the D state
+    counts = torch.tensor([int(lead["k"]), int(lead["skipped_steps"])], dtype=torch.int64, device=device)
+    return DState(**dict(zip(_FLOAT_D_KEYS, packed.unbind())), **dict(zip(("k", "skipped_steps"), counts.unbind())))
+
+
+def _d_dtype(key: str, stats: torch.dtype) -> torch.dtype:
+    return torch.int64 if key in ("k", "skipped_steps") else stats
+
+
+def _bound(value: Any, device: torch.device, dtype: torch.dtype, seen: set[int]) -> bool:
+    """Whether a group key already is a persistent tensor of this placement, not bound elsewhere."""
+    return isinstance(value, Tensor) and value.device == device and value.dtype == dtype and id(value) not in seen
+
+
+def _to_numbers(group: dict[str, Any]) -> None:
+    """A group's D keys as Python numbers, in place (tensors are read on the host)."""
+    for key in (*_FLOAT_D_KEYS, "effective_lr"):
+        group[key] = float(group[key])
+    for key in ("k", "skipped_steps"):
+        group[key] = int(group[key])
+
+
+def _step_count(value: Any, p: Tensor, capturable: bool) -> Any:
+    """``state[p]["step"]``: an int, or an int64 0-dim tensor on p's device when capturable."""
+    if not capturable:
+        return int(value)
+    if isinstance(value, Tensor) and value.device == p.device and value.dtype == torch.int64:
+        return value
+    return torch.tensor(int(value), dtype=torch.int64, device=p.device)
 
 
 def _fresh_d_keys(d0: float) -> dict[str, Any]:
