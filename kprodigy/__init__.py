@@ -3,6 +3,6 @@
 from . import functional
 from .optim import KProdigy
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = ["KProdigy", "functional", "__version__"]
