@@ -2,16 +2,19 @@
 
 There is no second statement of the math: ``accumulate``/``apply`` here call
 ``_single.accumulate``/``_single.apply`` on 1-D tensors inside ``torch.compile(fullgraph=True,
-dynamic=True)``, so Inductor fuses each pass into one loop (C++/OpenMP on CPU, Triton on GPU)
-with the two D statistics reduced in the same pass and no parameter-sized temporaries.
+dynamic=True)``, so Inductor compiles each pass into one kernel (C++/OpenMP on CPU, Triton on
+GPU) with the two D statistics reduced inside it and no parameter-sized temporaries. (On CPU the
+accumulate kernel is two loops, a reduction loop and a store loop: 11 words per element, not 9;
+see benchmarks/NOTES.md, change 5.)
 
 Layout, per call (one device and dtype, as ``_step._by_dtype`` guarantees):
 
 - large tensors (``numel >= FLAT_MAX``) run the compiled kernel on a flat view of each tensor,
-  in place (no copies): cost ~ the 13-words floor;
-- small tensors are packed into flat buffers (``torch.cat``), stepped by one kernel call per
-  pass, and written back (``torch._foreach_copy_``): a few multi-tensor copies instead of one
-  compiled call (about 30 us of Python guards each) per tensor.
+  in place (no copies);
+- small tensors are stepped together by one kernel call per pass: their state is used in place
+  where it lies back to back in one buffer (``pack``/``flat_span``: the optimizer keeps it so),
+  else gathered and written back; their params and gradients are gathered once per step
+  (``gather``: reused CPU buffers), and the params written back after the apply pass.
 
 Shapes are dynamic (one graph serves every length), and D, lr, betas, ``s_scale``... are 0-dim
 tensors or unspecialized floats, so changing them does not recompile. Graph-shaping options
