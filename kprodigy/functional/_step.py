@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import _factored, _foreach, _fused, _robust, _single
 from ._hyperparams import Hyperparams
-from ._scalars import Coefficients, coefficients, reduce_d
+from ._scalars import Coefficients, coefficients, reduce_d, updates_d
 from ._state import DState, State
 
 __all__ = ["AUTO_FUSED_MIN", "Segment", "SegmentResult", "step", "step_d_group", "step_d_groups", "use_foreach", "use_fused"]
@@ -254,8 +254,7 @@ def _accumulate_d_group(
                 f"D-group); got {hp0.skip_nonfinite} and {seg.hparams.skip_nonfinite}"
             )
     if update_d is None:
-        freq = hp0.d_update_freq
-        update_d = True if freq == 1 else (d_state.k % freq) == 0
+        update_d = updates_d(hp0, d_state.k)
 
     active = [i for i, seg in enumerate(segments) if seg.hparams.lr > 0 and len(seg.params) > 0]
     results = [_unchanged(seg) for seg in segments]
