@@ -212,3 +212,26 @@ def test_fused_skips_a_nonfinite_step_exactly_and_matches_eager(betas):
         assert all(torch.isfinite(t).all() for t in b)
         assert all(torch.allclose(x, y, rtol=1e-10, atol=1e-12) for x, y in zip(a, b))
         assert da == pytest.approx(db, rel=1e-10)
+
+
+@pytest.mark.parametrize("fused", [None, True])
+def test_inputs_that_require_grad_take_the_differentiable_eager_step(monkeypatch, fused):
+    monkeypatch.setattr(_step, "AUTO_FUSED_MIN", 1)  # fused=None would compile
+    hp = Hyperparams(d0=1e-2)
+    xs, grads = _tensors([(7, 9), (3,)], 0, torch.float64)
+    leaves = [x.clone().requires_grad_() for x in xs]
+    got, _ = step(leaves, grads[0], init_state(xs, hp), hp, fused=fused)
+    want, _ = step(xs, grads[0], init_state(xs, hp), hp, fused=False)
+    for a, b in zip(got, want):
+        assert a.requires_grad  # the step stays differentiable, as the eager path is
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+
+
+def test_fused_true_inside_torch_compile_runs_the_traced_per_tensor_step():
+    hp = Hyperparams(d0=1e-2)
+    xs, grads = _tensors([(7, 9), (3,)], 0, torch.float64)
+    compiled = torch.compile(lambda p, g, s: step(p, g, s, hp, fused=True), fullgraph=True)
+    got, _ = compiled(xs, grads[0], init_state(xs, hp))
+    want, _ = step(xs, grads[0], init_state(xs, hp), hp, fused=False)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)

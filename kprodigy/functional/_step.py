@@ -79,14 +79,17 @@ def use_fused(tensors: Sequence[Tensor], fused: bool | None, update_d: bool | Te
     """Resolve ``fused``: the compiled kernels of ``_fused.py`` where asked for and possible.
 
     True asks for them; None (automatic) takes them for at least ``AUTO_FUSED_MIN`` elements
-    (the first fused step compiles for seconds; small models do not win that back), outside
-    ``torch.compile`` (which fuses the per-tensor path itself). torch.func-wrapped inputs and a
-    device-side ``update_d`` (a 0-dim tensor) never take the fused path; neither does a device
-    where compiling fails (a one-line warning if ``fused=True`` was asked for; then foreach).
+    (the first fused step compiles for seconds; small models do not win that back). Either way
+    the eager kernels run inside ``torch.compile`` (which fuses them itself), for torch.func-
+    wrapped inputs, for inputs that require grad while grad mode is on (the eager step is
+    differentiable, the compiled in-place kernels are not), for a device-side ``update_d`` (a
+    0-dim tensor) and on a device where compiling fails (a one-line warning if ``fused=True``).
     """
-    if fused is False or not tensors or isinstance(update_d, Tensor):
+    if fused is False or not tensors or isinstance(update_d, Tensor) or torch.compiler.is_compiling():
         return False
-    if fused is None and (torch.compiler.is_compiling() or sum(t.numel() for t in tensors) < AUTO_FUSED_MIN):
+    if fused is None and sum(t.numel() for t in tensors) < AUTO_FUSED_MIN:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
         return False
