@@ -103,6 +103,11 @@ class KProdigy(torch.optim.Optimizer):
             a param's first step).
         d_ratio_cap: keep the D values of the D-groups within this factor (>= 1) of the smallest
             one after every step (default None: no cap), for a component whose D "grows forever".
+        fused: compiled kernels (torch.compile: one kernel per pass and tensor, no parameter-sized
+            temporaries) if True; None (default) takes them on CPU and CUDA for param groups of at
+            least 2**20 elements where torch.compile works; False uses ``foreach``. The first
+            fused step compiles for seconds; where compiling fails the step uses foreach (with a
+            one-line warning if ``fused=True`` was asked for).
         capturable: keep each D-group's D state as 0-dim tensors on its params' device, updated in
             place (fixed addresses), so that ``step()`` reads nothing on the host and can be
             captured in a CUDA graph (default False; per group, equal within a D-group). The group
@@ -128,11 +133,6 @@ class KProdigy(torch.optim.Optimizer):
 
     Fused backward: ``step_parameter(p)`` (from ``p.register_post_accumulate_grad_hook``) steps
     one param as soon as its gradient is ready and ``finalize_step()`` updates D once all are in.
-        fused: compiled kernels (torch.compile: one fused loop per pass, no parameter-sized
-            temporaries) if True; None (default) takes them for param groups of at least 2**20
-            elements where torch.compile works; False uses ``foreach``. The first fused step
-            compiles for seconds; where compiling fails the step uses foreach (with a one-line
-            warning if ``fused=True`` was asked for).
 
     Distributed training: when reduced, the D statistics of all D-groups are packed into one
     tensor and summed with ONE ``all_reduce`` per step (per device), with no host sync; steps that
