@@ -403,3 +403,30 @@ def test_cuda_graph_capture_matches_eager(d_update_freq: int) -> None:
             torch.testing.assert_close(group_g[key], group[key], rtol=1e-6, atol=0)
         assert group_g["k"].item() == group["k"].item() == len(grads) - 1
         assert group_g["skipped_steps"].item() == group["skipped_steps"].item() == 1
+
+
+def test_fused_step_reads_nothing_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """capturable=True with the compiled kernels (small params: the packed layout): after warm-up,
+    step() reads no tensor on the host, a skipped step included. (Host-to-device copies cannot be
+    seen on CPU: the fused path makes its 0-dim betas with ``torch.full``, see ``_fused``.)"""
+    model, X, y = model_and_data()
+    opt = KProdigy(model.parameters(), capturable=True, fused=True)
+    params = list(model.parameters())
+    for _ in range(2):  # warm-up: state, packing, compilation
+        opt.zero_grad()
+        ((model(X) - y) ** 2).mean().backward()
+        opt.step()
+    grads = [[g * (1 + i) for g in (p.grad for p in params)] for i in range(3)]
+    grads[1][0][0, 0] = math.nan  # a skipped step inside the checked region
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("host read inside KProdigy.step")
+
+    with monkeypatch.context() as patch:
+        for name in SYNCS:
+            patch.setattr(Tensor, name, forbidden)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g
+            opt.step()
+    assert opt.param_groups[0]["k"].item() == 4 and opt.param_groups[0]["skipped_steps"].item() == 1

@@ -163,6 +163,13 @@ def available(device: torch.device, warn: bool = True) -> bool:
     return why is None
 
 
+def _device_scalar(value: float | Tensor, like: Tensor) -> Tensor:
+    """``value`` as a 0-dim tensor of ``like``'s dtype and device, without a host-to-device copy."""
+    if isinstance(value, Tensor):
+        return value.to(like.dtype)
+    return torch.full((), value, dtype=like.dtype, device=like.device)
+
+
 def _flat(t: Tensor) -> Tensor:
     return t.view(-1)
 
@@ -317,8 +324,9 @@ def accumulate(
         ss = [t.clone() for t in ss] if update_d else list(ss)
     kernel = _compiled("accumulate")
     # betas and beta3 as 0-dim tensors: a Python float used as ``alpha``/``value`` is a constant
-    # of the graph, and a scheduler changing betas would recompile.
-    b1, b2, b3 = (torch.as_tensor(b, dtype=d.dtype, device=d.device) for b in (*betas, beta3))
+    # of the graph, and a scheduler changing betas would recompile. Made by a fill on the device
+    # (``torch.full``), not a host-to-device copy: no sync, and allowed inside CUDA-graph capture.
+    b1, b2, b3 = (_device_scalar(b, d) for b in (*betas, beta3))
     kw: dict[str, Any] = dict(betas=(b1, b2), beta3=b3, d=d, c=c, slice_p=slice_p, update_d=update_d, decay=decay)
     if sanitize:  # the eager remainder below gets sanitised copies
         gs = list(gs)
