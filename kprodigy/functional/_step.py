@@ -80,11 +80,11 @@ def use_fused(tensors: Sequence[Tensor], fused: bool | None, update_d: bool | Te
 
     True asks for them; None (automatic) takes them on CPU and CUDA for at least
     ``AUTO_FUSED_MIN`` elements (the first fused step compiles for seconds; small models do not
-    win that back). Either way
-    the eager kernels run inside ``torch.compile`` (which fuses them itself), for torch.func-
-    wrapped inputs, for inputs that require grad while grad mode is on (the eager step is
-    differentiable, the compiled in-place kernels are not), for a device-side ``update_d`` (a
-    0-dim tensor) and on a device where compiling fails (a one-line warning if ``fused=True``).
+    win that back). Either way the eager kernels run inside ``torch.compile`` (which fuses them
+    itself), for torch.func-wrapped inputs, for inputs that require grad while grad mode is on
+    (the eager step is differentiable, the compiled in-place kernels are not), for a device-side
+    ``update_d`` (a 0-dim tensor) and on a device where compiling fails (a one-line warning if
+    ``fused=True``).
     """
     if fused is False or not tensors or isinstance(update_d, Tensor) or torch.compiler.is_compiling():
         return False
