@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _robust, _single
+from . import _robust, _scratch, _single
 from ._scalars import Coefficients
 
 __all__ = ["FLAT_MAX", "Gathered", "accumulate", "apply", "available", "flat_span", "gather", "pack", "unpacked_grads"]
@@ -193,28 +192,12 @@ def _cat(ts: Sequence[Tensor]) -> Tensor:
     return torch._C._nn.flatten_dense_tensors(list(ts))
 
 
-_SCRATCH = threading.local()  # per thread: {(device, dtype, slot, id of the first tensor): 1-D buffer}
-_SCRATCH_ENTRIES = 16  # most recently used buffers kept per thread
-
-
 def _cat_scratch(ts: Sequence[Tensor], slot: str) -> Tensor:
-    """``_cat`` into a buffer reused by later steps, on CPU: there a fresh multi-megabyte buffer
-    per step costs more in page faults than the copy itself (benchmarks/NOTES.md, change 6);
-    elsewhere (caching allocators) a new buffer. Buffers are keyed by thread, device, dtype,
-    ``slot`` and the first tensor, so two gathers alive at once never share one."""
+    """``_cat`` into a buffer reused by later steps on CPU (``_scratch``), keyed by ``slot`` and
+    the first tensor, so that two gathers alive at once never share one."""
     first = ts[0]
-    if first.device.type != "cpu":
-        return _cat(ts)
-    n = sum(t.numel() for t in ts)
-    bufs: dict[Any, Tensor] = _SCRATCH.__dict__.setdefault("bufs", {})
-    key = (first.device, first.dtype, slot, id(first))
-    buf = bufs.pop(key, None)
-    if buf is None or buf.numel() < n:
-        buf = torch.empty(n, dtype=first.dtype, device=first.device)
-    bufs[key] = buf  # most recent last
-    while len(bufs) > _SCRATCH_ENTRIES:
-        del bufs[next(iter(bufs))]
-    return torch.cat([t.view(-1) for t in ts], out=buf[:n])
+    buf = _scratch.buffer(sum(t.numel() for t in ts), first.dtype, first.device, (slot, id(first)))
+    return _cat(ts) if buf is None else torch.cat([t.view(-1) for t in ts], out=buf)
 
 
 @dataclass(frozen=True)

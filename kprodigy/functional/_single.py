@@ -8,11 +8,13 @@ same order, so they produce bit-identical results. ``_foreach.py`` states the sa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from . import _scratch
 from ._scalars import Coefficients
 
 __all__ = ["accumulate", "apply"]
@@ -53,7 +55,7 @@ def accumulate(
     dots: list[Tensor] = []
     norms: list[Tensor] = []
     for i, (x, g) in enumerate(zip(xs, gs)):
-        dg = torch.mul(g, d)
+        dg = torch.mul(g, d, out=_temp(g.shape, "a", inplace, g, d))
         if exp_avgs is not None and new_m is not None:
             m = _mul(exp_avgs[i], k1, inplace)
             new_m.append(_add(m, dg, 1 - b1, inplace))
@@ -64,12 +66,13 @@ def accumulate(
             new_s.append(ss[i])
             continue
         g_sliced = g.flatten()[::slice_p]
-        diff = torch.sub(p0s[i], x.flatten()[::slice_p])
+        x_sliced = x.flatten()[::slice_p]
+        diff = torch.sub(p0s[i], x_sliced, out=_temp(x_sliced.shape, "a", inplace, p0s[i], x))
         dots.append(torch.dot(_up(g_sliced), _up(diff)).to(d.dtype))
         s = _mul(ss[i], beta3, inplace)
         s = _addcmul(s, g_sliced, c.s_scale, 1, inplace)  # s + g * s_scale: no temporary
         new_s.append(s)
-        norms.append(_l1(s).to(d.dtype))
+        norms.append(_l1(s, out=_temp(s.shape, "a", inplace, s)).to(d.dtype))
     if not update_d or not dots:
         zero = torch.zeros_like(d)
         return new_m, new_v, new_s, zero, zero
@@ -101,10 +104,15 @@ def apply(
     for i, x in enumerate(xs):
         # den = max(sqrt(v), floor) / (-dlr), then one addcdiv: x + direction / den.
         # den is a temporary of ours: updated in place when ``inplace`` (no further copies).
-        den = torch.sqrt(exp_avg_sqs[i])
+        v = exp_avg_sqs[i]
+        den = torch.sqrt(v, out=_temp(v.shape, "a", inplace, v))
         den = den.maximum(floor) if not inplace else torch.maximum(den, floor, out=den)
         den = _div(den, neg_dlr, inplace)
-        direction = exp_avgs[i] if exp_avgs is not None else torch.mul(gs[i], d_old)
+        if exp_avgs is not None:
+            direction = exp_avgs[i]
+        else:
+            g = gs[i]
+            direction = torch.mul(g, d_old, out=_temp(g.shape, "b", inplace, g, d_old))
         if keep is not None:
             x = _mul(x, keep, inplace)
         out.append(x.addcdiv_(direction, den) if inplace else torch.addcdiv(x, direction, den))
@@ -119,10 +127,21 @@ def _div(t: Tensor, a: Tensor, inplace: bool) -> Tensor:
     return t.div_(a) if inplace else torch.div(t, a)
 
 
-def _l1(t: Tensor) -> Tensor:
-    """||t||_1 accumulated in at least fp32, as ``abs`` then ``sum``: on CPU several times faster
-    than ``torch.linalg.vector_norm(t, 1)`` (see benchmarks/NOTES.md, change 3)."""
-    return torch.abs(t).sum(dtype=_up_dtype(t.dtype))
+def _l1(t: Tensor, out: Tensor | None = None) -> Tensor:
+    """||t||_1 accumulated in at least fp32, as ``abs`` (into ``out`` if given) then ``sum``: on
+    CPU several times faster than ``torch.linalg.vector_norm(t, 1)`` (benchmarks/NOTES.md, change 3)."""
+    return torch.abs(t, out=out).sum(dtype=_up_dtype(t.dtype))
+
+
+def _temp(shape: torch.Size, slot: str, inplace: bool, *operands: Tensor) -> Tensor | None:
+    """Where the in-place kernels put the result of an op on ``operands``: a reused CPU buffer
+    (``_scratch``), or None (a fresh tensor: the pure mode, off CPU, under torch.compile). Each
+    slot holds one temporary at a time; CPU ops run in order, so the next use may overwrite it."""
+    if not inplace or torch.compiler.is_compiling():
+        return None
+    dtype = torch.result_type(*operands) if len(operands) == 2 else operands[0].dtype
+    buf = _scratch.buffer(math.prod(shape), dtype, operands[0].device, ("single", slot))
+    return None if buf is None else buf.view(shape)
 
 
 def _add(t: Tensor, u: Tensor, alpha: float, inplace: bool) -> Tensor:
