@@ -19,13 +19,15 @@ __all__ = ["buffer"]
 
 _LOCAL = threading.local()  # per thread: {(device, dtype, key): 1-D buffer}, most recently used last
 MAX_ENTRIES = 16
+MIN_BYTES = 1 << 17  # smaller temporaries come from the C heap cheaply (glibc maps 128 KiB+ apart)
 
 
 def buffer(n: int, dtype: torch.dtype, device: torch.device, key: Hashable) -> Tensor | None:
     """A 1-D tensor of ``n`` elements kept for reuse under ``key``, or None where temporaries
     should be fresh tensors (off CPU, while compiling). Its contents are arbitrary; it is valid
-    until the next call with the same key in this thread."""
-    if device.type != "cpu" or torch.compiler.is_compiling():
+    until the next call with the same key in this thread. Temporaries under ``MIN_BYTES`` are
+    fresh tensors too: the heap serves them without page faults, and a lookup would cost more."""
+    if device.type != "cpu" or n * dtype.itemsize < MIN_BYTES or torch.compiler.is_compiling():
         return None
     bufs: dict[Hashable, Tensor] = _LOCAL.__dict__.setdefault("bufs", {})
     full_key = (device, dtype, key)

@@ -38,6 +38,7 @@ def accumulate(
     update_d: bool,
     inplace: bool,
     decay: tuple[Scalar, Scalar] | None = None,
+    sanitize: bool = False,
 ) -> tuple[list[Tensor] | None, list[Tensor], list[Tensor], Tensor, Tensor]:
     """Moments and D statistics of one group; reads g, x, p0, s, m, v once.
 
@@ -45,7 +46,8 @@ def accumulate(
     (the same tensors when ``inplace``), ``numerator_scale * sum <g[::p], p0 - x[::p]>`` and
     ``sum ||s||_1`` as 0-dim tensors of ``d``'s dtype (zeros when not ``update_d``).
     ``decay``: multipliers of m and v (default ``betas``); 0-dim tensors let a skipped step keep
-    the moments exactly (decay 1 with a zeroed gradient).
+    the moments exactly (decay 1 with a zeroed gradient). ``sanitize``: use ``g`` with its
+    non-finite entries zeroed (``_robust.sanitize``, one tensor at a time).
     """
     b1, b2 = betas
     k1, k2 = betas if decay is None else decay
@@ -55,6 +57,8 @@ def accumulate(
     dots: list[Tensor] = []
     norms: list[Tensor] = []
     for i, (x, g) in enumerate(zip(xs, gs)):
+        if sanitize:
+            g = _zero_nonfinite(g, inplace)
         dg = torch.mul(g, d, out=_temp(g.shape, "a", inplace, g, d))
         if exp_avgs is not None and new_m is not None:
             m = _mul(exp_avgs[i], k1, inplace)
@@ -92,11 +96,13 @@ def apply(
     eps: float,
     keep: Tensor | None,
     inplace: bool,
+    sanitize: bool = False,
 ) -> list[Tensor]:
     """x <- x * keep - dlr * m / max(sqrt(v), d_new * eps); reads x, m, v once, writes x.
 
-    With no exp_avg (betas[0] == 0) the direction is ``d_old * g``. ``keep`` is the decoupled
-    weight-decay factor ``1 - wd * dlr``, or None for no decoupled decay.
+    With no exp_avg (betas[0] == 0) the direction is ``d_old * g`` (``g`` sanitized as in
+    ``accumulate`` if ``sanitize``). ``keep`` is the decoupled weight-decay factor
+    ``1 - wd * dlr``, or None for no decoupled decay.
     """
     floor = d_new * eps
     neg_dlr = -dlr
@@ -111,7 +117,7 @@ def apply(
         if exp_avgs is not None:
             direction = exp_avgs[i]
         else:
-            g = gs[i]
+            g = _zero_nonfinite(gs[i], inplace) if sanitize else gs[i]
             direction = torch.mul(g, d_old, out=_temp(g.shape, "b", inplace, g, d_old))
         if keep is not None:
             x = _mul(x, keep, inplace)
@@ -125,6 +131,11 @@ def _mul(t: Tensor, a: Scalar, inplace: bool) -> Tensor:
 
 def _div(t: Tensor, a: Tensor, inplace: bool) -> Tensor:
     return t.div_(a) if inplace else torch.div(t, a)
+
+
+def _zero_nonfinite(g: Tensor, inplace: bool) -> Tensor:
+    """``g`` with NaN/inf entries 0 (as ``_robust.sanitize``), into a reused buffer when in place."""
+    return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0, out=_temp(g.shape, "g", inplace, g))
 
 
 def _l1(t: Tensor, out: Tensor | None = None) -> Tensor:

@@ -104,6 +104,13 @@ def _runs_fused(seg: Segment, fused: bool | None, update_d: bool | Tensor | None
     return use_fused(seg.params, fused, update_d) and not _factored.is_factored(seg.params, seg.exp_avg_sq)
 
 
+def _sanitizes_inside(seg: Segment, fe: bool, fu: bool) -> bool:
+    """Whether the segment's kernels zero non-finite gradient entries themselves (``sanitize``):
+    the fused and per-tensor ones do, per tensor, with no copy of every gradient kept for the
+    step; the foreach and factored ones get sanitized copies."""
+    return fu or (not fe and not _factored.is_factored(seg.params, seg.exp_avg_sq))
+
+
 def _accumulate_kernel(seg: Segment, fe: bool, fu: bool) -> Callable[..., Any]:
     """The accumulate kernel of a segment: factored, fused (compiled), foreach or per-tensor."""
     if _factored.is_factored(seg.params, seg.exp_avg_sq):
@@ -288,8 +295,8 @@ def _accumulate_d_group(
         checked = [g for i in active for g in _fused.unpacked_grads(grads[i], gathered[i])]
         ok = _robust.all_finite(checked, d_state.d.device, fe)
         d_weight = torch.where(ok, d_state.d, 0.0)
-        for i in active:  # the fused kernels sanitise inside their loop instead of copying here
-            if not paths[i][1]:
+        for i in active:  # the fused and per-tensor kernels sanitise inside, not in copies made here
+            if not _sanitizes_inside(segments[i], *paths[i]):
                 grads[i] = _robust.sanitize(grads[i])
     for i in active:
         seg, hp = segments[i], segments[i].hparams
@@ -319,7 +326,7 @@ def _accumulate_d_group(
             update_d=update_d is not False,
             inplace=inplace,
             **({} if decay is None else {"decay": decay}),
-            **({"sanitize": True} if ok is not None and fu else {}),
+            **({"sanitize": True} if ok is not None and _sanitizes_inside(seg, fe, fu) else {}),
             **({"gathered": gathered[i]} if gathered[i] is not None else {}),
         )
         results[i] = SegmentResult(list(seg.params), m, v, s)
@@ -366,7 +373,7 @@ def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[l
             eps=hp.eps,
             keep=keep,
             inplace=acc.inplace,
-            **({"sanitize": True} if ok is not None and fu else {}),
+            **({"sanitize": True} if ok is not None and _sanitizes_inside(seg, fe, fu) else {}),
             **({"gathered": acc.gathered[i]} if acc.gathered[i] is not None and not sr else {}),
         )
         xs = _robust.write_back(seg.params, xs, inplace=acc.inplace, sr=sr)
