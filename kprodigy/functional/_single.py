@@ -150,8 +150,11 @@ def _temp(shape: torch.Size, slot: str, inplace: bool, *operands: Tensor) -> Ten
     slot holds one temporary at a time; CPU ops run in order, so the next use may overwrite it."""
     if not inplace or torch.compiler.is_compiling():
         return None
+    n = math.prod(shape)
+    if n * operands[0].element_size() < _scratch.MIN_BYTES:  # cheap exit: most tensors are small
+        return None
     dtype = torch.result_type(*operands) if len(operands) == 2 else operands[0].dtype
-    buf = _scratch.buffer(math.prod(shape), dtype, operands[0].device, ("single", slot))
+    buf = _scratch.buffer(n, dtype, operands[0].device, ("single", slot))
     return None if buf is None else buf.view(shape)
 
 
