@@ -331,7 +331,10 @@ def accumulate(
         m_flat, m_copied = (None, False) if exp_avgs is None else _gather([exp_avgs[i] for i in packed])
         v_flat, v_copied = _gather([exp_avg_sqs[i] for i in packed])
         s_flat, s_copied = _gather([ss[i] for i in packed])
-        p0_flat, _ = _gather([_p0_full(p0s[i], ss[i].numel()) for i in packed])
+        p0s_packed = [_p0_full(p0s[i], ss[i].numel()) for i in packed]  # read only: no write-back
+        p0_flat = flat_span(p0s_packed)
+        if p0_flat is None:  # compact (0-dim) p0s are not packed: gathered into a reused buffer
+            p0_flat = _cat_scratch(p0s_packed, "p0")
         reuse = gathered is not None and gathered.packed == packed
         flat = gathered if gathered is not None and reuse else _gather_packed(xs, gs, packed)
         num, den = kernel(flat.x, flat.g, m_flat, v_flat, s_flat, p0_flat, sanitize=sanitize, **kw)

@@ -662,7 +662,9 @@ class KProdigy(torch.optim.Optimizer):
                 states = [self.state[p] for p in ps]
                 if len(ps) < 2 or not all(key in st for st in states):
                     continue
-                ts = [st[key].expand(p.numel()) if st[key].dim() == 0 else st[key] for p, st in zip(ps, states)]
+                ts = [st[key] for st in states]
+                if key == "p0" and any(t.dim() == 0 for t in ts):
+                    continue  # a compact p0 (all-zero param, e.g. LoRA B) stays compact: memory first
                 if _fused.flat_span(ts) is None:
                     for st, packed in zip(states, _fused.pack(ts)):
                         st[key] = packed
