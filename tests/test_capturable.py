@@ -36,6 +36,23 @@ def model_and_data(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module,
     return model, X, y
 
 
+def _step_without_host_reads(
+    monkeypatch: pytest.MonkeyPatch, opt: KProdigy, params: list[Tensor], grads: list[list[Tensor]]
+) -> None:
+    """One ``opt.step()`` per gradient list, with every host read of a tensor value raising."""
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("host synchronisation inside KProdigy.step with capturable=True")
+
+    with monkeypatch.context() as patch:
+        for name in SYNCS:
+            patch.setattr(Tensor, name, forbidden)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g
+            opt.step()
+
+
 def one_group(model: torch.nn.Module) -> Any:
     return model.parameters()
 
@@ -206,17 +223,7 @@ def test_step_reads_nothing_on_the_host(monkeypatch: pytest.MonkeyPatch, config:
         if i == 0:
             opt.step()  # warm-up: creates the state
     grads[4][0][0, 0] = math.inf  # a skipped step inside the checked region
-
-    def forbidden(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("host synchronisation inside KProdigy.step with capturable=True")
-
-    with monkeypatch.context() as patch:
-        for name in SYNCS:
-            patch.setattr(Tensor, name, forbidden)
-        for gs in grads[1:]:
-            for p, g in zip(params, gs):
-                p.grad = g
-            opt.step()
+    _step_without_host_reads(monkeypatch, opt, params, grads[1:])
     assert opt.param_groups[0]["k"].item() == 7 and opt.param_groups[0]["skipped_steps"].item() == 1
 
 
@@ -418,15 +425,5 @@ def test_fused_step_reads_nothing_on_the_host(monkeypatch: pytest.MonkeyPatch) -
         opt.step()
     grads = [[g * (1 + i) for g in (p.grad for p in params)] for i in range(3)]
     grads[1][0][0, 0] = math.nan  # a skipped step inside the checked region
-
-    def forbidden(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("host read inside KProdigy.step")
-
-    with monkeypatch.context() as patch:
-        for name in SYNCS:
-            patch.setattr(Tensor, name, forbidden)
-        for gs in grads:
-            for p, g in zip(params, gs):
-                p.grad = g
-            opt.step()
+    _step_without_host_reads(monkeypatch, opt, params, grads)
     assert opt.param_groups[0]["k"].item() == 4 and opt.param_groups[0]["skipped_steps"].item() == 1
