@@ -232,6 +232,7 @@ class _Accumulated:
     update_d: bool | Tensor
     paths: dict[int, tuple[bool, bool]]  # per active segment: (foreach, fused), resolved once
     gathered: dict[int, _fused.Gathered | None]  # per active segment: its small params, gathered once
+    moments: dict[int, dict[str, Any]]  # per fused segment: its moments' arguments (``_fused.apply``)
     inplace: bool
     stats: Tensor  # local [numerator_delta, denom], stats dtype, on the params' device
     ok: Tensor | None = None  # 0-dim bool: every local gradient finite (None: skip_nonfinite off)
@@ -298,6 +299,7 @@ def _accumulate_d_group(
         for i in active:  # the fused and per-tensor kernels sanitise inside, not in copies made here
             if not _sanitizes_inside(segments[i], *paths[i]):
                 grads[i] = _robust.sanitize(grads[i])
+    moments: dict[int, dict[str, Any]] = {}
     for i in active:
         seg, hp = segments[i], segments[i].hparams
         c = coefs[i] = coefficients(hp, d_state)
@@ -313,6 +315,8 @@ def _accumulate_d_group(
             decay = (torch.where(ok, hp.betas[0], one), torch.where(ok, hp.betas[1], one))
         fe, fu = paths[i]
         gs = grads[i]
+        if fu:  # the compiled kernels write m, v, s in the apply pass, with these arguments
+            moments[i] = _fused.moment_args(hp.betas, beta3, d_weight, c, hp.slice_p, update_d is not False, decay)
         m, v, s, num, den = _by_dtype(
             _accumulate_kernel(seg, fe, fu),
             seg.params,
@@ -339,7 +343,7 @@ def _accumulate_d_group(
         if ok is None:  # no local tensors (sharded): only the reduced statistics decide
             ok = torch.ones((), dtype=torch.bool, device=stats.device)
         stats = torch.where(ok, stats, torch.nan)  # a local skip reaches every rank through the reduction
-    return _Accumulated(segments, active, results, coefs, grads, update_d, paths, gathered, inplace, stats, ok)
+    return _Accumulated(segments, active, results, coefs, grads, update_d, paths, gathered, moments, inplace, stats, ok)
 
 
 def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[list[SegmentResult], DState]:
@@ -362,10 +366,11 @@ def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[l
         sr = hp.stochastic_rounding and any(x.dtype == torch.bfloat16 for x in seg.params)
         # stochastic rounding: the kernel writes float32 copies of bfloat16 params, rounded below
         xs_in = [x.float() if x.dtype == torch.bfloat16 else x for x in seg.params] if sr else seg.params
+        fused_args: dict[str, Any] = {"moments": acc.moments[i]} if fu else {}
         (xs,) = _by_dtype(
             _apply_kernel(seg, fe, fu),
             xs_in,
-            [acc.grads[i], res.exp_avg, res.exp_avg_sq],
+            [acc.grads[i], res.exp_avg, res.exp_avg_sq] + ([res.s] if fu else []),
             n_out=1,
             dlr=dlr,
             d_old=d_state.d if ok is None else torch.where(ok, d_state.d, 0.0),
@@ -375,6 +380,7 @@ def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[l
             inplace=acc.inplace,
             **({"sanitize": True} if ok is not None and _sanitizes_inside(seg, fe, fu) else {}),
             **({"gathered": acc.gathered[i]} if acc.gathered[i] is not None and not sr else {}),
+            **fused_args,
         )
         xs = _robust.write_back(seg.params, xs, inplace=acc.inplace, sr=sr)
         results[i] = replace(res, params=xs)
