@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> str:
     acc_kw = dict(betas=(scalar(0.9), scalar(0.999)), beta3=scalar(0.9995), d=scalar(1e-3), c=c, slice_p=1)
     app_kw = dict(dlr=scalar(1e-3), d_old=scalar(1e-3), d_new=scalar(1e-3), eps=1e-8, keep=None)
     stats, update = _fused._compiled("statistics"), _fused._compiled("update")
+    ok = torch.ones((), dtype=torch.bool)  # the skip's decision: the update pass selects by it
     old_acc = torch.compile(_fused._accumulate_1d, fullgraph=True, dynamic=True)  # write=True: before change 9
 
     def old_apply_fn(x: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, **kw: object) -> None:
@@ -54,9 +55,10 @@ def main(argv: list[str] | None = None) -> str:
     param.grad = g.clone()
     adamw = torch.optim.AdamW([param], lr=1e-3, fused=True)
     runs = {
-        "statistics pass (4 words)": lambda: stats(x, g, None, None, s, p0, update_d=True, sanitize=True, write=False, **acc_kw),
-        "update pass (9 words)": lambda: update(x, g, m, v, s, update_d=True, sanitize=True, **acc_kw, **app_kw),
-        "update pass, static shapes": lambda: update_static(x, g, m, v, s, update_d=True, sanitize=True, **acc_kw, **app_kw),
+        "statistics pass (4 words)": lambda: stats(x, g, None, None, s, p0, update_d=True, write=False, **acc_kw),
+        "update pass (9 words)": lambda: update(x, g, m, v, s, update_d=True, ok=ok, **acc_kw, **app_kw),
+        "update pass, no skip": lambda: update(x, g, m, v, s, update_d=True, **acc_kw, **app_kw),
+        "update pass, static shapes": lambda: update_static(x, g, m, v, s, update_d=True, ok=ok, **acc_kw, **app_kw),
         "before change 9: accumulate (11 words)": lambda: old_acc(x, g, m, v, s, p0, update_d=True, sanitize=True, **acc_kw),
         "before change 9: apply (4 words)": lambda: old_apply(x, g, m, v, **app_kw),
         "before change 5: accumulate with nan_to_num": lambda: acc_nan_to_num(g, m, v, s, p0, update_d=True, **acc_kw),

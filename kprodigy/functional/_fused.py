@@ -127,20 +127,28 @@ def _update_1d(
     eps: float,
     keep: Tensor | None,
     decay: tuple[Tensor, Tensor] | None = None,
-    sanitize: bool = False,
+    ok: Tensor | None = None,
 ) -> None:
     """The second pass of the fused step on one flat tensor, in place: the new m, v, s
     (``_single.accumulate`` without its statistics), then ``_single.apply``. With the statistics
     pass (``_accumulate_1d(write=False)``) before it, nothing is written before D is known, and
-    each pass is one loop: 4 + 9 = 13 words per element (benchmarks/NOTES.md, change 9)."""
-    if sanitize:
-        g = _zero_nonfinite(g)
+    each pass is one loop: 4 + 9 = 13 words per element (benchmarks/NOTES.md, change 9).
+
+    ok: the non-finite skip's decision (0-dim bool): every tensor keeps its old value where it
+    is False (a select in the loop, so NaN never reaches the state), else the new one.
+    """
+    olds = [x, v, s] + ([] if m is None else [m])
+    # with a skip decision, the same in-place ops on copies (values of the compiled loop, not
+    # memory), then a select; the in-place ops lower to the same code as without the skip
+    news = olds if ok is None else [t.clone() for t in olds]
+    new_x, new_v, new_s = news[:3]
+    new_m = None if m is None else [news[3]]
     _single.accumulate(
-        [x],
+        [new_x],
         [g],
-        None if m is None else [m],
-        [v],
-        [s],
+        new_m,
+        [new_v],
+        [new_s],
         [],
         betas=betas,  # type: ignore[arg-type]
         beta3=beta3,
@@ -152,9 +160,10 @@ def _update_1d(
         decay=decay,
         stats=False,
     )
-    _single.apply(
-        [x], [g], None if m is None else [m], [v], dlr=dlr, d_old=d_old, d_new=d_new, eps=eps, keep=keep, inplace=True
-    )
+    _single.apply([new_x], [g], new_m, [new_v], dlr=dlr, d_old=d_old, d_new=d_new, eps=eps, keep=keep, inplace=True)
+    if ok is not None:
+        for old, new in zip(olds, news):
+            old.copy_(torch.where(ok, new, old))
 
 
 # Graphs per kernel: dtype x exp_avg present x update_d x slice_p x decoupled decay x packed or
@@ -426,6 +435,7 @@ def apply(
     moments: dict[str, Any],
     sanitize: bool = False,
     gathered: Gathered | None = None,
+    ok: Tensor | None = None,
 ) -> TensorList:
     """``_single.apply``, and for the tensors whose moments ``accumulate`` left (the compiled
     ones) first the new m, v, s, in place, in the same loop. ``moments``: ``moment_args`` of the
@@ -437,14 +447,14 @@ def apply(
     packed, direct, eager = _partition(xs, moments["slice_p"])
     for i in direct:
         m = None if exp_avgs is None else _flat(exp_avgs[i])
-        kernel(_flat(out[i]), _flat(gs[i]), m, _flat(exp_avg_sqs[i]), ss[i], sanitize=sanitize, **moments, **kw)
+        kernel(_flat(out[i]), _flat(gs[i]), m, _flat(exp_avg_sqs[i]), ss[i], ok=ok, **moments, **kw)
     if packed:
         m_flat, m_copied = (None, False) if exp_avgs is None else _gather([exp_avgs[i] for i in packed])
         v_flat, v_copied = _gather([exp_avg_sqs[i] for i in packed])
         s_flat, s_copied = _gather([ss[i] for i in packed])
         reuse = gathered is not None and inplace and gathered.packed == packed
         flat = gathered if gathered is not None and reuse else _gather_packed(out, gs, packed)
-        kernel(flat.x, flat.g, m_flat, v_flat, s_flat, sanitize=sanitize, **moments, **kw)
+        kernel(flat.x, flat.g, m_flat, v_flat, s_flat, ok=ok, **moments, **kw)
         _write_back(out, packed, flat.x)
         if v_copied:
             _write_back(exp_avg_sqs, packed, v_flat)

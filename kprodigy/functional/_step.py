@@ -242,7 +242,6 @@ class _Accumulated:
     update_d: bool | Tensor
     paths: dict[int, tuple[bool, bool]]  # per active segment: (foreach, fused), resolved once
     gathered: dict[int, _fused.Gathered | None]  # per active segment: its small params, gathered once
-    moments: dict[int, dict[str, Any]]  # per fused segment: its moments' arguments (``_fused.apply``)
     inplace: bool
     stats: Tensor  # local [numerator_delta, denom], stats dtype, on the params' device
     ok: Tensor | None = None  # 0-dim bool: every local gradient finite (None: skip_nonfinite off)
@@ -320,7 +319,6 @@ def _accumulate_d_group(
         for i in active:  # the fused and per-tensor kernels sanitise inside, not in copies made here
             if not _sanitizes_inside(segments[i], *paths[i]):
                 grads[i] = _robust.sanitize(grads[i])
-    moments: dict[int, dict[str, Any]] = {}
     for i in active:
         seg, hp = segments[i], segments[i].hparams
         c = coefs[i] = coefficients(hp, d_state)
@@ -333,8 +331,6 @@ def _accumulate_d_group(
             _, beta3, c, decay = _skip_scalars(hp, beta3, c, d_state.d, ok)
         fe, fu = paths[i]
         gs = grads[i]
-        if fu:  # the compiled kernels write m, v, s in the apply pass, with these arguments
-            moments[i] = _fused.moment_args(hp.betas, beta3, d_weight, c, hp.slice_p, update_d is not False, decay)
         m, v, s, num, den = _by_dtype(
             _accumulate_kernel(seg, fe, fu),
             seg.params,
@@ -361,7 +357,7 @@ def _accumulate_d_group(
         if ok is None:  # no local tensors (sharded), or folded: only the (reduced) statistics decide
             ok = torch.ones((), dtype=torch.bool, device=stats.device)
         stats = torch.where(ok, stats, torch.nan)  # a local skip reaches every rank through the reduction
-    acc = _Accumulated(segments, active, results, coefs, grads, update_d, paths, gathered, moments, inplace, stats, ok)
+    acc = _Accumulated(segments, active, results, coefs, grads, update_d, paths, gathered, inplace, stats, ok)
     acc.folded = folded
     return acc
 
@@ -386,11 +382,10 @@ def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[l
         sr = hp.stochastic_rounding and any(x.dtype == torch.bfloat16 for x in seg.params)
         # stochastic rounding: the kernel writes float32 copies of bfloat16 params, rounded below
         xs_in = [x.float() if x.dtype == torch.bfloat16 else x for x in seg.params] if sr else seg.params
-        moments = acc.moments.get(i)
-        if acc.folded and ok is not None:  # the skip is known only now: its scalars for the writes
-            d_weight, beta3, c_ok, decay = _skip_scalars(hp, hp0.beta3_value, c, d_state.d, ok)
-            moments = _fused.moment_args(hp.betas, beta3, d_weight, c_ok, hp.slice_p, True, decay)
-        fused_args: dict[str, Any] = {"moments": moments} if fu else {}
+        fused_args: dict[str, Any] = {}
+        if fu:  # the compiled update pass: plain scalars, and the skip as a select on ``ok``
+            moments = _fused.moment_args(hp.betas, hp0.beta3_value, d_state.d, c, hp.slice_p, acc.update_d is not False)
+            fused_args = {"moments": moments, "ok": ok}
         (xs,) = _by_dtype(
             _apply_kernel(seg, fe, fu),
             xs_in,
