@@ -37,4 +37,4 @@ def test_fused_kernels_benchmark_runs_tiny():
     assert len(rows) == 9 and "| AdamW fused step (7 words) |" in text
     for row in rows:
         ms, ratio = (float(cell) for cell in row.strip("| ").split(" | ")[1:])
-        assert ms > 0 and ratio > 0  # NaN fails both
+        assert ms >= 0 and ratio >= 0  # NaN fails both (a tiny copy may print 0.00)
