@@ -37,7 +37,18 @@ from torch import Tensor
 from . import _robust, _scratch, _single
 from ._scalars import Coefficients
 
-__all__ = ["FLAT_MAX", "Gathered", "accumulate", "apply", "available", "flat_span", "gather", "pack", "unpacked_grads"]
+__all__ = [
+    "FLAT_MAX",
+    "Gathered",
+    "accumulate",
+    "apply",
+    "available",
+    "flat_span",
+    "gather",
+    "moment_args",
+    "pack",
+    "unpacked_grads",
+]
 
 FLAT_MAX = 1 << 16  # tensors with fewer elements are packed into flat buffers
 TensorList = list[Tensor]
@@ -55,7 +66,7 @@ def _accumulate_1d(
     x: Tensor,
     g: Tensor,
     m: Tensor | None,
-    v: Tensor,
+    v: Tensor | None,
     s: Tensor,
     p0: Tensor,
     betas: tuple[Tensor, Tensor],
@@ -66,10 +77,13 @@ def _accumulate_1d(
     update_d: bool,
     decay: tuple[Tensor, Tensor] | None = None,
     sanitize: bool = False,
+    write: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """``_single.accumulate`` on one flat tensor, in place; returns (numerator_delta, denom).
 
     sanitize: replace non-finite gradient entries by 0 inside the loop (the non-finite skip).
+    write: False computes the statistics only (m, v, s untouched; ``m``/``v`` may be None): the
+    first pass of the fused step, whose second pass is ``_update_1d``.
 
     betas, beta3: 0-dim tensors (the reference's scalar arguments accept them when compiled).
     """
@@ -79,7 +93,7 @@ def _accumulate_1d(
         [x],
         [g],
         None if m is None else [m],
-        [v],
+        [] if v is None else [v],
         [s],
         [p0],
         betas=betas,  # type: ignore[arg-type]
@@ -90,37 +104,66 @@ def _accumulate_1d(
         update_d=update_d,
         inplace=True,
         decay=decay,
+        write=write,
     )
     return num, den
 
 
-def _apply_1d(
+def _update_1d(
     x: Tensor,
     g: Tensor,
     m: Tensor | None,
     v: Tensor,
+    s: Tensor,
+    betas: tuple[Tensor, Tensor],
+    beta3: Tensor,
+    d: Tensor,
+    c: Coefficients,
+    slice_p: int,
+    update_d: bool,
     dlr: Tensor,
     d_old: Tensor,
     d_new: Tensor,
     eps: float,
     keep: Tensor | None,
-    sanitize: bool = False,
+    decay: tuple[Tensor, Tensor] | None = None,
+    ok: Tensor | None = None,
 ) -> None:
-    """``_single.apply`` on one flat tensor, in place (``sanitize`` as in ``_accumulate_1d``)."""
-    if sanitize:
-        g = _zero_nonfinite(g)
-    _single.apply(
-        [x],
+    """The second pass of the fused step on one flat tensor, in place: the new m, v, s
+    (``_single.accumulate`` without its statistics), then ``_single.apply``. With the statistics
+    pass (``_accumulate_1d(write=False)``) before it, nothing is written before D is known, and
+    each pass is one loop: 4 + 9 = 13 words per element (benchmarks/NOTES.md, change 9).
+
+    ok: the non-finite skip's decision (0-dim bool): every tensor keeps its old value where it
+    is False (a select in the loop, so NaN never reaches the state), else the new one.
+    """
+    olds = [x, v, s] + ([] if m is None else [m])
+    # with a skip decision, the same in-place ops on copies (values of the compiled loop, not
+    # memory), then a select; the in-place ops lower to the same code as without the skip
+    news = olds if ok is None else [t.clone() for t in olds]
+    new_x, new_v, new_s = news[:3]
+    new_m = None if m is None else [news[3]]
+    _single.accumulate(
+        [new_x],
         [g],
-        None if m is None else [m],
-        [v],
-        dlr=dlr,
-        d_old=d_old,
-        d_new=d_new,
-        eps=eps,
-        keep=keep,
+        new_m,
+        [new_v],
+        [new_s],
+        [],
+        betas=betas,  # type: ignore[arg-type]
+        beta3=beta3,
+        d=d,
+        c=c,
+        slice_p=slice_p,
+        update_d=update_d,
         inplace=True,
+        decay=decay,
+        stats=False,
     )
+    _single.apply([new_x], [g], new_m, [new_v], dlr=dlr, d_old=d_old, d_new=d_new, eps=eps, keep=keep, inplace=True)
+    if ok is not None:
+        for old, new in zip(olds, news):
+            old.copy_(torch.where(ok, new, old))
 
 
 # Graphs per kernel: dtype x exp_avg present x update_d x slice_p x decoupled decay x packed or
@@ -130,7 +173,8 @@ _RECOMPILE_LIMIT = 64
 
 @functools.cache
 def _compiled(name: str) -> Callable[..., Any]:
-    fn: Callable[..., Any] = _accumulate_1d if name == "accumulate" else _apply_1d
+    kernels: dict[str, Callable[..., Any]] = {"statistics": _accumulate_1d, "update": _update_1d}
+    fn = kernels[name]
     cfg = torch._dynamo.config
     cfg.recompile_limit = max(cfg.recompile_limit, _RECOMPILE_LIMIT)
     return torch.compile(fn, fullgraph=True, dynamic=True)
@@ -298,64 +342,54 @@ def accumulate(
     sanitize: bool = False,
     gathered: Gathered | None = None,
 ) -> tuple[TensorList | None, TensorList, TensorList, Tensor, Tensor]:
-    """Same contract as ``_single.accumulate``; ``sanitize`` zeroes non-finite gradient entries
-    inside the compiled loop (the non-finite skip) instead of in a copy beforehand; ``gathered``:
-    this step's ``gather(xs, gs, slice_p)``, made here if None."""
-    if not inplace:  # the pure step: copies, then the same in-place kernels
+    """Same contract as ``_single.accumulate``, except that the compiled kernels compute only the
+    statistics here and leave m, v, s to ``apply`` (which then needs ``moments``: see
+    ``moment_args``); non-contiguous tensors take the eager kernels, which write them now.
+    ``sanitize`` zeroes non-finite gradient entries inside the compiled loop (the non-finite
+    skip) instead of in a copy beforehand; ``gathered``: this step's ``gather(xs, gs, slice_p)``,
+    made here if None."""
+    if not inplace:  # the pure step: copies, updated in place by this pass and ``apply``
         exp_avgs = None if exp_avgs is None else [t.clone() for t in exp_avgs]
         exp_avg_sqs = [t.clone() for t in exp_avg_sqs]
         ss = [t.clone() for t in ss] if update_d else list(ss)
-    kernel = _compiled("accumulate")
-    # betas and beta3 as 0-dim tensors: a Python float used as ``alpha``/``value`` is a constant
-    # of the graph, and a scheduler changing betas would recompile. Made by a fill on the device
-    # (``torch.full``), not a host-to-device copy: no sync, and allowed inside CUDA-graph capture.
-    b1, b2, b3 = (_device_scalar(b, d) for b in (*betas, beta3))
-    kw: dict[str, Any] = dict(betas=(b1, b2), beta3=b3, d=d, c=c, slice_p=slice_p, update_d=update_d, decay=decay)
-    if sanitize:  # the eager remainder below gets sanitised copies
-        gs = list(gs)
-        for i in _partition(xs, slice_p)[2]:
-            gs[i] = _robust.sanitize([gs[i]])[0]
+    kernel = _compiled("statistics")
+    kw = moment_args(betas, beta3, d, c, slice_p, update_d, decay)
+    packed, direct, eager = _partition(xs, slice_p)
     nums: list[Tensor] = []
     dens: list[Tensor] = []
-    packed, direct, eager = _partition(xs, slice_p)
-    for i in direct:
-        m = None if exp_avgs is None else _flat(exp_avgs[i])
-        num, den = kernel(
-            _flat(xs[i]), _flat(gs[i]), m, _flat(exp_avg_sqs[i]), ss[i], p0s[i].reshape(-1), sanitize=sanitize, **kw
-        )
-        nums.append(num)
-        dens.append(den)
-    if packed:
-        # state kept back to back in one buffer (``pack``) is stepped where it lies; other state
-        # is gathered into a flat copy and written back afterwards
-        m_flat, m_copied = (None, False) if exp_avgs is None else _gather([exp_avgs[i] for i in packed])
-        v_flat, v_copied = _gather([exp_avg_sqs[i] for i in packed])
-        s_flat, s_copied = _gather([ss[i] for i in packed])
-        p0s_packed = [_p0_full(p0s[i], ss[i].numel()) for i in packed]  # read only: no write-back
-        p0_flat = flat_span(p0s_packed)
-        if p0_flat is None:  # compact (0-dim) p0s are not packed: gathered into a reused buffer
-            p0_flat = _cat_scratch(p0s_packed, "p0")
-        reuse = gathered is not None and gathered.packed == packed
-        flat = gathered if gathered is not None and reuse else _gather_packed(xs, gs, packed)
-        num, den = kernel(flat.x, flat.g, m_flat, v_flat, s_flat, p0_flat, sanitize=sanitize, **kw)
-        nums.append(num)
-        dens.append(den)
-        if v_copied:
-            _write_back(exp_avg_sqs, packed, v_flat)
-        if exp_avgs is not None and m_flat is not None and m_copied:
-            _write_back(exp_avgs, packed, m_flat)
-        if update_d and s_copied:
-            _write_back(ss, packed, s_flat)
+    if update_d:  # no zeroing of non-finite g here: the statistics of a skipped step are discarded
+        for i in direct:
+            num, den = kernel(_flat(xs[i]), _flat(gs[i]), None, None, ss[i], p0s[i].reshape(-1), write=False, **kw)
+            nums.append(num)
+            dens.append(den)
+        if packed:
+            s_flat = _gather([ss[i] for i in packed])[0]  # read only here
+            p0s_packed = [_p0_full(p0s[i], ss[i].numel()) for i in packed]
+            p0_flat = flat_span(p0s_packed)
+            if p0_flat is None:  # compact (0-dim) p0s are not packed: gathered into a reused buffer
+                p0_flat = _cat_scratch(p0s_packed, "p0")
+            reuse = gathered is not None and gathered.packed == packed
+            flat = gathered if gathered is not None and reuse else _gather_packed(xs, gs, packed)
+            num, den = kernel(flat.x, flat.g, None, None, s_flat, p0_flat, write=False, **kw)
+            nums.append(num)
+            dens.append(den)
     if eager:
+        eager_gs = [gs[i] for i in eager]
         _, _, _, num, den = _single.accumulate(
             [xs[i] for i in eager],
-            [gs[i] for i in eager],
+            _robust.sanitize(eager_gs) if sanitize else eager_gs,
             _pick(exp_avgs, eager),
             [exp_avg_sqs[i] for i in eager],
             [ss[i] for i in eager],
             [p0s[i] for i in eager],
             inplace=True,
-            **{**kw, "betas": betas, "beta3": beta3},
+            betas=betas,
+            beta3=beta3,
+            d=d,
+            c=c,
+            slice_p=slice_p,
+            update_d=update_d,
+            decay=decay,
         )
         nums.append(num)
         dens.append(den)
@@ -366,11 +400,31 @@ def accumulate(
     return m_out, list(exp_avg_sqs), list(ss), torch.stack(nums).sum(), torch.stack(dens).sum()
 
 
+def moment_args(
+    betas: tuple[float, float],
+    beta3: float | Tensor,
+    d: Tensor,
+    c: Coefficients,
+    slice_p: int,
+    update_d: bool,
+    decay: tuple[Tensor, Tensor] | None = None,
+) -> dict[str, Any]:
+    """The compiled kernels' arguments for the moments (what ``accumulate`` was called with).
+
+    betas and beta3 as 0-dim tensors: a Python float used as ``alpha``/``value`` is a constant of
+    the graph, and a scheduler changing betas would recompile. Made by a fill on the device
+    (``torch.full``), not a host-to-device copy: no sync, and allowed inside CUDA-graph capture.
+    """
+    b1, b2, b3 = (_device_scalar(b, d) for b in (*betas, beta3))
+    return dict(betas=(b1, b2), beta3=b3, d=d, c=c, slice_p=slice_p, update_d=update_d, decay=decay)
+
+
 def apply(
     xs: Sequence[Tensor],
     gs: Sequence[Tensor],
     exp_avgs: Sequence[Tensor] | None,
     exp_avg_sqs: Sequence[Tensor],
+    ss: Sequence[Tensor],
     *,
     dlr: Tensor,
     d_old: Tensor,
@@ -378,40 +432,41 @@ def apply(
     eps: float,
     keep: Tensor | None,
     inplace: bool,
+    moments: dict[str, Any],
     sanitize: bool = False,
     gathered: Gathered | None = None,
+    ok: Tensor | None = None,
 ) -> TensorList:
-    """Same contract as ``_single.apply`` (``sanitize``, ``gathered`` as in ``accumulate``: the
-    gathered params must be unchanged since then; used only in place)."""
+    """``_single.apply``, and for the tensors whose moments ``accumulate`` left (the compiled
+    ones) first the new m, v, s, in place, in the same loop. ``moments``: ``moment_args`` of the
+    ``accumulate`` call; ``ss``: the ``s`` list it returned. ``sanitize``, ``gathered`` as in
+    ``accumulate`` (the gathered params must be unchanged since then; used only in place)."""
     out = list(xs) if inplace else [x.clone() for x in xs]
-    kernel = _compiled("apply")
+    kernel = _compiled("update")
     kw: dict[str, Any] = dict(dlr=dlr, d_old=d_old, d_new=d_new, eps=eps, keep=keep)
-    packed, direct, eager = _partition(xs, 1)
-    if sanitize:
-        gs = list(gs)
-        for i in eager:
-            gs[i] = _robust.sanitize([gs[i]])[0]
+    packed, direct, eager = _partition(xs, moments["slice_p"])
     for i in direct:
         m = None if exp_avgs is None else _flat(exp_avgs[i])
-        kernel(_flat(out[i]), _flat(gs[i]), m, _flat(exp_avg_sqs[i]), sanitize=sanitize, **kw)
+        kernel(_flat(out[i]), _flat(gs[i]), m, _flat(exp_avg_sqs[i]), ss[i], ok=ok, **moments, **kw)
     if packed:
-        ms = _pick(exp_avgs, packed)
+        m_flat, m_copied = (None, False) if exp_avgs is None else _gather([exp_avgs[i] for i in packed])
+        v_flat, v_copied = _gather([exp_avg_sqs[i] for i in packed])
+        s_flat, s_copied = _gather([ss[i] for i in packed])
         reuse = gathered is not None and inplace and gathered.packed == packed
         flat = gathered if gathered is not None and reuse else _gather_packed(out, gs, packed)
-        x_flat = flat.x
-        kernel(
-            x_flat,
-            flat.g,
-            None if ms is None else _gather(ms)[0],
-            _gather([exp_avg_sqs[i] for i in packed])[0],
-            sanitize=sanitize,
-            **kw,
-        )
-        _write_back(out, packed, x_flat)
-    if eager:
+        kernel(flat.x, flat.g, m_flat, v_flat, s_flat, ok=ok, **moments, **kw)
+        _write_back(out, packed, flat.x)
+        if v_copied:
+            _write_back(exp_avg_sqs, packed, v_flat)
+        if exp_avgs is not None and m_flat is not None and m_copied:
+            _write_back(exp_avgs, packed, m_flat)
+        if moments["update_d"] and s_copied:
+            _write_back(ss, packed, s_flat)
+    if eager:  # their moments were written by ``accumulate``
+        eager_gs = [gs[i] for i in eager]
         _single.apply(
             [out[i] for i in eager],
-            [gs[i] for i in eager],
+            _robust.sanitize(eager_gs) if sanitize else eager_gs,
             _pick(exp_avgs, eager),
             [exp_avg_sqs[i] for i in eager],
             inplace=True,

@@ -39,6 +39,8 @@ def accumulate(
     inplace: bool,
     decay: tuple[Scalar, Scalar] | None = None,
     sanitize: bool = False,
+    write: bool = True,
+    stats: bool = True,
 ) -> tuple[list[Tensor] | None, list[Tensor], list[Tensor], Tensor, Tensor]:
     """Moments and D statistics of one group; reads g, x, p0, s, m, v once.
 
@@ -48,6 +50,10 @@ def accumulate(
     ``decay``: multipliers of m and v (default ``betas``); 0-dim tensors let a skipped step keep
     the moments exactly (decay 1 with a zeroed gradient). ``sanitize``: use ``g`` with its
     non-finite entries zeroed (``_robust.sanitize``, one tensor at a time).
+
+    The fused path splits the pass in two (benchmarks/NOTES.md, change 9): ``write=False``
+    computes only the statistics (the new ``s`` as a temporary; m, v, s unchanged and returned
+    as given), ``stats=False`` only the new m, v, s (statistics returned as zeros).
     """
     b1, b2 = betas
     k1, k2 = betas if decay is None else decay
@@ -59,24 +65,30 @@ def accumulate(
     for i, (x, g) in enumerate(zip(xs, gs)):
         if sanitize:
             g = _zero_nonfinite(g, inplace)
-        dg = torch.mul(g, d, out=_temp(g.shape, "a", inplace, g, d))
-        if exp_avgs is not None and new_m is not None:
-            m = _mul(exp_avgs[i], k1, inplace)
-            new_m.append(_add(m, dg, 1 - b1, inplace))
-        v = _mul(exp_avg_sqs[i], k2, inplace)
-        new_v.append(_addcmul(v, dg, dg, 1 - b2, inplace))
-        del dg
+        if write:
+            dg = torch.mul(g, d, out=_temp(g.shape, "a", inplace, g, d))
+            if exp_avgs is not None and new_m is not None:
+                m = _mul(exp_avgs[i], k1, inplace)
+                new_m.append(_add(m, dg, 1 - b1, inplace))
+            v = _mul(exp_avg_sqs[i], k2, inplace)
+            new_v.append(_addcmul(v, dg, dg, 1 - b2, inplace))
+            del dg
         if not update_d:
             new_s.append(ss[i])
             continue
         g_sliced = g.flatten()[::slice_p]
-        x_sliced = x.flatten()[::slice_p]
-        diff = torch.sub(p0s[i], x_sliced, out=_temp(x_sliced.shape, "a", inplace, p0s[i], x))
-        dots.append(torch.dot(_up(g_sliced), _up(diff)).to(d.dtype))
-        s = _mul(ss[i], beta3, inplace)
-        s = _addcmul(s, g_sliced, c.s_scale, 1, inplace)  # s + g * s_scale: no temporary
-        new_s.append(s)
-        norms.append(_l1(s, out=_temp(s.shape, "a", inplace, s)).to(d.dtype))
+        if stats:
+            x_sliced = x.flatten()[::slice_p]
+            diff = torch.sub(p0s[i], x_sliced, out=_temp(x_sliced.shape, "a", inplace, p0s[i], x))
+            dots.append(torch.dot(_up(g_sliced), _up(diff)).to(d.dtype))
+        s = _mul(ss[i], beta3, inplace and write)
+        s = _addcmul(s, g_sliced, c.s_scale, 1, inplace and write)  # s + g * s_scale: no temporary
+        new_s.append(s if write else ss[i])
+        if stats:
+            norms.append(_l1(s, out=_temp(s.shape, "a", inplace, s)).to(d.dtype))
+    if not write:
+        new_m = None if exp_avgs is None else list(exp_avgs)
+        new_v = list(exp_avg_sqs)
     if not update_d or not dots:
         zero = torch.zeros_like(d)
         return new_m, new_v, new_s, zero, zero

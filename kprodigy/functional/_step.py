@@ -104,6 +104,16 @@ def _runs_fused(seg: Segment, fused: bool | None, update_d: bool | Tensor | None
     return use_fused(seg.params, fused, update_d) and not _factored.is_factored(seg.params, seg.exp_avg_sq)
 
 
+def _skip_scalars(
+    hp: Hyperparams, beta3: float | Tensor, c: Coefficients, d: Tensor, ok: Tensor
+) -> tuple[Tensor, Tensor, Coefficients, tuple[Tensor, Tensor]]:
+    """The scalars of the writes that make a skipped step (``ok`` False) an exact no-op: the
+    gradient weight d, beta3, ``s_scale`` and the moment decays become 0, 1, 0 and 1."""
+    one = torch.ones_like(d)
+    decay = (torch.where(ok, hp.betas[0], one), torch.where(ok, hp.betas[1], one))
+    return torch.where(ok, d, 0.0), torch.where(ok, beta3, one), replace(c, s_scale=torch.where(ok, c.s_scale, 0.0)), decay
+
+
 def _sanitizes_inside(seg: Segment, fe: bool, fu: bool) -> bool:
     """Whether the segment's kernels zero non-finite gradient entries themselves (``sanitize``):
     the fused and per-tensor ones do, per tensor, with no copy of every gradient kept for the
@@ -235,6 +245,7 @@ class _Accumulated:
     inplace: bool
     stats: Tensor  # local [numerator_delta, denom], stats dtype, on the params' device
     ok: Tensor | None = None  # 0-dim bool: every local gradient finite (None: skip_nonfinite off)
+    folded: bool = False  # the skip is decided from the statistics alone (see _accumulate_d_group)
 
 
 def _accumulate_d_group(
@@ -290,7 +301,17 @@ def _accumulate_d_group(
         gathered[i] = _fused.gather(seg.params, grads[i], seg.hparams.slice_p) if one_dtype else None
     ok: Tensor | None = None
     d_weight = d_state.d  # the weight of g in m and v (d * g): 0 on a skipped step
-    if hp0.skip_nonfinite:  # decided before any write; a skipped step keeps the state exactly
+    # every tensor in the compiled two-pass kernels, sampled whole, D updated: no write happens
+    # before the statistics are known, and a non-finite gradient makes them non-finite, so the
+    # skip is decided from them (in the apply pass) instead of by a separate read of the gradients
+    folded = (
+        hp0.skip_nonfinite
+        and update_d is True
+        and bool(active)
+        and all(paths[i][1] and segments[i].hparams.slice_p == 1 for i in active)
+        and all(x.is_contiguous() for i in active for x in segments[i].params)
+    )
+    if hp0.skip_nonfinite and not folded:  # decided before any write; a skipped step keeps the state exactly
         fe = all(paths[i][0] for i in active)
         checked = [g for i in active for g in _fused.unpacked_grads(grads[i], gathered[i])]
         ok = _robust.all_finite(checked, d_state.d.device, fe)
@@ -307,10 +328,7 @@ def _accumulate_d_group(
             c = replace(c, s_scale=torch.where(update_d, c.s_scale, 0.0))
         decay: tuple[Tensor, Tensor] | None = None
         if ok is not None:  # a skipped step keeps m, v, s: decays 1, s_scale 0
-            one = torch.ones_like(d_state.d)
-            beta3 = torch.where(ok, beta3, one)
-            c = replace(c, s_scale=torch.where(ok, c.s_scale, 0.0))
-            decay = (torch.where(ok, hp.betas[0], one), torch.where(ok, hp.betas[1], one))
+            _, beta3, c, decay = _skip_scalars(hp, beta3, c, d_state.d, ok)
         fe, fu = paths[i]
         gs = grads[i]
         m, v, s, num, den = _by_dtype(
@@ -336,10 +354,12 @@ def _accumulate_d_group(
         numerators = denoms = [torch.zeros_like(d_state.d)]
     stats = torch.stack([torch.stack(numerators).sum(), torch.stack(denoms).sum()])
     if hp0.skip_nonfinite:
-        if ok is None:  # no local tensors (sharded): only the reduced statistics decide
+        if ok is None:  # no local tensors (sharded), or folded: only the (reduced) statistics decide
             ok = torch.ones((), dtype=torch.bool, device=stats.device)
         stats = torch.where(ok, stats, torch.nan)  # a local skip reaches every rank through the reduction
-    return _Accumulated(segments, active, results, coefs, grads, update_d, paths, gathered, inplace, stats, ok)
+    acc = _Accumulated(segments, active, results, coefs, grads, update_d, paths, gathered, inplace, stats, ok)
+    acc.folded = folded
+    return acc
 
 
 def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[list[SegmentResult], DState]:
@@ -362,10 +382,14 @@ def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[l
         sr = hp.stochastic_rounding and any(x.dtype == torch.bfloat16 for x in seg.params)
         # stochastic rounding: the kernel writes float32 copies of bfloat16 params, rounded below
         xs_in = [x.float() if x.dtype == torch.bfloat16 else x for x in seg.params] if sr else seg.params
+        fused_args: dict[str, Any] = {}
+        if fu:  # the compiled update pass: plain scalars, and the skip as a select on ``ok``
+            moments = _fused.moment_args(hp.betas, hp0.beta3_value, d_state.d, c, hp.slice_p, acc.update_d is not False)
+            fused_args = {"moments": moments, "ok": ok}
         (xs,) = _by_dtype(
             _apply_kernel(seg, fe, fu),
             xs_in,
-            [acc.grads[i], res.exp_avg, res.exp_avg_sq],
+            [acc.grads[i], res.exp_avg, res.exp_avg_sq] + ([res.s] if fu else []),
             n_out=1,
             dlr=dlr,
             d_old=d_state.d if ok is None else torch.where(ok, d_state.d, 0.0),
@@ -375,6 +399,7 @@ def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[l
             inplace=acc.inplace,
             **({"sanitize": True} if ok is not None and _sanitizes_inside(seg, fe, fu) else {}),
             **({"gathered": acc.gathered[i]} if acc.gathered[i] is not None and not sr else {}),
+            **fused_args,
         )
         xs = _robust.write_back(seg.params, xs, inplace=acc.inplace, sr=sr)
         results[i] = replace(res, params=xs)
