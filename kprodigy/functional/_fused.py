@@ -1,11 +1,15 @@
 """Fused kernels: the per-tensor reference (``_single.py``) compiled with ``torch.compile``.
 
-There is no second statement of the math: ``accumulate``/``apply`` here call
-``_single.accumulate``/``_single.apply`` on 1-D tensors inside ``torch.compile(fullgraph=True,
-dynamic=True)``, so Inductor compiles each pass into one kernel (C++/OpenMP on CPU, Triton on
-GPU) with the two D statistics reduced inside it and no parameter-sized temporaries. (On CPU the
-accumulate kernel is two loops, a reduction loop and a store loop: 11 words per element, not 9;
-see benchmarks/NOTES.md, change 5.)
+There is no second statement of the math: the kernels here call ``_single.accumulate`` and
+``_single.apply`` on 1-D tensors inside ``torch.compile(fullgraph=True, dynamic=True)`` (C++/OpenMP
+on CPU, Triton on GPU), in two passes that Inductor compiles to one loop each, with no
+parameter-sized temporaries (benchmarks/NOTES.md, changes 5 and 9):
+
+- ``accumulate``: the D statistics only (``_single.accumulate(write=False)``: reads g, p0, x, s;
+  writes nothing);
+- ``apply``, once D is updated: the new m, v, s (``_single.accumulate(stats=False)``) and x
+  (``_single.apply``) in the same loop; with a skip decision ``ok``, the old values are kept by a
+  select. 13 words per element in all.
 
 Layout, per call (one device and dtype, as ``_step._by_dtype`` guarantees):
 
@@ -25,7 +29,6 @@ dtypes select among a handful of graphs, each compiled once.
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,14 +57,6 @@ FLAT_MAX = 1 << 16  # tensors with fewer elements are packed into flat buffers
 TensorList = list[Tensor]
 
 
-def _zero_nonfinite(g: Tensor) -> Tensor:
-    """``_robust.sanitize`` for the compiled loop: the same values (non-finite entries 0, the
-    rest unchanged), written as one compare and select. Inductor's C++ ``nan_to_num`` tests NaN
-    lane by lane (not vectorized), which made the accumulate pass ~50% slower on CPU
-    (benchmarks/NOTES.md, change 5)."""
-    return torch.where(torch.abs(g) < math.inf, g, 0.0)
-
-
 def _accumulate_1d(
     x: Tensor,
     g: Tensor,
@@ -76,19 +71,15 @@ def _accumulate_1d(
     slice_p: int,
     update_d: bool,
     decay: tuple[Tensor, Tensor] | None = None,
-    sanitize: bool = False,
     write: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """``_single.accumulate`` on one flat tensor, in place; returns (numerator_delta, denom).
 
-    sanitize: replace non-finite gradient entries by 0 inside the loop (the non-finite skip).
     write: False computes the statistics only (m, v, s untouched; ``m``/``v`` may be None): the
     first pass of the fused step, whose second pass is ``_update_1d``.
 
     betas, beta3: 0-dim tensors (the reference's scalar arguments accept them when compiled).
     """
-    if sanitize:
-        g = _zero_nonfinite(g)
     _, _, _, num, den = _single.accumulate(
         [x],
         [g],
