@@ -336,9 +336,9 @@ def accumulate(
     """Same contract as ``_single.accumulate``, except that the compiled kernels compute only the
     statistics here and leave m, v, s to ``apply`` (which then needs ``moments``: see
     ``moment_args``); non-contiguous tensors take the eager kernels, which write them now.
-    ``sanitize`` zeroes non-finite gradient entries inside the compiled loop (the non-finite
-    skip) instead of in a copy beforehand; ``gathered``: this step's ``gather(xs, gs, slice_p)``,
-    made here if None."""
+    ``sanitize``: the eager kernels get gradients with non-finite entries zeroed (the compiled
+    statistics need none: a skipped step's statistics are discarded); ``gathered``: this step's
+    ``gather(xs, gs, slice_p)``, made here if None."""
     if not inplace:  # the pure step: copies, updated in place by this pass and ``apply``
         exp_avgs = None if exp_avgs is None else [t.clone() for t in exp_avgs]
         exp_avg_sqs = [t.clone() for t in exp_avg_sqs]
