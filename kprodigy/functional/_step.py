@@ -106,12 +106,12 @@ def _runs_fused(seg: Segment, fused: bool | None, update_d: bool | Tensor | None
 
 def _skip_scalars(
     hp: Hyperparams, beta3: float | Tensor, c: Coefficients, d: Tensor, ok: Tensor
-) -> tuple[Tensor, Tensor, Coefficients, tuple[Tensor, Tensor]]:
-    """The scalars of the writes that make a skipped step (``ok`` False) an exact no-op: the
-    gradient weight d, beta3, ``s_scale`` and the moment decays become 0, 1, 0 and 1."""
+) -> tuple[Tensor, Coefficients, tuple[Tensor, Tensor]]:
+    """The scalars that make the eager kernels' writes of a skipped step (``ok`` False) an exact
+    no-op: beta3, ``s_scale`` and the moment decays become 1, 0 and 1 (and d, set by the caller, 0)."""
     one = torch.ones_like(d)
     decay = (torch.where(ok, hp.betas[0], one), torch.where(ok, hp.betas[1], one))
-    return torch.where(ok, d, 0.0), torch.where(ok, beta3, one), replace(c, s_scale=torch.where(ok, c.s_scale, 0.0)), decay
+    return torch.where(ok, beta3, one), replace(c, s_scale=torch.where(ok, c.s_scale, 0.0)), decay
 
 
 def _sanitizes_inside(seg: Segment, fe: bool, fu: bool) -> bool:
@@ -245,7 +245,6 @@ class _Accumulated:
     inplace: bool
     stats: Tensor  # local [numerator_delta, denom], stats dtype, on the params' device
     ok: Tensor | None = None  # 0-dim bool: every local gradient finite (None: skip_nonfinite off)
-    folded: bool = False  # the skip is decided from the statistics alone (see _accumulate_d_group)
 
 
 def _accumulate_d_group(
@@ -328,7 +327,7 @@ def _accumulate_d_group(
             c = replace(c, s_scale=torch.where(update_d, c.s_scale, 0.0))
         decay: tuple[Tensor, Tensor] | None = None
         if ok is not None:  # a skipped step keeps m, v, s: decays 1, s_scale 0
-            _, beta3, c, decay = _skip_scalars(hp, beta3, c, d_state.d, ok)
+            beta3, c, decay = _skip_scalars(hp, beta3, c, d_state.d, ok)
         fe, fu = paths[i]
         gs = grads[i]
         m, v, s, num, den = _by_dtype(
@@ -357,9 +356,7 @@ def _accumulate_d_group(
         if ok is None:  # no local tensors (sharded), or folded: only the (reduced) statistics decide
             ok = torch.ones((), dtype=torch.bool, device=stats.device)
         stats = torch.where(ok, stats, torch.nan)  # a local skip reaches every rank through the reduction
-    acc = _Accumulated(segments, active, results, coefs, grads, update_d, paths, gathered, inplace, stats, ok)
-    acc.folded = folded
-    return acc
+    return _Accumulated(segments, active, results, coefs, grads, update_d, paths, gathered, inplace, stats, ok)
 
 
 def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[list[SegmentResult], DState]:
