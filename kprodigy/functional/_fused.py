@@ -287,8 +287,7 @@ def pack(ts: Sequence[Tensor]) -> list[Tensor]:
     The optimizer keeps the state of small params this way: the fused kernels then step all of
     them in one call on the buffer itself, with no gathering copies (``flat_span``).
     """
-    flat = _cat(ts)
-    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in ts]), ts)]
+    return list(torch._C._nn.unflatten_dense_tensors(_cat(ts), list(ts)))
 
 
 def _gather(ts: Sequence[Tensor]) -> tuple[Tensor, bool]:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._state import DState
 
-__all__ = ["all_finite", "guard_d_state", "promote_grads", "sanitize", "stochastic_round", "write_back"]
+__all__ = ["all_finite", "guard_d_state", "promote_grads", "sanitize", "stochastic_round", "write_back", "zero_nonfinite"]
 
 
 def all_finite(tensors: Sequence[Tensor], device: torch.device, foreach: bool) -> Tensor:
@@ -44,10 +44,15 @@ def all_finite(tensors: Sequence[Tensor], device: torch.device, foreach: bool) -
 
 
 def sanitize(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """``nan_to_num(t, 0, 0, 0)`` for each tensor: equal to ``t`` when it is finite; on a skipped
-    step the non-finite entries become 0, so that the zeroed coefficients give exact zeros
+    """``zero_nonfinite`` of each tensor."""
+    return [zero_nonfinite(t) for t in tensors]
+
+
+def zero_nonfinite(t: Tensor, out: Tensor | None = None) -> Tensor:
+    """``nan_to_num(t, 0, 0, 0)`` (into ``out`` if given): equal to ``t`` when it is finite; on a
+    skipped step the non-finite entries become 0, so that the zeroed coefficients give exact zeros
     (``0 * NaN`` would be NaN). As cheap as a copy, and independent of the skip decision."""
-    return [torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in tensors]
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0, out=out)
 
 
 def promote_grads(grads: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _scratch
+from . import _robust, _scratch
 from ._scalars import Coefficients
 
 __all__ = ["accumulate", "apply"]
@@ -146,8 +146,8 @@ def _div(t: Tensor, a: Tensor, inplace: bool) -> Tensor:
 
 
 def _zero_nonfinite(g: Tensor, inplace: bool) -> Tensor:
-    """``g`` with NaN/inf entries 0 (as ``_robust.sanitize``), into a reused buffer when in place."""
-    return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0, out=_temp(g.shape, "g", inplace, g))
+    """``_robust.zero_nonfinite(g)``, into a reused buffer when in place."""
+    return _robust.zero_nonfinite(g, out=_temp(g.shape, "g", inplace, g))
 
 
 def _l1(t: Tensor, out: Tensor | None = None) -> Tensor:
