@@ -6,6 +6,8 @@ when installed (marker ``integration``; skipped otherwise).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -113,25 +115,34 @@ def test_hugging_face_trainer_loop_pattern_and_checkpoint_resume() -> None:
 
 
 def test_schedule_free_wrapper() -> None:
+    """schedulefree's wrapper around KProdigy trains exactly as around prodigyopt."""
     schedulefree = pytest.importorskip("schedulefree")
-    X, y = data()
-    model = mlp()
-    base = KProdigy(
-        model.parameters(), betas=(0.0, 0.999), use_bias_correction=False
-    )  # the wrapper supplies the momentum
-    opt = schedulefree.ScheduleFreeWrapper(base, momentum=0.9)
-    first = loss_of(model, X, y).item()
-    for _ in range(30):
-        opt.train()
-        opt.zero_grad()
-        loss_of(model, X, y).backward()
-        opt.step()
-    opt.eval()
-    assert base.param_groups[0]["d"] > 1e-6  # the wrapper weights its average by lr * d
+    prodigyopt = pytest.importorskip("prodigyopt")
+    X, y = (t.double() for t in data())  # float64: the two agree to round-off, not float32 noise
+
+    def train(make):  # type: ignore[no-untyped-def]
+        model = mlp().double()
+        base = make(model.parameters())  # betas[0] = 0: the wrapper supplies the momentum
+        opt = schedulefree.ScheduleFreeWrapper(base, momentum=0.9)
+        for _ in range(30):
+            opt.train()
+            opt.zero_grad()
+            loss_of(model, X, y).backward()
+            opt.step()
+        opt.eval()
+        return model, base
+
+    first = loss_of(mlp().double(), X, y).item()
+    model, base = train(lambda ps: KProdigy(ps, betas=(0.0, 0.999)))
+    ref_model, ref_base = train(lambda ps: prodigyopt.Prodigy(ps, betas=(0.0, 0.999)))
+    assert base.param_groups[0]["d"] > 1000 * 1e-6  # the wrapper weights its average by lr * d
+    assert math.isclose(base.param_groups[0]["d"], ref_base.param_groups[0]["d"], rel_tol=1e-9)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-9, atol=1e-12)
     # the wrapper also writes group["k"] += 1 after our step (schedulefree 1.4.1): k advances twice
     # per step, which the README documents (no bias correction, d_update_freq and d_steps doubled)
     assert base.param_groups[0]["k"] == 60
-    assert loss_of(model, X, y).item() < 0.5 * first
+    assert loss_of(model, X, y).item() < 0.7 * first
 
 
 @pytest.mark.integration

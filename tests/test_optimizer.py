@@ -123,7 +123,7 @@ def test_closure_zero_grad_and_params_without_grad() -> None:
 
 def test_add_param_group_gets_its_own_state_and_d() -> None:
     model, X, y = model_and_data()
-    opt = KProdigy(model[0].parameters())
+    opt = KProdigy(model[0].parameters(), independent_d=True)
     train(model, opt, X, y, 5)
     opt.add_param_group(dict(params=model[2].parameters(), lr=0.5, d0=1e-5))
     train(model, opt, X, y, 5)
@@ -197,13 +197,13 @@ def test_per_group_lr_and_frozen_group() -> None:
     assert opt.param_groups[0]["d"] > opt.param_groups[0]["d0"]
 
 
-def test_independent_d_automatic_with_several_groups() -> None:
+def test_one_d_for_all_groups_by_default_and_the_legacy_automatic_rule() -> None:
     model, X, y = model_and_data()
     groups = [dict(params=list(model[0].parameters())), dict(params=list(model[2].parameters()))]
-    auto = KProdigy(groups)
-    assert auto.d_groups() == [[0], [1]]
-    assert KProdigy(groups, independent_d=False).d_groups() == [[0, 1]]
-    assert KProdigy(model.parameters()).d_groups() == [[0]]
+    assert KProdigy(groups).d_groups() == [[0, 1]]  # prodigyopt's: one D, however many groups
+    assert KProdigy(groups, independent_d=True).d_groups() == [[0], [1]]
+    assert KProdigy(groups, independent_d=None).d_groups() == [[0], [1]]  # 0.5.0's automatic rule
+    assert KProdigy(model.parameters(), independent_d=None).d_groups() == [[0]]
 
 
 def test_shared_d_requires_agreeing_d_settings() -> None:

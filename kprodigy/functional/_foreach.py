@@ -106,11 +106,10 @@ def apply(
     """Same contract as ``_single.apply``."""
     if not xs:
         return []
-    floor = d_new * eps
     den = torch._foreach_sqrt(list(exp_avg_sqs))
-    torch._foreach_maximum_(den, [floor] * len(den))
+    torch._foreach_add_(den, d_new * eps)  # sqrt(v) + d_new * eps
     torch._foreach_div_(den, -dlr)  # den / (-dlr): the step below is one addcdiv
-    direction = list(exp_avgs) if exp_avgs is not None else torch._foreach_mul(list(gs), d_old)
+    direction = list(exp_avgs) if exp_avgs is not None else torch._foreach_mul(list(gs), d_new)
     out = list(xs)
     if keep is not None:
         out = _mul(out, keep, inplace)

@@ -24,10 +24,10 @@ class Hyperparams:
     lr: float = 1.0  # multiplier of the adapted step size D; 0 freezes the group
     betas: tuple[float, float] = (0.9, 0.999)  # EMA rates of the gradient and its square
     beta3: float | None = None  # EMA rate of the D statistics; None means sqrt(betas[1])
-    eps: float = 1e-8  # denominator floor, in units of D: max(sqrt(v), D * eps)
+    eps: float = 1e-8  # added to the Adam denominator, in units of D: sqrt(v) + D * eps
     weight_decay: float = 0.0
     decouple: bool = True  # AdamW-style decay (True) or L2 added to the gradient (False)
-    use_bias_correction: bool = True
+    use_bias_correction: bool = False  # Adam's bias correction of the step size (prodigyopt's default: off)
     safeguard_warmup: bool = False  # leave lr out of the D denominator (helps warm-up)
     d0: float = 1e-6  # initial D
     d_coef: float = 1.0  # multiplier of the D estimate

@@ -110,27 +110,28 @@ def apply(
     inplace: bool,
     sanitize: bool = False,
 ) -> list[Tensor]:
-    """x <- x * keep - dlr * m / max(sqrt(v), d_new * eps); reads x, m, v once, writes x.
+    """x <- x * keep - dlr * m / (sqrt(v) + d_new * eps); reads x, m, v once, writes x.
 
-    With no exp_avg (betas[0] == 0) the direction is ``d_old * g`` (``g`` sanitized as in
-    ``accumulate`` if ``sanitize``). ``keep`` is the decoupled weight-decay factor
-    ``1 - wd * dlr``, or None for no decoupled decay.
+    With no exp_avg (betas[0] == 0) the direction is ``d_new * g`` (``g`` sanitized as in
+    ``accumulate`` if ``sanitize``), as in prodigyopt. ``keep`` is the decoupled weight-decay
+    factor ``1 - wd * dlr``, or None for no decoupled decay. ``d_old`` is accepted for the
+    kernel contract (the weight of ``g`` in the moments) and unused here.
     """
-    floor = d_new * eps
+    eps_d = d_new * eps
     neg_dlr = -dlr
     out = []
     for i, x in enumerate(xs):
-        # den = max(sqrt(v), floor) / (-dlr), then one addcdiv: x + direction / den.
+        # den = (sqrt(v) + d_new * eps) / (-dlr), then one addcdiv: x + direction / den.
         # den is a temporary of ours: updated in place when ``inplace`` (no further copies).
         v = exp_avg_sqs[i]
         den = torch.sqrt(v, out=_temp(v.shape, "a", inplace, v))
-        den = den.maximum(floor) if not inplace else torch.maximum(den, floor, out=den)
+        den = _add(den, eps_d, 1, inplace)
         den = _div(den, neg_dlr, inplace)
         if exp_avgs is not None:
             direction = exp_avgs[i]
         else:
             g = _zero_nonfinite(gs[i], inplace) if sanitize else gs[i]
-            direction = torch.mul(g, d_old, out=_temp(g.shape, "b", inplace, g, d_old))
+            direction = torch.mul(g, d_new, out=_temp(g.shape, "b", inplace, g, d_new))
         if keep is not None:
             x = _mul(x, keep, inplace)
         out.append(x.addcdiv_(direction, den) if inplace else torch.addcdiv(x, direction, den))

@@ -56,9 +56,11 @@ class KProdigy(torch.optim.Optimizer):
             d_max = max(d_max, d_hat)
             d     = min(d_max, d * growth_rate)          # d never decreases
         x = x * (1 - wd * dlr)                        if weight_decay and decouple
-        x = x - dlr * m / max(sqrt(v), d * eps)        (b1 = 0: x - dlr * d_old * g / max(...))
+        x = x - dlr * m / (sqrt(v) + d * eps)          (b1 = 0: x - dlr * d * g / (sqrt(v) + d * eps))
         k = k + 1
 
+    This is prodigyopt 1.1.2's step; at the defaults KProdigy gives its numbers (float rounding
+    apart). ``dlr`` uses D before this step's update, ``eps`` and the b1 = 0 step the D after it.
     ``p`` is ``slice_p``, ``p0`` the params at their first step. A group with ``lr=0`` is frozen.
 
     Args:
@@ -66,10 +68,10 @@ class KProdigy(torch.optim.Optimizer):
         lr: multiplier of D (default 1.0); per group; 0 freezes a group.
         betas: EMA rates of the gradient and its square (default (0.9, 0.999)).
         beta3: EMA rate of the D statistics (default None: sqrt(betas[1])).
-        eps: denominator floor, relative to D (default 1e-8).
+        eps: added to the Adam denominator, relative to D: sqrt(v) + d * eps (default 1e-8).
         weight_decay: weight decay (default 0).
         decouple: AdamW-style decay if True (default), else L2 added to the gradient.
-        use_bias_correction: Adam's bias correction of the step size (default True: chosen by the convergence benchmark; prodigyopt's default is False).
+        use_bias_correction: Adam's bias correction of the step size (default False, as prodigyopt).
         safeguard_warmup: leave lr out of the D denominator, for warm-up schedules (default False).
         d0: initial D (default 1e-6).
         d_coef: multiplier of the D estimate (default 1.0); the preferred knob to tune.
@@ -77,8 +79,9 @@ class KProdigy(torch.optim.Optimizer):
         d_update_freq: update the D statistics every this many steps (default 1).
         slice_p: D statistics use every slice_p-th element of each tensor (default 1).
         foreach: multi-tensor ops (True), per-tensor loop (False) or automatic (None, default).
-        independent_d: one D per param group (True), one D for all (False), or automatic
-            (None, default: one D per group when there is more than one group).
+        independent_d: one D per param group (True) or one D for all param groups (False,
+            default, as prodigyopt); None is 0.5.0's automatic rule (one D per group when there
+            is more than one group), kept for old configurations.
         maximize: maximize the objective (default False).
         fsdp_in_use: force the all-reduce of the D statistics (prodigyopt's flag; default False).
         reduce_d_stats: sum the D statistics over ranks so that every rank has the same D:
@@ -148,7 +151,7 @@ class KProdigy(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         decouple: bool = True,
-        use_bias_correction: bool = True,
+        use_bias_correction: bool = False,
         safeguard_warmup: bool = False,
         d0: float = 1e-6,
         d_coef: float = 1.0,
@@ -156,7 +159,7 @@ class KProdigy(torch.optim.Optimizer):
         d_update_freq: int = 1,
         slice_p: int = 1,
         foreach: bool | None = None,
-        independent_d: bool | None = None,
+        independent_d: bool | None = False,
         maximize: bool = False,
         fsdp_in_use: bool = False,
         reduce_d_stats: bool | None = None,
@@ -329,7 +332,8 @@ class KProdigy(torch.optim.Optimizer):
         """Indices of the param groups sharing each D estimate, ordered by their first group.
 
         Groups with the same ``d_group`` label share one D; groups without one follow
-        ``independent_d`` (None: one D per group when there is more than one group).
+        ``independent_d`` (False: one D for all; True: one per group; None: one per group when
+        there is more than one group).
         """
         n = len(self.param_groups)
         independent = self.independent_d if self.independent_d is not None else n > 1
