@@ -308,7 +308,10 @@ def _accumulate_d_group(
         and update_d is True
         and bool(active)
         and all(paths[i][1] and segments[i].hparams.slice_p == 1 for i in active)
-        and all(x.is_contiguous() for i in active for x in segments[i].params)
+        and all(
+            _fused.compiled_whole(segments[i].params, grads[i], segments[i].exp_avg, segments[i].exp_avg_sq, segments[i].s, 1)
+            for i in active
+        )
     )
     if hp0.skip_nonfinite and not folded:  # decided before any write; a skipped step keeps the state exactly
         fe = all(paths[i][0] for i in active)
