@@ -565,7 +565,12 @@ class KProdigy(torch.optim.Optimizer):
                 "put them on one device or give the groups different d_group labels"
             )
         _, stats = step_segment(
-            segment, pending.d_state, update_d=_updates_d(pending.groups[0]), foreach=group["foreach"], inplace=True
+            segment,
+            pending.d_state,
+            update_d=_updates_d(pending.groups[0]),
+            foreach=group["foreach"],
+            fused=group["fused"],
+            inplace=True,
         )
         pending.stats += stats.to(pending.stats.dtype)
         pending.params.append(p)
