@@ -304,7 +304,8 @@ class KProdigy(torch.optim.Optimizer):
         moments and ``s`` of 16-bit params are kept in float32 when ``fp32_state`` (torch's loader
         would cast them to the param dtype). ``capturable`` is kept from this optimizer's groups
         (it says how the D state is held, not what it is): a checkpoint of either mode loads into
-        either mode.
+        either mode. Per-param steps (``step_parameter``) not yet finalized are dropped: the
+        checkpoint is authoritative.
         """
         id_map = check_state_dict(state_dict, self.param_groups, self.defaults)
         saved_groups = [
@@ -318,8 +319,12 @@ class KProdigy(torch.optim.Optimizer):
                 raise ValueError(f"checkpoint param group {i}: {e}") from None
         state_dict = {**state_dict, "param_groups": saved_groups}
         before = {"state": self.state, "param_groups": self.param_groups}
+        before["_pending"] = self._pending
         try:
             super().load_state_dict(state_dict)
+            # per-param steps taken since the last finalization are dropped: the checkpoint's D
+            # state and moments replace what they changed (finalizing them would advance k past it)
+            self._pending = {}
             self._repack = {id(g) for g in self.param_groups}  # the fused path re-packs small params' state
             for pid, saved in state_dict["state"].items():
                 if pid not in id_map:
@@ -504,8 +509,8 @@ class KProdigy(torch.optim.Optimizer):
                 self.state[p]["step"] += groups[0]["k"] - k  # 0 on a skipped step
             if groups[0]["skipped_steps"] > skipped:
                 self._warn_skip([i for i, g in enumerate(self.param_groups) if any(g is h for h in groups)])
-            due = groups[0]["d_steps"] is not None and k + 1 >= groups[0]["d_steps"]
-            if due and not all(g["d_frozen"] for g in groups):
+            # k as it stands now: a skipped step did not advance it, so D still adapts next step
+            if _is_frozen(groups[0]) and not all(g["d_frozen"] for g in groups):
                 for group in groups:
                     group["d_frozen"] = True
                     for p in group["params"]:  # D is fixed from now on: its statistics are not needed
