@@ -14,11 +14,13 @@ parameter-sized temporaries (benchmarks/NOTES.md, changes 5 and 9):
 Layout, per call (one device and dtype, as ``_step._by_dtype`` guarantees):
 
 - large tensors (``numel >= FLAT_MAX``) run the compiled kernel on a flat view of each tensor,
-  in place (no copies);
-- small tensors are stepped together by one kernel call per pass: their state is used in place
-  where it lies back to back in one buffer (``pack``/``flat_span``: the optimizer keeps it so),
-  else gathered and written back; their params and gradients are gathered once per step
-  (``gather``: reused CPU buffers), and the params written back after the apply pass.
+  in place (no copies), when the param, its gradient and its state are all contiguous;
+- small contiguous tensors are stepped together by one kernel call per pass: their state is used
+  in place where it lies back to back in one buffer (``pack``/``flat_span``: the optimizer keeps
+  it so), else gathered and written back; their params and gradients are gathered once per step
+  (``gather``: reused CPU buffers), and the params written back after the apply pass;
+- any other layout (a non-contiguous param, or a large one with a transposed gradient or state
+  left in another memory format) runs the eager per-tensor kernels, which take any strides.
 
 Shapes are dynamic (one graph serves every length), and D, lr, betas, ``s_scale``... are 0-dim
 tensors or unspecialized floats, so changing them does not recompile. Graph-shaping options
@@ -46,6 +48,7 @@ __all__ = [
     "accumulate",
     "apply",
     "available",
+    "compiled_whole",
     "flat_span",
     "gather",
     "moment_args",
@@ -208,18 +211,37 @@ def _flat(t: Tensor) -> Tensor:
     return t.view(-1)
 
 
-def _partition(xs: Sequence[Tensor], slice_p: int) -> tuple[list[int], list[int], list[int]]:
-    """(packed, direct, eager) indices: small tensors go to flat buffers (slice_p == 1 only),
-    other contiguous tensors run the kernel on a flat view, non-contiguous ones run eagerly."""
+def _partition(
+    xs: Sequence[Tensor], slice_p: int, views: Sequence[Sequence[Tensor] | None] = ()
+) -> tuple[list[int], list[int], list[int]]:
+    """(packed, direct, eager) indices. Small contiguous params go to flat buffers (slice_p == 1
+    only; their gradients and state are gathered, so any strides do); other params run the kernel
+    on flat views of themselves and of their gradient and state (``views``: lists aligned with
+    ``xs``, or None), which needs every one of them contiguous; the rest run eagerly."""
     packed, direct, eager = [], [], []
     for i, x in enumerate(xs):
         if not x.is_contiguous():
             eager.append(i)
         elif x.numel() < FLAT_MAX and slice_p == 1:
             packed.append(i)
-        else:
+        elif all(ts is None or ts[i].is_contiguous() for ts in views):
             direct.append(i)
+        else:
+            eager.append(i)
     return packed, direct, eager
+
+
+def compiled_whole(
+    xs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor] | None,
+    exp_avg_sqs: Sequence[Tensor],
+    ss: Sequence[Tensor],
+    slice_p: int,
+) -> bool:
+    """Whether every tensor takes the compiled kernels (none runs eagerly, see ``_partition``):
+    then ``accumulate`` writes nothing and the skip may be decided in ``apply``."""
+    return not _partition(xs, slice_p, (gs, exp_avgs, exp_avg_sqs, ss))[2]
 
 
 def _cat(ts: Sequence[Tensor]) -> Tensor:
@@ -232,7 +254,7 @@ def _cat_scratch(ts: Sequence[Tensor], slot: str) -> Tensor:
     the first tensor, so that two gathers alive at once never share one."""
     first = ts[0]
     buf = _scratch.buffer(sum(t.numel() for t in ts), first.dtype, first.device, (slot, id(first)))
-    return _cat(ts) if buf is None else torch.cat([t.view(-1) for t in ts], out=buf)
+    return _cat(ts) if buf is None else torch.cat([t.reshape(-1) for t in ts], out=buf)
 
 
 @dataclass(frozen=True)
@@ -344,7 +366,7 @@ def accumulate(
         ss = [t.clone() for t in ss] if update_d else list(ss)
     kernel = _compiled("statistics")
     kw = moment_args(betas, beta3, d, c, slice_p, update_d, decay)
-    packed, direct, eager = _partition(xs, slice_p)
+    packed, direct, eager = _partition(xs, slice_p, (gs, exp_avgs, exp_avg_sqs, ss))
     nums: list[Tensor] = []
     dens: list[Tensor] = []
     if update_d:  # no zeroing of non-finite g here: the statistics of a skipped step are discarded
@@ -434,7 +456,7 @@ def apply(
     out = list(xs) if inplace else [x.clone() for x in xs]
     kernel = _compiled("update")
     kw: dict[str, Any] = dict(dlr=dlr, d_old=d_old, d_new=d_new, eps=eps, keep=keep)
-    packed, direct, eager = _partition(xs, moments["slice_p"])
+    packed, direct, eager = _partition(xs, moments["slice_p"], (gs, exp_avgs, exp_avg_sqs, ss))
     for i in direct:
         m = None if exp_avgs is None else _flat(exp_avgs[i])
         kernel(_flat(out[i]), _flat(gs[i]), m, _flat(exp_avg_sqs[i]), ss[i], ok=ok, **moments, **kw)

@@ -12,7 +12,6 @@ the moments, the D update) is the same arithmetic on the same values.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -21,7 +20,7 @@ from . import _robust
 from ._hyperparams import Hyperparams
 from ._scalars import coefficients, reduce_d, updates_d
 from ._state import DState
-from ._step import ReduceStats, Segment, SegmentResult, _accumulate_d_group, _apply_d_group, _unchanged
+from ._step import ReduceStats, Segment, SegmentResult, _accumulate_d_group, _apply_pass, _step_ok, _unchanged
 
 __all__ = ["cap_d_ratio", "effective_lrs", "finish_d", "step_segment"]
 
@@ -33,6 +32,7 @@ def step_segment(
     update_d: bool | Tensor | None,
     foreach: bool | None = None,
     inplace: bool = False,
+    fused: bool | None = None,
 ) -> tuple[SegmentResult, Tensor]:
     """Accumulate and apply one segment with the D of ``d_state``; D itself is not updated.
 
@@ -42,13 +42,13 @@ def step_segment(
     ``finish_d``. The denominator floor is ``d_old * eps`` (see the module docstring).
     ``update_d``: as in ``step_d_group`` (None: decided on the device from ``d_state.k``); when it
     is not a Python bool, pass the same value to ``finish_d``, which then discards the statistics
-    of a step that does not update D.
+    of a step that does not update D. ``fused``: the compiled kernels, as in ``step_d_group``.
     """
-    acc = _accumulate_d_group([segment], d_state, update_d, foreach, inplace, False)
+    acc = _accumulate_d_group([segment], d_state, update_d, foreach, inplace, False, fused)
     if acc is None:  # frozen (lr == 0) or empty: nothing changes
         return _unchanged(segment), torch.zeros(2, dtype=d_state.d.dtype, device=d_state.d.device)
-    # apply with update_d=False: new D == old D, so the apply pass uses d_old everywhere
-    (result,), _ = _apply_d_group(replace(acc, update_d=False), d_state, acc.stats)
+    # the apply pass of the full step (it writes s on the compiled path), with D not yet updated
+    (result,) = _apply_pass(acc, d_state, d_state.d, _step_ok(acc, acc.stats))
     return result, acc.stats
 
 

@@ -308,7 +308,10 @@ def _accumulate_d_group(
         and update_d is True
         and bool(active)
         and all(paths[i][1] and segments[i].hparams.slice_p == 1 for i in active)
-        and all(x.is_contiguous() for i in active for x in segments[i].params)
+        and all(
+            _fused.compiled_whole(segments[i].params, grads[i], segments[i].exp_avg, segments[i].exp_avg_sq, segments[i].s, 1)
+            for i in active
+        )
     )
     if hp0.skip_nonfinite and not folded:  # decided before any write; a skipped step keeps the state exactly
         fe = all(paths[i][0] for i in active)
@@ -361,15 +364,24 @@ def _accumulate_d_group(
 
 def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[list[SegmentResult], DState]:
     """D update from the (global) statistics [numerator_delta, denom], then the apply pass."""
+    new_d = reduce_d(d_state, stats[0], stats[1], acc.segments[0].hparams, update_d=acc.update_d)
+    ok = _step_ok(acc, stats)
+    if ok is not None:
+        new_d = _robust.guard_d_state(d_state, new_d, ok)
+    return _apply_pass(acc, d_state, new_d.d, ok), new_d
+
+
+def _step_ok(acc: _Accumulated, stats: Tensor) -> Tensor | None:
+    """The skip decision (0-dim bool; None with skip_nonfinite off): every gradient finite (on
+    any rank) and finite statistics."""
+    return None if acc.ok is None else acc.ok & torch.isfinite(stats).all()
+
+
+def _apply_pass(acc: _Accumulated, d_state: DState, d_new: Tensor, ok: Tensor | None) -> list[SegmentResult]:
+    """The apply pass (the new m, v, s of the compiled segments, and x) with ``d_new`` the D after
+    this step's update (the eps floor); ``ok`` as from ``_step_ok``."""
     segments, results = acc.segments, acc.results
     hp0 = segments[0].hparams
-    new_d = reduce_d(d_state, stats[0], stats[1], hp0, update_d=acc.update_d)
-    ok = acc.ok
-    if ok is not None:  # skip on a non-finite gradient (any rank) or non-finite statistics
-        ok = ok & torch.isfinite(stats).all()
-        new_d = _robust.guard_d_state(d_state, new_d, ok)
-
-    # apply
     for i in acc.active:
         seg, hp, c, res = segments[i], segments[i].hparams, acc.coefs[i], results[i]
         wd = hp.weight_decay
@@ -390,7 +402,7 @@ def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[l
             n_out=1,
             dlr=dlr,
             d_old=d_state.d if ok is None else torch.where(ok, d_state.d, 0.0),
-            d_new=new_d.d,
+            d_new=d_new,
             eps=hp.eps,
             keep=keep,
             inplace=acc.inplace,
@@ -400,7 +412,7 @@ def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[l
         )
         xs = _robust.write_back(seg.params, xs, inplace=acc.inplace, sr=sr)
         results[i] = replace(res, params=xs)
-    return results, new_d
+    return results
 
 
 def step(

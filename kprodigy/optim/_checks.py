@@ -23,13 +23,12 @@ _D_FLOAT_KEYS = ("d", "d_max", "d_numerator", "d_denom", "d_hat", "d0")
 _D_INT_KEYS = ("k", "skipped_steps")
 
 
-def check_param_group(
-    param_group: dict[str, Any], existing: Sequence[dict[str, Any]], *, allow_empty: bool = False
-) -> None:
-    """A new group must hold at least one tensor (unless ``allow_empty``: sharded optimizers such
-    as ZeRO's, where a rank may hold none of a group), no tensor twice, none already in
-    ``existing``, and no complex tensor. ``param_group["params"]`` is materialized into a list
-    (it may be a generator, which the checks consume)."""
+def check_param_group(param_group: dict[str, Any], existing: Sequence[dict[str, Any]]) -> None:
+    """A new group may be empty (torch accepts it: HF Trainer builds an empty no-decay group when
+    only LoRA weights train) but holds no tensor twice, none already in ``existing``, and no
+    complex tensor. ``param_group["params"]`` is materialized into a list (it may be a
+    generator, which the checks consume); ``(name, tensor)`` pairs (``named_parameters()``) are
+    split into the tensors and ``param_group["param_names"]``, as ``torch.optim.Optimizer`` does."""
     params = param_group.get("params")
     if params is None:
         raise ValueError("param group has no 'params' key; expected dict(params=[...], ...)")
@@ -39,9 +38,20 @@ def check_param_group(
         raise TypeError("param group 'params' is a set, whose order changes between runs; use a list")
     else:
         params = list(params)
+    names = [p[0] for p in params if isinstance(p, tuple)]
+    if names and len(names) != len(params):
+        raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+    if names:
+        params = [p[1] for p in params]
+        param_group["param_names"] = names
+    for group in existing:  # torch.optim's rule and message
+        if ("param_names" in param_group) != ("param_names" in group):
+            current = "with names" if "param_names" in param_group else "without names"
+            raise ValueError(
+                "all optimizer param groups should be with/without names. "
+                f"cannot add param group {current} to the optimizer"
+            )
     param_group["params"] = params
-    if not params and not allow_empty:
-        raise ValueError("param group has an empty parameter list; expected at least one tensor")
     seen: dict[int, int] = {}
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
@@ -141,6 +151,8 @@ def check_state_dict(
             if saved.get("d_frozen"):
                 frozen.add(pid)
     for pid, st in saved_state.items():
+        if pid not in id_map and not isinstance(pid, int):
+            continue  # not a param index: torch keeps such entries as they are (``Optimizer.state_dict``)
         if pid not in id_map:
             raise ValueError(
                 f"checkpoint has state for param id {pid!r}, which no param group lists; a different param layout"

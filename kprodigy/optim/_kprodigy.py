@@ -34,6 +34,13 @@ __all__ = ["KProdigy"]
 
 _FLOAT_D_KEYS = ("d", "d_max", "d_numerator", "d_denom", "d_hat")
 
+# Why dynamo does not trace the step. It handles every torch.optim.Optimizer as its own
+# OptimizerVariable, which reads ``capturable=True`` in every group inside the trace (and writes
+# it back into groups the step mutates, so that later eager steps change mode); the D keys are
+# Python floats (read once per step on the host), so a trace would also recompile whenever D or
+# lr changes. The step's math is compiled where it pays, by ``fused`` (``_fused.py``).
+_NOT_TRACED = "KProdigy.step keeps D on the host and is not traced; its fused path compiles its own kernels"
+
 
 class KProdigy(torch.optim.Optimizer):
     r"""Prodigy (Adam with an adapted step size D), with per-component D and fast paths.
@@ -134,6 +141,11 @@ class KProdigy(torch.optim.Optimizer):
     and ``effective_lr`` (the step size ``d * lr * bias_correction`` the last step applied; 0.0
     before the first step). ``get_learning_rates()`` lists ``effective_lr`` per group.
 
+    ``torch.compile(opt.step)`` (PyTorch's recipe for compiling an optimizer step) is accepted and
+    equals the eager step: the step is excluded from tracing (``torch.compiler.disable``), so
+    changing ``lr`` or D never recompiles and the groups keep their flags. The elementwise math
+    is compiled by the fused path (``fused``), with or without ``torch.compile`` around the step.
+
     Fused backward: ``step_parameter(p)`` (from ``p.register_post_accumulate_grad_hook``) steps
     one param as soon as its gradient is ready and ``finalize_step()`` updates D once all are in.
 
@@ -176,6 +188,8 @@ class KProdigy(torch.optim.Optimizer):
         for name, value in (("foreach", foreach), ("independent_d", independent_d), ("fused", fused)):
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"Invalid {name}: {value!r}; expected None, True or False")
+        _check_lr_type(lr)
+        _check_fused_foreach({"fused": fused, "foreach": foreach})
         if not isinstance(fsdp_in_use, bool):
             raise ValueError(f"Invalid fsdp_in_use: {fsdp_in_use!r}; expected True or False")
         if reduce_d_stats is not None and not isinstance(reduce_d_stats, bool):
@@ -226,7 +240,9 @@ class KProdigy(torch.optim.Optimizer):
         """Add a group; its hyperparameters are validated first (a bad group changes nothing)."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        check_param_group(param_group, self.param_groups, allow_empty=self.process_group is not None)
+        check_param_group(param_group, self.param_groups)
+        _check_lr_type(param_group.get("lr"))
+        _check_fused_foreach({**self.defaults, **param_group})
         Hyperparams.from_mapping({**self.defaults, **param_group})
         _check_d_steps(param_group.get("d_steps"))
         _check_capturable({**self.defaults, **param_group})
@@ -257,8 +273,15 @@ class KProdigy(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Fill keys missing from older or prodigyopt checkpoints; D values and steps become Python
-        numbers, or persistent device tensors in capturable groups (see ``_bind_d_tensors``)."""
+        numbers, or persistent device tensors in capturable groups (see ``_bind_d_tensors``).
+
+        torch's ``__setstate__`` adds ``differentiable`` to ``defaults``; KProdigy has no such
+        flag, so it is taken out again (else every group would get it: load -> save unstable)."""
+        defaults = state.get("defaults", self.__dict__.get("defaults", {}))
+        had_differentiable = "differentiable" in defaults
         super().__setstate__(state)
+        if not had_differentiable:
+            self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("independent_d", None)
         self.__dict__.setdefault("reduce_d_stats", None)
         self.__dict__.setdefault("process_group", None)
@@ -284,7 +307,8 @@ class KProdigy(torch.optim.Optimizer):
         moments and ``s`` of 16-bit params are kept in float32 when ``fp32_state`` (torch's loader
         would cast them to the param dtype). ``capturable`` is kept from this optimizer's groups
         (it says how the D state is held, not what it is): a checkpoint of either mode loads into
-        either mode.
+        either mode. Per-param steps (``step_parameter``) not yet finalized are dropped: the
+        checkpoint is authoritative.
         """
         id_map = check_state_dict(state_dict, self.param_groups, self.defaults)
         saved_groups = [
@@ -298,10 +322,16 @@ class KProdigy(torch.optim.Optimizer):
                 raise ValueError(f"checkpoint param group {i}: {e}") from None
         state_dict = {**state_dict, "param_groups": saved_groups}
         before = {"state": self.state, "param_groups": self.param_groups}
+        before["_pending"] = self._pending
         try:
             super().load_state_dict(state_dict)
+            # per-param steps taken since the last finalization are dropped: the checkpoint's D
+            # state and moments replace what they changed (finalizing them would advance k past it)
+            self._pending = {}
             self._repack = {id(g) for g in self.param_groups}  # the fused path re-packs small params' state
             for pid, saved in state_dict["state"].items():
+                if pid not in id_map:
+                    continue  # an entry that is not a param's (kept as it is)
                 p, hp = id_map[pid]
                 for key in ("exp_avg", "exp_avg_sq", "s"):
                     if key in saved and key in self.state[p]:
@@ -316,6 +346,7 @@ class KProdigy(torch.optim.Optimizer):
         """Hyperparameters (a scheduler may have set them), gradients and D-group agreement."""
         for i, group in enumerate(self.param_groups):
             try:
+                _check_lr_type(group["lr"])
                 Hyperparams.from_mapping(group)
                 _check_capturable(group)
             except ValueError as e:
@@ -353,9 +384,14 @@ class KProdigy(torch.optim.Optimizer):
         (with ``capturable=True`` this reads the ``effective_lr`` tensors on the host)."""
         return [float(group["effective_lr"]) for group in self.param_groups]
 
+    @torch.compiler.disable(reason=_NOT_TRACED)
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+        Not traced by ``torch.compile`` (see the class docstring): ``torch.compile(opt.step)``
+        runs this eager step, whose large param groups take the compiled kernels (``fused``).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -477,8 +513,8 @@ class KProdigy(torch.optim.Optimizer):
                 self.state[p]["step"] += groups[0]["k"] - k  # 0 on a skipped step
             if groups[0]["skipped_steps"] > skipped:
                 self._warn_skip([i for i, g in enumerate(self.param_groups) if any(g is h for h in groups)])
-            due = groups[0]["d_steps"] is not None and k + 1 >= groups[0]["d_steps"]
-            if due and not all(g["d_frozen"] for g in groups):
+            # k as it stands now: a skipped step did not advance it, so D still adapts next step
+            if _is_frozen(groups[0]) and not all(g["d_frozen"] for g in groups):
                 for group in groups:
                     group["d_frozen"] = True
                     for p in group["params"]:  # D is fixed from now on: its statistics are not needed
@@ -538,7 +574,12 @@ class KProdigy(torch.optim.Optimizer):
                 "put them on one device or give the groups different d_group labels"
             )
         _, stats = step_segment(
-            segment, pending.d_state, update_d=_updates_d(pending.groups[0]), foreach=group["foreach"], inplace=True
+            segment,
+            pending.d_state,
+            update_d=_updates_d(pending.groups[0]),
+            foreach=group["foreach"],
+            fused=group["fused"],
+            inplace=True,
         )
         pending.stats += stats.to(pending.stats.dtype)
         pending.params.append(p)
@@ -571,8 +612,8 @@ class KProdigy(torch.optim.Optimizer):
         state_dict = super().state_dict()
         for group in state_dict["param_groups"]:
             _to_numbers(group)  # torch packed new group dicts: the optimizer's keep their tensors
-        state_dict["state"] = {
-            pid: {**st, "step": int(st["step"])} if isinstance(st.get("step"), Tensor) else st
+        state_dict["state"] = {  # entries that are not per-param dicts pass through, as in torch
+            pid: {**st, "step": int(st["step"])} if isinstance(st, dict) and isinstance(st.get("step"), Tensor) else st
             for pid, st in state_dict["state"].items()
         }
         return state_dict
@@ -716,6 +757,21 @@ def _updates_d(lead: dict[str, Any]) -> bool | None:
     if lead["capturable"]:
         return None
     return not _is_frozen(lead) and lead["k"] % lead["d_update_freq"] == 0
+
+
+def _check_lr_type(value: Any) -> None:
+    """A Tensor lr is refused in torch.optim's words (lr multiplies D, which the shell keeps on the host)."""
+    if isinstance(value, Tensor):
+        raise ValueError(
+            "lr as a Tensor is not supported by KProdigy (lr is a multiplier of D); pass a Python float, "
+            "e.g. lr=float(lr)"
+        )
+
+
+def _check_fused_foreach(group: dict[str, Any]) -> None:
+    """torch.optim's rule and message: the two fast paths are alternatives."""
+    if group.get("fused") is True and group.get("foreach") is True:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
 def _check_d_steps(value: Any) -> None:

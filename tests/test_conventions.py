@@ -1,0 +1,235 @@
+"""torch.optim conventions the shell follows as ``torch.optim.Adam`` does (issue 12, section 2).
+
+Each test compares KProdigy with torch's own optimizer or with another KProdigy path (never with
+hard-coded numbers): named params, empty param groups, ``torch.compile(opt.step)``, stable
+save -> load -> save, non-dict state entries, and torch's wording for refused arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from kprodigy import KProdigy
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+
+
+def _backward(model: torch.nn.Module, step: int) -> None:
+    gen = torch.Generator().manual_seed(100 + step)
+    x, y = torch.randn(8, 4, generator=gen), torch.randn(8, 1, generator=gen)
+    model.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, start: int = 0) -> None:
+    for i in range(start, start + steps):
+        _backward(model, i)
+        opt.step()
+
+
+def _assert_state_dicts_equal(a: dict, b: dict) -> None:
+    """Same keys and values, group by group and param by param (tensors bit-exactly)."""
+    assert [sorted(g) for g in a["param_groups"]] == [sorted(g) for g in b["param_groups"]]
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for pid, st in a["state"].items():
+        assert isinstance(st, dict) == isinstance(b["state"][pid], dict)
+        if not isinstance(st, dict):
+            assert st == b["state"][pid]
+            continue
+        assert st.keys() == b["state"][pid].keys()
+        for key, value in st.items():
+            other = b["state"][pid][key]
+            if torch.is_tensor(value):
+                assert torch.equal(value, other), (pid, key)
+            else:
+                assert value == other, (pid, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# named parameters (torch >= 2.6)
+
+
+def test_named_parameters_are_accepted_and_saved_like_adam() -> None:
+    model, twin = _model(), _model()
+    opt = KProdigy(model.named_parameters())
+    plain = KProdigy(twin.parameters())
+    adam = torch.optim.Adam(_model().named_parameters())
+    assert opt.param_groups[0]["param_names"] == adam.param_groups[0]["param_names"]
+    assert all(torch.is_tensor(p) for p in opt.param_groups[0]["params"])
+    _train(model, opt, 3)
+    _train(twin, plain, 3)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)  # names are bookkeeping only
+    saved = opt.state_dict()
+    assert saved["param_groups"][0]["param_names"] == adam.state_dict()["param_groups"][0]["param_names"]
+    fresh = KProdigy(_model().named_parameters())
+    fresh.load_state_dict(saved)
+    _assert_state_dicts_equal(fresh.state_dict(), saved)
+
+
+def test_named_param_groups_and_mixing_errors_match_adam() -> None:
+    model = _model()
+    named = list(model.named_parameters())
+    groups = [{"params": named[:2]}, {"params": named[2:], "lr": 0.5}]
+    opt = KProdigy(groups)
+    adam = torch.optim.Adam([{"params": named[:2]}, {"params": named[2:], "lr": 0.5}])
+    assert [g["param_names"] for g in opt.param_groups] == [g["param_names"] for g in adam.param_groups]
+    _train(model, opt, 2)
+    # a group without names next to named ones, and names missing inside one group: Adam's errors
+    unnamed = {"params": [torch.nn.Parameter(torch.zeros(2))]}
+    half_named = {"params": [("x", torch.nn.Parameter(torch.zeros(2))), torch.nn.Parameter(torch.zeros(2))]}
+    for bad in (unnamed, half_named):
+        with pytest.raises(ValueError) as ours:
+            opt.add_param_group(copy.copy(bad))
+        with pytest.raises(ValueError) as theirs:
+            adam.add_param_group(copy.copy(bad))
+        assert str(ours.value) == str(theirs.value)
+    assert len(opt.param_groups) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# empty param groups (HF Trainer's no-decay group when only LoRA weights train)
+
+
+@pytest.mark.parametrize("independent_d", [False, True])
+@pytest.mark.parametrize("capturable", [False, True])
+def test_empty_param_groups_change_nothing(independent_d: bool, capturable: bool) -> None:
+    model, twin = _model(), _model()
+    opt = KProdigy(
+        [{"params": []}, {"params": list(model.parameters())}], independent_d=independent_d, capturable=capturable
+    )
+    ref = KProdigy(twin.parameters(), capturable=capturable)
+    opt.add_param_group({"params": []})
+    assert [len(m) for m in opt.d_groups()] == ([1, 1, 1] if independent_d else [3])
+    _train(model, opt, 3)
+    _train(twin, ref, 3)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    assert float(opt.param_groups[1]["d"]) == float(ref.param_groups[0]["d"])
+    # a checkpoint with empty groups round-trips, and step_parameter steps the others
+    saved = opt.state_dict()
+    fresh = KProdigy(
+        [{"params": []}, {"params": list(model.parameters())}, {"params": []}],
+        independent_d=independent_d,
+        capturable=capturable,
+    )
+    fresh.load_state_dict(saved)
+    _assert_state_dicts_equal(fresh.state_dict(), saved)
+    _backward(model, 3)
+    for p in model.parameters():
+        fresh.step_parameter(p)
+    fresh.finalize_step()
+    assert int(fresh.param_groups[1]["k"]) == 4
+
+
+def test_an_optimizer_without_any_param_is_refused_like_adam() -> None:
+    with pytest.raises(ValueError, match="optimizer got an empty parameter list"):
+        torch.optim.Adam([])
+    with pytest.raises(ValueError, match="optimizer got an empty parameter list"):
+        KProdigy([])
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile(opt.step)
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_compiled_step_equals_eager_and_does_not_recompile(capturable: bool) -> None:
+    """PyTorch's recipe for a compiled optimizer step: same result as the eager step, eager
+    stepping still works afterwards, the flags stay as set, and no recompile on an lr change."""
+    torch._dynamo.reset()
+    model, twin = _model(), _model()
+    opt, ref = KProdigy(model.parameters(), capturable=capturable), KProdigy(twin.parameters(), capturable=capturable)
+    compiled = torch.compile(opt.step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dynamo's notes about the profiler context
+        for i in range(2):  # warm-up (the first step creates the state)
+            _backward(model, i)
+            compiled()
+            _backward(twin, i)
+            ref.step()
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for i in range(2, 5):
+                for o in (opt, ref):
+                    o.param_groups[0]["lr"] = 0.5 + 0.1 * i  # a scheduler
+                _backward(model, i)
+                compiled()
+                _backward(twin, i)
+                ref.step()
+    assert opt.param_groups[0]["capturable"] is capturable
+    _train(model, opt, 1, start=5)  # eager after compiled
+    _train(twin, ref, 1, start=5)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert float(opt.param_groups[0]["d"]) == pytest.approx(float(ref.param_groups[0]["d"]), rel=1e-6)
+    assert int(opt.param_groups[0]["k"]) == int(ref.param_groups[0]["k"]) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# state_dict stability and non-dict state entries
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_save_load_save_and_deepcopy_are_stable(capturable: bool) -> None:
+    model = _model()
+    groups = [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters()), "lr": 0.5}]
+    opt = KProdigy([dict(g) for g in groups], capturable=capturable)
+    _train(model, opt, 2)
+    saved = opt.state_dict()
+    defaults = dict(opt.defaults)
+    fresh = KProdigy([dict(g) for g in groups], capturable=capturable)
+    fresh.load_state_dict(saved)
+    _assert_state_dicts_equal(fresh.state_dict(), saved)
+    assert fresh.defaults == defaults
+    clone = copy.deepcopy(opt)
+    _assert_state_dicts_equal(clone.state_dict(), saved)
+    assert clone.defaults == defaults
+    assert all("differentiable" not in g for g in (*fresh.param_groups, *clone.param_groups))
+
+
+def test_non_dict_state_entries_are_kept_like_adam() -> None:
+    model = _model()
+    opt, adam = KProdigy(model.parameters()), torch.optim.Adam(model.parameters())
+    _train(model, opt, 1)
+    for o in (opt, adam):
+        o.state["extra"] = 3  # torch keeps state under keys that are not params, as it is
+    assert opt.state_dict()["state"]["extra"] == adam.state_dict()["state"]["extra"] == 3
+    fresh = KProdigy(model.parameters())
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.state["extra"] == 3
+    _train(model, fresh, 1, start=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# refused arguments read like torch's errors
+
+
+def test_tensor_lr_and_fused_with_foreach_are_refused_in_torch_words() -> None:
+    w = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError) as theirs:
+        torch.optim.Adam([w], lr=torch.tensor(0.1), foreach=True)
+    assert str(theirs.value).startswith("lr as a Tensor is not supported")
+    with pytest.raises(ValueError, match=r"^lr as a Tensor is not supported by KProdigy"):
+        KProdigy([w], lr=torch.tensor(1.0))
+    opt = KProdigy([w])
+    with pytest.raises(ValueError, match=r"^lr as a Tensor is not supported by KProdigy"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": torch.tensor(1.0)})
+    opt.param_groups[0]["lr"] = torch.tensor(0.5)  # set by a scheduler: refused before any change
+    w.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"^param group 0: lr as a Tensor is not supported by KProdigy"):
+        opt.step()
+    with pytest.raises(RuntimeError) as theirs:
+        torch.optim.Adam([w], fused=True, foreach=True)
+    with pytest.raises(RuntimeError) as ours:
+        KProdigy([w], fused=True, foreach=True)
+    assert str(ours.value) == str(theirs.value) == "`fused` and `foreach` cannot be `True` together."
+    with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together."):
+        KProdigy([w], fused=True).add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "foreach": True})
