@@ -58,12 +58,7 @@ DEFAULTS = dict(
 class Reference:
     """groups: list of (list of float64 tensors, hyperparameter dict); d_groups: lists of group indices."""
 
-    def __init__(
-        self, groups: list[tuple[list[Tensor], dict]], d_groups: list[list[int]], *, eps_uses_old_d: bool = False
-    ):
-        # eps_uses_old_d: eps (and the betas[0] == 0 step) scaled by the D before this step's
-        # update instead of after it: KProdigy.step_parameter's one documented difference
-        self.eps_uses_old_d = eps_uses_old_d
+    def __init__(self, groups: list[tuple[list[Tensor], dict]], d_groups: list[list[int]]):
         self.groups = []
         for params, hp in groups:
             hp = {**DEFAULTS, **hp}
@@ -133,11 +128,10 @@ class Reference:
                 for t, g in zip(self.groups[i].tensors, grads[i]):
                     if g is None:
                         continue
-                    d_eps = d if self.eps_uses_old_d else D.d  # step_parameter: the D before the update
-                    den = t.v.sqrt() + d_eps * hp["eps"]
+                    den = t.v.sqrt() + D.d * hp["eps"]  # D after this step's update
                     if hp["weight_decay"] and hp["decouple"]:
                         t.x = t.x * (1 - hp["weight_decay"] * dlr)
-                    direction = t.m if t.m is not None else d_eps * effective[id(t)]
+                    direction = t.m if t.m is not None else D.d * effective[id(t)]
                     t.x = t.x - dlr * direction / den
             D.k += 1
 

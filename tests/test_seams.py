@@ -56,7 +56,7 @@ def small_flat_max(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _layout(t: torch.Tensor, transposed: bool) -> torch.Tensor:
     """The same values, contiguous or laid out transposed (a non-contiguous view)."""
-    return t.t().contiguous().t() if transposed else t.contiguous()
+    return t.t().contiguous().t() if transposed else t.clone(memory_format=torch.contiguous_format)
 
 
 @pytest.mark.parametrize("param_t", [False, True])
@@ -117,16 +117,17 @@ def test_fused_step_after_a_channels_last_model_goes_contiguous(small_flat_max: 
 
 
 # ---------------------------------------------------------------------------------------------
-# step_parameter on large params honours fused= and writes s
+# step_parameter on large params writes s and follows step(), whatever fused says
 
 
 @pytest.mark.parametrize("fused", [None, True, False])
 def test_step_parameter_equals_step_on_a_large_param(monkeypatch: pytest.MonkeyPatch, fused: bool | None) -> None:
-    """A 1024x1025 quadratic (fused=None takes the compiled kernels there): step_parameter +
-    finalize_step follows step(), and runs the compiled kernels exactly when step() does."""
+    """A 1024x1025 quadratic (fused=None takes the compiled kernels there for step()):
+    step_parameter + finalize_step follows step(), with the eager kernels (the compiled update
+    pass would keep the gradient alive until finalize_step)."""
     gen = torch.Generator().manual_seed(0)
-    target = torch.randn(1024, 1025, generator=gen)
-    w, u = torch.nn.Parameter(torch.zeros(1024, 1025)), torch.nn.Parameter(torch.zeros(1024, 1025))
+    target = torch.randn(1024, 1025, generator=gen, dtype=torch.float64)  # float64: paths agree to round-off
+    w, u = (torch.nn.Parameter(torch.zeros(1024, 1025, dtype=torch.float64)) for _ in range(2))
     opt, ref = KProdigy([w], fused=fused, d0=1e-5), KProdigy([u], fused=fused, d0=1e-5)
     calls: dict[str, int] = {"n": 0}
     accumulate = _fused.accumulate
@@ -136,22 +137,21 @@ def test_step_parameter_equals_step_on_a_large_param(monkeypatch: pytest.MonkeyP
         return accumulate(*args, **kwargs)
 
     monkeypatch.setattr(_fused, "accumulate", counting)
-    fused_steps = []
     for _ in range(8):
         w.grad = w.detach() - target
         before = calls["n"]
         opt.step_parameter(w)
+        w.grad = None  # freed at once, as a fused backward does
         opt.finalize_step()
-        fused_steps.append(calls["n"] > before)
+        assert calls["n"] == before  # eager kernels
         u.grad = u.detach() - target
         before = calls["n"]
         ref.step()
-        assert (calls["n"] > before) == fused_steps[-1]
-    assert all(fused_steps) == (fused is not False) and any(fused_steps) == (fused is not False)
+        assert (calls["n"] > before) == (fused is not False)
     assert ref.param_groups[0]["d"] > 5 * 1e-5  # D grew: the statistics are exercised
-    assert opt.param_groups[0]["d"] == pytest.approx(ref.param_groups[0]["d"], rel=1e-4)
-    torch.testing.assert_close(opt.state[w]["s"], ref.state[u]["s"], rtol=1e-4, atol=1e-12)
-    torch.testing.assert_close(w, u, rtol=1e-4, atol=1e-6)
+    assert opt.param_groups[0]["d"] == pytest.approx(ref.param_groups[0]["d"], rel=1e-10)
+    torch.testing.assert_close(opt.state[w]["s"], ref.state[u]["s"], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(w, u, rtol=1e-10, atol=1e-14)
 
 
 # ---------------------------------------------------------------------------------------------

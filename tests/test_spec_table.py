@@ -108,11 +108,7 @@ def run_ours(config: str, backend: str, *, skip: bool, nan_at: int | None) -> tu
     opt = KProdigy(pgs, skip_nonfinite=skip, **BACKENDS[backend], **kwargs)
     independent = kwargs.get("independent_d", False)
     d_groups = [[i] for i in range(len(pgs))] if independent else [list(range(len(pgs)))]
-    ref = Reference(
-        [(g["params"], {k: v for k, v in g.items() if k != "params"}) for g in pgs],
-        d_groups,
-        eps_uses_old_d=backend == "step_parameter",
-    )
+    ref = Reference([(g["params"], {k: v for k, v in g.items() if k != "params"}) for g in pgs], d_groups)
     if backend == "step_parameter":
         for p in model.parameters():
             p.register_post_accumulate_grad_hook(opt.step_parameter)

@@ -12,7 +12,7 @@ returns ``(new_params, new_state)`` and mutates nothing, so it composes with ``t
 from ._checkpoint import from_optimizer_state_dict, state_from_dict, state_to_dict, to_optimizer_state_dict
 from ._distributed import all_reduce_stats
 from ._hyperparams import Hyperparams
-from ._partial import cap_d_ratio, effective_lrs, finish_d, step_segment
+from ._partial import accumulate_segment, apply_segments, cap_d_ratio, effective_lrs, finish_d
 from ._scalars import Coefficients, coefficients, reduce_d
 from ._state import DState, State, init_d_state, init_tensor_state
 from ._step import Segment, SegmentResult, step_d_group, step_d_groups, use_foreach
@@ -25,7 +25,9 @@ __all__ = [
     "Segment",
     "SegmentResult",
     "State",
+    "accumulate_segment",
     "all_reduce_stats",
+    "apply_segments",
     "cap_d_ratio",
     "coefficients",
     "effective_lrs",
@@ -41,7 +43,6 @@ __all__ = [
     "step",
     "step_d_group",
     "step_d_groups",
-    "step_segment",
     "to_optimizer_state_dict",
     "use_foreach",
 ]

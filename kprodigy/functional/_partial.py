@@ -1,17 +1,18 @@
 """Pieces of a step for trainers: per-tensor stepping (fused backward), the step size, the D cap.
 
-``step_segment`` runs the accumulate and apply passes of one segment (typically one tensor whose
-gradient has just been accumulated) with the D of ``d_state``, and returns its share of the D
-statistics; ``finish_d`` later updates D from the sum of those shares. Together they are the
-full step of ``step_d_groups`` with ONE intended difference: the apply pass floors the Adam
-denominator at ``d_old * eps`` (the D before this step's update, the only one known while the
-other gradients are not ready) instead of ``d_new * eps``. Everything else (dlr, the D statistics,
-the moments, the D update) is the same arithmetic on the same values.
+``accumulate_segment`` runs the accumulate pass of one segment (typically one tensor whose
+gradient has just been accumulated): its moments and ``s`` are written at once, so the gradient
+may be freed, and it returns its share of the D statistics. Once every segment is in,
+``apply_segments`` updates D from the sum of the shares and runs the apply pass (x) of each with
+the new D. Together they are the full step of ``step_d_groups``, the same arithmetic on the same
+values (the statistics summed in another order). They run the eager kernels: the compiled update
+pass writes the moments and x together, which would keep every gradient alive until the end.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -20,36 +21,62 @@ from . import _robust
 from ._hyperparams import Hyperparams
 from ._scalars import coefficients, reduce_d, updates_d
 from ._state import DState
-from ._step import ReduceStats, Segment, SegmentResult, _accumulate_d_group, _apply_pass, _step_ok, _unchanged
+from ._step import ReduceStats, Segment, _Accumulated, _accumulate_d_group, _apply_pass, _step_ok
 
-__all__ = ["cap_d_ratio", "effective_lrs", "finish_d", "step_segment"]
+__all__ = ["accumulate_segment", "apply_segments", "cap_d_ratio", "effective_lrs", "finish_d"]
 
 
-def step_segment(
+def accumulate_segment(
     segment: Segment,
     d_state: DState,
     *,
     update_d: bool | Tensor | None,
     foreach: bool | None = None,
     inplace: bool = False,
-    fused: bool | None = None,
-) -> tuple[SegmentResult, Tensor]:
-    """Accumulate and apply one segment with the D of ``d_state``; D itself is not updated.
+) -> tuple[_Accumulated | None, Tensor]:
+    """The accumulate pass of one segment with the D of ``d_state``: new m, v, s (in place when
+    ``inplace``), x untouched.
 
-    Returns (result, stats): the new params and state (the inputs themselves if ``inplace``) and
-    the segment's local D statistics ``[numerator_delta, denom]`` (1-D, 2 entries, stats dtype,
-    zeros when not ``update_d``), to be summed over the segments of the D-group and passed to
-    ``finish_d``. The denominator floor is ``d_old * eps`` (see the module docstring).
-    ``update_d``: as in ``step_d_group`` (None: decided on the device from ``d_state.k``); when it
-    is not a Python bool, pass the same value to ``finish_d``, which then discards the statistics
-    of a step that does not update D. ``fused``: the compiled kernels, as in ``step_d_group``.
+    Returns (pending, stats): what ``apply_segments`` needs to finish the segment (None when
+    the segment does not step: lr == 0 or no tensor) and its local D statistics
+    ``[numerator_delta, denom]`` (1-D, 2 entries, stats dtype; zeros when not ``update_d``), to
+    be summed over the segments of the D-group. The pending record keeps the gradients only
+    when betas[0] == 0 (the apply pass then reads them).
+    ``update_d``: as in ``step_d_group`` (None: decided on the device from ``d_state.k``); pass
+    the same value to ``apply_segments``.
     """
-    acc = _accumulate_d_group([segment], d_state, update_d, foreach, inplace, False, fused)
+    acc = _accumulate_d_group([segment], d_state, update_d, foreach, inplace, False, False)
     if acc is None:  # frozen (lr == 0) or empty: nothing changes
-        return _unchanged(segment), torch.zeros(2, dtype=d_state.d.dtype, device=d_state.d.device)
-    # the apply pass of the full step (it writes s on the compiled path), with D not yet updated
-    (result,) = _apply_pass(acc, d_state, d_state.d, _step_ok(acc, acc.stats))
-    return result, acc.stats
+        return None, torch.zeros(2, dtype=d_state.d.dtype, device=d_state.d.device)
+    if segment.hparams.betas[0] > 0:  # the apply pass reads m, not g: let the gradients go
+        acc = replace(acc, grads={i: [None] * len(gs) for i, gs in acc.grads.items()})  # type: ignore[misc]
+    return acc, acc.stats
+
+
+def apply_segments(
+    pending: Sequence[_Accumulated],
+    d_state: DState,
+    stats: Tensor,
+    hparams: Hyperparams,
+    *,
+    update_d: bool | Tensor | None,
+    reduce_stats: ReduceStats | None = None,
+) -> DState:
+    """Finish a step taken segment by segment: the D update from ``stats`` (the sum of the
+    segments' shares; see ``finish_d``), then the apply pass of each pending segment with the new
+    D, in place or into the results the pending records hold. Returns the new D state.
+
+    A non-finite gradient in any segment (or non-finite statistics) skips the D update and every
+    segment's x update; the moments of the other segments were already written by then.
+    """
+    if update_d is None:
+        update_d = updates_d(hparams, d_state.k)
+    if update_d is not False and reduce_stats is not None:
+        stats = reduce_stats(stats.clone())
+    new = finish_d(d_state, stats, hparams, update_d=update_d)
+    for acc in pending:
+        _apply_pass(acc, d_state, new.d, _step_ok(acc, stats))
+    return new
 
 
 def finish_d(
@@ -63,7 +90,7 @@ def finish_d(
     """The D update of a step taken segment by segment: ``stats`` is the sum of their shares.
 
     hparams: of the D-group's first group (beta3, d0, d_coef, growth_rate are read).
-    update_d: as given to ``step_segment``; None: ``k % d_update_freq == 0`` decided on the device.
+    update_d: as given to ``accumulate_segment``; None: ``k % d_update_freq == 0`` decided on the device.
     reduce_stats: the distributed all-reduce, called on ``stats`` unless ``update_d`` is False.
     Advances k by one, like the full step.
     """

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..functional import DState, Hyperparams, Segment, _fused, all_reduce_stats, init_tensor_state, step_d_groups
 from ..functional._factored import init_factored_v
-from ..functional._partial import cap_d_ratio, effective_lrs, finish_d, step_segment
+from ..functional._partial import accumulate_segment, apply_segments, cap_d_ratio, effective_lrs
 from ..functional._state import D_STATE_FIELDS, stat_dtype, state_dtype
 from ..functional._step import use_fused
 from ._checks import check_grads, check_param_group, check_state_dict
@@ -539,19 +539,32 @@ class KProdigy(torch.optim.Optimizer):
         """Step one param now, with the D of this step; D is updated by ``finalize_step()``.
 
         For fused backward passes: call it from ``p.register_post_accumulate_grad_hook`` (then
-        ``p.grad`` may be freed at once), and call ``finalize_step()`` after ``backward()``. If
-        ``p`` was already stepped since the last finalization, that step is finalized first; so
-        is it by ``step()`` and ``state_dict()``. A param without a gradient is skipped.
+        ``p.grad`` may be freed at once), and call ``finalize_step()`` (or ``step()``) after each
+        ``backward()``; ``state_dict()`` finalizes too. Called outside a backward pass for a ``p``
+        already stepped since the last finalization, it finalizes that step first; inside one it
+        raises (params needed by that backward must not move). A param without a gradient is
+        skipped.
 
-        Equal to ``step()`` up to float rounding (the D statistics are summed in another order),
-        with ONE intended difference: the Adam denominator is floored at ``d_old * eps`` (the D
-        before this step's update) instead of ``d_new * eps``.
+        The moments and ``s`` of ``p`` are updated now (so its gradient may be freed at once; with
+        ``betas[0] == 0`` it is kept until ``finalize_step()``, whose param update reads it); the
+        param itself moves in ``finalize_step()``, with the D of this step's update, so the result
+        equals ``step()``'s up to float rounding (the D statistics are summed in another order).
+        These use the eager kernels whatever ``fused`` says (the compiled update pass writes the
+        moments and the param together, which would keep every gradient alive). A NaN/inf
+        gradient skips the param and D updates of the whole D-group; the moments of the params
+        stepped before it in that step have moved.
         """
         index = self._group_index(p)
         members = next(m for m in self.d_groups() if index in m)
         key = tuple(members)
         pending = self._pending.get(key)
         if pending is not None and any(q is p for q in pending.params):
+            if torch._C._current_graph_task_id() != -1:  # inside backward(): params must not move now
+                raise RuntimeError(
+                    "step_parameter got a param already stepped since the last finalize_step(), during a "
+                    "backward pass: the params of the previous step move in finalize_step() (with the D of "
+                    "that step), so call optimizer.finalize_step() (or optimizer.step()) after each backward()"
+                )
             self.finalize_step()
             pending = None
         if p.grad is None:
@@ -573,20 +586,18 @@ class KProdigy(torch.optim.Optimizer):
                 f"param groups {members} share one D but hold params on {pending.d_state.d.device} and {p.device}; "
                 "put them on one device or give the groups different d_group labels"
             )
-        _, stats = step_segment(
-            segment,
-            pending.d_state,
-            update_d=_updates_d(pending.groups[0]),
-            foreach=group["foreach"],
-            fused=group["fused"],
-            inplace=True,
+        acc, stats = accumulate_segment(
+            segment, pending.d_state, update_d=_updates_d(pending.groups[0]), foreach=group["foreach"], inplace=True
         )
         pending.stats += stats.to(pending.stats.dtype)
         pending.params.append(p)
+        if acc is not None:
+            pending.accumulated.append(acc)
 
     @torch.no_grad()
     def finalize_step(self) -> None:
-        """Update D from the statistics of the params stepped by ``step_parameter`` (no-op if none)."""
+        """Update D from the statistics of the params stepped by ``step_parameter``, then move those
+        params with the new D (no-op if none)."""
         if not self._pending:
             return
         pending, self._pending = list(self._pending.values()), {}
@@ -596,8 +607,13 @@ class KProdigy(torch.optim.Optimizer):
             lead = item.groups[0]
             upd = _updates_d(lead)
             reduce_stats = self._reduce_stats(item.params) if upd is not False else None
-            new = finish_d(
-                item.d_state, item.stats, Hyperparams.from_mapping(lead), update_d=upd, reduce_stats=reduce_stats
+            new = apply_segments(
+                item.accumulated,
+                item.d_state,
+                item.stats,
+                Hyperparams.from_mapping(lead),
+                update_d=upd,
+                reduce_stats=reduce_stats,
             )
             done.append((item.groups, item.params, item.d_state, new))
         self._record(done)
@@ -744,6 +760,7 @@ class _Pending:
         self.d_state = d_state  # the D state at the start of this step
         self.stats = stats  # running sum of the params' [numerator_delta, denom]
         self.params: list[Tensor] = []  # the params stepped so far
+        self.accumulated: list[Any] = []  # their accumulate passes, whose apply passes wait for the new D
 
 
 def _is_frozen(lead: dict[str, Any]) -> bool:
