@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+
 import prodigyopt
 import pytest
 import torch

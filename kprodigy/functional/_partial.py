@@ -21,7 +21,7 @@ from . import _robust
 from ._hyperparams import Hyperparams
 from ._scalars import coefficients, reduce_d, updates_d
 from ._state import DState
-from ._step import ReduceStats, Segment, _Accumulated, _accumulate_d_group, _apply_pass, _step_ok
+from ._step import ReduceStats, Segment, _accumulate_d_group, _Accumulated, _apply_pass, _step_ok
 
 __all__ = ["accumulate_segment", "apply_segments", "cap_d_ratio", "effective_lrs", "finish_d"]
 
@@ -49,7 +49,7 @@ def accumulate_segment(
     if acc is None:  # frozen (lr == 0) or empty: nothing changes
         return None, torch.zeros(2, dtype=d_state.d.dtype, device=d_state.d.device)
     if segment.hparams.betas[0] > 0:  # the apply pass reads m, not g: let the gradients go
-        acc = replace(acc, grads={i: [None] * len(gs) for i, gs in acc.grads.items()})  # type: ignore[misc]
+        acc = replace(acc, grads={i: [None] * len(gs) for i, gs in acc.grads.items()})  # type: ignore[list-item]
     return acc, acc.stats
 
 
