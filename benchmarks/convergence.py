@@ -49,13 +49,14 @@ TWO_COMP_HEAD_LRS = [3e-4, 1e-3, 3e-3]
 TWO_COMP_ENC_RATIOS = [1.0, 0.1, 0.01]
 # Seconds per training step of each task, measured on the reference machine (the 2-core x86_64
 # CPU of benchmarks/results/convergence.md, 1 torch thread, mean over all runs of that run): the
-# header's time estimate. Setup (data, pretraining, L-BFGS optimum, plots) adds about 12%.
+# header's time estimate, with SETUP_SECONDS per task for the rest (data, pretraining, L-BFGS
+# optimum, plots): 10.4 min estimated for the 10.7 min full run, 1.3 min for a 1.2 min --quick run.
 SECONDS_PER_STEP = {
     "logreg-iris": 5.6e-4, "logreg-wine": 2.4e-3, "logreg-breast_cancer": 9.7e-4, "logreg-digits": 1.8e-3,
     "fmnist-mlp": 8.6e-3, "fmnist-cnn": 9.4e-3, "mnist1d-mlp": 1.7e-3, "mnist1d-cnn": 2.3e-3,
     "two-component": 6.8e-3,
 }
-SETUP_OVERHEAD = 1.12
+SETUP_SECONDS = 6.0
 
 
 # ---------------------------------------------------------------- optimizers
@@ -357,12 +358,12 @@ def run_configs(task: T.Task, only: list[str] | None, adamw: tuple[float, float]
 
 
 def plan(tasks: list[T.Task], n_seeds: int, only: list[str] | None) -> dict[str, tuple[int, float]]:
-    """Per task: (number of training runs, estimated seconds on the reference machine)."""
+    """Per task: (number of training runs, estimated seconds of training on the reference machine)."""
     out = {}
     for task in tasks:
         n_tune = len(adamw_grid_configs(task.two_component, task.convex))
         n_runs = n_tune + len(run_configs(task, only)) * n_seeds
-        out[task.name] = (n_runs, n_runs * task.steps * SECONDS_PER_STEP.get(task.name, 5e-3) * SETUP_OVERHEAD)
+        out[task.name] = (n_runs, n_runs * task.steps * SECONDS_PER_STEP.get(task.name, 5e-3))
     return out
 
 
@@ -379,7 +380,7 @@ class Progress:
     def __init__(self, estimates: dict[str, tuple[int, float]], enabled: bool = True) -> None:
         self.estimates, self.enabled = estimates, enabled
         self.total_runs = sum(n for n, _ in estimates.values())
-        self.total_est = sum(e for _, e in estimates.values()) or 1.0
+        self.total_est = sum(e for _, e in estimates.values()) + SETUP_SECONDS * len(estimates)
         self.runs, self.done_est, self.t0 = 0, 0.0, time.time()
 
     def replan(self, task: str, runs: int) -> None:
@@ -393,7 +394,7 @@ class Progress:
     def advance(self, task: str, label: str, runs: int) -> None:
         n, est = self.estimates.get(task, (runs, 0.0))
         self.runs += runs
-        self.done_est += est * runs / max(n, 1)
+        self.done_est += est * runs / max(n, 1) + (SETUP_SECONDS if label == "adamw-tuning" else 0.0)
         elapsed = time.time() - self.t0
         left = elapsed * (self.total_est - self.done_est) / self.done_est if self.done_est > 0 else math.nan
         if self.enabled:
@@ -485,7 +486,7 @@ def header(names: list[str], tasks: dict[str, T.Task], seeds: list[int], scale: 
         for c in run_configs(tasks[n], only):
             if c.name not in opts and not c.name.startswith("adamw "):
                 opts.append(c.name)
-    total = sum(e for _, e in est.values())
+    total = sum(e for _, e in est.values()) + SETUP_SECONDS * len(est)
     lines = ["=" * 78]
     if quick:
         lines += ["SMOKE TEST (--quick): 5% of the step budget, small data, at most 2 seeds.",
