@@ -2,12 +2,16 @@
 
 The main job of the repository: on a fresh machine (CPU, offline)
 
-    python benchmarks/convergence.py                # whole default suite, ~10 min on 2 cores
-    python benchmarks/convergence.py --quick        # tiny budget, seconds
+    python benchmarks/convergence.py                # whole default suite, ~11 min on an idle 2-core CPU
+    python benchmarks/convergence.py --quick        # smoke test: tiny budget, about a minute
     python benchmarks/convergence.py --tasks logreg-iris,mnist1d-mlp --seeds 5 --steps 0.5
+    python benchmarks/convergence.py --update-results   # refresh the committed benchmarks/results/
 
-trains every task with every optimizer, prints the comparison tables and writes
-markdown tables, plots and raw numbers under ``benchmarks/results/``.
+trains every task with every optimizer, prints a header (tasks, optimizers, seeds, estimated
+time), progress with an ETA, the comparison tables with the best optimizer of each task marked,
+and writes markdown tables, plots and raw numbers into a fresh folder
+``benchmarks/out/<timestamp>/`` (git-ignored). The committed ``benchmarks/results/`` change only
+with ``--update-results`` (refused together with ``--quick``, which is a smoke test, not a result).
 
 Rules that hold for every optimizer in a task: same initialisation (seeded),
 same minibatch order (seeded generator), same cosine schedule of the learning
@@ -35,13 +39,24 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _output  # noqa: E402
 import convergence_tasks as T  # noqa: E402
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS_DIR = str(_output.RESULTS_DIR)
 ADAMW_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 ADAMW_GRID_CONVEX = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0]
 TWO_COMP_HEAD_LRS = [3e-4, 1e-3, 3e-3]
 TWO_COMP_ENC_RATIOS = [1.0, 0.1, 0.01]
+# Seconds per training step of each task, measured on the reference machine (the 2-core x86_64
+# CPU of benchmarks/results/convergence.md, 1 torch thread, mean over all runs of that run): the
+# header's time estimate, with SETUP_SECONDS per task for the rest (data, pretraining, L-BFGS
+# optimum, plots): 10.4 min estimated for the 10.7 min full run, 1.3 min for a 1.2 min --quick run.
+SECONDS_PER_STEP = {
+    "logreg-iris": 5.6e-4, "logreg-wine": 2.4e-3, "logreg-breast_cancer": 9.7e-4, "logreg-digits": 1.8e-3,
+    "fmnist-mlp": 8.6e-3, "fmnist-cnn": 9.4e-3, "mnist1d-mlp": 1.7e-3, "mnist1d-cnn": 2.3e-3,
+    "two-component": 6.8e-3,
+}
+SETUP_SECONDS = 6.0
 
 
 # ---------------------------------------------------------------- optimizers
@@ -325,26 +340,81 @@ def tune_adamw(task: T.Task, data: T.Data, steps: int, scale: float, progress: b
             "runs": [{k: v for k, v in r.items() if not k.endswith("curve")} for r in runs]}
 
 
+def run_configs(task: T.Task, only: list[str] | None, adamw: tuple[float, float] | None = (1e-3, 1e-3),
+                lr_train: float | None = None) -> list[OptConfig]:
+    """The configs ``run_task`` trains on ``task`` after tuning (``adamw``: the tuned lr pair)."""
+    if task.two_component:
+        cfgs = two_component_configs(adamw)
+        cfgs += [c for c in adamw_grid_configs(True, False) if adamw is None or (c.lr, c.lr * c.enc_lr) != adamw]
+    else:
+        cfgs = standard_configs(None if adamw is None else adamw[0])
+        if task.convex and lr_train is not None and adamw is not None and lr_train != adamw[0]:
+            cfgs.append(OptConfig("adamw-train-tuned", "adamw", lr=lr_train))  # strongest AdamW for the loss
+    if not kprodigy_available():
+        cfgs = [c for c in cfgs if c.kind != "kprodigy"]
+    if only:
+        cfgs = [c for c in cfgs if c.name in only or c.name.startswith("adamw-")]
+    return cfgs
+
+
+def plan(tasks: list[T.Task], n_seeds: int, only: list[str] | None) -> dict[str, tuple[int, float]]:
+    """Per task: (number of training runs, estimated seconds of training on the reference machine)."""
+    out = {}
+    for task in tasks:
+        n_tune = len(adamw_grid_configs(task.two_component, task.convex))
+        n_runs = n_tune + len(run_configs(task, only)) * n_seeds
+        out[task.name] = (n_runs, n_runs * task.steps * SECONDS_PER_STEP.get(task.name, 5e-3))
+    return out
+
+
+def _duration(seconds: float) -> str:
+    """``'7.5 min'`` or ``'40 s'``."""
+    if not math.isfinite(seconds):
+        return "?"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+class Progress:
+    """One line per finished optimizer: runs done, elapsed time and an ETA (stderr)."""
+
+    def __init__(self, estimates: dict[str, tuple[int, float]], enabled: bool = True) -> None:
+        self.estimates, self.enabled = estimates, enabled
+        self.total_runs = sum(n for n, _ in estimates.values())
+        self.total_est = sum(e for _, e in estimates.values()) + SETUP_SECONDS * len(estimates)
+        self.runs, self.done_est, self.t0 = 0, 0.0, time.time()
+
+    def replan(self, task: str, runs: int) -> None:
+        """Correct the number of runs of ``task`` once its configs are known (after tuning)."""
+        n, est = self.estimates.get(task, (runs, 0.0))
+        new = (runs, est * runs / max(n, 1))
+        self.total_runs += runs - n
+        self.total_est += new[1] - est
+        self.estimates[task] = new
+
+    def advance(self, task: str, label: str, runs: int) -> None:
+        n, est = self.estimates.get(task, (runs, 0.0))
+        self.runs += runs
+        self.done_est += est * runs / max(n, 1) + (SETUP_SECONDS if label == "adamw-tuning" else 0.0)
+        elapsed = time.time() - self.t0
+        left = elapsed * (self.total_est - self.done_est) / self.done_est if self.done_est > 0 else math.nan
+        if self.enabled:
+            print(f"[{self.runs}/{self.total_runs} runs] {task} {label} done; {_duration(elapsed)} elapsed, "
+                  f"ETA {_duration(max(left, 0.0))}", file=sys.stderr, flush=True)
+
+
 def run_task(task: T.Task, seeds: list[int], scale: float = 1.0, progress: bool = True,
-             only: list[str] | None = None) -> dict[str, Any]:
+             only: list[str] | None = None, tracker: Progress | None = None) -> dict[str, Any]:
     """Tune AdamW, then run every optimizer with every seed on one task."""
     data = task.build_data(scale)
     steps = task.steps
     tuning = tune_adamw(task, data, steps, scale, progress)
-    if task.two_component:
-        cfgs = two_component_configs((tuning["best_lr"], tuning["best_enc_lr"]))
-        cfgs += [c for c in adamw_grid_configs(True, False)
-                 if (c.lr, c.lr * c.enc_lr) != (tuning["best_lr"], tuning["best_enc_lr"])]
-    else:
-        cfgs = standard_configs(tuning["best_lr"])
-        lr_train = tuning["lr_min_train_loss"][0]
-        if task.convex and lr_train != tuning["best_lr"]:  # the strongest AdamW for the optimisation metric
-            cfgs.append(OptConfig("adamw-train-tuned", "adamw", lr=lr_train))
+    if tracker is not None:
+        tracker.advance(task.name, "adamw-tuning", len(tuning["runs"]))
+    cfgs = run_configs(task, only, (tuning["best_lr"], tuning["best_enc_lr"]), tuning["lr_min_train_loss"][0])
+    if tracker is not None:
+        tracker.replan(task.name, len(tuning["runs"]) + len(cfgs) * len(seeds))
     if not kprodigy_available():
         print(f"[{task.name}] kprodigy is not importable: K-Prodigy rows skipped", file=sys.stderr)
-        cfgs = [c for c in cfgs if c.kind != "kprodigy"]
-    if only:
-        cfgs = [c for c in cfgs if c.name in only or c.name.startswith("adamw-")]
     runs = []
     for cfg in cfgs:
         bar = _progress(len(seeds) * steps, f"{task.name} {cfg.name}", progress)
@@ -352,6 +422,8 @@ def run_task(task: T.Task, seeds: list[int], scale: float = 1.0, progress: bool 
             runs.append(safe_run(task, data, cfg, seed, steps, scale, on_step=bar.update if bar else None))
         if bar:
             bar.close()
+        if tracker is not None:
+            tracker.advance(task.name, cfg.name, len(seeds))
     result = {"task": task.name, "group": task.group, "steps": steps, "batch_size": task.batch_size,
               "data_note": data.note, "n_train": len(data.y), "n_test": len(data.y_test),
               "adamw_tuning": tuning, "runs": runs}
@@ -395,25 +467,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated task names or groups (logreg, ...); choices: {', '.join(tasks)}")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1), default 3")
     p.add_argument("--steps", type=float, default=1.0, help="multiplier of every task's step budget")
-    p.add_argument("--quick", action="store_true", help="tiny budget (steps x0.05, small data, 2 seeds)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: tiny budget (steps x0.05, small data, 2 seeds); its numbers are not results")
     p.add_argument("--opts", default="", help="comma-separated optimizer names to run (AdamW is always tuned)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these sizes)")
-    p.add_argument("--out", default=RESULTS_DIR, help="where to write results ('' to write nothing)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    _output.add_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars and ETA lines")
     p.add_argument("--from-json", default="", help="re-render tables and plots from a saved convergence.json")
     return p.parse_args(argv)
+
+
+def header(names: list[str], tasks: dict[str, T.Task], seeds: list[int], scale: float, quick: bool,
+           only: list[str] | None, out: str | None) -> str:
+    """What the run will do: tasks, optimizers, seeds, estimated time, where it writes."""
+    est = plan([tasks[n] for n in names], len(seeds), only)
+    opts: list[str] = []
+    for n in names:
+        for c in run_configs(tasks[n], only):
+            if c.name not in opts and not c.name.startswith("adamw "):
+                opts.append(c.name)
+    total = sum(e for _, e in est.values()) + SETUP_SECONDS * len(est)
+    lines = ["=" * 78]
+    if quick:
+        lines += ["SMOKE TEST (--quick): 5% of the step budget, small data, at most 2 seeds.",
+                  "It checks that every task and optimizer runs; its numbers are NOT results and no",
+                  "target is judged. The full run: python benchmarks/convergence.py", "-" * 78]
+    lines += [f"Convergence benchmark: {len(names)} task(s), {sum(n for n, _ in est.values())} training runs",
+              f"  tasks:      {', '.join(f'{n} ({tasks[n].steps} steps)' for n in names)}",
+              f"  optimizers: {', '.join(opts)}; AdamW's lr tuned first on a validation split "
+              "(two-component: also the other grid pairs)",
+              f"  seeds:      {seeds}; step scale {scale:g}",
+              f"  estimated:  {_duration(total)} on the reference machine (idle 2-core x86_64 CPU, 1 thread); "
+              "longer on a loaded one",
+              f"  writes to:  {out or 'nothing (--out given as an empty string)'}",
+              "=" * 78]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import convergence_report as R
 
     args = parse_args(argv)
+    if args.quick and args.update_results:
+        raise SystemExit("--quick is a smoke test: its numbers must not replace the committed results "
+                         "(drop --update-results)")
     if args.from_json:  # no training: tables and plots from saved numbers
         with open(args.from_json) as f:
             saved = json.load(f)
         print(R.summary(saved))
-        if args.out:
-            R.write_all(saved, args.out)
+        out = _output.output_dir(args.out, args.update_results)
+        if out is not None:
+            R.write_all(saved, str(out))
+            print(f"results written under {out}")
         return saved
     torch.set_num_threads(args.threads)
     scale, n_seeds = (0.05 * args.steps, min(args.seeds, 2)) if args.quick else (args.steps, args.seeds)
@@ -426,19 +531,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not kprodigy_available():
         print("WARNING: kprodigy is not importable; K-Prodigy rows are skipped", file=sys.stderr)
     seeds = list(range(n_seeds))
+    only = [o for o in args.opts.split(",") if o] or None
+    out = _output.output_dir(args.out, args.update_results)
+    print(header(names, all_tasks, seeds, scale, args.quick, only, str(out) if out else None), flush=True)
+    tracker = Progress(plan([all_tasks[n] for n in names], n_seeds, only), enabled=not args.no_progress)
     t0 = time.time()
     results = {"machine": machine_description(), "code": code_version(), "command": "python benchmarks/convergence.py " + " ".join(
-        sys.argv[1:] if argv is None else argv), "seeds": seeds, "step_scale": scale, "tasks": {}}
-    only = [o for o in args.opts.split(",") if o] or None
+        sys.argv[1:] if argv is None else argv), "seeds": seeds, "step_scale": scale, "quick": bool(args.quick),
+        "tasks": {}}
     for name in names:
-        results["tasks"][name] = run_task(all_tasks[name], seeds, scale, not args.no_progress, only)
+        results["tasks"][name] = run_task(all_tasks[name], seeds, scale, not args.no_progress, only, tracker)
         print(R.task_table(results["tasks"][name]), flush=True)
     results["wall_seconds"] = time.time() - t0
     summary = R.summary(results)
     print(summary)
-    if args.out:
-        R.write_all(results, args.out)
-        print(f"results written under {args.out}")
+    if out is not None:
+        R.write_all(results, str(out))
+        print(f"results written under {out}" + (" (a smoke test: not results)" if args.quick else ""))
     return results
 
 

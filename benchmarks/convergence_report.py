@@ -45,6 +45,25 @@ def pm(xs: list[float], digits: int = 4, pct: bool = False) -> str:
     return f"{m:.{2 if pct else digits}f} ± {s:.{2 if pct else digits}f}" if pct else f"{fmt(m, digits)} ± {fmt(s, 2)}"
 
 
+def best(task: dict, key: str, lowest: bool, among: list[str] | None = None) -> str | None:
+    """The optimizer with the best mean ``key`` over seeds (runs with a failed seed never win)."""
+    scored = [(mean(_vals(task["runs"], o, key)), o) for o in (among or opts_of(task))]
+    scored = [(v, o) for v, o in scored if math.isfinite(v)]
+    if not scored:
+        return None
+    return (min(scored) if lowest else max(scored, key=lambda vo: vo[0]))[1]
+
+
+def is_smoke(results: dict) -> bool:
+    """A ``--quick`` run: a smoke test whose numbers are not results."""
+    return bool(results.get("quick"))
+
+
+SMOKE_BANNER = ("**SMOKE TEST (`--quick`)**: 5% of the step budget, small data, at most 2 seeds. It shows that "
+                "every task and optimizer runs; the numbers below are not results, and no target is judged. "
+                "The results are those of the full run (`python benchmarks/convergence.py`).")
+
+
 def opts_of(task: dict) -> list[str]:
     seen: list[str] = []
     for r in task["runs"]:
@@ -84,9 +103,10 @@ def task_table(task: dict) -> str:
         lines.append(f"L-BFGS optimum of the training objective: {task['f_star']:.6g}.")
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ref = _vals(runs, "adamw-tuned", "train_loss")
+    best_loss = best(task, "train_loss", lowest=True)
     for opt in opts_of(task):
         loss = _vals(runs, opt, "train_loss")
-        row = [opt, pm(loss)]
+        row = [f"**{opt}** (best)" if opt == best_loss else opt, pm(loss)]
         if conv:
             row.append(pm(_vals(runs, opt, "rel_subopt"), 3))
         row += [pm(_vals(runs, opt, "train_acc"), pct=True), pm(_vals(runs, opt, "test_acc"), pct=True)]
@@ -99,6 +119,7 @@ def task_table(task: dict) -> str:
         if errors:
             row[0] += f" (error: {'; '.join(errors)[:120]})"
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", f"(best) marks the lowest mean final training loss of the task: {best_loss}."]
     if two:
         lines += ["", pareto_text(task)]
     return "\n".join(lines) + "\n"
@@ -150,7 +171,10 @@ def paired_noise(a: list[float], b: list[float]) -> tuple[float, float]:
 
 
 def targets(results: dict) -> tuple[str, dict]:
-    """Check the issue's targets; return a markdown table and the verdicts per pair."""
+    """Check the issue's targets; return a markdown table and the verdicts per pair.
+
+    In a smoke test (``--quick``) the ratios are shown but no verdict is given."""
+    smoke = is_smoke(results)
     rows, verdict = [], {p: {"loss": True, "acc": True, "prodigy": True, "noise": True, "present": False}
                          for p in PAIRS}
     head = ["task", "K-Prodigy ÷ AdamW train loss", "≤ 1.01", "K-Prodigy vs AdamW test acc (rel.)", "≥ −5%",
@@ -180,7 +204,7 @@ def targets(results: dict) -> tuple[str, dict]:
         v["acc"] &= ok_acc
         v["prodigy"] &= ok_p
         v["noise"] &= within_noise
-        yn = lambda b: "yes" if b else "**no**"  # noqa: E731
+        yn = lambda b: "n/a" if smoke else "yes" if b else "**no**"  # noqa: E731
         rows.append([name + (f" (prodigyopt vs {same})" if same != "kprodigy" else ""), fmt(lr, 4), yn(ok_loss),
                      f"{100 * ar:+.2f}%", yn(ok_acc), " / ".join(fmt(x, 4) for x in pr),
                      f"{100 * (sa - pa):+.2f}", yn(ok_p), f"{m:+.3f} ± {se:.3f}",
@@ -193,6 +217,10 @@ def targets(results: dict) -> tuple[str, dict]:
     n_prod = sum(verdict[p]["prodigy"] for p in present)
     n_noise = sum(verdict[p]["noise"] for p in present)
     text = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    if smoke:
+        text += ["", f"Task/model pairs run: {len(present)} of {len(PAIRS)}. Targets are not judged in a smoke test "
+                 "(`--quick`): its budget is too small for its numbers to mean anything."]
+        return "\n".join(text) + "\n", verdict
     text += ["", f"Task/model pairs run: {len(present)} of {len(PAIRS)} "
              "(logreg counts as one pair and meets a target only if all its data sets do). "
              "K-Prodigy means defaults; in two-component that is one D per param group.",
@@ -208,12 +236,26 @@ def targets(results: dict) -> tuple[str, dict]:
     return "\n".join(text) + "\n", verdict
 
 
-def grid_table(results: dict, key: str, pct: bool = False) -> str:
-    """Tasks × standard optimizers, mean ± sd of ``key``."""
+def grid_table(results: dict, key: str, pct: bool = False, lowest: bool = True) -> str:
+    """Tasks × standard optimizers, mean ± sd of ``key``; the best of each row in bold."""
     head = ["task"] + STANDARD
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, task in results["tasks"].items():
-        lines.append("| " + " | ".join([name] + [pm(_vals(task["runs"], o, key), pct=pct) for o in STANDARD]) + " |")
+        top = best(task, key, lowest, among=STANDARD)
+        cells = [pm(_vals(task["runs"], o, key), pct=pct) for o in STANDARD]
+        cells = [f"**{c}**" if o == top else c for o, c in zip(STANDARD, cells)]
+        lines.append("| " + " | ".join([name] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def best_table(results: dict) -> str:
+    """Per task, over every optimizer run: the lowest final train loss and the highest test accuracy."""
+    lines = ["| task | lowest train loss | highest test acc % |", "|---|---|---|"]
+    for name, task in results["tasks"].items():
+        bl, ba = best(task, "train_loss", lowest=True), best(task, "test_acc", lowest=False)
+        loss = f"{bl} ({fmt(mean(_vals(task['runs'], bl, 'train_loss')))})" if bl else "nan"
+        acc = f"{ba} ({100 * mean(_vals(task['runs'], ba, 'test_acc')):.2f})" if ba else "nan"
+        lines.append(f"| {name} | {loss} | {acc} |")
     return "\n".join(lines) + "\n"
 
 
@@ -252,12 +294,17 @@ def defaults_table(results: dict) -> str:
 
 def summary(results: dict) -> str:
     tgt, _ = targets(results)
-    out = ["## Convergence benchmark summary", "",
-           f"Machine: {results['machine']}. Seeds: {results['seeds']}. "
+    out = ["## Convergence benchmark summary", ""]
+    if is_smoke(results):
+        out += [SMOKE_BANNER, ""]
+    out += [f"Machine: {results['machine']}. Seeds: {results['seeds']}. "
            f"Step scale: {results['step_scale']:g}. Wall time: {results.get('wall_seconds', 0) / 60:.1f} min.",
            f"Command: `{results['command'].strip()}` ({results.get('code', 'code version not recorded')}).", "",
-           "### Final training loss (mean ± sd over seeds)", "", grid_table(results, "train_loss"),
-           "### Test accuracy % (mean ± sd over seeds)", "", grid_table(results, "test_acc", pct=True),
+           "### Final training loss (mean ± sd over seeds; lowest of each task in bold)", "",
+           grid_table(results, "train_loss"),
+           "### Test accuracy % (mean ± sd over seeds; highest of each task in bold)", "",
+           grid_table(results, "test_acc", pct=True, lowest=False),
+           "### Best per task (every optimizer run, means over seeds)", "", best_table(results),
            "### Targets", "", tgt, "### Defaults evidence", "", defaults_table(results)]
     return "\n".join(out)
 
@@ -355,6 +402,8 @@ def write_all(results: dict, out_dir: str) -> None:
     _plot_overview(results, os.path.join(out_dir, "convergence_overview.png"))
     with open(os.path.join(out_dir, "convergence.md"), "w") as f:
         f.write("# Convergence benchmark results\n\nGenerated by `benchmarks/convergence.py`; do not edit.\n\n")
+        if is_smoke(results):
+            f.write(SMOKE_BANNER + "\n\n")
         f.write("\n".join(parts))
     with open(os.path.join(out_dir, "convergence.json"), "w") as f:
         json.dump(_rounded_curves(results), f, default=float)

@@ -15,7 +15,8 @@ is the growth of the process's peak resident memory during one step (CPU) or of
 ``torch.cuda.max_memory_allocated`` (CUDA), beyond the params, grads and state.
 
 A peer that is not installed is skipped with a note. Writes ``step_speed_<device>.md`` and
-``step_speed_<device>.png`` under ``--out`` (default benchmarks/results).
+``step_speed_<device>.png`` into a fresh ``benchmarks/out/<timestamp>/`` (or ``--out``); the
+committed ``benchmarks/results/`` only with ``--update-results``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _output  # noqa: E402
 
 Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 WORDS = {"prodigy": 13, "adamw": 7}
@@ -276,7 +280,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--only", default="", help="comma-separated workload names to run")
     ap.add_argument("--opts", default="", help="comma-separated optimizer names to run (default: all)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    _output.add_arguments(ap)
     ap.add_argument("--replot", default="", help="only redraw the plot of this results .md file")
     args = ap.parse_args(argv)
     if args.replot:
@@ -309,12 +313,14 @@ def main(argv: list[str] | None = None) -> Path:
         "",
     ]
     text = "\n".join(header) + table(results, sizes, bw, opts)
-    out = Path(args.out)
+    out = _output.output_dir(args.out or None, args.update_results)
+    assert out is not None
     out.mkdir(parents=True, exist_ok=True)
     md = out / f"step_speed_{device.type}.md"
     md.write_text(text)
     plot(results, out / f"step_speed_{device.type}.png")
     print(text)
+    print(f"written: {md}", file=sys.stderr)
     return md
 
 

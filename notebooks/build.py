@@ -1,11 +1,19 @@
 """Write the notebooks from the cell sources below and execute them in place (outputs kept).
 
-Usage (from the repository root): ``PYTHONPATH=$PWD python notebooks/build.py``. The test suite
-(tests/test_notebooks.py) re-executes the committed notebooks top to bottom.
+The one command that (re)builds the committed notebooks with fresh outputs, from the repository
+root (needs the test extra: ``pip install -e ".[test]"``; no Jupyter server, no nbconvert)::
+
+    python notebooks/build.py                      # all three
+    python notebooks/build.py functional.ipynb     # one
+
+The kernel imports ``kprodigy`` from this checkout and runs on one thread. Edit the cells here,
+never the .ipynb files. The test suite (tests/test_notebooks.py) re-executes the committed
+notebooks top to bottom and checks that their conclusions match their numbers.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -248,10 +256,13 @@ for a in axes:
     a.legend(fontsize=8)
 plt.tight_layout()""",
     Md(
-        "With one shared D both components take the same step size; the text encoder, whose gradients are "
-        "two orders of magnitude smaller, moves as far as the UNet and drifts further from its pretrained "
-        "function. With independent D it gets its own (smaller) D. The numbers printed above are from this "
-        "run; they are a miniature, not a measurement of SDXL."
+        'With one shared D both components take the same step size. `independent_d=True` gives the text '
+        'encoder a D estimated from its own statistics (compare `D te` in the two printed lines). In this '
+        'miniature it comes out smaller than the shared one, and the text encoder drifts less from its '
+        'pretrained function (compare `text-encoder drift`). That is not so by construction: its own D may '
+        'as well come out larger. To protect a pretrained component for sure, give its param group a '
+        'smaller `lr` multiplier (e.g. `{"params": te.parameters(), "lr": 0.1}`; see docs/multi-component.md). '
+        'The numbers printed above are from this run; they are a miniature, not a measurement of SDXL.'
     ),
 ]
 
@@ -267,6 +278,13 @@ def build(name: str, cells: list[str]) -> nbformat.NotebookNode:
 
 
 def main() -> None:
+    root = str(HERE.parent)  # the kernel (a child process) imports kprodigy from this checkout
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    unknown = [a for a in sys.argv[1:] if a not in NOTEBOOKS]
+    if unknown:
+        raise SystemExit(f"unknown notebook(s) {unknown}; choose from {', '.join(NOTEBOOKS)}")
     for name, cells in NOTEBOOKS.items():
         if len(sys.argv) > 1 and name not in sys.argv[1:]:
             continue

@@ -55,10 +55,38 @@ def test_every_optimizer_runs_and_lowers_the_loss(name: str) -> None:
             assert 0.0 <= run["retention_acc"] <= 1.0 and run["encoder_drift"] >= 0.0
 
 
-def test_cli_quick_writes_tables_and_plots(tmp_path, capsys) -> None:
-    pytest.importorskip("matplotlib")  # plots only; not in the test extras
-    C.main(["--quick", "--tasks", "logreg-iris", "--seeds", "1", "--no-progress", "--out", str(tmp_path)])
+def test_cli_quick_writes_a_labelled_smoke_run_into_a_fresh_folder(tmp_path, monkeypatch, capsys) -> None:
+    """The main job's rules: a fresh output folder by default, committed results untouched,
+    a header first, the best marked, and a quick run labelled a smoke test with no verdicts."""
+    pytest.importorskip("matplotlib")  # plots only
+    import _output
+
+    results = _output.RESULTS_DIR
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("*")}
+    monkeypatch.setattr(_output, "OUT_ROOT", tmp_path / "out")
+    C.main(["--quick", "--tasks", "logreg-iris", "--seeds", "1", "--no-progress"])
     out = capsys.readouterr().out
-    assert "| kprodigy |" in out and "Targets" in out
+    (run_dir,) = (tmp_path / "out").iterdir()
     for f in ("convergence.md", "convergence.json", "convergence_logreg-iris.png", "convergence_overview.png"):
-        assert (tmp_path / f).exists(), f
+        assert (run_dir / f).exists(), f
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("*")} == before  # nothing committed was rewritten
+    assert out.index("SMOKE TEST") < out.index("Convergence benchmark: 1 task(s)") < out.index("### logreg-iris")
+    assert "estimated:" in out and f"writes to:  {run_dir}" in out
+    assert "| kprodigy |" in out or "| **kprodigy** (best) |" in out
+    assert "(best) marks the lowest" in out and "Best per task" in out and "Targets" in out
+    assert "MISSED" not in out and "**no**" not in out and ": met" not in out  # no verdicts in a smoke test
+    assert "SMOKE TEST" in (run_dir / "convergence.md").read_text()
+
+
+def test_output_folder_rules(tmp_path) -> None:
+    import _output
+
+    a, b = _output.fresh_dir(tmp_path), _output.fresh_dir(tmp_path)
+    assert a != b and a.is_dir() and b.is_dir() and not any(a.iterdir())
+    assert _output.output_dir("", False) is None
+    assert _output.output_dir(str(tmp_path / "x"), False) == tmp_path / "x"
+    assert _output.output_dir(None, True) == _output.RESULTS_DIR
+    with pytest.raises(SystemExit):
+        _output.output_dir(str(tmp_path), True)
+    with pytest.raises(SystemExit, match="smoke test"):
+        C.main(["--quick", "--update-results", "--tasks", "logreg-iris"])

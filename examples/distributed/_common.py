@@ -34,9 +34,12 @@ def batch(step: int, rank: int, device: torch.device) -> tuple[torch.Tensor, tor
     return x.to(device), x.sum(dim=1, keepdim=True).sin().to(device)
 
 
-def report(rank: int, d_values: list[float], loss: float) -> None:
-    """Print every rank's D: they must agree."""
+def report(rank: int, d_values: list[float], loss: float, label: str = "", names: str = "D") -> None:
+    """Print every rank's D values (they must agree), after ``label`` (e.g. the step).
+
+    ``names`` says what the values of one rank are, e.g. ``"[D of group 0, D of group 1]"``."""
     gathered: list[list[float] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, d_values)
+    dist.all_gather_object(gathered, [float(d) for d in d_values])
     if rank == 0:
-        print(f"loss {loss:.4f}; D per rank: {gathered}")
+        ranks = "; ".join(f"rank {r}: {', '.join(f'{d:.6g}' for d in ds or [])}" for r, ds in enumerate(gathered))
+        print(f"{label + ': ' if label else ''}loss {loss:.4f}; {names} per rank: {ranks}")

@@ -23,5 +23,5 @@ for step in range(50):
     loss.backward()
     opt.step()
     if step % 10 == 9:
-        report(rank, [g["d"] for g in opt.param_groups], loss.item())
+        report(rank, [g["d"] for g in opt.param_groups], loss.item(), label=f"step {step + 1}")
 dist.destroy_process_group()

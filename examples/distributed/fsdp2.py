@@ -30,14 +30,19 @@ for step in range(50):
     loss.backward()
     opt.step()
     if step % 10 == 9:
-        report(rank, [g["d"] for g in opt.param_groups], loss.item())
+        report(rank, [g["d"] for g in opt.param_groups], loss.item(), label=f"step {step + 1}")
 
-# save and restore model and optimizer (D lives in the param groups, the rest in DTensors)
-directory = [tempfile.mkdtemp() if rank == 0 else None]
+# save and restore model and optimizer (D lives in the param groups, the rest in DTensors), in a
+# temporary folder that rank 0 creates and removes once every rank is done with it
+tmp = tempfile.TemporaryDirectory(prefix="kprodigy-fsdp2-") if rank == 0 else None
+directory = [tmp.name if tmp is not None else None]
 dist.broadcast_object_list(directory)
 model_sd, optim_sd = get_state_dict(net, opt)
 dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory[0])
 dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory[0])
 set_state_dict(net, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
-report(rank, [g["d"] for g in opt.param_groups], loss.item())
+report(rank, [g["d"] for g in opt.param_groups], loss.item(), label="after dcp.save + dcp.load (same D expected)")
+dist.barrier()  # every rank has finished reading the checkpoint
+if tmp is not None:
+    tmp.cleanup()
 dist.destroy_process_group()

@@ -1,0 +1,49 @@
+"""Where the benchmarks write: a fresh folder per run, committed results only when asked.
+
+Every benchmark that writes files takes ``--out DIR`` and ``--update-results``. By default a run
+writes to a new folder ``benchmarks/out/<YYYYmmdd-HHMMSS>/`` (git-ignored), so that no run, quick or
+full, rewrites the files committed under ``benchmarks/results/``. ``--update-results`` writes
+there instead (what a release does to refresh the published figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"  # committed: changed only with --update-results
+OUT_ROOT = HERE / "out"  # git-ignored: one fresh folder per run
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--out`` and ``--update-results`` to a benchmark's command line."""
+    parser.add_argument("--out", default=None,
+                        help="folder to write into (default: a fresh benchmarks/out/<timestamp>/; '' writes nothing)")
+    parser.add_argument("--update-results", action="store_true",
+                        help=f"overwrite the committed results in {RESULTS_DIR.relative_to(HERE.parent)}/")
+
+
+def fresh_dir(root: Path | None = None) -> Path:
+    """Create and return a new, empty folder ``root/<timestamp>`` (suffixed if that exists)."""
+    root = OUT_ROOT if root is None else Path(root)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, i = root / stamp, 1
+    while path.exists():
+        path, i = root / f"{stamp}-{i}", i + 1
+    path.mkdir(parents=True)
+    return path
+
+
+def output_dir(out: str | None, update_results: bool, root: Path | None = None) -> Path | None:
+    """The folder a run writes into: ``--out`` if given ('' means none), the committed results
+    with ``--update-results``, else a fresh folder under ``root`` (default ``benchmarks/out``)."""
+    if update_results and out is not None:
+        raise SystemExit("give either --out or --update-results, not both")
+    if update_results:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        return RESULTS_DIR
+    if out is not None:
+        return Path(out) if out else None
+    return fresh_dir(root)

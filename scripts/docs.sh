@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Build the documentation site (docs/ + mkdocs.yml) in strict mode: any warning (a broken link,
+# a page missing from the nav, an API name mkdocstrings cannot find) fails the build.
+# Installs the packages of the 'docs' extra of pyproject.toml first (not the package itself:
+# mkdocstrings reads the docstrings from the source tree). Usage:
+#   bash scripts/docs.sh            # build into a temporary folder, removed afterwards (what CI runs)
+#   bash scripts/docs.sh site       # build into ./site (git-ignored) to look at it
+#   python3 -m mkdocs serve         # live preview while writing
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mapfile -t reqs < <(python3 - <<'PY'
+import re
+text = open("pyproject.toml").read()
+block = re.search(r"^docs = \[(.*?)^\]", text, re.S | re.M).group(1)
+print("\n".join(re.findall(r'"([^"]+)"', block)))
+PY
+)
+python3 -m pip install -q --disable-pip-version-check "${reqs[@]}"
+if [ $# -ge 1 ]; then
+    site="$1"
+else
+    site="$(mktemp -d)"
+    trap 'rm -rf "$site"' EXIT
+fi
+# not --quiet: it hides the warnings from --strict as well, and the build would then pass anyway
+log="$(mktemp)"
+if ! NO_MKDOCS_2_WARNING=1 python3 -m mkdocs build --strict --site-dir "$site" >"$log" 2>&1; then
+    grep -v "^INFO" "$log" || true
+    rm -f "$log"
+    echo "docs build failed (mkdocs build --strict)" >&2
+    exit 1
+fi
+grep -v "^INFO" "$log" || true
+rm -f "$log"
+echo "docs built (strict) into $site"
