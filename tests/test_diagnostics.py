@@ -100,6 +100,15 @@ def test_status_rules() -> None:
     record = opt.diagnostics()[0]
     assert record.d_hat < record.d_max
 
+    # the rule on hand-set group keys: growing iff the last estimate is D's running maximum
+    group = opt.param_groups[0]
+    group.update(d=2e-3, d_max=2e-3, d_hat=2e-3, k=100)
+    assert opt.diagnostics()[0].status == "growing"
+    group.update(d_hat=1e-3)
+    assert opt.diagnostics()[0].status == "settled"
+    group.update(d=5e-6, d_max=5e-6, d_hat=5e-6)  # 5 x d0 after 100 steps
+    assert opt.diagnostics()[0].status == "stuck_at_d0"
+
     # stuck_at_d0: an Adam-style lr keeps D at d0 (after 50 steps; "starting" before)
     model = mlp()
     with warnings.catch_warnings():
@@ -121,7 +130,9 @@ def test_status_rules() -> None:
 
 def test_capped_status_names_the_d_group_the_cap_bound() -> None:
     far, near = torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(10))
-    opt = KProdigy([{"params": [far]}, {"params": [near]}], d_ratio_cap=2.0, independent_d=True, use_bias_correction=False)
+    opt = KProdigy(
+        [{"params": [far]}, {"params": [near]}], d_ratio_cap=2.0, independent_d=True, use_bias_correction=False
+    )
     for _ in range(30):
         opt.zero_grad()
         ((far - 100.0) ** 2).sum().add(((near - 0.1) ** 2).sum()).backward()
@@ -221,14 +232,18 @@ def test_no_warning_for_a_small_multiplier_beside_a_group_at_one_or_for_schedule
     params = list(model.parameters())
     with kprodigy_warnings() as caught:
         opt = KProdigy([{"params": params[:2], "lr": 0.1}, {"params": params[2:]}], use_bias_correction=False)
-        opt2 = KProdigy([{"params": params[:2], "lr": 0.05}, {"params": params[2:], "lr": 1.0}], use_bias_correction=False)
+        opt2 = KProdigy(
+            [{"params": params[:2], "lr": 0.05}, {"params": params[2:], "lr": 1.0}], use_bias_correction=False
+        )
         KProdigy([{"params": params[:2], "lr": 0.0}, {"params": params[2:], "lr": 0.0}])  # all frozen: not an Adam lr
         train(opt, model, 5)
         train(opt2, model, 5)
         # a warm-up from 0 and a decay to 0 (torch schedulers write initial_lr = 1.0 into the groups)
         model3 = mlp()
         opt3 = KProdigy(model3.parameters(), use_bias_correction=False)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt3, lambda t: min(1.0, t / 20) * 0.5 * (1 + math.cos(math.pi * t / 80)))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt3, lambda t: min(1.0, t / 20) * 0.5 * (1 + math.cos(math.pi * t / 80))
+        )
         train(opt3, model3, 80, sched=sched)
         # a hand-written cosine to 0 (no scheduler): judged by D, not by lr
         model4 = mlp()
@@ -247,7 +262,9 @@ def test_adam_lr_warns_once_at_construction_naming_the_fix() -> None:
     model = mlp()
     params = list(model.parameters())
     with kprodigy_warnings() as caught:
-        opt = KProdigy([{"params": params[:2], "lr": 1e-4}, {"params": params[2:], "lr": 1e-3}], use_bias_correction=False)
+        opt = KProdigy(
+            [{"params": params[:2], "lr": 1e-4}, {"params": params[2:], "lr": 1e-3}], use_bias_correction=False
+        )
         train(opt, model, 3)
     assert len(caught) == 1
     message = str(caught[0].message)

@@ -106,7 +106,9 @@ class DGroupDiagnostics:
 
     def __str__(self) -> str:
         flags = "".join((" frozen" if self.frozen else "", " capped" if self.capped else ""))
-        lrs = ", ".join(f"{i}: lr={lr:g} eff={eff:.3e}" for i, lr, eff in zip(self.param_groups, self.lrs, self.effective_lrs))
+        lrs = ", ".join(
+            f"{i}: lr={lr:g} eff={eff:.3e}" for i, lr, eff in zip(self.param_groups, self.lrs, self.effective_lrs)
+        )
         return (
             f"D-group {self.index} (param groups {list(self.param_groups)}): {self.status}{flags}\n"
             f"  d={self.d:.4e} ({self.growth:.4g} x d0={self.d0:.1e})  d_max={self.d_max:.4e}  d_hat={self.d_hat:.4e}\n"
@@ -126,18 +128,22 @@ class Diagnostics(tuple):  # type: ignore[type-arg]
         return {f"{prefix}dgroup{r.index}/{key}": value for r in self for key, value in r.as_dict().items()}
 
 
+_WRAPPED = ("optimizer", "_optimizer", "base_optimizer", "_base_optimizer")
+
+
 def _unwrap(optimizer: Any) -> Any:
-    """The KProdigy inside wrappers (accelerate's AcceleratedOptimizer, Lightning's
-    LightningOptimizer, ...), which keep it as ``.optimizer``."""
+    """The KProdigy inside wrappers: accelerate's AcceleratedOptimizer and Lightning's
+    LightningOptimizer (``.optimizer``), timm's Lookahead (``._base_optimizer``), ..."""
     from ._kprodigy import KProdigy
 
-    seen = 0
-    while not isinstance(optimizer, KProdigy):
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is None or seen > 8:
-            raise TypeError(f"expected a KProdigy (or a wrapper holding one as .optimizer), got {type(optimizer).__name__}")
-        optimizer, seen = inner, seen + 1
-    return optimizer
+    for _ in range(8):
+        if isinstance(optimizer, KProdigy):
+            return optimizer
+        inner = next((getattr(optimizer, a) for a in _WRAPPED if getattr(optimizer, a, None) is not None), None)
+        if inner is None:
+            break
+        optimizer = inner
+    raise TypeError(f"expected a KProdigy (or a wrapper holding one as .optimizer), got {type(optimizer).__name__}")
 
 
 def diagnostics(optimizer: Any) -> Diagnostics:
@@ -158,10 +164,7 @@ def diagnostics(optimizer: Any) -> Diagnostics:
         frozen = bool(lead.get("d_frozen")) or (lead.get("d_steps") is not None and k >= lead["d_steps"])
         cap = opt.d_ratio_cap
         capped = (
-            cap is not None
-            and len(live_ds) > 1
-            and d < d_max * (1 - 1e-6)
-            and d <= cap * min(live_ds) * (1 + 1e-6)
+            cap is not None and len(live_ds) > 1 and d < d_max * (1 - 1e-6) and d <= cap * min(live_ds) * (1 + 1e-6)
         )
         growth = d / d0 if d0 > 0 else math.inf
         if frozen:
