@@ -35,7 +35,7 @@ __all__ = [
 
 ADAM_LR = 0.1  # every group's lr (> 0) below this looks like an Adam learning rate
 STUCK_STEPS = 50  # steps with non-zero gradients after which D should have left d0 ...
-STUCK_GROWTH = 10.0  # ... by at least this factor (normal runs: 400x - 400000x at step 50)
+STUCK_GROWTH = 10.0  # ... by at least this factor (29 normal runs: 2700x - 440000x at step 50)
 LATE_MIN_STEP = 512  # the late-growth rule applies from this step on (k a power of 2) ...
 LATE_GROWTH = 4.0  # ... and fires when D grew more than this factor over the last half of the steps
 # (normal runs of the convergence suite: at most 2.13x at k >= 256; see benchmarks/NOTES.md)
@@ -68,7 +68,7 @@ class DGroupDiagnostics:
     - ``starting``: fewer than ``STUCK_STEPS`` (50) steps taken and D within ``STUCK_GROWTH``
       (10x) of d0: too early to tell.
     - ``stuck_at_d0``: at least 50 steps taken and D still below 10 * d0 (normal runs are at
-      400 - 400000 x d0 by step 50; see ``KProdigyWarning`` for the causes).
+      2700 - 440000 x d0 by step 50 in the convergence suite; see ``KProdigyWarning`` for the causes).
     - ``growing``: the last D update raised D's running maximum (``d_hat >= d_max``): the current
       estimate is D itself, and the next one may be larger.
     - ``settled``: the current estimate is below D (``d_hat < d_max``): D stays where it is
@@ -391,7 +391,7 @@ def _stuck_message(opt: Any, groups: list[dict[str, Any]]) -> str:
         )
     return (
         f"KProdigy: D of param groups {_members(opt, groups)} is still {d:.2e} ({d / d0:.3g} x d0={d0:g}) after {k} steps "
-        f"with non-zero gradients (normal runs grow D 400x or more by step {STUCK_STEPS}). Likely cause"
+        f"with non-zero gradients (convergence-suite runs grow D 2700x or more by step {STUCK_STEPS}). Likely cause"
         + ("s" if len(causes) > 1 else "")
         + ": "
         + "; ".join(f"({i + 1}) {c}" for i, c in enumerate(causes))
