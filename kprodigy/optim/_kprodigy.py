@@ -23,6 +23,7 @@ from ..functional._factored import init_factored_v
 from ..functional._partial import accumulate_segment, apply_segments, cap_d_ratio, effective_lrs
 from ..functional._state import D_STATE_FIELDS, stat_dtype, state_dtype
 from ..functional._step import use_fused
+from . import _diagnostics
 from ._checks import check_grads, check_param_group, check_state_dict
 
 try:  # DTensor: FSDP2 (fully_shard) and tensor-parallel params
@@ -235,6 +236,7 @@ class KProdigy(torch.optim.Optimizer):
         self.reduce_d_stats = reduce_d_stats
         self.process_group = process_group if process_group is not None else _enclosing_zero_group()
         super().__init__(params, defaults)
+        _diagnostics.check_lr(self, "at construction", use_schedule=False)  # KProdigyWarning
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its hyperparameters are validated first (a bad group changes nothing)."""
@@ -379,6 +381,11 @@ class KProdigy(torch.optim.Optimizer):
             out[where[key]].append(i)
         return out
 
+    def diagnostics(self) -> _diagnostics.Diagnostics:
+        """One record per D-group (its D values, growth, step count, status, each group's lr and
+        effective_lr); prints readably, ``.as_dict()`` is flat. See ``kprodigy.DGroupDiagnostics``."""
+        return _diagnostics.diagnostics(self)
+
     def get_learning_rates(self) -> list[float]:
         """The step size ``d * lr * bias_correction`` applied by the last step, per param group
         (with ``capturable=True`` this reads the ``effective_lr`` tensors on the host)."""
@@ -520,6 +527,7 @@ class KProdigy(torch.optim.Optimizer):
                     for p in group["params"]:  # D is fixed from now on: its statistics are not needed
                         self.state.get(p, {}).pop("s", None)
                         self.state.get(p, {}).pop("p0", None)
+        _diagnostics.after_step(self, [groups for groups, *_ in done])  # KProdigyWarning checks: host values only
 
     def _warn_skip(self, members: list[int]) -> None:
         """Warn the first time a step is skipped for non-finite gradients (host side, after the step)."""
@@ -531,7 +539,7 @@ class KProdigy(torch.optim.Optimizer):
             "or inf; params, moments and D are unchanged. The group key 'skipped_steps' counts such "
             "steps (this warning is shown once).",
             UserWarning,
-            stacklevel=3,
+            stacklevel=_diagnostics.user_stacklevel(),
         )
 
     @torch.no_grad()

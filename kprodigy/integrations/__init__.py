@@ -1,0 +1,1 @@
+"""Helpers for frameworks that need more than the plain ``KProdigy`` class (imported on demand)."""
