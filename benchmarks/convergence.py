@@ -107,7 +107,7 @@ def standard_configs(adamw_lr: float | None) -> list[OptConfig]:
     """Optimizers run on every single-component task."""
     cfgs = [
         OptConfig("kprodigy", "kprodigy"),
-        OptConfig("kprodigy-nobc", "kprodigy", kwargs={"use_bias_correction": False}),
+        OptConfig("kprodigy-bc", "kprodigy", kwargs={"use_bias_correction": True}),
         OptConfig("kprodigy-f5", "kprodigy", kwargs={"d_update_freq": 5}),
         OptConfig("prodigyopt", "prodigyopt"),
         OptConfig("dadapt-adam", "dadapt"),
@@ -120,11 +120,11 @@ def standard_configs(adamw_lr: float | None) -> list[OptConfig]:
 def two_component_configs(adamw: tuple[float, float] | None) -> list[OptConfig]:
     """Optimizers of the two-component task; param groups are [encoder, head]."""
     cfgs = [
-        OptConfig("kprodigy", "kprodigy"),  # defaults: two groups -> one D per group
-        OptConfig("kprodigy-shared", "kprodigy", kwargs={"independent_d": False}),
+        OptConfig("kprodigy", "kprodigy"),  # defaults: one D shared by the two groups, as prodigyopt
+        OptConfig("kprodigy-indep", "kprodigy", kwargs={"independent_d": True}),
         OptConfig("kprodigy-indep-enc0.1", "kprodigy", enc_lr=0.1, kwargs={"independent_d": True}),
-        OptConfig("kprodigy-shared-enc0.1", "kprodigy", enc_lr=0.1, kwargs={"independent_d": False}),
-        OptConfig("kprodigy-nobc", "kprodigy", kwargs={"use_bias_correction": False}),
+        OptConfig("kprodigy-shared-enc0.1", "kprodigy", enc_lr=0.1),
+        OptConfig("kprodigy-bc", "kprodigy", kwargs={"use_bias_correction": True}),
         OptConfig("kprodigy-f5", "kprodigy", kwargs={"d_update_freq": 5}),
         OptConfig("prodigyopt", "prodigyopt"),  # same lr in both groups: one shared D
         OptConfig("dadapt-adam", "dadapt"),

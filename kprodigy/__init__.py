@@ -3,7 +3,7 @@
 from . import functional
 from .optim import DGroupDiagnostics, Diagnostics, KProdigy, KProdigyWarning, log_dict
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 __all__ = [
     "DGroupDiagnostics",
