@@ -69,10 +69,7 @@ def apply_segments(
     A non-finite gradient in any segment (or non-finite statistics) skips the D update and every
     segment's x update; the moments of the other segments were already written by then.
     """
-    if update_d is None:
-        update_d = updates_d(hparams, d_state.k)
-    if update_d is not False and reduce_stats is not None:
-        stats = reduce_stats(stats.clone())
+    update_d, stats = _reduced(d_state, stats, hparams, update_d, reduce_stats)
     new = finish_d(d_state, stats, hparams, update_d=update_d)
     for acc in pending:
         _apply_pass(acc, d_state, new.d, _step_ok(acc, stats))
@@ -94,14 +91,23 @@ def finish_d(
     reduce_stats: the distributed all-reduce, called on ``stats`` unless ``update_d`` is False.
     Advances k by one, like the full step.
     """
-    if update_d is None:
-        update_d = updates_d(hparams, d_state.k)
-    if update_d is not False and reduce_stats is not None:
-        stats = reduce_stats(stats.clone())
+    update_d, stats = _reduced(d_state, stats, hparams, update_d, reduce_stats)
     new = reduce_d(d_state, stats[0], stats[1], hparams, update_d=update_d)
     if hparams.skip_nonfinite:  # a segment that met a non-finite gradient made the statistics NaN
         new = _robust.guard_d_state(d_state, new, torch.isfinite(stats).all())
     return new
+
+
+def _reduced(
+    d_state: DState, stats: Tensor, hparams: Hyperparams, update_d: bool | Tensor | None, reduce_stats: ReduceStats | None
+) -> tuple[bool | Tensor, Tensor]:
+    """``update_d`` resolved (None: from ``d_state.k`` on the device) and ``stats`` summed over
+    ranks by ``reduce_stats`` when this step updates D."""
+    if update_d is None:
+        update_d = updates_d(hparams, d_state.k)
+    if update_d is not False and reduce_stats is not None:
+        stats = reduce_stats(stats.clone())
+    return update_d, stats
 
 
 def effective_lrs(hparams: Sequence[Hyperparams], d_state: DState) -> list[Tensor]:
