@@ -9,9 +9,10 @@ or with ``capturable=True`` persistent 0-dim device tensors updated in place), a
 from __future__ import annotations
 
 import math
+import struct
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -599,9 +600,10 @@ class KProdigy(torch.optim.Optimizer):
                     new = {"skipped_steps": skipped + 1}  # nothing written, k stays
                 else:
                     d_old = lead["d"]
-                    d, d_max, d_num, d_den, d_hat = reduce_d_host(
-                        d_old, lead["d_max"], lead["d_hat"], lead["d_numerator"], numerator, denom, hps[0]
-                    )
+                    d, d_max, d_num, d_den, d_hat = _in_dtype(
+                        reduce_d_host(d_old, lead["d_max"], lead["d_hat"], lead["d_numerator"], numerator, denom, hps[0]),
+                        stat_dtype([p.dtype for p in params]),
+                    )  # the D state in the statistics dtype, as every path keeps it
                     new.update(d=d, d_max=d_max, d_numerator=d_num, d_denom=d_den, d_hat=d_hat)
                     beta3 = active[0].hparams.beta3_value
                     for seg, (c, prep) in zip(active, work[done[j]][1]):
@@ -612,7 +614,7 @@ class KProdigy(torch.optim.Optimizer):
                             seg, prep, beta3=beta3, s_scale=c.s_scale, d_old=d_old, d_new=d, dlr=c.dlr, step=steps[device]
                         )
             if "skipped_steps" not in new:
-                for group, lr in zip(groups, lrs):
+                for group, lr in zip(groups, _in_dtype(lrs, stat_dtype([p.dtype for p in params]))):
                     group["effective_lr"] = lr
             for group in groups:
                 group.update(new)
@@ -1103,13 +1105,10 @@ _HPARAMS_MAX = 256
 def _hparams(group: dict[str, Any]) -> Hyperparams:
     """``Hyperparams.from_mapping(group)``, validated once per distinct set of values (a scheduler
     changing lr or betas gives a new key). Keys carry the types (``True == 1`` must not hit)."""
+    values = tuple(map(group.get, _HP_FIELDS, _MISSING))
+    betas = values[_BETAS]
     try:
-        key = tuple(
-            (name, type(v), tuple((type(b), b) for b in v) if isinstance(v, (tuple, list)) else v)
-            for name in _HP_FIELDS
-            if name in group
-            for v in (group[name],)
-        )
+        key = (values, tuple(map(type, values)), tuple(map(type, betas)) if isinstance(betas, (tuple, list)) else None)
         hp = _HPARAMS.get(key)
     except TypeError:  # an unhashable value: validate it (and raise) without the cache
         return Hyperparams.from_mapping(group)
@@ -1122,3 +1121,17 @@ def _hparams(group: dict[str, Any]) -> Hyperparams:
 
 
 _HP_FIELDS = Hyperparams.field_names()
+_BETAS = _HP_FIELDS.index("betas")
+_MISSING = (object(),) * len(_HP_FIELDS)  # group.get's default: a missing key is not None
+
+
+def _in_dtype(values: Sequence[float], dtype: torch.dtype) -> list[float]:
+    """Python floats rounded to ``dtype`` (float32 or float64): the values a 0-dim tensor of that
+    dtype would hold, without one."""
+    if dtype == torch.float64:
+        return list(values)
+    fmt = f"{len(values)}f"
+    try:
+        return list(struct.unpack(fmt, struct.pack(fmt, *values)))
+    except OverflowError:  # beyond float32's range: inf, as the tensor would hold
+        return torch.tensor(list(values), dtype=dtype).tolist()
