@@ -1,0 +1,128 @@
+"""Step time of the default KProdigy against prodigyopt and torch's fused AdamW, small to large.
+
+Usage (from the repository root)::
+
+    PYTHONPATH=$PWD python benchmarks/small_models.py --out /tmp/bench   # [--rounds N] [--quick]
+    git archive <rev> kprodigy | tar -x -C /tmp/before && mv /tmp/before/kprodigy /tmp/before/kprodigy_before
+    PYTHONPATH=$PWD python benchmarks/small_models.py --before /tmp/before     # adds that version
+
+Workloads: a 10-64-1 MLP (769 params, 4 tensors), a small CNN (~100k params, 10 tensors), 300
+tensors of 64x64, 4 tensors of 4096x2048. Gradients come from a quadratic pull (g = 0.1 (x - 0.5)
++ fixed noise), recomputed outside the timed region, so that D settles instead of overflowing
+(a fixed gradient makes D grow until every step is skipped, which measures the skip). Every
+optimizer owns a copy of the params; rounds step each optimizer a few times in a shuffled order
+(one process, interleaved); the per-step median is reported, with ratios to prodigyopt and to
+fused AdamW. Writes ``small_models.md`` into ``--out`` (a fresh folder under benchmarks/out/ by
+default, never over benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kprodigy import KProdigy
+
+BEFORE: list[Any] = []  # KProdigy classes of another version (--before)
+
+
+def shapes(name: str) -> list[tuple[int, ...]]:
+    if name == "MLP 769":
+        return [(64, 10), (64,), (1, 64), (1,)]
+    if name == "CNN ~100k":
+        return [(32, 3, 3, 3), (32,), (64, 32, 3, 3), (64,), (64, 64, 3, 3), (64,), (128, 64), (128,), (10, 128), (10,)]
+    if name == "300 x 64x64":
+        return [(64, 64)] * 300
+    if name == "4 x 4096x2048":
+        return [(4096, 2048)] * 4
+    raise KeyError(name)
+
+
+def peers() -> dict[str, Any]:
+    out: dict[str, Any] = {"kprodigy": lambda ps: KProdigy(ps)}
+    for cls in BEFORE:
+        out["kprodigy-before"] = lambda ps, cls=cls: cls(ps)
+    try:
+        import prodigyopt
+
+        out["prodigyopt"] = lambda ps: prodigyopt.Prodigy(ps)
+    except ImportError:
+        print("prodigyopt not installed: skipped", file=sys.stderr)
+    out["adamw-fused"] = lambda ps: torch.optim.AdamW(ps, fused=True)
+    return out
+
+
+def bench(name: str, rounds: int, steps: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=gen) for s in shapes(name)]
+    noise = [0.01 * torch.randn(s, generator=gen) for s in shapes(name)]
+    runs = {}
+    for peer, make in peers().items():
+        ps = [torch.nn.Parameter(b.clone()) for b in base]
+        runs[peer] = (ps, make(ps), [])
+    order = list(runs)
+    for r in range(rounds + 1):
+        random.Random(r).shuffle(order)
+        for peer in order:
+            ps, opt, times = runs[peer]
+            for _ in range(steps):
+                with torch.no_grad():
+                    for p, n in zip(ps, noise):
+                        p.grad = torch.add(n, p, alpha=0.1).sub_(0.05)
+                t = time.perf_counter()
+                opt.step()
+                dt = time.perf_counter() - t
+                if r > 0:  # round 0 warms up (state creation)
+                    times.append(dt)
+    out = {peer: statistics.median(times) * 1e3 for peer, (_, _, times) in runs.items()}
+    out["skipped"] = float(runs["kprodigy"][1].param_groups[0]["skipped_steps"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out") / time.strftime("%Y%m%d-%H%M%S"))
+    parser.add_argument("--quick", action="store_true", help="skip the 4 x 4096x2048 workload")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--before", type=Path, default=None, help="a folder holding a package kprodigy_before")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.before:
+        sys.path.insert(0, str(args.before))
+        import kprodigy_before  # type: ignore[import-not-found]
+
+        BEFORE.append(kprodigy_before.KProdigy)
+    names = ["MLP 769", "CNN ~100k", "300 x 64x64"] + ([] if args.quick else ["4 x 4096x2048"])
+    lines = [
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; median ms per step, {args.rounds} rounds",
+        "",
+        "| workload | kprodigy ms | before ms | prodigyopt ms | fused AdamW ms | prodigyopt / kprodigy"
+        " | kprodigy / AdamW | before / AdamW | skipped |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        big = name.startswith("4 x")
+        res = bench(name, max(3, args.rounds // 3) if big else args.rounds, 2 if big else 20)
+        k, a = res["kprodigy"], res["adamw-fused"]
+        p, b = res.get("prodigyopt", float("nan")), res.get("kprodigy-before", float("nan"))
+        lines.append(
+            f"| {name} | {k:.3f} | {b:.3f} | {p:.3f} | {a:.3f} | {p / k:.2f}x | {k / a:.2f}x | {b / a:.2f}x"
+            f" | {int(res['skipped'])} |"
+        )
+        print(lines[-1], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "small_models.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out / 'small_models.md'}")
+
+
+if __name__ == "__main__":
+    main()
