@@ -27,17 +27,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import _scratch
 from ._step import Segment
 
 __all__ = ["Prepared", "eligible", "statistics", "update"]
 
 SMALL_MAX = 1 << 16  # tensors below this many elements are concatenated
-CHUNK = 1 << 15  # elements per chunk of a large CPU tensor (temporaries stay in cache)
+CHUNK = 1 << 17  # elements per chunk on CPU: temporaries stay in cache, ops stay multi-threaded
 HUGE_STEP = 1e9  # Adam's bias corrections 1 - b^step are exactly 1 in float64
 
 
@@ -84,37 +84,35 @@ def eligible(seg: Segment) -> bool:
 class Prepared:
     """What the update pass of a segment takes over from its statistics pass."""
 
-    small: list[int]  # indices of the concatenated tensors
-    large: list[int]  # indices of the tensors processed one by one
-    dg_small: Tensor | None  # d_old * g of the small tensors, concatenated
-    s_small: Tensor | None  # their new s (beta3 * s + s_scale * g), concatenated
+    batches: list[tuple[list[int], Tensor, Tensor]]  # small tensors: (indices, d_old * g, new s), concatenated
+    large: list[int]  # indices of the tensors processed one by one, chunk by chunk
 
 
 def statistics(seg: Segment, *, beta3: float, s_scale: float, d_old: float) -> tuple[Tensor, Tensor, Prepared]:
     """Read-only statistics pass: (sum <g, p0 - x>, sum ||beta3 * s + s_scale * g||_1, prepared).
 
-    Sums are 0-dim tensors in the params' dtype on their device; no input tensor is written."""
+    Sums are 0-dim tensors in the params' dtype on their device; no input tensor is written.
+    Small tensors are concatenated in batches of at most ``CHUNK`` elements on CPU (in cache)."""
     xs, gs, ss, p0s = seg.params, seg.grads, seg.s, seg.p0
-    small = [i for i, x in enumerate(xs) if x.numel() < SMALL_MAX]
     large = [i for i, x in enumerate(xs) if x.numel() >= SMALL_MAX]
     dots: list[Tensor] = []
     norms: list[Tensor] = []
-    dg_small = s_small = None
-    if small:
-        gc = _cat([gs[i] for i in small])
-        diff = _cat([p0s[i].reshape(-1).expand(xs[i].numel()) for i in small])
-        diff.sub_(_cat([xs[i] for i in small]))  # p0 - x
+    batches = []
+    for idx in _batches([i for i, x in enumerate(xs) if x.numel() < SMALL_MAX], xs):
+        gc = _cat([gs[i] for i in idx])
+        diff = _cat([p0s[i].reshape(-1).expand(xs[i].numel()) for i in idx])
+        diff.sub_(_cat([xs[i] for i in idx]))  # p0 - x
         dots.append(torch.dot(gc, diff))
-        s_small = _cat([ss[i] for i in small]).mul_(beta3).add_(gc, alpha=s_scale)
-        norms.append(torch.abs(s_small, out=diff).sum())
-        dg_small = gc.mul_(d_old)
+        s_new = _cat([ss[i] for i in idx]).mul_(beta3).add_(gc, alpha=s_scale)
+        norms.append(torch.abs(s_new, out=diff).sum())
+        batches.append((idx, gc.mul_(d_old), s_new))
     for i in large:
         dot, norm = _large_statistics(xs[i], gs[i], ss[i], p0s[i], beta3, s_scale)
         dots.append(dot)
         norms.append(norm)
     dot = dots[0] if len(dots) == 1 else torch.stack(dots).sum()
     norm = norms[0] if len(norms) == 1 else torch.stack(norms).sum()
-    return dot, norm, Prepared(small, large, dg_small, s_small)
+    return dot, norm, Prepared(batches, large)
 
 
 def update(
@@ -130,35 +128,54 @@ def update(
 ) -> None:
     """Write s, m, v, x of a segment in place (a step that is not skipped).
 
-    step: a 0-dim float32 tensor on the params' device holding a huge step count (never written)."""
+    step: a 0-dim float32 tensor on the params' device holding a huge step count (never written).
+    Large tensors are updated chunk by chunk (s, then d_old * g into a cached buffer, then the
+    fused kernel on the chunk's views), so that g is read once and d_old * g never reaches memory."""
     hp = seg.hparams
     b1, b2 = hp.betas
     wd = hp.weight_decay if hp.decouple else 0.0
     xs, gs, ms, vs, ss = seg.params, seg.grads, seg.exp_avg, seg.exp_avg_sq, seg.s
     assert ms is not None  # eligible: betas[0] > 0
-    kwargs = dict(lr=dlr, beta1=b1, beta2=b2, weight_decay=wd, eps=d_new * hp.eps, amsgrad=False, maximize=False)
-    if prep.small:
-        assert prep.dg_small is not None and prep.s_small is not None
-        sizes = [xs[i].numel() for i in prep.small]
-        torch._foreach_copy_([ss[i] for i in prep.small], list(prep.s_small.split(sizes)))
-        dgs = [t.view_as(xs[i]) for t, i in zip(prep.dg_small.split(sizes), prep.small)]
+    kwargs: dict[str, Any] = dict(
+        lr=dlr, beta1=b1, beta2=b2, weight_decay=wd, eps=d_new * hp.eps, amsgrad=False, maximize=False
+    )
+    for idx, dg, s_new in prep.batches:
+        sizes = [xs[i].numel() for i in idx]
+        torch._foreach_copy_([ss[i] for i in idx], list(s_new.split(sizes)))
+        dgs = [t.view_as(xs[i]) for t, i in zip(dg.split(sizes), idx)]
         torch._fused_adamw_(
-            [xs[i] for i in prep.small],
-            dgs,
-            [ms[i] for i in prep.small],
-            [vs[i] for i in prep.small],
-            [],
-            [step] * len(prep.small),
-            **kwargs,  # type: ignore[arg-type]
-            grad_scale=None,
-            found_inf=None,
+            [xs[i] for i in idx], dgs, [ms[i] for i in idx], [vs[i] for i in idx], [], [step] * len(idx),
+            **kwargs, grad_scale=None, found_inf=None,
         )
     for i in prep.large:
-        x, g = xs[i], gs[i]
-        _large_s_update(ss[i], g.view(-1), beta3, s_scale)
-        buf = _scratch.buffer(g.numel(), g.dtype, g.device, ("native", "dg"))
-        dg = torch.mul(g, d_old, out=None if buf is None else buf.view_as(g))
-        torch._fused_adamw_([x], [dg], [ms[i]], [vs[i]], [], [step], **kwargs, grad_scale=None, found_inf=None)  # type: ignore[arg-type]
+        xf, gf, mf, vf, sf = xs[i].view(-1), gs[i].view(-1), ms[i].view(-1), vs[i].view(-1), ss[i].view(-1)
+        spans = _chunks(xf.numel(), xf.device)
+        buf = torch.empty(spans[0][1], dtype=xf.dtype, device=xf.device)
+        for lo, hi in spans:
+            gc, sc = gf[lo:hi], sf[lo:hi]
+            torch.mul(sc, beta3, out=sc).add_(gc, alpha=s_scale)  # the ops and chunks of _large_statistics
+            dg = torch.mul(gc, d_old, out=buf[: hi - lo])
+            torch._fused_adamw_(
+                [xf[lo:hi]], [dg], [mf[lo:hi]], [vf[lo:hi]], [], [step], **kwargs, grad_scale=None, found_inf=None
+            )
+
+
+def _batches(idx: list[int], xs: Sequence[Tensor]) -> list[list[int]]:
+    """Consecutive runs of ``idx`` of at most ``CHUNK`` elements together on CPU (one run off CPU)."""
+    if not idx:
+        return []
+    if xs[idx[0]].device.type != "cpu":
+        return [idx]
+    out: list[list[int]] = [[]]
+    total = 0
+    for i in idx:
+        n = xs[i].numel()
+        if out[-1] and total + n > CHUNK:
+            out.append([])
+            total = 0
+        out[-1].append(i)
+        total += n
+    return out
 
 
 def _cat(ts: Sequence[Tensor]) -> Tensor:
@@ -185,17 +202,8 @@ def _large_statistics(x: Tensor, g: Tensor, s: Tensor, p0: Tensor, beta3: float,
         gc = gf[lo:hi]
         torch.sub(p0f[lo:hi], xf[lo:hi], out=a)
         dots.append(torch.dot(gc, a))
-        torch.mul(sf[lo:hi], beta3, out=b).add_(gc, alpha=s_scale)  # the same ops as _large_s_update
+        torch.mul(sf[lo:hi], beta3, out=b).add_(gc, alpha=s_scale)  # the same ops as ``update``
         norms.append(torch.abs(b, out=a).sum())
     if len(dots) == 1:
         return dots[0], norms[0]
     return torch.stack(dots).sum(), torch.stack(norms).sum()
-
-
-def _large_s_update(s: Tensor, gf: Tensor, beta3: float, s_scale: float) -> None:
-    """s = beta3 * s + s_scale * g in place, with the chunks and ops of ``_large_statistics`` (the
-    same values as the ones its norm summed)."""
-    sf = s.view(-1)
-    for lo, hi in _chunks(sf.numel(), s.device):
-        c = sf[lo:hi]
-        torch.mul(c, beta3, out=c).add_(gf[lo:hi], alpha=s_scale)
