@@ -544,7 +544,8 @@ class KProdigy(torch.optim.Optimizer):
 
         Qualifies: the default flags (``foreach`` and ``fused`` None), not capturable, a step
         that updates D (``d_update_freq``, ``d_steps``), no ``d_ratio_cap``, and every segment
-        that steps (lr > 0) ``_native.eligible``. A D-group with nothing to step advances k only.
+        that steps (lr > 0) ``_native.eligible`` and below the automatic compiled path's size
+        (``AUTO_FUSED_MIN`` elements), whose compiled kernels measured faster on large groups. A D-group with nothing to step advances k only.
         """
         if self.d_ratio_cap is not None or not jobs:
             return False
@@ -560,6 +561,8 @@ class KProdigy(torch.optim.Optimizer):
                 return False  # zero local statistics reduced with other ranks': the general path
             if not all(_native.eligible(seg) for seg in active):
                 return False
+            if any(use_fused(seg.params, None) for seg in active):
+                return False  # a large group: the compiled kernels are faster in steady state (NOTES.md)
             plans.append((groups, params, active))
         work = []  # per D-group with active segments: (its plan index, per segment (coefs, prepared))
         packed = []
