@@ -84,8 +84,15 @@ def test_not_taken_where_ineligible(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(_native, "update", fail)
     # (d_update_freq > 1: the steps that update D take the native path, the others not)
-    for kwargs in ({"betas": (0.0, 0.999)}, {"slice_p": 2}, {"foreach": True}, {"fused": False}, {"capturable": True},
-                   {"weight_decay": 0.1, "decouple": False}, {"maximize": True}):
+    for kwargs in (
+        {"betas": (0.0, 0.999)},
+        {"slice_p": 2},
+        {"foreach": True},
+        {"fused": False},
+        {"capturable": True},
+        {"weight_decay": 0.1, "decouple": False},
+        {"maximize": True},
+    ):
         p = torch.nn.Parameter(torch.randn(8, 4))
         opt = KProdigy([p], **kwargs)
         for _ in range(3):

@@ -144,8 +144,15 @@ def update(
         torch._foreach_copy_([ss[i] for i in idx], list(s_new.split(sizes)))
         dgs = [t.view_as(xs[i]) for t, i in zip(dg.split(sizes), idx)]
         torch._fused_adamw_(
-            [xs[i] for i in idx], dgs, [ms[i] for i in idx], [vs[i] for i in idx], [], [step] * len(idx),
-            **kwargs, grad_scale=None, found_inf=None,
+            [xs[i] for i in idx],
+            dgs,
+            [ms[i] for i in idx],
+            [vs[i] for i in idx],
+            [],
+            [step] * len(idx),
+            **kwargs,
+            grad_scale=None,
+            found_inf=None,
         )
     for i in prep.large:
         xf, gf, mf, vf, sf = xs[i].view(-1), gs[i].view(-1), ms[i].view(-1), vs[i].view(-1), ss[i].view(-1)
@@ -188,7 +195,9 @@ def _chunks(n: int, device: torch.device) -> list[tuple[int, int]]:
     return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
-def _large_statistics(x: Tensor, g: Tensor, s: Tensor, p0: Tensor, beta3: float, s_scale: float) -> tuple[Tensor, Tensor]:
+def _large_statistics(
+    x: Tensor, g: Tensor, s: Tensor, p0: Tensor, beta3: float, s_scale: float
+) -> tuple[Tensor, Tensor]:
     """<g, p0 - x> and ||beta3 * s + s_scale * g||_1 of one large tensor, chunk by chunk."""
     xf, gf, sf = x.view(-1), g.view(-1), s.view(-1)
     p0f = p0.reshape(-1).expand(xf.numel())

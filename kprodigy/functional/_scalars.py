@@ -17,7 +17,15 @@ from torch import Tensor
 from ._hyperparams import Hyperparams
 from ._state import DState
 
-__all__ = ["Coefficients", "HostCoefficients", "coefficients", "host_coefficients", "reduce_d", "reduce_d_host", "updates_d"]
+__all__ = [
+    "Coefficients",
+    "HostCoefficients",
+    "coefficients",
+    "host_coefficients",
+    "reduce_d",
+    "reduce_d_host",
+    "updates_d",
+]
 
 
 @dataclass(frozen=True)

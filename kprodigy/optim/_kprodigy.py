@@ -19,10 +19,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..functional import DState, Hyperparams, Segment, _fused, _native, all_reduce_stats, init_tensor_state, step_d_groups
+from ..functional import (
+    DState,
+    Hyperparams,
+    Segment,
+    _fused,
+    _native,
+    all_reduce_stats,
+    init_tensor_state,
+    step_d_groups,
+)
 from ..functional._factored import init_factored_v
-from ..functional._scalars import host_coefficients, reduce_d_host
 from ..functional._partial import accumulate_segment, apply_segments, cap_d_ratio, effective_lrs
+from ..functional._scalars import host_coefficients, reduce_d_host
 from ..functional._state import D_STATE_FIELDS, stat_dtype, state_dtype
 from ..functional._step import use_fused
 from . import _diagnostics
@@ -604,7 +613,9 @@ class KProdigy(torch.optim.Optimizer):
                 else:
                     d_old = lead["d"]
                     d, d_max, d_num, d_den, d_hat = _in_dtype(
-                        reduce_d_host(d_old, lead["d_max"], lead["d_hat"], lead["d_numerator"], numerator, denom, hps[0]),
+                        reduce_d_host(
+                            d_old, lead["d_max"], lead["d_hat"], lead["d_numerator"], numerator, denom, hps[0]
+                        ),
                         stat_dtype([p.dtype for p in params]),
                     )  # the D state in the statistics dtype, as every path keeps it
                     new.update(d=d, d_max=d_max, d_numerator=d_num, d_denom=d_den, d_hat=d_hat)
@@ -614,7 +625,14 @@ class KProdigy(torch.optim.Optimizer):
                         if device not in steps:
                             steps[device] = torch.full((), _native.HUGE_STEP, dtype=torch.float32, device=device)
                         _native.update(
-                            seg, prep, beta3=beta3, s_scale=c.s_scale, d_old=d_old, d_new=d, dlr=c.dlr, step=steps[device]
+                            seg,
+                            prep,
+                            beta3=beta3,
+                            s_scale=c.s_scale,
+                            d_old=d_old,
+                            d_new=d,
+                            dlr=c.dlr,
+                            step=steps[device],
                         )
             if "skipped_steps" not in new:
                 for group, lr in zip(groups, _in_dtype(lrs, stat_dtype([p.dtype for p in params]))):
