@@ -129,7 +129,7 @@ def update(
     """Write s, m, v, x of a segment in place (a step that is not skipped).
 
     step: a 0-dim float32 tensor on the params' device holding a huge step count (never written).
-    Large tensors are updated chunk by chunk (s, then d_old * g into a cached buffer, then the
+    Large tensors are updated chunk by chunk (s, then d_old * g into one chunk-sized buffer, then the
     fused kernel on the chunk's views), so that g is read once and d_old * g never reaches memory."""
     hp = seg.hparams
     b1, b2 = hp.betas
