@@ -3,15 +3,17 @@
 Usage (from the repository root)::
 
     PYTHONPATH=$PWD python benchmarks/small_models.py --out /tmp/bench   # [--rounds N] [--quick]
+    git archive <rev> kprodigy | tar -x -C /tmp/before && mv /tmp/before/kprodigy /tmp/before/kprodigy_before
+    PYTHONPATH=$PWD python benchmarks/small_models.py --before /tmp/before     # adds that version
 
 Workloads: a 10-64-1 MLP (769 params, 4 tensors), a small CNN (~100k params, 10 tensors), 300
 tensors of 64x64, 4 tensors of 4096x2048. Gradients come from a quadratic pull (g = 0.1 (x - 0.5)
 + fixed noise), recomputed outside the timed region, so that D settles instead of overflowing
 (a fixed gradient makes D grow until every step is skipped, which measures the skip). Every
-optimizer owns a copy of the params; ``--rounds`` rounds step each optimizer a few times in a
-shuffled order (one process, interleaved); the per-step median over rounds is reported, with
-ratios to prodigyopt and to fused AdamW. Writes ``small_models.md`` into ``--out`` (a fresh
-folder by default, never over benchmarks/results/).
+optimizer owns a copy of the params; rounds step each optimizer a few times in a shuffled order
+(one process, interleaved); the per-step median is reported, with ratios to prodigyopt and to
+fused AdamW. Writes ``small_models.md`` into ``--out`` (a fresh folder under benchmarks/out/ by
+default, never over benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from kprodigy import KProdigy
+
+BEFORE: list[Any] = []  # KProdigy classes of another version (--before)
 
 
 def shapes(name: str) -> list[tuple[int, ...]]:
@@ -40,8 +45,10 @@ def shapes(name: str) -> list[tuple[int, ...]]:
     raise KeyError(name)
 
 
-def peers() -> dict[str, object]:
-    out: dict[str, object] = {"kprodigy": lambda ps: KProdigy(ps)}
+def peers() -> dict[str, Any]:
+    out: dict[str, Any] = {"kprodigy": lambda ps: KProdigy(ps)}
+    for cls in BEFORE:
+        out["kprodigy-before"] = lambda ps, cls=cls: cls(ps)
     try:
         import prodigyopt
 
@@ -59,7 +66,7 @@ def bench(name: str, rounds: int, steps: int) -> dict[str, float]:
     runs = {}
     for peer, make in peers().items():
         ps = [torch.nn.Parameter(b.clone()) for b in base]
-        runs[peer] = (ps, make(ps), [])  # type: ignore[operator]
+        runs[peer] = (ps, make(ps), [])
     order = list(runs)
     for r in range(rounds + 1):
         random.Random(r).shuffle(order)
@@ -75,8 +82,7 @@ def bench(name: str, rounds: int, steps: int) -> dict[str, float]:
                 if r > 0:  # round 0 warms up (state creation)
                     times.append(dt)
     out = {peer: statistics.median(times) * 1e3 for peer, (_, _, times) in runs.items()}
-    kp = runs["kprodigy"][1]
-    out["skipped"] = float(kp.param_groups[0]["skipped_steps"])
+    out["skipped"] = float(runs["kprodigy"][1].param_groups[0]["skipped_steps"])
     return out
 
 
@@ -86,22 +92,32 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out") / time.strftime("%Y%m%d-%H%M%S"))
     parser.add_argument("--quick", action="store_true", help="skip the 4 x 4096x2048 workload")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--before", type=Path, default=None, help="a folder holding a package kprodigy_before")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.before:
+        sys.path.insert(0, str(args.before))
+        import kprodigy_before  # type: ignore[import-not-found]
+
+        BEFORE.append(kprodigy_before.KProdigy)
     names = ["MLP 769", "CNN ~100k", "300 x 64x64"] + ([] if args.quick else ["4 x 4096x2048"])
     lines = [
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; median ms per step over {args.rounds} rounds",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; median ms per step, {args.rounds} rounds",
         "",
-        "| workload | kprodigy ms | prodigyopt ms | fused AdamW ms | prodigyopt / kprodigy | kprodigy / AdamW | skipped |",
-        "|---|---|---|---|---|---|---|",
+        "| workload | kprodigy ms | before ms | prodigyopt ms | fused AdamW ms | prodigyopt / kprodigy"
+        " | kprodigy / AdamW | before / AdamW | skipped |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
         big = name.startswith("4 x")
         res = bench(name, max(3, args.rounds // 3) if big else args.rounds, 2 if big else 20)
         k, a = res["kprodigy"], res["adamw-fused"]
-        p = res.get("prodigyopt", float("nan"))
-        lines.append(f"| {name} | {k:.3f} | {p:.3f} | {a:.3f} | {p / k:.2f}x | {k / a:.2f}x | {int(res['skipped'])} |")
+        p, b = res.get("prodigyopt", float("nan")), res.get("kprodigy-before", float("nan"))
+        lines.append(
+            f"| {name} | {k:.3f} | {b:.3f} | {p:.3f} | {a:.3f} | {p / k:.2f}x | {k / a:.2f}x | {b / a:.2f}x"
+            f" | {int(res['skipped'])} |"
+        )
         print(lines[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "small_models.md").write_text("\n".join(lines) + "\n")

@@ -48,6 +48,7 @@ CONFIGS: dict[str, tuple[dict | list[dict], dict, bool]] = {
 }
 
 BACKENDS: dict[str, dict[str, bool]] = {
+    "native": {},  # the defaults: torch's fused AdamW kernel where eligible (_native.py)
     "per_tensor": {"foreach": False, "fused": False},
     "foreach": {"foreach": True, "fused": False},
     "fused": {"fused": True},
@@ -131,7 +132,7 @@ def run_ours(config: str, backend: str, *, skip: bool, nan_at: int | None) -> tu
 
 # (backend, skip_nonfinite): every backend with the skip on (and a NaN step that both skip), and
 # off where the kernels take another branch without it
-RUNS = [(b, True) for b in BACKENDS] + [(b, False) for b in ("per_tensor", "foreach", "fused", "step_parameter")]
+RUNS = [(b, True) for b in BACKENDS] + [(b, False) for b in ("native", "per_tensor", "foreach", "fused", "step_parameter")]
 
 
 @pytest.mark.parametrize(("backend", "skip"), RUNS, ids=[f"{b}-{'skip' if s else 'noskip'}" for b, s in RUNS])
@@ -170,7 +171,7 @@ def run_prodigyopt(config: str, steps: int = 80) -> tuple[Tensor, list[float]]:
 PRODIGYOPT_CONFIGS = [name for name, (_, _, supported) in CONFIGS.items() if supported]
 
 
-@pytest.mark.parametrize("backend", ["per_tensor", "foreach", "fused", "capturable"])
+@pytest.mark.parametrize("backend", ["native", "per_tensor", "foreach", "fused", "capturable"])
 @pytest.mark.parametrize("config", PRODIGYOPT_CONFIGS)
 def test_prodigyopt_parity(config: str, backend: str) -> None:
     """At the defaults and with each of prodigyopt's options: prodigyopt's params and D, float64,

@@ -7,7 +7,9 @@ Nothing here reads a tensor's value on the host: the D update is branch-free
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -15,7 +17,15 @@ from torch import Tensor
 from ._hyperparams import Hyperparams
 from ._state import DState
 
-__all__ = ["Coefficients", "coefficients", "reduce_d", "updates_d"]
+__all__ = [
+    "Coefficients",
+    "HostCoefficients",
+    "coefficients",
+    "host_coefficients",
+    "reduce_d",
+    "reduce_d_host",
+    "updates_d",
+]
 
 
 @dataclass(frozen=True)
@@ -46,15 +56,39 @@ def coefficients(hp: Hyperparams, ds: DState) -> Coefficients:
     """The step's scalars for one group, from the D state *before* this step's D update."""
     b1, b2 = hp.betas
     d = ds.d
-    dlr = d * (hp.lr * bias_correction(hp, ds.k, d.dtype))
-    d_ratio = d / hp.d0
+    dlr, numerator_scale, s_scale = _step_scalars(hp, d, bias_correction(hp, ds.k, d.dtype))
     return Coefficients(
         dlr=dlr,
         m_scale=d * (1 - b1),
         v_scale=d * d * (1 - b2),
-        numerator_scale=d_ratio * dlr,
-        s_scale=d_ratio * (d if hp.safeguard_warmup else dlr),
+        numerator_scale=numerator_scale,
+        s_scale=s_scale,
     )
+
+
+@dataclass(frozen=True)
+class HostCoefficients:
+    """``Coefficients`` of the native path: Python floats (float64), computed on the host."""
+
+    dlr: float
+    numerator_scale: float
+    s_scale: float
+
+
+def host_coefficients(hp: Hyperparams, d: float, k: int) -> HostCoefficients:
+    """``coefficients`` from a D and step count held on the host, in float64."""
+    bc = 1.0
+    if hp.use_bias_correction:
+        bc = float(bias_correction(hp, torch.tensor(k, dtype=torch.int64), torch.float64))
+    return HostCoefficients(*_step_scalars(hp, d, bc))
+
+
+def _step_scalars(hp: Hyperparams, d: Any, bc: Any) -> tuple[Any, Any, Any]:
+    """(dlr, numerator_scale, s_scale) from D before the update and the bias correction: the one
+    statement of these formulas, for 0-dim tensors and for Python floats alike."""
+    dlr = d * (hp.lr * bc)
+    d_ratio = d / hp.d0
+    return dlr, d_ratio * dlr, d_ratio * (d if hp.safeguard_warmup else dlr)
 
 
 def updates_d(hp: Hyperparams, k: Tensor) -> bool | Tensor:
@@ -81,12 +115,9 @@ def reduce_d(
     """
     if update_d is False:
         return ds.replace(k=ds.k + 1)
-    d_numerator = hp.beta3_value * ds.d_numerator + numerator_delta
-    positive = denom > 0
-    d_hat = hp.d_coef * d_numerator / torch.where(positive, denom, torch.ones_like(denom))
-    d = torch.where(ds.d == hp.d0, torch.maximum(ds.d, d_hat), ds.d)
-    d_max = torch.maximum(ds.d_max, d_hat)
-    d = torch.minimum(d_max, d * hp.growth_rate)
+    d_numerator, positive, d_hat, d, d_max = _d_rule(
+        hp, ds.d, ds.d_max, ds.d_numerator, numerator_delta, denom, torch.where, torch.maximum, torch.minimum
+    )
     moves = positive if update_d is True else positive & update_d
     new = DState(
         d=torch.where(moves, d, ds.d),
@@ -103,3 +134,44 @@ def reduce_d(
             d_denom=torch.where(update_d, denom, ds.d_denom),
         )
     return new
+
+
+def reduce_d_host(
+    d: float, d_max: float, d_hat: float, d_numerator: float, numerator_delta: float, denom: float, hp: Hyperparams
+) -> tuple[float, float, float, float, float]:
+    """``reduce_d`` (with ``update_d`` True) on Python floats (float64), for a D held on the host.
+
+    Returns the new (d, d_max, d_numerator, d_denom, d_hat). The inputs are finite (the caller
+    skips a step whose statistics are not)."""
+    d_numerator, positive, new_hat, new_d, new_max = _d_rule(
+        hp, d, d_max, d_numerator, numerator_delta, denom, _where, max, min
+    )
+    if not positive:  # D is left alone
+        return d, d_max, d_numerator, denom, d_hat
+    return new_d, new_max, d_numerator, denom, new_hat
+
+
+def _where(cond: Any, a: Any, b: Any) -> Any:
+    return a if cond else b
+
+
+def _d_rule(
+    hp: Hyperparams,
+    d: Any,
+    d_max: Any,
+    d_numerator: Any,
+    numerator_delta: Any,
+    denom: Any,
+    where: Callable[..., Any],
+    maximum: Callable[..., Any],
+    minimum: Callable[..., Any],
+) -> tuple[Any, Any, Any, Any, Any]:
+    """The D update, stated once for 0-dim tensors (``torch.where``/``maximum``/``minimum``) and
+    Python floats (a conditional, ``max``, ``min``). Returns (d_numerator, denom > 0, d_hat, d,
+    d_max), the last three valid where ``denom > 0``; d never decreases."""
+    d_numerator = hp.beta3_value * d_numerator + numerator_delta
+    positive = denom > 0
+    d_hat = hp.d_coef * d_numerator / where(positive, denom, 1.0)
+    new_d = where(d == hp.d0, maximum(d, d_hat), d)
+    new_max = maximum(d_max, d_hat)
+    return d_numerator, positive, d_hat, minimum(new_max, new_d * hp.growth_rate), new_max

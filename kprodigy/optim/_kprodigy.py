@@ -9,18 +9,29 @@ or with ``capturable=True`` persistent 0-dim device tensors updated in place), a
 from __future__ import annotations
 
 import math
+import struct
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..functional import DState, Hyperparams, Segment, _fused, all_reduce_stats, init_tensor_state, step_d_groups
+from ..functional import (
+    DState,
+    Hyperparams,
+    Segment,
+    _fused,
+    _native,
+    all_reduce_stats,
+    init_tensor_state,
+    step_d_groups,
+)
 from ..functional._factored import init_factored_v
 from ..functional._partial import accumulate_segment, apply_segments, cap_d_ratio, effective_lrs
+from ..functional._scalars import host_coefficients, reduce_d_host
 from ..functional._state import D_STATE_FIELDS, stat_dtype, state_dtype
 from ..functional._step import use_fused
 from . import _diagnostics
@@ -349,7 +360,7 @@ class KProdigy(torch.optim.Optimizer):
         for i, group in enumerate(self.param_groups):
             try:
                 _check_lr_type(group["lr"])
-                Hyperparams.from_mapping(group)
+                _hparams(group)
                 _check_capturable(group)
             except ValueError as e:
                 raise ValueError(f"param group {i}: {e}") from None
@@ -414,6 +425,8 @@ class KProdigy(torch.optim.Optimizer):
         reduce_stats = self._reduce_stats([p for job in jobs for p in job[3]])
         if reduce_stats is None:  # no gradients in a D-group this step: nothing happens there
             jobs = [job for job in jobs if job[3]]
+        if self._native_step(jobs, reduce_stats):
+            return loss
         # under a reduction every rank steps every D-group (zero local statistics if it holds none)
         fallback = self._fallback_device()
         self._bind_d_tensors()
@@ -506,7 +519,7 @@ class KProdigy(torch.optim.Optimizer):
                 _record_in_place(groups, [self.state[p] for p in params], old, new)
                 continue
             k, skipped = groups[0]["k"], groups[0]["skipped_steps"]
-            lrs = effective_lrs([Hyperparams.from_mapping(g) for g in groups], old)
+            lrs = effective_lrs([_hparams(g) for g in groups], old)
             counts = (new.k.double(), new.skipped_steps.double())
             values = torch.stack(
                 [getattr(new, key).double() for key in _FLOAT_D_KEYS] + [*counts] + [lr.double() for lr in lrs]
@@ -516,18 +529,119 @@ class KProdigy(torch.optim.Optimizer):
                 group.update(zip(_FLOAT_D_KEYS, values))
                 group["k"], group["skipped_steps"] = int(values[n]), int(values[n + 1])  # a skip keeps k
                 group["effective_lr"] = lr
-            for p in params:
-                self.state[p]["step"] += groups[0]["k"] - k  # 0 on a skipped step
-            if groups[0]["skipped_steps"] > skipped:
-                self._warn_skip([i for i, g in enumerate(self.param_groups) if any(g is h for h in groups)])
-            # k as it stands now: a skipped step did not advance it, so D still adapts next step
-            if _is_frozen(groups[0]) and not all(g["d_frozen"] for g in groups):
-                for group in groups:
-                    group["d_frozen"] = True
-                    for p in group["params"]:  # D is fixed from now on: its statistics are not needed
-                        self.state.get(p, {}).pop("s", None)
-                        self.state.get(p, {}).pop("p0", None)
+            self._recorded(groups, params, k, skipped)
         _diagnostics.after_step(self, [groups for groups, *_ in done])  # KProdigyWarning checks: host values only
+
+    def _recorded(self, groups: list[dict[str, Any]], params: list[Tensor], k: int, skipped: int) -> None:
+        """After a D-group's new keys are written (default mode): advance the stepped params'
+        ``step``, warn on a first skip, freeze D if due. ``k``, ``skipped``: the counts before."""
+        for p in params:
+            self.state[p]["step"] += groups[0]["k"] - k  # 0 on a skipped step
+        if groups[0]["skipped_steps"] > skipped:
+            self._warn_skip([i for i, g in enumerate(self.param_groups) if any(g is h for h in groups)])
+        # k as it stands now: a skipped step did not advance it, so D still adapts next step
+        if _is_frozen(groups[0]) and not all(g["d_frozen"] for g in groups):
+            for group in groups:
+                group["d_frozen"] = True
+                for p in group["params"]:  # D is fixed from now on: its statistics are not needed
+                    self.state.get(p, {}).pop("s", None)
+                    self.state.get(p, {}).pop("p0", None)
+
+    def _native_step(self, jobs: list[Any], reduce_stats: Callable[[Tensor], Tensor] | None) -> bool:
+        """The step on torch's fused AdamW kernel (``functional._native``), with ONE host read for
+        all D-groups, where every D-group qualifies; False (nothing done) where one does not.
+
+        Qualifies: the default flags (``foreach`` and ``fused`` None), not capturable, a step
+        that updates D (``d_update_freq``, ``d_steps``), no ``d_ratio_cap``, and every segment
+        that steps (lr > 0) ``_native.eligible`` and below the automatic compiled path's size
+        (``AUTO_FUSED_MIN`` elements), whose compiled kernels measured faster on large groups. A D-group with nothing to step advances k only.
+        """
+        if self.d_ratio_cap is not None or not jobs:
+            return False
+        plans = []  # per D-group: (groups, params, active segments)
+        for _, groups, segments, params in jobs:
+            lead = groups[0]
+            if lead["capturable"] or not _updates_d(lead):
+                return False
+            if any(g["foreach"] is not None or g["fused"] is not None for g in groups):
+                return False
+            active = [seg for seg in segments if seg.hparams.lr > 0 and len(seg.params) > 0]
+            if not active and reduce_stats is not None and any(seg.hparams.lr > 0 for seg in segments):
+                return False  # zero local statistics reduced with other ranks': the general path
+            if not all(_native.eligible(seg) for seg in active):
+                return False
+            if any(use_fused(seg.params, None) for seg in active):
+                return False  # a large group: the compiled kernels are faster in steady state (NOTES.md)
+            plans.append((groups, params, active))
+        work = []  # per D-group with active segments: (its plan index, per segment (coefs, prepared))
+        packed = []
+        for j, (groups, _, active) in enumerate(plans):
+            if not active:
+                continue
+            lead = groups[0]
+            d, k, beta3 = lead["d"], lead["k"], active[0].hparams.beta3_value
+            parts, nums, dens = [], [], []
+            for seg in active:
+                c = host_coefficients(seg.hparams, d, k)
+                dot, norm, prep = _native.statistics(seg, beta3=beta3, s_scale=c.s_scale, d_old=d)
+                nums.append(dot * c.numerator_scale)
+                dens.append(norm)
+                parts.append((c, prep))
+            work.append((j, parts))
+            packed.append(torch.stack([sum(nums[1:], nums[0]), sum(dens[1:], dens[0])]).to(torch.float64))
+        values: list[float] = []
+        if packed:
+            devices = {t.device for t in packed}
+            if len(devices) > 1:
+                packed = [t.cpu() for t in packed]
+            stats = torch.cat(packed)
+            if reduce_stats is not None:
+                stats = reduce_stats(stats)
+            values = stats.tolist()  # the one host read of the step
+        done = dict(zip([j for j, _ in work], range(len(work))))
+        steps: dict[torch.device, Tensor] = {}
+        for j, (groups, params, active) in enumerate(plans):
+            lead = groups[0]
+            k, skipped = lead["k"], lead["skipped_steps"]
+            hps = [_hparams(g) for g in groups]
+            lrs = [host_coefficients(hp, lead["d"], k).dlr for hp in hps]
+            new: dict[str, Any] = {"k": k + 1}
+            if j in done:
+                numerator, denom = values[2 * done[j]], values[2 * done[j] + 1]
+                if hps[0].skip_nonfinite and not (math.isfinite(numerator) and math.isfinite(denom)):
+                    new = {"skipped_steps": skipped + 1}  # nothing written, k stays
+                else:
+                    d_old = lead["d"]
+                    d, d_max, d_num, d_den, d_hat = _in_dtype(
+                        reduce_d_host(
+                            d_old, lead["d_max"], lead["d_hat"], lead["d_numerator"], numerator, denom, hps[0]
+                        ),
+                        stat_dtype([p.dtype for p in params]),
+                    )  # the D state in the statistics dtype, as every path keeps it
+                    new.update(d=d, d_max=d_max, d_numerator=d_num, d_denom=d_den, d_hat=d_hat)
+                    beta3 = active[0].hparams.beta3_value
+                    for seg, (c, prep) in zip(active, work[done[j]][1]):
+                        device = seg.params[0].device
+                        if device not in steps:
+                            steps[device] = torch.full((), _native.HUGE_STEP, dtype=torch.float32, device=device)
+                        _native.update(
+                            seg,
+                            prep,
+                            beta3=beta3,
+                            s_scale=c.s_scale,
+                            d_old=d_old,
+                            d_new=d,
+                            dlr=c.dlr,
+                            step=steps[device],
+                        )
+            if "skipped_steps" not in new:
+                for group, lr in zip(groups, _in_dtype(lrs, stat_dtype([p.dtype for p in params]))):
+                    group["effective_lr"] = lr
+            for group in groups:
+                group.update(new)
+            self._recorded(groups, params, k, skipped)
+        _diagnostics.after_step(self, [groups for groups, _, _ in plans])
+        return True
 
     def _warn_skip(self, members: list[int]) -> None:
         """Warn the first time a step is skipped for non-finite gradients (host side, after the step)."""
@@ -657,7 +771,7 @@ class KProdigy(torch.optim.Optimizer):
         Returns the segment (local shards of DTensor params and state: the math is per rank) and
         the optimizer's params it holds, in the same order.
         """
-        hp = Hyperparams.from_mapping(group)
+        hp = _hparams(group)
         params, grads, exp_avg_sqs, ss, p0s = [], [], [], [], []
         exp_avgs: list[Any] = []  # None entries only when betas[0] == 0 (then unused)
         originals: list[Tensor] = []
@@ -822,7 +936,7 @@ def _check_d_group_agrees(groups: list[dict[str, Any]], members: list[int]) -> N
             f"param groups {members} share one D but have capturable={flags}; give them one value "
             "or different d_group labels"
         )
-    hps = [Hyperparams.from_mapping(g) for g in groups]
+    hps = [_hparams(g) for g in groups]
     for j, hp in zip(members[1:], hps[1:]):
         if hp.d_config() != hps[0].d_config() or hp.skip_nonfinite != hps[0].skip_nonfinite:
             raise ValueError(
@@ -1003,3 +1117,42 @@ def _enclosing_zero_group() -> Any:
             return owner.process_group
         frame = frame.f_back
     return None
+
+
+_HPARAMS: dict[tuple[Any, ...], Hyperparams] = {}  # validated Hyperparams by their group's values
+_HPARAMS_MAX = 256
+
+
+def _hparams(group: dict[str, Any]) -> Hyperparams:
+    """``Hyperparams.from_mapping(group)``, validated once per distinct set of values (a scheduler
+    changing lr or betas gives a new key). Keys carry the types (``True == 1`` must not hit)."""
+    values = tuple(map(group.get, _HP_FIELDS, _MISSING))
+    betas = values[_BETAS]
+    try:
+        key = (values, tuple(map(type, values)), tuple(map(type, betas)) if isinstance(betas, (tuple, list)) else None)
+        hp = _HPARAMS.get(key)
+    except TypeError:  # an unhashable value: validate it (and raise) without the cache
+        return Hyperparams.from_mapping(group)
+    if hp is None:
+        hp = Hyperparams.from_mapping(group)
+        if len(_HPARAMS) >= _HPARAMS_MAX:
+            _HPARAMS.clear()
+        _HPARAMS[key] = hp
+    return hp
+
+
+_HP_FIELDS = Hyperparams.field_names()
+_BETAS = _HP_FIELDS.index("betas")
+_MISSING = (object(),) * len(_HP_FIELDS)  # group.get's default: a missing key is not None
+
+
+def _in_dtype(values: Sequence[float], dtype: torch.dtype) -> list[float]:
+    """Python floats rounded to ``dtype`` (float32 or float64): the values a 0-dim tensor of that
+    dtype would hold, without one."""
+    if dtype == torch.float64:
+        return list(values)
+    fmt = f"{len(values)}f"
+    try:
+        return list(struct.unpack(fmt, struct.pack(fmt, *values)))
+    except OverflowError:  # beyond float32's range: inf, as the tensor would hold
+        return torch.tensor(list(values), dtype=dtype).tolist()
