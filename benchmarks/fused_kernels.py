@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> str:
 
     c = Coefficients(*(scalar(1e-3) for _ in range(5)))
     acc_kw = dict(betas=(scalar(0.9), scalar(0.999)), beta3=scalar(0.9995), d=scalar(1e-3), c=c, slice_p=1)
-    app_kw = dict(dlr=scalar(1e-3), d_old=scalar(1e-3), d_new=scalar(1e-3), eps=1e-8, keep=None)
+    app_kw = dict(dlr=scalar(1e-3), d_new=scalar(1e-3), eps=1e-8, keep=None)
     stats, update = _fused._compiled("statistics"), _fused._compiled("update")
     ok = torch.ones((), dtype=torch.bool)  # the skip's decision: the update pass selects by it
     def old_acc_fn(g: torch.Tensor, *a: torch.Tensor, **kw: object) -> object:  # before change 9 (after 5)

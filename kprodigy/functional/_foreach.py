@@ -97,7 +97,6 @@ def apply(
     exp_avg_sqs: Sequence[Tensor],
     *,
     dlr: Tensor,
-    d_old: Tensor,
     d_new: Tensor,
     eps: float,
     keep: Tensor | None,

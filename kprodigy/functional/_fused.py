@@ -116,7 +116,6 @@ def _update_1d(
     slice_p: int,
     update_d: bool,
     dlr: Tensor,
-    d_old: Tensor,
     d_new: Tensor,
     eps: float,
     keep: Tensor | None,
@@ -154,7 +153,7 @@ def _update_1d(
         decay=decay,
         stats=False,
     )
-    _single.apply([new_x], [g], new_m, [new_v], dlr=dlr, d_old=d_old, d_new=d_new, eps=eps, keep=keep, inplace=True)
+    _single.apply([new_x], [g], new_m, [new_v], dlr=dlr, d_new=d_new, eps=eps, keep=keep, inplace=True)
     if ok is not None:
         for old, new in zip(olds, news):
             old.copy_(torch.where(ok, new, old))
@@ -439,7 +438,6 @@ def apply(
     ss: Sequence[Tensor],
     *,
     dlr: Tensor,
-    d_old: Tensor,
     d_new: Tensor,
     eps: float,
     keep: Tensor | None,
@@ -455,7 +453,7 @@ def apply(
     ``accumulate`` (the gathered params must be unchanged since then; used only in place)."""
     out = list(xs) if inplace else [x.clone() for x in xs]
     kernel = _compiled("update")
-    kw: dict[str, Any] = dict(dlr=dlr, d_old=d_old, d_new=d_new, eps=eps, keep=keep)
+    kw: dict[str, Any] = dict(dlr=dlr, d_new=d_new, eps=eps, keep=keep)
     packed, direct, eager = _partition(xs, moments["slice_p"], (gs, exp_avgs, exp_avg_sqs, ss))
     for i in direct:
         m = None if exp_avgs is None else _flat(exp_avgs[i])

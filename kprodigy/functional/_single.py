@@ -103,7 +103,6 @@ def apply(
     exp_avg_sqs: Sequence[Tensor],
     *,
     dlr: Tensor,
-    d_old: Tensor,
     d_new: Tensor,
     eps: float,
     keep: Tensor | None,
@@ -114,8 +113,7 @@ def apply(
 
     With no exp_avg (betas[0] == 0) the direction is ``d_new * g`` (``g`` sanitized as in
     ``accumulate`` if ``sanitize``), as in prodigyopt. ``keep`` is the decoupled weight-decay
-    factor ``1 - wd * dlr``, or None for no decoupled decay. ``d_old`` is accepted for the
-    kernel contract (the weight of ``g`` in the moments) and unused here.
+    factor ``1 - wd * dlr``, or None for no decoupled decay.
     """
     eps_d = d_new * eps
     neg_dlr = -dlr

@@ -401,7 +401,6 @@ def _apply_pass(acc: _Accumulated, d_state: DState, d_new: Tensor, ok: Tensor | 
             [acc.grads[i], res.exp_avg, res.exp_avg_sq] + ([res.s] if fu else []),
             n_out=1,
             dlr=dlr,
-            d_old=d_state.d if ok is None else torch.where(ok, d_state.d, 0.0),
             d_new=d_new,
             eps=hp.eps,
             keep=keep,
