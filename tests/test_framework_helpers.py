@@ -181,6 +181,38 @@ def test_transformers_trainer_optimizer_cls_and_kwargs_and_log_dict(tmp_path) ->
 
 
 @pytest.mark.integration
+def test_transformers_trainer_with_only_weights_trainable_builds_an_empty_group(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 12's repro without peft: with only Linear weights trainable (LoRA-like), HF Trainer's
+    no-decay group is empty; ``optimizer_cls_and_kwargs=(KProdigy, {})`` trains, one D for both
+    groups, as prodigyopt."""
+    transformers = pytest.importorskip("transformers")
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = small_model()
+            for name, p in self.net.named_parameters():
+                p.requires_grad_(name in ("0.weight", "2.weight"))  # the Linear weights, not LayerNorm
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"loss": torch.nn.functional.cross_entropy(self.net(x), labels)}
+
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"x": torch.randn(6, generator=gen), "labels": torch.tensor(i % 2)} for i in range(32)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8, report_to=[], use_cpu=True,
+        save_strategy="no", weight_decay=0.01, lr_scheduler_type="constant",
+    )
+    trainer = transformers.Trainer(model=Tiny(), args=args, train_dataset=rows, optimizer_cls_and_kwargs=(KProdigy, {}))
+    trainer.train()
+    inner = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert isinstance(inner, KProdigy)
+    assert [len(g["params"]) for g in inner.param_groups] == [2, 0]  # decay (weights) and the empty no-decay group
+    assert inner.d_groups() == [[0, 1]] and inner.param_groups[0]["k"] == 8
+    assert inner.param_groups[0]["d"] > 10 * inner.param_groups[0]["d0"]
+
+
+@pytest.mark.integration
 def test_lightning_log_dict_through_lightning_optimizer(tmp_path) -> None:  # type: ignore[no-untyped-def]
     L = pytest.importorskip("lightning.pytorch")
     seen: list[dict[str, float]] = []
