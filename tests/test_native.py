@@ -102,3 +102,16 @@ def test_not_taken_where_ineligible(monkeypatch: pytest.MonkeyPatch) -> None:
     opt = KProdigy([p])
     p.grad = torch.randn(8, 4, dtype=torch.bfloat16)
     opt.step()
+
+
+def test_native_takes_beta3_from_the_d_groups_first_group_even_when_frozen() -> None:
+    """beta3=None resolves from the D-group's first group (DESIGN.md, and the other kernels), also
+    when that group is frozen (lr=0) and a later group has other betas."""
+    groups = [{"lr": 0.0, "betas": (0.9, 0.999)}, {"betas": (0.9, 0.9)}]  # sqrt(0.999) vs sqrt(0.9)
+    ours, opt, d_ours = _run(torch.float64, {}, groups, 20, None, [0])
+    ref, ropt, d_ref = _run(torch.float64, {"foreach": False, "fused": False}, groups, 20, None, [0])
+    assert d_ours[-1] > 100 * 1e-6
+    for a, b in zip(d_ours, d_ref):
+        assert abs(a - b) <= 1e-12 * abs(b)
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)

@@ -558,7 +558,7 @@ class KProdigy(torch.optim.Optimizer):
         """
         if self.d_ratio_cap is not None or not jobs:
             return False
-        plans = []  # per D-group: (groups, params, active segments)
+        plans = []  # per D-group: (groups, params, active segments, coefficients per group, per active segment)
         for _, groups, segments, params in jobs:
             lead = groups[0]
             if lead["capturable"] or not _updates_d(lead):
@@ -572,17 +572,17 @@ class KProdigy(torch.optim.Optimizer):
                 return False
             if any(use_fused(seg.params, None) for seg in active):
                 return False  # a large group: the compiled kernels are faster in steady state (NOTES.md)
-            plans.append((groups, params, active))
-        work = []  # per D-group with active segments: (its plan index, per segment (coefs, prepared))
+            # one Coefficients per group (segments are aligned with groups), for the step and effective_lr
+            by_seg = {id(seg): host_coefficients(seg.hparams, lead["d"], lead["k"]) for seg in segments}
+            plans.append((groups, params, active, [by_seg[id(seg)] for seg in segments], [by_seg[id(seg)] for seg in active]))
+        work = []  # per D-group with active segments: (its plan index, per active segment (coefs, prepared))
         packed = []
-        for j, (groups, _, active) in enumerate(plans):
+        for j, (groups, _, active, _, active_coefs) in enumerate(plans):
             if not active:
                 continue
-            lead = groups[0]
-            d, k, beta3 = lead["d"], lead["k"], active[0].hparams.beta3_value
+            d, beta3 = groups[0]["d"], _hparams(groups[0]).beta3_value  # the D-group's, from its first group
             parts, nums, dens = [], [], []
-            for seg in active:
-                c = host_coefficients(seg.hparams, d, k)
+            for seg, c in zip(active, active_coefs):
                 dot, norm, prep = _native.statistics(seg, beta3=beta3, s_scale=c.s_scale, d_old=d)
                 nums.append(dot * c.numerator_scale)
                 dens.append(norm)
@@ -600,26 +600,25 @@ class KProdigy(torch.optim.Optimizer):
             values = stats.tolist()  # the one host read of the step
         done = dict(zip([j for j, _ in work], range(len(work))))
         steps: dict[torch.device, Tensor] = {}
-        for j, (groups, params, active) in enumerate(plans):
+        for j, (groups, params, active, coefs, _) in enumerate(plans):
             lead = groups[0]
             k, skipped = lead["k"], lead["skipped_steps"]
-            hps = [_hparams(g) for g in groups]
-            lrs = [host_coefficients(hp, lead["d"], k).dlr for hp in hps]
+            hp0 = _hparams(lead)  # the D settings of the D-group (beta3, d0, d_coef, growth_rate, skip)
+            dtype = stat_dtype([p.dtype for p in params])
             new: dict[str, Any] = {"k": k + 1}
             if j in done:
                 numerator, denom = values[2 * done[j]], values[2 * done[j] + 1]
-                if hps[0].skip_nonfinite and not (math.isfinite(numerator) and math.isfinite(denom)):
+                if hp0.skip_nonfinite and not (math.isfinite(numerator) and math.isfinite(denom)):
                     new = {"skipped_steps": skipped + 1}  # nothing written, k stays
                 else:
                     d_old = lead["d"]
                     d, d_max, d_num, d_den, d_hat = _in_dtype(
                         reduce_d_host(
-                            d_old, lead["d_max"], lead["d_hat"], lead["d_numerator"], numerator, denom, hps[0]
+                            d_old, lead["d_max"], lead["d_hat"], lead["d_numerator"], numerator, denom, hp0
                         ),
-                        stat_dtype([p.dtype for p in params]),
+                        dtype,
                     )  # the D state in the statistics dtype, as every path keeps it
                     new.update(d=d, d_max=d_max, d_numerator=d_num, d_denom=d_den, d_hat=d_hat)
-                    beta3 = active[0].hparams.beta3_value
                     for seg, (c, prep) in zip(active, work[done[j]][1]):
                         device = seg.params[0].device
                         if device not in steps:
@@ -627,7 +626,7 @@ class KProdigy(torch.optim.Optimizer):
                         _native.update(
                             seg,
                             prep,
-                            beta3=beta3,
+                            beta3=hp0.beta3_value,
                             s_scale=c.s_scale,
                             d_old=d_old,
                             d_new=d,
@@ -635,12 +634,12 @@ class KProdigy(torch.optim.Optimizer):
                             step=steps[device],
                         )
             if "skipped_steps" not in new:
-                for group, lr in zip(groups, _in_dtype(lrs, stat_dtype([p.dtype for p in params]))):
+                for group, lr in zip(groups, _in_dtype([c.dlr for c in coefs], dtype)):
                     group["effective_lr"] = lr
             for group in groups:
                 group.update(new)
             self._recorded(groups, params, k, skipped)
-        _diagnostics.after_step(self, [groups for groups, _, _ in plans])
+        _diagnostics.after_step(self, [groups for groups, *_ in plans])
         return True
 
     def _warn_skip(self, members: list[int]) -> None:
@@ -733,7 +732,7 @@ class KProdigy(torch.optim.Optimizer):
                 item.accumulated,
                 item.d_state,
                 item.stats,
-                Hyperparams.from_mapping(lead),
+                _hparams(lead),
                 update_d=upd,
                 reduce_stats=reduce_stats,
             )
