@@ -1,20 +1,23 @@
-"""The native path: torch's own fused AdamW kernel for m, v, x, and a read-only statistics pass.
+"""The native path: torch's own fused AdamW kernel for m, v, x, and a read-only statistics pass
+over a flat layout of each param group.
 
 Used by the optimizer shell's default mode (not ``capturable``), where D lives on the host and
-one host read per step is allowed. The step of a D-group is split in three:
+one host read per step is allowed, for param groups below ``AUTO_FUSED_MIN`` elements. Each
+group's ``m``, ``v`` and ``s`` lie back to back in one flat buffer each (the optimizer's state
+entries are views of them, as ``_fused.pack`` leaves them), so a step costs a dozen ops per
+group whatever its number of tensors. The step of a D-group is split in three:
 
-1. ``statistics``: READ-ONLY over the tensors, it returns ``<g, p0 - x>`` and
-   ``||beta3 * s + s_scale * g||_1`` summed over a segment's tensors (0-dim device tensors), and
-   what the update needs (``Prepared``). Small tensors are concatenated into one vector (a
-   handful of ops per segment instead of a handful per tensor); large ones are processed in
-   cache-sized chunks on CPU, so that the temporaries never reach memory. With ``slice_p == 1``
-   a non-finite gradient makes the sums non-finite: the NaN skip needs no check of its own.
+1. ``statistics``: READ-ONLY over the params, state and gradients: the gradients are gathered
+   into the group's own scratch buffer, and it returns ``<g, p0 - x>`` and
+   ``||beta3 * s + s_scale * g||_1`` (0-dim device tensors), keeping the new ``s`` in scratch.
+   With ``slice_p == 1`` a non-finite gradient makes the sums non-finite: the NaN skip needs no
+   check of its own.
 2. the host (the caller) reads all sums of all D-groups at once, updates D with
    ``_scalars.reduce_d_host`` and decides the skip.
 3. ``update`` (only on a step that is not skipped: a Python branch, nothing is written
-   otherwise): ``s = beta3 * s + s_scale * g``, then ``torch._fused_adamw_`` with ``lr = dlr``,
-   ``eps = d_new * eps``, the gradient pre-multiplied by ``d_old`` (into a temporary: the CPU
-   kernel's ``grad_scale`` writes the unscaled gradient back into the gradient list, i.e. into
+   otherwise): ``s`` from scratch, then ``torch._fused_adamw_`` with ``lr = dlr``,
+   ``eps = d_new * eps``, the gathered gradient multiplied by ``d_old`` (the CPU kernel's
+   ``grad_scale`` would write the unscaled gradient back into the gradient list, i.e. into
    ``p.grad``) and a state step of 1e9, where Adam's own bias corrections are exactly 1. That is
    DESIGN.md's update for ``betas[0] > 0``: m = b1 m + (1 - b1) d g, v = b2 v + (1 - b2) d^2 g^2,
    x = x (1 - wd dlr) - dlr m / (sqrt(v) + d_new eps); x came out bit-identical to the per-tensor
@@ -25,37 +28,40 @@ one host read per step is allowed. The step of a D-group is split in three:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._step import Segment
+from ._hyperparams import Hyperparams
+from ._step import AUTO_FUSED_MIN, Segment
 
-__all__ = ["Prepared", "eligible", "statistics", "update"]
+__all__ = ["FlatGroup", "eligible", "eligible_hparams", "flat_group", "statistics", "update"]
 
-SMALL_MAX = 1 << 16  # tensors below this many elements are concatenated
-CHUNK = 1 << 17  # elements per chunk on CPU: temporaries stay in cache, ops stay multi-threaded
 HUGE_STEP = 1e9  # Adam's bias corrections 1 - b^step are exactly 1 in float64
+
+
+def eligible_hparams(hp: Hyperparams) -> bool:
+    """The settings the native kernels compute exactly: betas[0] > 0 (m exists), slice_p == 1,
+    no coupled weight decay and no maximize (both would need gradient copies), no stochastic
+    rounding."""
+    if hp.betas[0] <= 0 or hp.slice_p != 1 or hp.maximize or hp.stochastic_rounding:
+        return False
+    return hp.weight_decay <= 0 or hp.decouple
 
 
 def eligible(seg: Segment) -> bool:
     """Whether the native kernels compute exactly this segment's step.
 
-    betas[0] > 0 (m exists), slice_p == 1, no coupled weight decay, no maximize (both would need
-    gradient copies), no stochastic rounding; every param a plain float32/float64 tensor (no
-    DTensor, no torch.func wrapper) on CPU or CUDA, one device and dtype, contiguous, with state
-    of its own dtype and shape (not factored, no 16-bit params with float32 state), not
-    requiring grad while grad mode is on.
+    ``eligible_hparams``; below ``AUTO_FUSED_MIN`` elements (larger groups take the compiled
+    kernels, measured faster there); every param a plain float32/float64 tensor (no DTensor, no
+    torch.func wrapper) on CPU or CUDA, one device and dtype, contiguous, with state of its own
+    dtype and shape (not factored, no 16-bit params with float32 state), not requiring grad
+    while grad mode is on.
     """
-    hp = seg.hparams
-    if hp.betas[0] <= 0 or hp.slice_p != 1 or hp.maximize or hp.stochastic_rounding:
+    if not eligible_hparams(seg.hparams) or seg.exp_avg is None or not seg.params:
         return False
-    if hp.weight_decay > 0 and not hp.decouple:
-        return False
-    if seg.exp_avg is None or not seg.params:
+    if sum(x.numel() for x in seg.params) >= AUTO_FUSED_MIN:
         return False
     x0 = seg.params[0]
     device, dtype = x0.device, x0.dtype
@@ -80,139 +86,96 @@ def eligible(seg: Segment) -> bool:
     return True
 
 
-@dataclass
-class Prepared:
-    """What the update pass of a segment takes over from its statistics pass."""
+@dataclass(eq=False)
+class FlatGroup:
+    """One param group's tensors on the native path; n = the group's number of elements.
 
-    batches: list[tuple[list[int], Tensor, Tensor]]  # small tensors: (indices, d_old * g, new s), concatenated
-    large: list[int]  # indices of the tensors processed one by one, chunk by chunk
+    ``m``, ``v``, ``s``: (n,) buffers whose consecutive slices are the state tensors (the views
+    ``m_views``/``v_views`` are the state entries). ``p0``: (n,) the initial params (a copy when
+    they are not packed, e.g. a compact all-zero p0). ``grad``, ``work``, ``s_new``: (n,) scratch
+    owned by this record; ``grad_views``/``work_views`` shaped like the params.
+    """
 
-
-def statistics(seg: Segment, *, beta3: float, s_scale: float, d_old: float) -> tuple[Tensor, Tensor, Prepared]:
-    """Read-only statistics pass: (sum <g, p0 - x>, sum ||beta3 * s + s_scale * g||_1, prepared).
-
-    Sums are 0-dim tensors in the params' dtype on their device; no input tensor is written.
-    Small tensors are concatenated in batches of at most ``CHUNK`` elements on CPU (in cache)."""
-    xs, gs, ss, p0s = seg.params, seg.grads, seg.s, seg.p0
-    large = [i for i, x in enumerate(xs) if x.numel() >= SMALL_MAX]
-    dots: list[Tensor] = []
-    norms: list[Tensor] = []
-    batches = []
-    for idx in _batches([i for i, x in enumerate(xs) if x.numel() < SMALL_MAX], xs):
-        gc = _cat([gs[i] for i in idx])
-        diff = _cat([p0s[i].reshape(-1).expand(xs[i].numel()) for i in idx])
-        diff.sub_(_cat([xs[i] for i in idx]))  # p0 - x
-        dots.append(torch.dot(gc, diff))
-        s_new = _cat([ss[i] for i in idx]).mul_(beta3).add_(gc, alpha=s_scale)
-        norms.append(torch.abs(s_new, out=diff).sum())
-        batches.append((idx, gc.mul_(d_old), s_new))
-    for i in large:
-        dot, norm = _large_statistics(xs[i], gs[i], ss[i], p0s[i], beta3, s_scale)
-        dots.append(dot)
-        norms.append(norm)
-    dot = dots[0] if len(dots) == 1 else torch.stack(dots).sum()
-    norm = norms[0] if len(norms) == 1 else torch.stack(norms).sum()
-    return dot, norm, Prepared(batches, large)
+    params: list[Tensor]
+    m_views: list[Tensor]
+    v_views: list[Tensor]
+    s: Tensor
+    p0: Tensor
+    grad: Tensor
+    grad_views: list[Tensor]
+    work: Tensor
+    work_views: list[Tensor]
+    s_new: Tensor
+    steps: list[Tensor]  # the huge state step of Adam's kernel, one 0-dim float32 tensor repeated
 
 
-def update(
-    seg: Segment,
-    prep: Prepared,
-    *,
-    beta3: float,
-    s_scale: float,
-    d_old: float,
-    d_new: float,
-    dlr: float,
-    step: Tensor,
-) -> None:
-    """Write s, m, v, x of a segment in place (a step that is not skipped).
+def flat_group(seg: Segment) -> FlatGroup | None:
+    """The flat record of an ``eligible`` segment whose ``exp_avg``, ``exp_avg_sq`` and ``s`` lie
+    back to back in one buffer each; None when they do not (the caller packs them first)."""
+    from ._fused import _p0_full, flat_span  # the layout rule of the packed state, stated once there
 
-    step: a 0-dim float32 tensor on the params' device holding a huge step count (never written).
-    Large tensors are updated chunk by chunk (s, then d_old * g into one chunk-sized buffer, then the
-    fused kernel on the chunk's views), so that g is read once and d_old * g never reaches memory."""
-    hp = seg.hparams
-    b1, b2 = hp.betas
-    wd = hp.weight_decay if hp.decouple else 0.0
-    xs, gs, ms, vs, ss = seg.params, seg.grads, seg.exp_avg, seg.exp_avg_sq, seg.s
-    assert ms is not None  # eligible: betas[0] > 0
-    kwargs: dict[str, Any] = dict(
-        lr=dlr, beta1=b1, beta2=b2, weight_decay=wd, eps=d_new * hp.eps, amsgrad=False, maximize=False
+    assert seg.exp_avg is not None  # eligible: betas[0] > 0
+    if any(flat_span(ts) is None for ts in (seg.exp_avg, seg.exp_avg_sq, seg.s)):
+        return None
+    s = flat_span(seg.s)
+    assert s is not None
+    p0 = flat_span(seg.p0) if all(t.numel() == x.numel() for t, x in zip(seg.p0, seg.params)) else None
+    if p0 is None:
+        p0 = torch.cat([_p0_full(t, x.numel()) for t, x in zip(seg.p0, seg.params)])
+    params = list(seg.params)
+    grad, work, s_new = (torch.empty_like(s) for _ in range(3))
+    step = torch.full((), HUGE_STEP, dtype=torch.float32, device=s.device)
+    return FlatGroup(
+        params=params,
+        m_views=list(seg.exp_avg),
+        v_views=list(seg.exp_avg_sq),
+        s=s,
+        p0=p0,
+        grad=grad,
+        grad_views=_views(grad, params),
+        work=work,
+        work_views=_views(work, params),
+        s_new=s_new,
+        steps=[step] * len(params),
     )
-    for idx, dg, s_new in prep.batches:
-        sizes = [xs[i].numel() for i in idx]
-        torch._foreach_copy_([ss[i] for i in idx], list(s_new.split(sizes)))
-        dgs = [t.view_as(xs[i]) for t, i in zip(dg.split(sizes), idx)]
-        torch._fused_adamw_(
-            [xs[i] for i in idx],
-            dgs,
-            [ms[i] for i in idx],
-            [vs[i] for i in idx],
-            [],
-            [step] * len(idx),
-            **kwargs,
-            grad_scale=None,
-            found_inf=None,
-        )
-    for i in prep.large:
-        xf, gf, mf, vf, sf = xs[i].view(-1), gs[i].view(-1), ms[i].view(-1), vs[i].view(-1), ss[i].view(-1)
-        spans = _chunks(xf.numel(), xf.device)
-        buf = torch.empty(spans[0][1], dtype=xf.dtype, device=xf.device)
-        for lo, hi in spans:
-            gc, sc = gf[lo:hi], sf[lo:hi]
-            torch.mul(sc, beta3, out=sc).add_(gc, alpha=s_scale)  # the ops and chunks of _large_statistics
-            dg = torch.mul(gc, d_old, out=buf[: hi - lo])
-            torch._fused_adamw_(
-                [xf[lo:hi]], [dg], [mf[lo:hi]], [vf[lo:hi]], [], [step], **kwargs, grad_scale=None, found_inf=None
-            )
 
 
-def _batches(idx: list[int], xs: Sequence[Tensor]) -> list[list[int]]:
-    """Consecutive runs of ``idx`` of at most ``CHUNK`` elements together on CPU (one run off CPU)."""
-    if not idx:
-        return []
-    if xs[idx[0]].device.type != "cpu":
-        return [idx]
-    out: list[list[int]] = [[]]
-    total = 0
-    for i in idx:
-        n = xs[i].numel()
-        if out[-1] and total + n > CHUNK:
-            out.append([])
-            total = 0
-        out[-1].append(i)
-        total += n
-    return out
+def statistics(fg: FlatGroup, grads: list[Tensor], *, beta3: float, s_scale: float) -> tuple[Tensor, Tensor]:
+    """Read-only statistics pass: (<g, p0 - x>, ||beta3 * s + s_scale * g||_1), 0-dim tensors in
+    the params' dtype on their device. Writes only ``fg``'s scratch: the gathered gradients (for
+    ``update``) and the new ``s``."""
+    torch._foreach_copy_(fg.grad_views, grads)
+    torch._foreach_copy_(fg.work_views, fg.params)
+    diff = torch.sub(fg.p0, fg.work, out=fg.work)  # p0 - x
+    dot = torch.dot(fg.grad, diff)
+    s_new = torch.mul(fg.s, beta3, out=fg.s_new).add_(fg.grad, alpha=s_scale)
+    norm = torch.abs(s_new, out=fg.work).sum()
+    return dot, norm
 
 
-def _cat(ts: Sequence[Tensor]) -> Tensor:
-    """A fresh 1-D concatenation (always a copy, also of a single tensor: it is written to)."""
-    return torch.cat([t.reshape(-1) for t in ts])
+def update(fg: FlatGroup, hp: Hyperparams, *, d_old: float, d_new: float, dlr: float) -> None:
+    """Write s, m, v, x of a group in place (a step that is not skipped), after ``statistics``."""
+    fg.s.copy_(fg.s_new)
+    fg.grad.mul_(d_old)
+    torch._fused_adamw_(
+        fg.params,
+        fg.grad_views,
+        fg.m_views,
+        fg.v_views,
+        [],
+        fg.steps,
+        lr=dlr,
+        beta1=hp.betas[0],
+        beta2=hp.betas[1],
+        weight_decay=hp.weight_decay if hp.decouple else 0.0,
+        eps=d_new * hp.eps,
+        amsgrad=False,
+        maximize=False,
+        grad_scale=None,
+        found_inf=None,
+    )
 
 
-def _chunks(n: int, device: torch.device) -> list[tuple[int, int]]:
-    step = CHUNK if device.type == "cpu" else n
-    return [(a, min(a + step, n)) for a in range(0, n, step)]
-
-
-def _large_statistics(
-    x: Tensor, g: Tensor, s: Tensor, p0: Tensor, beta3: float, s_scale: float
-) -> tuple[Tensor, Tensor]:
-    """<g, p0 - x> and ||beta3 * s + s_scale * g||_1 of one large tensor, chunk by chunk."""
-    xf, gf, sf = x.view(-1), g.view(-1), s.view(-1)
-    p0f = p0.reshape(-1).expand(xf.numel())
-    n = xf.numel()
-    width = min(n, CHUNK) if x.device.type == "cpu" else n
-    a_buf = torch.empty(width, dtype=x.dtype, device=x.device)
-    b_buf = torch.empty(width, dtype=x.dtype, device=x.device)
-    dots, norms = [], []
-    for lo, hi in _chunks(n, x.device):
-        a, b = a_buf[: hi - lo], b_buf[: hi - lo]
-        gc = gf[lo:hi]
-        torch.sub(p0f[lo:hi], xf[lo:hi], out=a)
-        dots.append(torch.dot(gc, a))
-        torch.mul(sf[lo:hi], beta3, out=b).add_(gc, alpha=s_scale)  # the same ops as ``update``
-        norms.append(torch.abs(b, out=a).sum())
-    if len(dots) == 1:
-        return dots[0], norms[0]
-    return torch.stack(dots).sum(), torch.stack(norms).sum()
+def _views(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """Consecutive slices of ``flat`` shaped as ``like``."""
+    return list(torch._C._nn.unflatten_dense_tensors(flat, like))

@@ -300,6 +300,7 @@ class KProdigy(torch.optim.Optimizer):
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("d_ratio_cap", None)
         self.__dict__.setdefault("_pending", {})
+        self._flat = None  # a native plan is rebuilt from the state as it is now
         self.defaults.setdefault("capturable", False)  # optimizers pickled before capturable existed
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -341,6 +342,7 @@ class KProdigy(torch.optim.Optimizer):
             # per-param steps taken since the last finalization are dropped: the checkpoint's D
             # state and moments replace what they changed (finalizing them would advance k past it)
             self._pending = {}
+            self._flat = None  # the native plan holds the replaced state tensors
             self._repack = {id(g) for g in self.param_groups}  # the fused path re-packs small params' state
             for pid, saved in state_dict["state"].items():
                 if pid not in id_map:
@@ -358,12 +360,7 @@ class KProdigy(torch.optim.Optimizer):
     def _check_before_step(self) -> None:
         """Hyperparameters (a scheduler may have set them), gradients and D-group agreement."""
         for i, group in enumerate(self.param_groups):
-            try:
-                _check_lr_type(group["lr"])
-                _hparams(group)
-                _check_capturable(group)
-            except ValueError as e:
-                raise ValueError(f"param group {i}: {e}") from None
+            self._check_group(i, group)
             check_grads(group, i, self.state)
         for members in self.d_groups():
             groups = [self.param_groups[i] for i in members]
@@ -415,6 +412,9 @@ class KProdigy(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.finalize_step()  # per-parameter steps taken since the last step, if any
+        if self._flat_step():  # the kept native plan, where it still holds
+            return loss
+        self._flat = None
         self._check_before_step()  # bad hyperparameters or gradients: raise before any change
         jobs = []  # (members, groups, segments, the optimizer's params of those segments)
         for members in self.d_groups():
@@ -548,99 +548,178 @@ class KProdigy(torch.optim.Optimizer):
                     self.state.get(p, {}).pop("p0", None)
 
     def _native_step(self, jobs: list[Any], reduce_stats: Callable[[Tensor], Tensor] | None) -> bool:
-        """The step on torch's fused AdamW kernel (``functional._native``), with ONE host read for
-        all D-groups, where every D-group qualifies; False (nothing done) where one does not.
+        """The step on torch's fused AdamW kernel (``functional._native``) where every D-group
+        qualifies; False (nothing done) where one does not. Lays the state of each group flat
+        (values unchanged) and keeps the plan, which later steps reuse (``_flat_step``) while the
+        layout, gradients and settings still match it.
 
         Qualifies: the default flags (``foreach`` and ``fused`` None), not capturable, a step
         that updates D (``d_update_freq``, ``d_steps``), no ``d_ratio_cap``, and every segment
-        that steps (lr > 0) ``_native.eligible`` and below the automatic compiled path's size
-        (``AUTO_FUSED_MIN`` elements), whose compiled kernels measured faster on large groups. A D-group with nothing to step advances k only.
+        that steps (lr > 0) ``_native.eligible`` (below the compiled path's size).
         """
-        if self.d_ratio_cap is not None or not jobs:
+        if self.d_ratio_cap is not None or not jobs or self._pending:
             return False
-        plans = []  # per D-group: (groups, params, active segments, coefficients per group, per active segment)
         for _, groups, segments, params in jobs:
             lead = groups[0]
-            if lead["capturable"] or not _updates_d(lead):
-                return False
+            if lead["capturable"] or not _updates_d(lead) or any(_is_dtensor_like(p) for p in params):
+                return False  # (DTensor: the segments hold local shards, the plan the optimizer's params)
             if any(g["foreach"] is not None or g["fused"] is not None for g in groups):
                 return False
-            active = [seg for seg in segments if seg.hparams.lr > 0 and len(seg.params) > 0]
-            if not active and reduce_stats is not None and any(seg.hparams.lr > 0 for seg in segments):
-                return False  # zero local statistics reduced with other ranks': the general path
-            if not all(_native.eligible(seg) for seg in active):
+            if any(seg.params and not _native.eligible(seg) for seg in segments if seg.hparams.lr > 0):
                 return False
-            if any(use_fused(seg.params, None) for seg in active):
-                return False  # a large group: the compiled kernels are faster in steady state (NOTES.md)
-            # one Coefficients per group (segments are aligned with groups), for the step and effective_lr
-            by_seg = {id(seg): host_coefficients(seg.hparams, lead["d"], lead["k"]) for seg in segments}
-            plans.append((groups, params, active, [by_seg[id(seg)] for seg in segments], [by_seg[id(seg)] for seg in active]))
-        work = []  # per D-group with active segments: (its plan index, per active segment (coefs, prepared))
-        packed = []
-        for j, (groups, _, active, _, active_coefs) in enumerate(plans):
-            if not active:
-                continue
-            d, beta3 = groups[0]["d"], _hparams(groups[0]).beta3_value  # the D-group's, from its first group
-            parts, nums, dens = [], [], []
-            for seg, c in zip(active, active_coefs):
-                dot, norm, prep = _native.statistics(seg, beta3=beta3, s_scale=c.s_scale, d_old=d)
-                nums.append(dot * c.numerator_scale)
-                dens.append(norm)
-                parts.append((c, prep))
-            work.append((j, parts))
-            packed.append(torch.stack([sum(nums[1:], nums[0]), sum(dens[1:], dens[0])]).to(torch.float64))
+        entries: dict[int, _FlatEntry] = {}
+        for _, groups, segments, _ in jobs:
+            for group, seg in zip(groups, segments):
+                stepped = [p for p in group["params"] if p.grad is not None]
+                flat = None
+                if seg.params and _native.eligible(seg):
+                    flat = _native.flat_group(seg)
+                    if flat is None:  # lay the state flat once, then gather it again
+                        self._pack_flat(stepped)
+                        seg, _ = self._segment(group, frozen=False)
+                        flat = _native.flat_group(seg)
+                    assert flat is not None
+                elif seg.params:
+                    return False  # an lr=0 group that cannot be laid flat: the general path
+                entries[id(group)] = _FlatEntry(group, seg.hparams, list(group["params"]), stepped, self.state, flat)
+        for group in self.param_groups:  # a D-group without gradients this step: nothing to lay flat
+            if id(group) not in entries:
+                entries[id(group)] = _FlatEntry(group, _hparams(group), list(group["params"]), [], self.state, None)
+        plan = _FlatPlan(self._d_group_key(), self.d_groups(), [entries[id(g)] for g in self.param_groups])
+        if not self._run_flat(plan, reduce_stats):
+            return False
+        self._flat = plan
+        return True
+
+    def _flat_step(self) -> bool:
+        """The step of the kept native plan (``_native_step``), if it still holds: the same
+        groups, params, state tensors, gradient layout and eligible settings; False (nothing
+        done) otherwise, and the full step runs (checks, gathering, maybe a new plan)."""
+        plan: _FlatPlan | None = self.__dict__.get("_flat")
+        if plan is None:
+            return False
+        if self.d_ratio_cap is not None or self._pending or len(plan.entries) != len(self.param_groups):
+            return False
+        if plan.d_key != self._d_group_key():
+            return False
+        try:
+            for i, (group, entry) in enumerate(zip(self.param_groups, plan.entries)):
+                if group is not entry.group or group["capturable"]:
+                    return False
+                if group["foreach"] is not None or group["fused"] is not None:
+                    return False
+                hp = _hparams(group)
+                if hp is not entry.hp:  # new values (a schedule): the checks of a full step
+                    self._check_group(i, group)
+                    entry.hp = hp
+                if entry.stepped and hp.lr > 0 and (entry.flat is None or not _native.eligible_hparams(hp)):
+                    return False
+                if not entry.holds(self.state):
+                    return False
+            for members in plan.members:
+                groups = [self.param_groups[i] for i in members]
+                _check_same_d_steps(groups, members)
+                _check_d_group_agrees(groups, members)
+                if not _updates_d(groups[0]):
+                    return False
+        except (ValueError, RuntimeError):
+            return False  # the full step raises it, with its context
+        reduce_stats = self._reduce_stats([p for e in plan.entries for p in e.stepped])
+        return self._run_flat(plan, reduce_stats)
+
+    def _run_flat(self, plan: _FlatPlan, reduce_stats: Callable[[Tensor], Tensor] | None) -> bool:
+        """One step of a native plan, with ONE host read for all D-groups; False (nothing done)
+        when a reduction across ranks has no local statistics to reduce (the general path)."""
+        steps = []  # per D-group with stepped params: (groups, params, entries, coefficients)
+        for members in plan.members:
+            entries = [plan.entries[i] for i in members]
+            if not any(e.stepped for e in entries):
+                if reduce_stats is None:
+                    continue  # no gradients in this D-group: nothing happens there
+                return False
+            lead = entries[0].group
+            coefs = [host_coefficients(e.hp, lead["d"], lead["k"]) for e in entries]
+            steps.append((entries, coefs))
+            if reduce_stats is not None and not any(e.hp.lr > 0 and e.stepped for e in entries):
+                if any(e.hp.lr > 0 for e in entries):
+                    return False
+        sums: list[Tensor] = []
+        live: list[int] = []  # indices into ``steps`` of the D-groups with statistics
+        for j, (entries, coefs) in enumerate(steps):
+            beta3 = entries[0].hp.beta3_value  # the D-group's, from its first group
+            dots, norms = [], []
+            for e, c in zip(entries, coefs):
+                if e.hp.lr > 0 and e.flat is not None:
+                    dot, norm = _native.statistics(e.flat, [p.grad for p in e.stepped], beta3=beta3, s_scale=c.s_scale)
+                    dots.append(dot * c.numerator_scale)
+                    norms.append(norm)
+            if dots:
+                live.append(j)
+                sums += [sum(dots[1:], dots[0]), sum(norms[1:], norms[0])]
         values: list[float] = []
-        if packed:
-            devices = {t.device for t in packed}
-            if len(devices) > 1:
-                packed = [t.cpu() for t in packed]
-            stats = torch.cat(packed)
+        if sums:
+            devices = {t.device for t in sums}
+            stats = torch.stack([t.to("cpu" if len(devices) > 1 else t.device, torch.float64) for t in sums])
             if reduce_stats is not None:
                 stats = reduce_stats(stats)
             values = stats.tolist()  # the one host read of the step
-        done = dict(zip([j for j, _ in work], range(len(work))))
-        steps: dict[torch.device, Tensor] = {}
-        for j, (groups, params, active, coefs, _) in enumerate(plans):
+        where = {j: n for n, j in enumerate(live)}
+        for j, (entries, coefs) in enumerate(steps):
+            groups = [e.group for e in entries]
+            params = [p for e in entries for p in e.stepped]
             lead = groups[0]
             k, skipped = lead["k"], lead["skipped_steps"]
-            hp0 = _hparams(lead)  # the D settings of the D-group (beta3, d0, d_coef, growth_rate, skip)
+            hp0 = entries[0].hp  # the D settings of the D-group (beta3, d0, d_coef, growth_rate, skip)
             dtype = stat_dtype([p.dtype for p in params])
             new: dict[str, Any] = {"k": k + 1}
-            if j in done:
-                numerator, denom = values[2 * done[j]], values[2 * done[j] + 1]
+            if j in where:
+                numerator, denom = values[2 * where[j]], values[2 * where[j] + 1]
                 if hp0.skip_nonfinite and not (math.isfinite(numerator) and math.isfinite(denom)):
                     new = {"skipped_steps": skipped + 1}  # nothing written, k stays
                 else:
                     d_old = lead["d"]
                     d, d_max, d_num, d_den, d_hat = _in_dtype(
-                        reduce_d_host(
-                            d_old, lead["d_max"], lead["d_hat"], lead["d_numerator"], numerator, denom, hp0
-                        ),
+                        reduce_d_host(d_old, lead["d_max"], lead["d_hat"], lead["d_numerator"], numerator, denom, hp0),
                         dtype,
                     )  # the D state in the statistics dtype, as every path keeps it
                     new.update(d=d, d_max=d_max, d_numerator=d_num, d_denom=d_den, d_hat=d_hat)
-                    for seg, (c, prep) in zip(active, work[done[j]][1]):
-                        device = seg.params[0].device
-                        if device not in steps:
-                            steps[device] = torch.full((), _native.HUGE_STEP, dtype=torch.float32, device=device)
-                        _native.update(
-                            seg,
-                            prep,
-                            beta3=hp0.beta3_value,
-                            s_scale=c.s_scale,
-                            d_old=d_old,
-                            d_new=d,
-                            dlr=c.dlr,
-                            step=steps[device],
-                        )
+                    for e, c in zip(entries, coefs):
+                        if e.hp.lr > 0 and e.flat is not None:
+                            _native.update(e.flat, e.hp, d_old=d_old, d_new=d, dlr=c.dlr)
             if "skipped_steps" not in new:
                 for group, lr in zip(groups, _in_dtype([c.dlr for c in coefs], dtype)):
                     group["effective_lr"] = lr
             for group in groups:
                 group.update(new)
             self._recorded(groups, params, k, skipped)
-        _diagnostics.after_step(self, [groups for groups, *_ in plans])
+        _diagnostics.after_step(self, [[e.group for e in entries] for entries, _ in steps])
         return True
+
+    def _pack_flat(self, params: list[Tensor]) -> None:
+        """Lay the ``exp_avg``, ``exp_avg_sq``, ``s`` and (unless compact) ``p0`` state of
+        ``params`` back to back in one new buffer per key (values unchanged): the native path's
+        layout (``_native.flat_group``)."""
+        states = [self.state[p] for p in params]
+        for key in ("exp_avg", "exp_avg_sq", "s", "p0"):
+            ts = [st[key] for st in states]
+            if key == "p0" and any(t.numel() != p.numel() for t, p in zip(ts, params)):
+                continue  # a compact p0 (all-zero param, e.g. LoRA B) stays compact: the plan copies it
+            if _fused.flat_span([t.reshape(-1) for t in ts]) is None:
+                for st, packed in zip(states, _fused.pack(ts)):
+                    st[key] = packed
+
+    def _d_group_key(self) -> tuple[Any, ...]:
+        """What ``d_groups()`` depends on: a kept plan holds while this does not change."""
+        return (self.independent_d, tuple(g.get("d_group") for g in self.param_groups))
+
+    def _check_group(self, i: int, group: dict[str, Any]) -> None:
+        """The settings of param group ``i`` (a scheduler may have set them): ValueError naming it."""
+        try:
+            _check_lr_type(group["lr"])
+            _hparams(group)
+            _check_capturable(group)
+        except ValueError as e:
+            raise ValueError(f"param group {i}: {e}") from None
 
     def _warn_skip(self, members: list[int]) -> None:
         """Warn the first time a step is skipped for non-finite gradients (host side, after the step)."""
@@ -871,6 +950,58 @@ class KProdigy(torch.optim.Optimizer):
         if forced or any(hasattr(p, "_fsdp_flattened") for p in params):
             return all_reduce_stats(None)
         return None
+
+
+class _FlatEntry:
+    """One param group in a kept native plan: what it was built from, and its flat record."""
+
+    def __init__(
+        self,
+        group: dict[str, Any],
+        hp: Hyperparams,
+        params: list[Tensor],
+        stepped: list[Tensor],
+        state: dict[Tensor, dict[str, Any]],
+        flat: _native.FlatGroup | None,
+    ) -> None:
+        self.group, self.hp, self.params, self.stepped, self.flat = group, hp, params, stepped, flat
+        self.has_grad = [p.grad is not None for p in params]
+        self.states = [state[p] for p in stepped]
+        self.tensors = [tuple(st.get(key) for key in _FLAT_STATE_KEYS) for st in self.states]
+        self.shapes = [p.shape for p in stepped]
+        self.dtype = flat.s.dtype if flat is not None else None
+        self.device = flat.s.device if flat is not None else None
+
+    def holds(self, state: dict[Tensor, dict[str, Any]]) -> bool:
+        """Whether this step's group matches the plan: the same params with gradients, of the
+        same dtype, device and shape, contiguous, and the same state tensors."""
+        ps = self.group["params"]
+        if len(ps) != len(self.params):
+            return False
+        for p, q, has in zip(ps, self.params, self.has_grad):
+            if p is not q or (p.grad is None) == has:
+                return False
+        if self.flat is None:
+            return True
+        for p, st, tensors, shape in zip(self.stepped, self.states, self.tensors, self.shapes):
+            g = p.grad
+            if type(g) is not Tensor or g.dtype != self.dtype or g.device != self.device:
+                return False
+            if g.shape != shape or p.shape != shape or not g.is_contiguous():
+                return False
+            if state.get(p) is not st or any(st.get(key) is not t for key, t in zip(_FLAT_STATE_KEYS, tensors)):
+                return False
+        return True
+
+
+class _FlatPlan:
+    """The native plan kept between steps: D-groups (``members``) and one entry per param group."""
+
+    def __init__(self, d_key: tuple[Any, ...], members: list[list[int]], entries: list[_FlatEntry]) -> None:
+        self.d_key, self.members, self.entries = d_key, members, entries
+
+
+_FLAT_STATE_KEYS = ("exp_avg", "exp_avg_sq", "s", "p0")
 
 
 class _Pending:
