@@ -115,3 +115,49 @@ def test_native_takes_beta3_from_the_d_groups_first_group_even_when_frozen() -> 
         assert abs(a - b) <= 1e-12 * abs(b)
     for p, q in zip(ours, ref):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_native_buckets_equal_per_tensor() -> None:
+    """A group over the CPU bucket sizes: a large tensor in several slices (the last one short),
+    small tensors in several packed buckets, a compact (all-zero) p0 among them, and params
+    without gradients between for the first steps (then the plan is laid out again); float64, D grows, a NaN step is skipped exactly, p.grad unread-only."""
+    shapes = [(700, 400)] + [(64, 64)] * 80 + [(5,), (1, 7), (3, 3)]
+    assert 700 * 400 > 2 * _native.SLICE and 80 * 64 * 64 > _native.PACK_MAX
+
+    def run(flags: dict) -> tuple[list[torch.nn.Parameter], KProdigy, list[float]]:
+        gen = torch.Generator().manual_seed(3)
+        ps = [torch.nn.Parameter(torch.randn(*s, generator=gen, dtype=torch.float64)) for s in shapes]
+        ps[-2].data.zero_()  # compact p0
+        opt = KProdigy(ps, weight_decay=0.05, **flags)
+        ds = []
+        for k in range(12):
+            for i, (p, g) in enumerate(zip(ps, _grads(ps, k))):
+                p.grad = None if i % 17 == 5 and k < 8 else g  # some params without gradients, at first
+            if k == 6:
+                ps[0].grad[699, 399] = float("inf")
+            before = [None if p.grad is None else p.grad.clone() for p in ps]
+            opt.step()
+            assert all(b is None or torch.equal(p.grad, b) for p, b in zip(ps, before))
+            ds.append(opt.param_groups[0]["d"])
+        return ps, opt, ds
+
+    calls = [0]
+    original = _native.update
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_native, "update", counted)
+        ours, opt, d_ours = run({})
+    assert calls[0] == 11  # every step but the skipped one
+    ref, ropt, d_ref = run({"foreach": False, "fused": False})
+    assert d_ours[-1] > 100 * 1e-6
+    assert opt.param_groups[0]["skipped_steps"] == ropt.param_groups[0]["skipped_steps"] == 1
+    for a, b in zip(d_ours, d_ref):
+        assert abs(a - b) <= 1e-12 * abs(b)
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)
+        for key in ("exp_avg", "exp_avg_sq", "s"):
+            torch.testing.assert_close(opt.state[p][key], ropt.state[q][key], rtol=1e-10, atol=1e-300)

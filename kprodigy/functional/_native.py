@@ -1,24 +1,27 @@
-"""The native path: torch's own fused AdamW kernel for m, v, x, and a read-only statistics pass
-over a flat layout of each param group.
+"""The native path: torch's own fused AdamW kernel for m, v, x, and a read-only statistics pass,
+in buckets of a param group's elements.
 
 Used by the optimizer shell's default mode (not ``capturable``), where D lives on the host and
-one host read per step is allowed, for param groups below ``AUTO_FUSED_MIN`` elements. Each
-group's ``m``, ``v`` and ``s`` lie back to back in one flat buffer each (the optimizer's state
-entries are views of them, as ``_fused.pack`` leaves them), so a step costs a dozen ops per
-group whatever its number of tensors. The step of a D-group is split in three:
+one host read per step is allowed. A group's elements are stepped in ``Bucket``s: runs of small
+tensors whose ``m``, ``v`` and ``s`` lie back to back in one buffer each (the optimizer's state
+entries are views of them, as ``_fused.pack`` leaves them; the gradients and params are gathered
+into buffers of the bucket), and slices of large tensors (views, nothing gathered). On CPU a
+bucket has at most ``PACK_MAX`` / ``SLICE`` elements, so that its scratch stays in cache and the
+tensors are read from memory once per pass; a step costs a dozen ops per bucket whatever the
+number of tensors. The step of a D-group is split in three:
 
-1. ``statistics``: READ-ONLY over the params, state and gradients: the gradients are gathered
-   into the group's own scratch buffer, and it returns ``<g, p0 - x>`` and
-   ``||beta3 * s + s_scale * g||_1`` (0-dim device tensors), keeping the new ``s`` in scratch.
-   With ``slice_p == 1`` a non-finite gradient makes the sums non-finite: the NaN skip needs no
-   check of its own.
+1. ``statistics``: READ-ONLY over the params, state and gradients (it writes only scratch and the
+   buckets' gathered gradients): ``<g, p0 - x>`` and ``||beta3 * s + s_scale * g||_1``, 0-dim
+   device tensors. With ``slice_p == 1`` a non-finite gradient makes the sums non-finite: the
+   NaN skip needs no check of its own.
 2. the host (the caller) reads all sums of all D-groups at once, updates D with
    ``_scalars.reduce_d_host`` and decides the skip.
 3. ``update`` (only on a step that is not skipped: a Python branch, nothing is written
-   otherwise): ``s`` from scratch, then ``torch._fused_adamw_`` with ``lr = dlr``,
-   ``eps = d_new * eps``, the gathered gradient multiplied by ``d_old`` (the CPU kernel's
-   ``grad_scale`` would write the unscaled gradient back into the gradient list, i.e. into
-   ``p.grad``) and a state step of 1e9, where Adam's own bias corrections are exactly 1. That is
+   otherwise): ``s = beta3 * s + s_scale * g`` (the ops of the statistics pass: the same
+   values), then ``torch._fused_adamw_`` with ``lr = dlr``, ``eps = d_new * eps``, the gradient
+   multiplied by ``d_old`` into scratch (the CPU kernel's ``grad_scale`` would write the
+   unscaled gradient back into the gradient list, i.e. into ``p.grad``) and a state step of
+   1e9, where Adam's own bias corrections are exactly 1. That is
    DESIGN.md's update for ``betas[0] > 0``: m = b1 m + (1 - b1) d g, v = b2 v + (1 - b2) d^2 g^2,
    x = x (1 - wd dlr) - dlr m / (sqrt(v) + d_new eps); x came out bit-identical to the per-tensor
    kernels in float32 and float64 on CPU (benchmarks/NOTES.md, "Native path").
@@ -28,7 +31,8 @@ group whatever its number of tensors. The step of a D-group is split in three:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,9 +40,12 @@ from torch import Tensor
 from ._hyperparams import Hyperparams
 from ._step import AUTO_FUSED_MIN, Segment
 
-__all__ = ["FlatGroup", "eligible", "eligible_hparams", "flat_group", "statistics", "update"]
+__all__ = ["Bucket", "FlatGroup", "eligible", "eligible_hparams", "flat_group", "statistics", "update"]
 
 HUGE_STEP = 1e9  # Adam's bias corrections 1 - b^step are exactly 1 in float64
+SMALL = 1 << 16  # tensors below this many elements are packed and gathered (= _fused.FLAT_MAX)
+PACK_MAX = 1 << 18  # elements of small tensors in one bucket on CPU
+SLICE = 1 << 17  # elements of a large tensor's slice on CPU (benchmarks/NOTES.md, "Native path")
 
 
 def eligible_hparams(hp: Hyperparams) -> bool:
@@ -53,17 +60,17 @@ def eligible_hparams(hp: Hyperparams) -> bool:
 def eligible(seg: Segment) -> bool:
     """Whether the native kernels compute exactly this segment's step.
 
-    ``eligible_hparams``; below ``AUTO_FUSED_MIN`` elements (larger groups take the compiled
-    kernels, measured faster there); every param a plain float32/float64 tensor (no DTensor, no
+    ``eligible_hparams``; on CUDA below ``AUTO_FUSED_MIN`` elements (larger groups take the
+    compiled kernels there, and a bucket is a whole tensor); every param a plain float32/float64 tensor (no DTensor, no
     torch.func wrapper) on CPU or CUDA, one device and dtype, contiguous, with state of its own
     dtype and shape (not factored, no 16-bit params with float32 state), not requiring grad
     while grad mode is on.
     """
     if not eligible_hparams(seg.hparams) or seg.exp_avg is None or not seg.params:
         return False
-    if sum(x.numel() for x in seg.params) >= AUTO_FUSED_MIN:
-        return False
     x0 = seg.params[0]
+    if x0.device.type == "cuda" and sum(x.numel() for x in seg.params) >= AUTO_FUSED_MIN:
+        return False
     device, dtype = x0.device, x0.dtype
     if device.type not in ("cpu", "cuda") or dtype not in (torch.float32, torch.float64):
         return False
@@ -87,83 +94,134 @@ def eligible(seg: Segment) -> bool:
 
 
 @dataclass(eq=False)
-class FlatGroup:
-    """One param group's tensors on the native path; n = the group's number of elements.
+class Bucket:
+    """Elements of a group stepped together; n = its number of elements.
 
-    ``m``, ``v``, ``s``: (n,) buffers whose consecutive slices are the state tensors (the views
-    ``m_views``/``v_views`` are the state entries). ``p0``: (n,) the initial params (a copy when
-    they are not packed, e.g. a compact all-zero p0). ``grad``, ``work``, ``s_new``: (n,) scratch
-    owned by this record; ``grad_views``/``work_views`` shaped like the params.
+    Packed (``grad`` not None): consecutive small tensors ``index`` of the group; ``params``,
+    ``m``, ``v`` the tensors themselves, ``s`` and ``p0`` (n,) spans of the packed state (``p0``
+    a copy where compact), ``grad`` (n,) the bucket's own buffer of the gathered gradients
+    (``grad_views`` shaped as the params), ``work_views`` the group's scratch shaped as the params.
+    Slice (``grad`` None): elements [lo, hi) of the one large tensor ``index[0]``; ``params``,
+    ``m``, ``v``, ``s``, ``p0`` 1-D views of that slice.
     """
 
+    index: list[int]
+    lo: int
+    hi: int
     params: list[Tensor]
-    m_views: list[Tensor]
-    v_views: list[Tensor]
+    m: list[Tensor]
+    v: list[Tensor]
     s: Tensor
     p0: Tensor
-    grad: Tensor
-    grad_views: list[Tensor]
+    grad: Tensor | None = None
+    grad_views: list[Tensor] = field(default_factory=list)
+    work_views: list[Tensor] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class FlatGroup:
+    """One param group on the native path: its buckets and their shared scratch.
+
+    ``work``, ``work2``: (largest bucket,) scratch (``p0 - x``, then ``|s_new|``; ``s_new``, then a
+    slice's ``d_old * g``). ``steps``: the huge state step of Adam's kernel (one 0-dim float32
+    tensor, repeated for the largest bucket's number of tensors)."""
+
+    buckets: list[Bucket]
     work: Tensor
-    work_views: list[Tensor]
-    s_new: Tensor
-    steps: list[Tensor]  # the huge state step of Adam's kernel, one 0-dim float32 tensor repeated
+    work2: Tensor
+    steps: list[Tensor]
 
 
 def flat_group(seg: Segment) -> FlatGroup | None:
-    """The flat record of an ``eligible`` segment whose ``exp_avg``, ``exp_avg_sq`` and ``s`` lie
-    back to back in one buffer each; None when they do not (the caller packs them first)."""
+    """The buckets of an ``eligible`` segment whose small tensors' ``exp_avg``, ``exp_avg_sq``
+    and ``s`` lie back to back in one buffer each per bucket; None when they do not (the caller
+    packs them first)."""
     from ._fused import _p0_full, flat_span  # the layout rule of the packed state, stated once there
 
     assert seg.exp_avg is not None  # eligible: betas[0] > 0
-    if any(flat_span(ts) is None for ts in (seg.exp_avg, seg.exp_avg_sq, seg.s)):
-        return None
-    s = flat_span(seg.s)
-    assert s is not None
-    p0 = flat_span(seg.p0) if all(t.numel() == x.numel() for t, x in zip(seg.p0, seg.params)) else None
-    if p0 is None:
-        p0 = torch.cat([_p0_full(t, x.numel()) for t, x in zip(seg.p0, seg.params)])
-    params = list(seg.params)
-    grad, work, s_new = (torch.empty_like(s) for _ in range(3))
-    step = torch.full((), HUGE_STEP, dtype=torch.float32, device=s.device)
-    return FlatGroup(
-        params=params,
-        m_views=list(seg.exp_avg),
-        v_views=list(seg.exp_avg_sq),
-        s=s,
-        p0=p0,
-        grad=grad,
-        grad_views=_views(grad, params),
-        work=work,
-        work_views=_views(work, params),
-        s_new=s_new,
-        steps=[step] * len(params),
-    )
+    xs, ms, vs, ss, p0s = list(seg.params), list(seg.exp_avg), list(seg.exp_avg_sq), list(seg.s), list(seg.p0)
+    on_cpu = xs[0].device.type == "cpu"
+    runs: list[list[int]] = []  # packed runs of small tensors, and single large ones
+    total = 0
+    for i, x in enumerate(xs):
+        n = x.numel()
+        if n >= SMALL:
+            runs.append([i])
+            continue
+        if not runs or runs[-1] and xs[runs[-1][0]].numel() >= SMALL or on_cpu and total + n > PACK_MAX:
+            runs.append([])
+            total = 0
+        runs[-1].append(i)
+        total += n
+    buckets = []
+    for idx in runs:
+        x = xs[idx[0]]
+        if x.numel() >= SMALL:
+            i, n = idx[0], x.numel()
+            p0 = _p0_full(p0s[i], n)
+            width = SLICE if on_cpu else n
+            for lo in range(0, n, width):
+                hi = min(lo + width, n)
+                flat = [t.view(-1)[lo:hi] for t in (x, ms[i], vs[i])]
+                buckets.append(Bucket([i], lo, hi, [flat[0]], [flat[1]], [flat[2]], ss[i][lo:hi], p0[lo:hi]))
+            continue
+        spans = [flat_span([ts[i] for i in idx]) for ts in (ms, vs, ss)]
+        if any(span is None for span in spans):
+            return None
+        s = spans[2]
+        assert s is not None
+        p0 = flat_span([p0s[i] for i in idx]) if all(p0s[i].numel() == xs[i].numel() for i in idx) else None
+        if p0 is None:
+            p0 = torch.cat([_p0_full(p0s[i], xs[i].numel()) for i in idx])
+        params = [xs[i] for i in idx]
+        grad = torch.empty_like(s)
+        buckets.append(
+            Bucket(idx, 0, s.numel(), params, [ms[i] for i in idx], [vs[i] for i in idx], s, p0, grad, _views(grad, params))
+        )
+    width = max(b.hi - b.lo for b in buckets)
+    work, work2 = (torch.empty(width, dtype=xs[0].dtype, device=xs[0].device) for _ in range(2))
+    for b in buckets:
+        if b.grad is not None:
+            b.work_views = _views(work[: b.hi - b.lo], b.params)
+    step = torch.full((), HUGE_STEP, dtype=torch.float32, device=xs[0].device)
+    return FlatGroup(buckets, work, work2, [step] * max(len(b.params) for b in buckets))
 
 
 def statistics(fg: FlatGroup, grads: list[Tensor], *, beta3: float, s_scale: float) -> tuple[Tensor, Tensor]:
-    """Read-only statistics pass: (<g, p0 - x>, ||beta3 * s + s_scale * g||_1), 0-dim tensors in
-    the params' dtype on their device. Writes only ``fg``'s scratch: the gathered gradients (for
-    ``update``) and the new ``s``."""
-    torch._foreach_copy_(fg.grad_views, grads)
-    torch._foreach_copy_(fg.work_views, fg.params)
-    diff = torch.sub(fg.p0, fg.work, out=fg.work)  # p0 - x
-    dot = torch.dot(fg.grad, diff)
-    s_new = torch.mul(fg.s, beta3, out=fg.s_new).add_(fg.grad, alpha=s_scale)
-    norm = torch.abs(s_new, out=fg.work).sum()
-    return dot, norm
+    """Read-only statistics pass: (<g, p0 - x>, ||beta3 * s + s_scale * g||_1) over the group, 0-dim
+    tensors in the params' dtype on their device. ``grads``: the segment's gradients. Writes only
+    scratch and the packed buckets' gathered gradients (which ``update`` reads)."""
+    dots, norms = [], []
+    for b in fg.buckets:
+        n = b.hi - b.lo
+        work = fg.work[:n]
+        if b.grad is not None:
+            torch._foreach_copy_(b.grad_views, [grads[i] for i in b.index])
+            torch._foreach_copy_(b.work_views, b.params)
+            g, x = b.grad, work
+        else:
+            g, x = grads[b.index[0]].view(-1)[b.lo : b.hi], b.params[0]
+        dots.append(torch.dot(g, torch.sub(b.p0, x, out=work)))  # <g, p0 - x>
+        s_new = torch.mul(b.s, beta3, out=fg.work2[:n]).add_(g, alpha=s_scale)  # the ops of ``update``
+        norms.append(torch.abs(s_new, out=work).sum())
+    if len(dots) == 1:
+        return dots[0], norms[0]
+    return torch.stack(dots).sum(), torch.stack(norms).sum()
 
 
-def update(fg: FlatGroup, hp: Hyperparams, *, d_old: float, d_new: float, dlr: float) -> None:
+def update(
+    fg: FlatGroup,
+    grads: list[Tensor],
+    hp: Hyperparams,
+    *,
+    beta3: float,
+    s_scale: float,
+    d_old: float,
+    d_new: float,
+    dlr: float,
+) -> None:
     """Write s, m, v, x of a group in place (a step that is not skipped), after ``statistics``."""
-    fg.s.copy_(fg.s_new)
-    fg.grad.mul_(d_old)
-    torch._fused_adamw_(
-        fg.params,
-        fg.grad_views,
-        fg.m_views,
-        fg.v_views,
-        [],
-        fg.steps,
+    kwargs: dict[str, Any] = dict(
         lr=dlr,
         beta1=hp.betas[0],
         beta2=hp.betas[1],
@@ -174,6 +232,16 @@ def update(fg: FlatGroup, hp: Hyperparams, *, d_old: float, d_new: float, dlr: f
         grad_scale=None,
         found_inf=None,
     )
+    for b in fg.buckets:
+        if b.grad is not None:
+            b.s.mul_(beta3).add_(b.grad, alpha=s_scale)
+            gs = b.grad_views
+            b.grad.mul_(d_old)
+        else:
+            g = grads[b.index[0]].view(-1)[b.lo : b.hi]
+            b.s.mul_(beta3).add_(g, alpha=s_scale)
+            gs = [torch.mul(g, d_old, out=fg.work2[: b.hi - b.lo])]
+        torch._fused_adamw_(b.params, gs, b.m, b.v, [], fg.steps[: len(b.params)], **kwargs)
 
 
 def _views(flat: Tensor, like: list[Tensor]) -> list[Tensor]:

@@ -78,9 +78,10 @@ AUTO_FUSED_MIN = 1 << 20
 def use_fused(tensors: Sequence[Tensor], fused: bool | None, update_d: bool | Tensor | None = None) -> bool:
     """Resolve ``fused``: the compiled kernels of ``_fused.py`` where asked for and possible.
 
-    True asks for them; None (automatic) takes them on CPU and CUDA for at least
-    ``AUTO_FUSED_MIN`` elements (the first fused step compiles for seconds; small models do not
-    win that back). Either way the eager kernels run inside ``torch.compile`` (which fuses them
+    True asks for them; None (automatic) takes them on CUDA for at least ``AUTO_FUSED_MIN``
+    elements (the first fused step compiles for seconds; small models do not win that back). On
+    CPU only True does: the optimizer's default there is the native path (``_native.py``), which
+    compiles nothing and measured as fast or faster on every benchmark workload. Either way the eager kernels run inside ``torch.compile`` (which fuses them
     itself), for torch.func-wrapped inputs, for inputs that require grad while grad mode is on
     (the eager step is differentiable, the compiled in-place kernels are not), for a device-side
     ``update_d`` (a 0-dim tensor) and on a device where compiling fails (a one-line warning if
@@ -88,10 +89,8 @@ def use_fused(tensors: Sequence[Tensor], fused: bool | None, update_d: bool | Te
     """
     if fused is False or not tensors or isinstance(update_d, Tensor) or torch.compiler.is_compiling():
         return False
-    if fused is None and (
-        tensors[0].device.type not in ("cpu", "cuda") or sum(t.numel() for t in tensors) < AUTO_FUSED_MIN
-    ):
-        return False  # automatic: CPU and CUDA (where Inductor is mature), large enough groups
+    if fused is None and (tensors[0].device.type != "cuda" or sum(t.numel() for t in tensors) < AUTO_FUSED_MIN):
+        return False  # automatic: CUDA (where Inductor is mature), large enough groups
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):

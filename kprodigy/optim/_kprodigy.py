@@ -639,18 +639,18 @@ class KProdigy(torch.optim.Optimizer):
                 return False
             lead = entries[0].group
             coefs = [host_coefficients(e.hp, lead["d"], lead["k"]) for e in entries]
-            steps.append((entries, coefs))
+            steps.append((entries, coefs, [[p.grad for p in e.stepped] for e in entries]))
             if reduce_stats is not None and not any(e.hp.lr > 0 and e.stepped for e in entries):
                 if any(e.hp.lr > 0 for e in entries):
                     return False
         sums: list[Tensor] = []
         live: list[int] = []  # indices into ``steps`` of the D-groups with statistics
-        for j, (entries, coefs) in enumerate(steps):
+        for j, (entries, coefs, grads) in enumerate(steps):
             beta3 = entries[0].hp.beta3_value  # the D-group's, from its first group
             dots, norms = [], []
-            for e, c in zip(entries, coefs):
+            for e, c, gs in zip(entries, coefs, grads):
                 if e.hp.lr > 0 and e.flat is not None:
-                    dot, norm = _native.statistics(e.flat, [p.grad for p in e.stepped], beta3=beta3, s_scale=c.s_scale)
+                    dot, norm = _native.statistics(e.flat, gs, beta3=beta3, s_scale=c.s_scale)
                     dots.append(dot * c.numerator_scale)
                     norms.append(norm)
             if dots:
@@ -664,7 +664,7 @@ class KProdigy(torch.optim.Optimizer):
                 stats = reduce_stats(stats)
             values = stats.tolist()  # the one host read of the step
         where = {j: n for n, j in enumerate(live)}
-        for j, (entries, coefs) in enumerate(steps):
+        for j, (entries, coefs, grads) in enumerate(steps):
             groups = [e.group for e in entries]
             params = [p for e in entries for p in e.stepped]
             lead = groups[0]
@@ -683,22 +683,26 @@ class KProdigy(torch.optim.Optimizer):
                         dtype,
                     )  # the D state in the statistics dtype, as every path keeps it
                     new.update(d=d, d_max=d_max, d_numerator=d_num, d_denom=d_den, d_hat=d_hat)
-                    for e, c in zip(entries, coefs):
+                    beta3 = hp0.beta3_value
+                    for e, c, gs in zip(entries, coefs, grads):
                         if e.hp.lr > 0 and e.flat is not None:
-                            _native.update(e.flat, e.hp, d_old=d_old, d_new=d, dlr=c.dlr)
+                            _native.update(e.flat, gs, e.hp, beta3=beta3, s_scale=c.s_scale, d_old=d_old, d_new=d, dlr=c.dlr)
             if "skipped_steps" not in new:
                 for group, lr in zip(groups, _in_dtype([c.dlr for c in coefs], dtype)):
                     group["effective_lr"] = lr
             for group in groups:
                 group.update(new)
             self._recorded(groups, params, k, skipped)
-        _diagnostics.after_step(self, [[e.group for e in entries] for entries, _ in steps])
+        _diagnostics.after_step(self, [[e.group for e in entries] for entries, *_ in steps])
         return True
 
     def _pack_flat(self, params: list[Tensor]) -> None:
-        """Lay the ``exp_avg``, ``exp_avg_sq``, ``s`` and (unless compact) ``p0`` state of
-        ``params`` back to back in one new buffer per key (values unchanged): the native path's
-        layout (``_native.flat_group``)."""
+        """Lay the ``exp_avg``, ``exp_avg_sq``, ``s`` and (unless compact) ``p0`` state of the
+        small ones of ``params`` back to back in one new buffer per key (values unchanged): the
+        native path's layout (``_native.flat_group``)."""
+        params = [p for p in params if p.numel() < _native.SMALL]
+        if not params:
+            return
         states = [self.state[p] for p in params]
         for key in ("exp_avg", "exp_avg_sq", "s", "p0"):
             ts = [st[key] for st in states]
@@ -969,8 +973,8 @@ class _FlatEntry:
         self.states = [state[p] for p in stepped]
         self.tensors = [tuple(st.get(key) for key in _FLAT_STATE_KEYS) for st in self.states]
         self.shapes = [p.shape for p in stepped]
-        self.dtype = flat.s.dtype if flat is not None else None
-        self.device = flat.s.device if flat is not None else None
+        self.dtype = flat.work.dtype if flat is not None else None
+        self.device = flat.work.device if flat is not None else None
 
     def holds(self, state: dict[Tensor, dict[str, Any]]) -> bool:
         """Whether this step's group matches the plan: the same params with gradients, of the
