@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from kprodigy import KProdigy
-from kprodigy.functional import Hyperparams, Segment, init_state, step_d_group, step_d_groups
+from kprodigy.functional import Hyperparams, init_state
+from kprodigy.functional._step import Segment, step_d_group, step_d_groups
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 RTOL = 1e-12  # float64 runs; the all-reduce only reorders a sum of two partials

@@ -321,7 +321,7 @@ def test_no_host_sync_inside_the_functional_step(monkeypatch: pytest.MonkeyPatch
 
 
 def test_functorch_inputs_take_the_per_tensor_path() -> None:
-    from kprodigy.functional import use_foreach
+    from kprodigy.functional._step import use_foreach
 
     x = torch.randn(3, 4)
     assert use_foreach([x], True) is True

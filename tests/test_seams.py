@@ -183,3 +183,32 @@ def test_load_state_dict_drops_pending_step_parameter_work() -> None:
     assert after["param_groups"] == expected["param_groups"]
     for key, value in expected["state"][0].items():
         assert torch.equal(after["state"][0][key], value) if torch.is_tensor(value) else after["state"][0][key] == value
+
+
+# ---------------------------------------------------------------------------------------------
+# no process-wide side effects: scratch buffers go with the optimizer, dynamo's limit is untouched
+
+
+def test_scratch_buffers_go_with_the_optimizer_and_dynamo_settings_are_left_alone() -> None:
+    import gc
+    import weakref
+
+    from kprodigy.functional import _scratch
+
+    limit = torch._dynamo.config.recompile_limit
+    p = torch.nn.Parameter(torch.randn(512, 512))  # 1 MiB temporaries: the eager kernels reuse buffers
+    opt = KProdigy([p], foreach=False, fused=False)
+    for _ in range(2):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    store = opt.__dict__["_scratch_store"]
+    assert store and getattr(_scratch._LOCAL, "store", None) is None  # held by the optimizer, not the thread
+    buffers = [weakref.ref(t) for t in store.values()]
+    del opt, store
+    gc.collect()
+    assert all(ref() is None for ref in buffers)  # freed with the optimizer
+    q = torch.nn.Parameter(torch.randn(64, 64))
+    opt = KProdigy([q], fused=True)  # the compiled kernels raise dynamo's recompile limit during their calls only
+    q.grad = torch.randn_like(q)
+    opt.step()
+    assert torch._dynamo.config.recompile_limit == limit

@@ -160,17 +160,28 @@ def _update_1d(
 
 
 # Graphs per kernel: dtype x exp_avg present x update_d x slice_p x decoupled decay x packed or
-# not; more than dynamo's default of 8 per function, so the limit is raised (once, globally).
+# not; more than dynamo's default of 8 per function, so the limit is raised during our calls only
+# (the process's setting is left as it is).
 _RECOMPILE_LIMIT = 64
 
 
 @functools.cache
 def _compiled(name: str) -> Callable[..., Any]:
     kernels: dict[str, Callable[..., Any]] = {"statistics": _accumulate_1d, "update": _update_1d}
-    fn = kernels[name]
-    cfg = torch._dynamo.config
-    cfg.recompile_limit = max(cfg.recompile_limit, _RECOMPILE_LIMIT)
-    return torch.compile(fn, fullgraph=True, dynamic=True)
+    compiled = torch.compile(kernels[name], fullgraph=True, dynamic=True)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        cfg = torch._dynamo.config
+        before = cfg.recompile_limit
+        if before >= _RECOMPILE_LIMIT:
+            return compiled(*args, **kwargs)
+        cfg.recompile_limit = _RECOMPILE_LIMIT
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            cfg.recompile_limit = before
+
+    return call
 
 
 _STATUS: dict[str, str | None] = {}  # per device type: None if compiling works, else why not

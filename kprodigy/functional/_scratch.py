@@ -1,35 +1,51 @@
-"""Reused CPU buffers for the step's temporaries.
+"""Reused CPU buffers for the step's temporaries, owned by whoever runs the step.
 
 On CPU a fresh tensor of more than a few hundred kilobytes is mapped and faulted in page by page
 on every step, which costs more than the arithmetic on it (benchmarks/NOTES.md, changes 6 and
-8). The in-place kernels therefore write their temporaries into buffers kept per thread and
-reused by later steps. Off CPU (caching allocators) and while ``torch.compile`` traces (where a
-temporary should stay a register, not memory) they get fresh tensors.
+8). The in-place kernels therefore write their temporaries into buffers reused by later steps,
+kept in a store that the caller owns (``owned_by``: the optimizer holds one, so its buffers go
+with it; nothing is kept process-wide). Outside ``owned_by``, off CPU (caching allocators) and
+while ``torch.compile`` traces (where a temporary should stay a register, not memory) the
+kernels get fresh tensors.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
-__all__ = ["buffer"]
+__all__ = ["buffer", "owned_by"]
 
-_LOCAL = threading.local()  # per thread: {(device, dtype, key): 1-D buffer}, most recently used last
+_LOCAL = threading.local()  # per thread: the store of the step running (None: fresh temporaries)
 MAX_ENTRIES = 16
 MIN_BYTES = 1 << 17  # smaller temporaries come from the C heap cheaply (glibc maps 128 KiB+ apart)
 
 
+@contextmanager
+def owned_by(store: dict[Hashable, Tensor]) -> Iterator[None]:
+    """Within this block (this thread), temporaries are reused from ``store``: a dict the caller
+    keeps between steps, {(device, dtype, key): 1-D buffer}, most recently used last."""
+    previous = getattr(_LOCAL, "store", None)
+    _LOCAL.store = store
+    try:
+        yield
+    finally:
+        _LOCAL.store = previous
+
+
 def buffer(n: int, dtype: torch.dtype, device: torch.device, key: Hashable) -> Tensor | None:
-    """A 1-D tensor of ``n`` elements kept for reuse under ``key``, or None where temporaries
-    should be fresh tensors (off CPU, while compiling). Its contents are arbitrary; it is valid
-    until the next call with the same key in this thread. Temporaries under ``MIN_BYTES`` are
-    fresh tensors too: the heap serves them without page faults, and a lookup would cost more."""
-    if device.type != "cpu" or n * dtype.itemsize < MIN_BYTES or torch.compiler.is_compiling():
+    """A 1-D tensor of ``n`` elements kept for reuse under ``key`` in the current store, or None
+    where temporaries should be fresh tensors (no store, off CPU, while compiling). Its contents
+    are arbitrary; it is valid until the next call with the same key in this store. Temporaries
+    under ``MIN_BYTES`` are fresh tensors too: the heap serves them without page faults, and a
+    lookup would cost more."""
+    bufs: dict[Hashable, Tensor] | None = getattr(_LOCAL, "store", None)
+    if bufs is None or device.type != "cpu" or n * dtype.itemsize < MIN_BYTES or torch.compiler.is_compiling():
         return None
-    bufs: dict[Hashable, Tensor] = _LOCAL.__dict__.setdefault("bufs", {})
     full_key = (device, dtype, key)
     buf = bufs.pop(full_key, None)
     if buf is None or buf.numel() < n:

@@ -19,16 +19,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..functional import (
-    DState,
-    Hyperparams,
-    Segment,
-    _fused,
-    _native,
-    all_reduce_stats,
-    init_tensor_state,
-    step_d_groups,
-)
+from ..functional import DState, Hyperparams, _fused, _native, _scratch
+from ..functional._distributed import all_reduce_stats
+from ..functional._state import init_tensor_state
+from ..functional._step import Segment, step_d_groups
 from ..functional._factored import init_factored_v
 from ..functional._partial import accumulate_segment, apply_segments, cap_d_ratio, effective_lrs
 from ..functional._scalars import host_coefficients, reduce_d_host
@@ -433,15 +427,16 @@ class KProdigy(torch.optim.Optimizer):
         d_states = []
         for members, groups, _, params in jobs:
             d_states.append(self._d_state(groups, members, params, fallback))
-        outs = step_d_groups(
-            [job[2] for job in jobs],
-            d_states,
-            update_d=[_updates_d(job[1][0]) for job in jobs],
-            foreach=[job[1][0]["foreach"] for job in jobs],
-            fused=[job[1][0]["fused"] for job in jobs],
-            inplace=True,
-            reduce_stats=reduce_stats,
-        )
+        with _scratch.owned_by(self._scratch()):
+            outs = step_d_groups(
+                [job[2] for job in jobs],
+                d_states,
+                update_d=[_updates_d(job[1][0]) for job in jobs],
+                foreach=[job[1][0]["foreach"] for job in jobs],
+                fused=[job[1][0]["fused"] for job in jobs],
+                inplace=True,
+                reduce_stats=reduce_stats,
+            )
         self._record(
             [(groups, params, old, new) for (_, groups, _, params), old, (_, new) in zip(jobs, d_states, outs)]
         )
@@ -712,6 +707,11 @@ class KProdigy(torch.optim.Optimizer):
                 for st, packed in zip(states, _fused.pack(ts)):
                     st[key] = packed
 
+    def _scratch(self) -> dict[Any, Tensor]:
+        """The reused CPU buffers of this optimizer's eager kernels (``functional._scratch``):
+        held here, so that they go with the optimizer (not pickled or copied)."""
+        return self.__dict__.setdefault("_scratch_store", {})
+
     def _d_group_key(self) -> tuple[Any, ...]:
         """What ``d_groups()`` depends on: a kept plan holds while this does not change."""
         return (self.independent_d, tuple(g.get("d_group") for g in self.param_groups))
@@ -790,9 +790,10 @@ class KProdigy(torch.optim.Optimizer):
                 f"param groups {members} share one D but hold params on {pending.d_state.d.device} and {p.device}; "
                 "put them on one device or give the groups different d_group labels"
             )
-        acc, stats = accumulate_segment(
-            segment, pending.d_state, update_d=_updates_d(pending.groups[0]), foreach=group["foreach"], inplace=True
-        )
+        with _scratch.owned_by(self._scratch()):
+            acc, stats = accumulate_segment(
+                segment, pending.d_state, update_d=_updates_d(pending.groups[0]), foreach=group["foreach"], inplace=True
+            )
         pending.stats += stats.to(pending.stats.dtype)
         pending.params.append(p)
         if acc is not None:
@@ -811,14 +812,15 @@ class KProdigy(torch.optim.Optimizer):
             lead = item.groups[0]
             upd = _updates_d(lead)
             reduce_stats = self._reduce_stats(item.params) if upd is not False else None
-            new = apply_segments(
-                item.accumulated,
-                item.d_state,
-                item.stats,
-                _hparams(lead),
-                update_d=upd,
-                reduce_stats=reduce_stats,
-            )
+            with _scratch.owned_by(self._scratch()):
+                new = apply_segments(
+                    item.accumulated,
+                    item.d_state,
+                    item.stats,
+                    _hparams(lead),
+                    update_d=upd,
+                    reduce_stats=reduce_stats,
+                )
             done.append((item.groups, item.params, item.d_state, new))
         self._record(done)
 
