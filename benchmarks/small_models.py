@@ -6,8 +6,11 @@ Usage (from the repository root)::
     git archive <rev> kprodigy | tar -x -C /tmp/before && mv /tmp/before/kprodigy /tmp/before/kprodigy_before
     PYTHONPATH=$PWD python benchmarks/small_models.py --before /tmp/before     # adds that version
 
-Workloads: a 10-64-1 MLP (769 params, 4 tensors), a small CNN (~100k params, 10 tensors), 300
-tensors of 64x64, 4 tensors of 4096x2048. Gradients come from a quadratic pull (g = 0.1 (x - 0.5)
+Workloads: a 10-64-1 MLP (769 params, 4 tensors), a small CNN (~100k params, 10 tensors), 400
+LoRA-like rank-8 factors of 512 (1.6M params), 300 tensors of 64x64, 4 tensors of 4096x2048.
+Peers: the default KProdigy, KProdigy(fused=True) (the compiled kernels), prodigyopt, torch's
+fused AdamW. The first step of each (state creation, and for fused=True the compile) is reported
+in seconds beside the steady medians. Gradients come from a quadratic pull (g = 0.1 (x - 0.5)
 + fixed noise), recomputed outside the timed region, so that D settles instead of overflowing
 (a fixed gradient makes D grow until every step is skipped, which measures the skip). Every
 optimizer owns a copy of the params; rounds step each optimizer a few times in a shuffled order
@@ -19,8 +22,11 @@ default, never over benchmarks/results/).
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +34,7 @@ from typing import Any
 
 import torch
 
+import kprodigy
 from kprodigy import KProdigy
 
 BEFORE: list[Any] = []  # KProdigy classes of another version (--before)
@@ -38,6 +45,8 @@ def shapes(name: str) -> list[tuple[int, ...]]:
         return [(64, 10), (64,), (1, 64), (1,)]
     if name == "CNN ~100k":
         return [(32, 3, 3, 3), (32,), (64, 32, 3, 3), (64,), (64, 64, 3, 3), (64,), (128, 64), (128,), (10, 128), (10,)]
+    if name == "400 LoRA r8":
+        return [(8, 512), (512, 8)] * 200
     if name == "300 x 64x64":
         return [(64, 64)] * 300
     if name == "4 x 4096x2048":
@@ -46,7 +55,7 @@ def shapes(name: str) -> list[tuple[int, ...]]:
 
 
 def peers() -> dict[str, Any]:
-    out: dict[str, Any] = {"kprodigy": lambda ps: KProdigy(ps)}
+    out: dict[str, Any] = {"kprodigy": lambda ps: KProdigy(ps), "kprodigy-fused": lambda ps: KProdigy(ps, fused=True)}
     for cls in BEFORE:
         out["kprodigy-before"] = lambda ps, cls=cls: cls(ps)
     try:
@@ -67,6 +76,7 @@ def bench(name: str, rounds: int, steps: int) -> dict[str, float]:
     for peer, make in peers().items():
         ps = [torch.nn.Parameter(b.clone()) for b in base]
         runs[peer] = (ps, make(ps), [])
+    first: dict[str, float] = {}
     order = list(runs)
     for r in range(rounds + 1):
         random.Random(r).shuffle(order)
@@ -79,11 +89,21 @@ def bench(name: str, rounds: int, steps: int) -> dict[str, float]:
                 t = time.perf_counter()
                 opt.step()
                 dt = time.perf_counter() - t
-                if r > 0:  # round 0 warms up (state creation)
+                if r > 0:  # round 0 warms up (state creation, compiling)
                     times.append(dt)
+                first.setdefault(peer, dt)
     out = {peer: statistics.median(times) * 1e3 for peer, (_, _, times) in runs.items()}
+    out.update({f"first {peer}": dt for peer, dt in first.items()})
     out["skipped"] = float(runs["kprodigy"][1].param_groups[0]["skipped_steps"])
     return out
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def main() -> None:
@@ -101,22 +121,24 @@ def main() -> None:
         import kprodigy_before  # type: ignore[import-not-found]
 
         BEFORE.append(kprodigy_before.KProdigy)
-    names = ["MLP 769", "CNN ~100k", "300 x 64x64"] + ([] if args.quick else ["4 x 4096x2048"])
+    names = ["MLP 769", "CNN ~100k", "400 LoRA r8", "300 x 64x64"] + ([] if args.quick else ["4 x 4096x2048"])
     lines = [
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; median ms per step, {args.rounds} rounds",
+        f"kprodigy {kprodigy.__version__} (commit {_commit()}), torch {torch.__version__}, {platform.machine()} CPU"
+        f" ({os.cpu_count()} cores), {torch.get_num_threads()} threads; median ms per step, {args.rounds} rounds"
+        " (a third of them, 2 steps each, on 4 x 4096x2048); first step in seconds",
         "",
-        "| workload | kprodigy ms | before ms | prodigyopt ms | fused AdamW ms | prodigyopt / kprodigy"
-        " | kprodigy / AdamW | before / AdamW | skipped |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| workload | kprodigy ms | fused=True ms | before ms | prodigyopt ms | fused AdamW ms | prodigyopt / kprodigy"
+        " | kprodigy / AdamW | first step kprodigy s | first step fused=True s | skipped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
         big = name.startswith("4 x")
         res = bench(name, max(3, args.rounds // 3) if big else args.rounds, 2 if big else 20)
-        k, a = res["kprodigy"], res["adamw-fused"]
+        k, f, a = res["kprodigy"], res["kprodigy-fused"], res["adamw-fused"]
         p, b = res.get("prodigyopt", float("nan")), res.get("kprodigy-before", float("nan"))
         lines.append(
-            f"| {name} | {k:.3f} | {b:.3f} | {p:.3f} | {a:.3f} | {p / k:.2f}x | {k / a:.2f}x | {b / a:.2f}x"
-            f" | {int(res['skipped'])} |"
+            f"| {name} | {k:.3f} | {f:.3f} | {b:.3f} | {p:.3f} | {a:.3f} | {p / k:.2f}x | {k / a:.2f}x"
+            f" | {res['first kprodigy']:.2f} | {res['first kprodigy-fused']:.2f} | {int(res['skipped'])} |"
         )
         print(lines[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

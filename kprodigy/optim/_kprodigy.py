@@ -597,6 +597,7 @@ class KProdigy(torch.optim.Optimizer):
             return False
         if plan.d_key != self._d_group_key():
             return False
+        changed = set()  # the groups whose settings changed since the last step (a schedule)
         try:
             for i, (group, entry) in enumerate(zip(self.param_groups, plan.entries)):
                 if group is not entry.group or group["capturable"]:
@@ -604,9 +605,10 @@ class KProdigy(torch.optim.Optimizer):
                 if group["foreach"] is not None or group["fused"] is not None:
                     return False
                 hp = _hparams(group)
-                if hp is not entry.hp:  # new values (a schedule): the checks of a full step
+                if hp is not entry.hp:  # new values: the checks of a full step
                     self._check_group(i, group)
                     entry.hp = hp
+                    changed.add(i)
                 if entry.stepped and hp.lr > 0 and (entry.flat is None or not _native.eligible_hparams(hp)):
                     return False
                 if not entry.holds(self.state):
@@ -614,7 +616,8 @@ class KProdigy(torch.optim.Optimizer):
             for members in plan.members:
                 groups = [self.param_groups[i] for i in members]
                 _check_same_d_steps(groups, members)
-                _check_d_group_agrees(groups, members)
+                if changed.intersection(members):
+                    _check_d_group_agrees(groups, members)
                 if not _updates_d(groups[0]):
                     return False
         except (ValueError, RuntimeError):
@@ -989,13 +992,15 @@ class _FlatEntry:
                 return False
         if self.flat is None:
             return True
-        for p, st, tensors, shape in zip(self.stepped, self.states, self.tensors, self.shapes):
+        for p, st, (m, v, s, p0), shape in zip(self.stepped, self.states, self.tensors, self.shapes):
             g = p.grad
             if type(g) is not Tensor or g.dtype != self.dtype or g.device != self.device:
                 return False
             if g.shape != shape or p.shape != shape or not g.is_contiguous():
                 return False
-            if state.get(p) is not st or any(st.get(key) is not t for key, t in zip(_FLAT_STATE_KEYS, tensors)):
+            if state.get(p) is not st or st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v:
+                return False
+            if st.get("s") is not s or st.get("p0") is not p0:
                 return False
         return True
 
