@@ -523,6 +523,13 @@ def _fmt(m: float, s: float, digits: int, pct: bool = False) -> str:
     return f"{m * k:.{digits}f} ± {s * k:.{digits}f}" if math.isfinite(s) else f"{m * k:.{digits}f}"
 
 
+def _fmt_g(m: float, s: float) -> str:
+    """Three significant digits (drift spans 1e-4 to 1)."""
+    if not math.isfinite(m):
+        return "-"
+    return f"{m:.3g} ± {s:.2g}" if math.isfinite(s) else f"{m:.3g}"
+
+
 def _fmt_d(runs: list[dict]) -> str:
     keys = list(runs[0]["d"]) if runs and runs[0].get("d") else []
     if not keys:
@@ -546,7 +553,7 @@ def study_table(study: str, runs: list[dict]) -> str:
         head = ["config", "new-task test acc %", "retained (old-task) acc %", "encoder drift", "D at the end"]
         rows = [[c, _fmt(*mean_se([r["new_task_acc"] for r in rs]), 2, True),
                  _fmt(*mean_se([r["retained_acc"] for r in rs]), 2, True),
-                 _fmt(*mean_se([r["te_drift"] for r in rs]), 3), _fmt_d(rs)] for c, rs in by_cfg.items()]
+                 _fmt_g(*mean_se([r["te_drift"] for r in rs])), _fmt_d(rs)] for c, rs in by_cfg.items()]
         pre = mean_se([r["pretrained_acc"] for r in runs])
         foot = f"Old-task accuracy right after pretraining: {_fmt(*pre, 2, True)} %."
     else:
@@ -558,7 +565,7 @@ def study_table(study: str, runs: list[dict]) -> str:
         for c, rs in by_cfg.items():
             row = [c, _fmt(*mean_se([r["new_task_mse"] for r in rs]), 4), _fmt(*mean_se([r["text_gain"] for r in rs]), 4)]
             if study == "sdxl-finetune":
-                row += [_fmt(*mean_se([r["retained_acc"] for r in rs]), 1, True), _fmt(*mean_se([r["te_drift"] for r in rs]), 3)]
+                row += [_fmt(*mean_se([r["retained_acc"] for r in rs]), 1, True), _fmt_g(*mean_se([r["te_drift"] for r in rs]))]
             rows.append(row + [_fmt_d(rs)])
         foot = ""
         if study == "sdxl-finetune":
@@ -567,8 +574,9 @@ def study_table(study: str, runs: list[dict]) -> str:
         else:
             foot = "Text gain: MSE with shuffled captions minus MSE with the right ones (higher: the text is used)."
     n = max(len(rs) for rs in by_cfg.values())
-    lines = [f"### {study}", "", f"mean ± s.e. over {n} seed(s); drift = ||theta - theta_0|| / ||theta_0|| of the "
-             "text encoder (encoder)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    drift = "" if study == "sdxl-scratch" else "; drift = ||theta - theta_0|| / ||theta_0|| of the text encoder (encoder)"
+    lines = [f"### {study}", "", f"mean ± s.e. over {n} seed(s){drift}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines + ["", foot, ""])
 
@@ -582,6 +590,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke test: a few steps, 1 seed; not results")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     _output.add_arguments(p)
+    p.add_argument("--from-json", default="", help="re-render the tables from saved <study>.json files (comma-separated); no training")
     return p.parse_args(argv)
 
 
@@ -589,6 +598,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.quick and args.update_results:
         raise SystemExit("--quick is a smoke test: its numbers must not replace the committed results")
+    if args.from_json:
+        for path in args.from_json.split(","):
+            with open(path) as f:
+                saved = json.load(f)
+            res = {k: saved.pop(k) for k in ("configs", "runs")}
+            study = saved.pop("study")
+            out_dir = _output.RESULTS_DIR / RESULTS_SUBDIR if args.update_results else _output.output_dir(args.out, False)
+            print(study_table(study, res["runs"]))
+            if out_dir is not None:
+                write({**saved, "studies": {study: res}}, out_dir)
+        return {}
     torch.set_num_threads(args.threads)
     studies = [s for s in args.studies.split(",") if s]
     if unknown := [s for s in studies if s not in STUDIES]:
