@@ -1,6 +1,6 @@
 """Multi-component study (issue 16): one D, lr multipliers, one D per component, couplings.
 
-    python benchmarks/multi_component.py                   # all three studies, 3 seeds (~20 min, 2-core CPU)
+    python benchmarks/multi_component.py                   # all three studies, 3 seeds (~28 min, 2-core CPU)
     python benchmarks/multi_component.py --quick           # smoke test: seconds, numbers are not results
     python benchmarks/multi_component.py --studies two-component --seeds 5
     python benchmarks/multi_component.py --update-results  # refresh benchmarks/results/multi_component/<study>.md
