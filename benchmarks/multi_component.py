@@ -560,12 +560,15 @@ def study_table(study: str, runs: list[dict]) -> str:
         head = ["config", "held-out denoise MSE (new task)", "text gain"]
         if study == "sdxl-finetune":
             head += ["retained zero-shot acc %", "text-encoder drift"]
+        else:
+            head += ["text-encoder change from its random init"]
         head += ["D at the end (geometric mean over seeds)"]
         rows = []
         for c, rs in by_cfg.items():
             row = [c, _fmt(*mean_se([r["new_task_mse"] for r in rs]), 4), _fmt(*mean_se([r["text_gain"] for r in rs]), 4)]
             if study == "sdxl-finetune":
-                row += [_fmt(*mean_se([r["retained_acc"] for r in rs]), 1, True), _fmt_g(*mean_se([r["te_drift"] for r in rs]))]
+                row += [_fmt(*mean_se([r["retained_acc"] for r in rs]), 1, True)]
+            row += [_fmt_g(*mean_se([r["te_drift"] for r in rs]))]
             rows.append(row + [_fmt_d(rs)])
         foot = ""
         if study == "sdxl-finetune":
@@ -574,7 +577,7 @@ def study_table(study: str, runs: list[dict]) -> str:
         else:
             foot = "Text gain: MSE with shuffled captions minus MSE with the right ones (higher: the text is used)."
     n = max(len(rs) for rs in by_cfg.values())
-    drift = "" if study == "sdxl-scratch" else "; drift = ||theta - theta_0|| / ||theta_0|| of the text encoder (encoder)"
+    drift = "; drift, change = ||theta - theta_0|| / ||theta_0|| of the text encoder (encoder)"
     lines = [f"### {study}", "", f"mean ± s.e. over {n} seed(s){drift}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
