@@ -347,7 +347,8 @@ CONFIGS = [
     Config("proto: mean of Ds", kwargs={"coupling": "mean"}),
     Config("proto: harmonic mean of Ds", kwargs={"coupling": "hmean"}),
     Config("proto: shared denominator", kwargs={"coupling": "shared-denom"}),
-    Config("AdamW 1e-3, te 1e-4", kind="adamw", adamw_lr=1e-3, te_lr=0.1, note="reference, not tuned here"),
+    *(Config(f"AdamW {lr:g}, te {lr / 10:g}", kind="adamw", adamw_lr=lr, te_lr=0.1,
+             note="reference: a 3-point grid of lr, not tuned on a validation split") for lr in (1e-3, 3e-3, 1e-2)),
 ]
 NO_MULTIPLIER_STUDY = {"sdxl-scratch"}  # both components new: rows with a te multiplier (AdamW too) left out
 
