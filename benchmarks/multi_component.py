@@ -555,7 +555,7 @@ def study_table(study: str, runs: list[dict]) -> str:
         rows = [[c, _fmt(*mean_se([r["new_task_acc"] for r in rs]), 2, True),
                  _fmt(*mean_se([r["retained_acc"] for r in rs]), 2, True),
                  _fmt_g(*mean_se([r["te_drift"] for r in rs])), _fmt_d(rs)] for c, rs in by_cfg.items()]
-        pre = mean_se([r["pretrained_acc"] for r in runs])
+        pre = mean_se(list({r["seed"]: r["pretrained_acc"] for r in runs}.values()))  # one value per seed
         foot = f"Old-task accuracy right after pretraining: {_fmt(*pre, 2, True)} %."
     else:
         head = ["config", "held-out denoise MSE (new task)", "text gain"]
@@ -573,7 +573,7 @@ def study_table(study: str, runs: list[dict]) -> str:
             rows.append(row + [_fmt_d(rs)])
         foot = ""
         if study == "sdxl-finetune":
-            pre = mean_se([r["pretrained_acc"] for r in runs])
+            pre = mean_se(list({r["seed"]: r["pretrained_acc"] for r in runs}.values()))  # one value per seed
             foot = f"Zero-shot accuracy of the pretrained text encoder before fine-tuning: {_fmt(*pre, 1, True)} %."
         else:
             foot = "Text gain: MSE with shuffled captions minus MSE with the right ones (higher: the text is used)."
