@@ -550,7 +550,7 @@ class KProdigy(torch.optim.Optimizer):
 
         Qualifies: the default flags (``foreach`` and ``fused`` None), not capturable, a step
         that updates D (``d_update_freq``, ``d_steps``), no ``d_ratio_cap``, and every segment
-        that steps (lr > 0) ``_native.eligible`` (below the compiled path's size).
+        that steps (lr > 0) ``_native.eligible``.
         """
         if self.d_ratio_cap is not None or not jobs or self._pending:
             return False
@@ -620,7 +620,7 @@ class KProdigy(torch.optim.Optimizer):
                     _check_d_group_agrees(groups, members)
                 if not _updates_d(groups[0]):
                     return False
-        except (ValueError, RuntimeError):
+        except (ValueError, RuntimeError, TypeError):
             return False  # the full step raises it, with its context
         reduce_stats = self._reduce_stats([p for e in plan.entries for p in e.stepped])
         return self._run_flat(plan, reduce_stats)
@@ -628,7 +628,7 @@ class KProdigy(torch.optim.Optimizer):
     def _run_flat(self, plan: _FlatPlan, reduce_stats: Callable[[Tensor], Tensor] | None) -> bool:
         """One step of a native plan, with ONE host read for all D-groups; False (nothing done)
         when a reduction across ranks has no local statistics to reduce (the general path)."""
-        steps = []  # per D-group with stepped params: (groups, params, entries, coefficients)
+        steps = []  # per D-group with stepped params: (entries, coefficients, gradients)
         for members in plan.members:
             entries = [plan.entries[i] for i in members]
             if not any(e.stepped for e in entries):
