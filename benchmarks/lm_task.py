@@ -374,7 +374,7 @@ def report(results: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1), default 3")
-    p.add_argument("--steps", type=float, default=1.0, help="multiplier of the budgets (1x = %d steps)" % BUDGET)
+    p.add_argument("--steps", type=float, default=1.0, help=f"multiplier of the budgets (1x = {BUDGET} steps)")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny model, budget and text; not results")
     p.add_argument("--text", default=None, help=f"a UTF-8 text file instead of Debian's fortunes (or ${TEXT_ENV})")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this size)")
