@@ -5,6 +5,7 @@ against lr warm-up, with and without ``safeguard_warmup``, over tasks of differe
     python benchmarks/bias_correction.py --quick            # smoke test (seconds): not results
     python benchmarks/bias_correction.py --tasks mnist1d-mlp,lm --seeds 2
     python benchmarks/bias_correction.py --update-results   # benchmarks/results/presets/bias_correction.{md,json}
+    python benchmarks/bias_correction.py --tasks mnist1d-mlp-bf16 --name bias_correction_bf16 --update-results
 
 Tasks: from the convergence suite (``convergence.build_tasks``) a convex one (L2-regularised
 logistic regression on scikit-learn's digits), two MLPs (Fashion-MNIST, MNIST-1D) and two CNNs
@@ -16,6 +17,8 @@ every setting, no weight decay) and a cosine lr schedule over the run; the four 
 Axis 1, run length: 0.1x, 0.3x, 1x and 3x each task's suite budget, each length a separate run
 whose cosine spans it; no warm-up. To fit the time on a shared 2-core CPU, the Fashion-MNIST tasks
 stop at 1x and the LM (budget 1000 steps) at 0.3x: its 1x runs are those of ``lm_task.py``.
+Optional task ``mnist1d-mlp-bf16`` (not in the default list): the MNIST-1D MLP with bfloat16
+params and inputs (K-Prodigy keeps its state in float32 by default, ``fp32_state=True``).
 Axis 2, warm-up: a linear lr warm-up over 5% and 25% of the run before the cosine, against none,
 at 0.3x the budget (where bias correction and ``safeguard_warmup`` act most).
 Measured: the final loss: the full training objective for the suite tasks (what the suite
@@ -42,11 +45,14 @@ import convergence as C  # noqa: E402
 import lm_task as L  # noqa: E402
 
 TASKS = ("logreg-digits", "fmnist-mlp", "mnist1d-mlp", "fmnist-cnn", "mnist1d-cnn", "lm")
+OPTIONAL_TASKS = ("mnist1d-mlp-bf16",)
 MODEL_TYPE = {"logreg-digits": "convex (logistic regression)", "fmnist-mlp": "MLP", "mnist1d-mlp": "MLP",
-              "fmnist-cnn": "CNN", "mnist1d-cnn": "CNN", "lm": "transformer LM"}
+              "fmnist-cnn": "CNN", "mnist1d-cnn": "CNN", "lm": "transformer LM",
+              "mnist1d-mlp-bf16": "MLP, bfloat16 params"}
 LENGTHS = (0.1, 0.3, 1.0, 3.0)
 # shorter grids where the runs are expensive (the time budget of a shared 2-core CPU)
-TASK_LENGTHS = {"fmnist-mlp": (0.1, 0.3, 1.0), "fmnist-cnn": (0.1, 0.3, 1.0), "lm": (0.1, 0.3)}
+TASK_LENGTHS = {"fmnist-mlp": (0.1, 0.3, 1.0), "fmnist-cnn": (0.1, 0.3, 1.0), "lm": (0.1, 0.3),
+                "mnist1d-mlp-bf16": (0.1, 0.3, 1.0)}
 WARMUPS = (0.0, 0.05, 0.25)
 WARMUP_LENGTH = 0.3  # the warm-up axis runs at 0.3x the budget
 SETTINGS: dict[str, dict[str, bool]] = {
@@ -55,6 +61,11 @@ SETTINGS: dict[str, dict[str, bool]] = {
     "sw": {"safeguard_warmup": True},
     "bc+sw": {"use_bias_correction": True, "safeguard_warmup": True},
 }
+
+
+def _base(task: str) -> str:
+    """The suite task a variant runs on (``mnist1d-mlp-bf16`` -> ``mnist1d-mlp``)."""
+    return task.removesuffix("-bf16")
 
 
 class Runner:
@@ -68,12 +79,15 @@ class Runner:
         self.lm_windows = 16 if quick else 256
 
     def budget(self, task: str) -> int:
-        return max(5, int(round(L.BUDGET * self.scale))) if task == "lm" else self.suite[task].steps
+        return max(5, int(round(L.BUDGET * self.scale))) if task == "lm" else self.suite[_base(task)].steps
 
     def data(self, task: str) -> Any:
         if task not in self._data:
             if task == "lm":
                 self._data[task] = L.corpus(self.text, max_bytes=200_000 if self.quick else None)
+            elif task.endswith("-bf16"):
+                d = self.data(_base(task))
+                self._data[task] = C.T.Data(d.x.bfloat16(), d.y, d.x_test.bfloat16(), d.y_test, d.note + ", bfloat16")
             else:
                 self._data[task] = self.suite[task].build_data(self.scale)
         return self._data[task]
@@ -89,7 +103,7 @@ class Runner:
             e = r["evals"][steps]
             return {"loss": e["val"], "test_acc": math.nan, "d": e["d"], "seconds": r["seconds"]}
         cfg = C.OptConfig(setting, "kprodigy", kwargs=kw)
-        r = C.safe_run(self.suite[task], self.data(task), cfg, seed, steps, self.scale, warmup=warmup)
+        r = C.safe_run(self.suite[_base(task)], self.data(task), cfg, seed, steps, self.scale, warmup=warmup)
         d = r.get("d_curve") or [[math.nan]]
         return {"loss": r["train_loss"], "test_acc": r["test_acc"], "d": d[0][-1], "seconds": r.get("seconds", 0.0)}
 
@@ -165,6 +179,15 @@ def length_table(rows: list[dict], task: str, lengths: tuple[float, ...], steps:
     return "\n".join(out)
 
 
+def d_table(rows: list[dict], task: str, lengths: tuple[float, ...], steps: dict[float, int]) -> str:
+    """D at the end of each run (mean over seeds), no warm-up; d0 is 1e-6."""
+    out = ["| setting | " + " | ".join(f"D at {f:g}x ({steps[f]} steps)" for f in lengths) + " |",
+           "|---|" + "---|" * len(lengths)]
+    for s in SETTINGS:
+        out.append(f"| {s} | " + " | ".join(f"{_mean(_vals(rows, task, f, 0.0, s, 'd')):.3g}" for f in lengths) + " |")
+    return "\n".join(out)
+
+
 def warmup_table(rows: list[dict], task: str, at: float, warmups: tuple[float, ...]) -> str:
     out = ["| setting | " + " | ".join(f"warm-up {w:.0%}" for w in warmups) + " |", "|---|" + "---|" * len(warmups)]
     for s in SETTINGS:
@@ -208,6 +231,7 @@ def report(results: dict[str, Any]) -> str:
         at_steps = next(r["steps"] for r in rows if r["task"] == t and r["length"] == at)
         out += [f"## {t} ({MODEL_TYPE.get(t, '')}; {results['notes'].get(t, '')})", "",
                 "Final loss against run length (no warm-up):", "", length_table(rows, t, lengths[t], steps), "",
+                "D at the end of the run (d0 = 1e-6):", "", d_table(rows, t, lengths[t], steps), "",
                 f"Final loss against warm-up ({at_steps} steps, warm-up then cosine):", "",
                 warmup_table(rows, t, at, warmups), ""]
     return "\n".join(out) + "\n"
@@ -215,7 +239,8 @@ def report(results: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS + OPTIONAL_TASKS)}")
+    p.add_argument("--name", default="bias_correction", help="file name of the outputs (NAME.md, NAME.json)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1), default 3")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny budgets and data, 1 seed; not results")
     p.add_argument("--text", default=None, help="the LM's text file (default: Debian's fortunes; see lm_task.py)")
@@ -230,9 +255,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--quick is a smoke test: its numbers must not replace the committed results "
                          "(drop --update-results)")
     tasks = [t for t in args.tasks.split(",") if t]
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in TASKS + OPTIONAL_TASKS]
     if unknown or not tasks:
-        raise SystemExit(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+        raise SystemExit(f"unknown task(s) {unknown}; choose from {', '.join(TASKS + OPTIONAL_TASKS)}")
     torch.set_num_threads(args.threads)
     if args.quick:
         scale, seeds, warmups = 0.05, [0], (0.0, 0.25)
@@ -259,8 +284,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text = report(results)
     print(text)
     if out is not None:
-        (out / "bias_correction.md").write_text(text)
-        (out / "bias_correction.json").write_text(json.dumps(results, indent=1))
+        (out / f"{args.name}.md").write_text(text)
+        (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
         print(f"results written under {out}" + (" (a smoke test: not results)" if args.quick else ""))
     return results
 

@@ -247,7 +247,7 @@ def train_run(task: T.Task, data: T.Data, cfg: OptConfig, seed: int, steps: int,
         groups = [{"params": list(model.encoder.parameters()), "lr": cfg.lr * cfg.enc_lr},
                   {"params": list(model.head.parameters()), "lr": cfg.lr}]
     else:
-        model = task.build_model(data)
+        model = task.build_model(data).to(data.x.dtype)  # float32 data: unchanged; bfloat16 data: bf16 params
         groups = [{"params": list(model.parameters()), "lr": cfg.lr}]
     opt = make_optimizer(cfg, groups)
     initial_loss = T.evaluate(model, data.x, data.y, l2)[0]

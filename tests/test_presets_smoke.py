@@ -127,3 +127,19 @@ def test_default_corpus_is_debians_fortunes() -> None:
     c = L.corpus()
     assert "fortunes" in c.note and len(c.train) > 1_000_000 and len(c.val) > 50_000
     assert os.path.isdir(L.FORTUNES_DIR)
+
+
+def test_presets_page_points_at_results_of_the_current_version() -> None:
+    """Every table of docs/presets.md names the committed results file it was copied from, and that
+    file was written by a full run (not a smoke test) of the current version."""
+    import re
+
+    import kprodigy
+
+    page = (ROOT / "docs" / "presets.md").read_text()
+    sources = re.findall(r"<!-- figures: (\S+) -->", page)
+    assert sources, "docs/presets.md names no results file"
+    for src in sources:
+        text = (ROOT / src).read_text()
+        assert f"kprodigy {kprodigy.__version__}" in text, src
+        assert "SMOKE TEST" not in text, src
