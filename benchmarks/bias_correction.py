@@ -245,6 +245,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke test: tiny budgets and data, 1 seed; not results")
     p.add_argument("--text", default=None, help="the LM's text file (default: Debian's fortunes; see lm_task.py)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these sizes)")
+    p.add_argument("--from-json", default="", help="no training: re-render the tables from a saved json")
     _output.add_arguments(p)
     return p.parse_args(argv)
 
@@ -258,6 +259,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [t for t in tasks if t not in TASKS + OPTIONAL_TASKS]
     if unknown or not tasks:
         raise SystemExit(f"unknown task(s) {unknown}; choose from {', '.join(TASKS + OPTIONAL_TASKS)}")
+    if args.from_json:  # no training: the tables from saved numbers
+        with open(args.from_json) as f:
+            results = json.load(f)
+        if results.get("quick") and args.update_results:
+            raise SystemExit("that json is a smoke test (--quick): not results")
+        out = _output.output_dir(args.out, args.update_results, subdir="presets")
+        _output.write_report(out, args.name,
+                             report(results), results)
+        return results
     torch.set_num_threads(args.threads)
     if args.quick:
         scale, seeds, warmups = 0.05, [0], (0.0, 0.25)
@@ -266,10 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         scale, seeds, warmups = 1.0, list(range(args.seeds)), WARMUPS
         lengths = {t: TASK_LENGTHS.get(t, LENGTHS) for t in tasks}
     runner = Runner(scale, args.quick, args.text)
-    out = _output.output_dir(args.out, args.update_results)
-    if out is not None:
-        out = out / "presets" if args.update_results else out
-        out.mkdir(parents=True, exist_ok=True)
+    out = _output.output_dir(args.out, args.update_results, subdir="presets")
     cells = plan(runner, tasks, lengths, warmups)
     print(("SMOKE TEST (--quick): not results\n" if args.quick else "")
           + f"Bias-correction study: tasks {tasks}; {len(cells)} cells x {len(SETTINGS)} settings x {len(seeds)} "
@@ -281,12 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "tasks": tasks, "seeds": seeds, "lengths": lengths, "warmups": list(warmups),
                "budgets": {t: runner.budget(t) for t in tasks}, "notes": {t: runner.note(t) for t in tasks},
                "wall_seconds": time.time() - t0, "rows": rows}
-    text = report(results)
-    print(text)
-    if out is not None:
-        (out / f"{args.name}.md").write_text(text)
-        (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
-        print(f"results written under {out}" + (" (a smoke test: not results)" if args.quick else ""))
+    _output.write_report(out, args.name, report(results), results)
     return results
 
 

@@ -378,6 +378,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke test: tiny model, budget and text; not results")
     p.add_argument("--text", default=None, help=f"a UTF-8 text file instead of Debian's fortunes (or ${TEXT_ENV})")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this size)")
+    p.add_argument("--from-json", default="", help="no training: re-render the tables from a saved json")
     _output.add_arguments(p)
     return p.parse_args(argv)
 
@@ -387,6 +388,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick and args.update_results:
         raise SystemExit("--quick is a smoke test: its numbers must not replace the committed results "
                          "(drop --update-results)")
+    if args.from_json:  # no training: the tables from saved numbers
+        with open(args.from_json) as f:
+            results = json.load(f)
+        if results.get("quick") and args.update_results:
+            raise SystemExit("that json is a smoke test (--quick): not results")
+        out = _output.output_dir(args.out, args.update_results, subdir="presets")
+        _output.write_report(out, "lm_task",
+                             report(results), results)
+        return results
     torch.set_num_threads(args.threads)
     if args.quick:
         cfg, scale, seeds, windows = LMConfig(d_model=32, n_layer=1, context=32, batch=8), 0.03 * args.steps, [0], 16
@@ -394,10 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         cfg, scale, seeds, windows = LMConfig(), args.steps, list(range(args.seeds)), 256
         c = corpus(args.text)
-    out = _output.output_dir(args.out, args.update_results)
-    if out is not None:
-        out = out / "presets" if args.update_results else out
-        out.mkdir(parents=True, exist_ok=True)
+    out = _output.output_dir(args.out, args.update_results, subdir="presets")
     n_params = sum(p.numel() for p in TinyGPT(cfg).parameters())
     print(("SMOKE TEST (--quick): not results\n" if args.quick else "")
           + f"LM task: {c.note}; {n_params} parameters; budgets {budgets(scale)} steps; seeds {seeds}; "
@@ -410,12 +417,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "text": c.note, "split_bytes": [len(c.train), len(c.val), len(c.test)],
                "config": cfg.__dict__, "n_params": n_params, "seeds": seeds, "wall_seconds": time.time() - t0,
                "study": study}
-    text = report(results)
-    print(text)
-    if out is not None:
-        (out / "lm_task.md").write_text(text)
-        (out / "lm_task.json").write_text(json.dumps(results, indent=1))
-        print(f"results written under {out}" + (" (a smoke test: not results)" if args.quick else ""))
+    _output.write_report(out, "lm_task", report(results), results)
     return results
 
 
