@@ -1,7 +1,7 @@
 """Where does ``use_bias_correction=True`` start to pay off? Final loss against run length and
 against lr warm-up, with and without ``safeguard_warmup``, over tasks of different model types.
 
-    python benchmarks/bias_correction.py                    # the study: ~13 min of one idle CPU core
+    python benchmarks/bias_correction.py                    # the study: 51 min on the shared 2-core CPU
     python benchmarks/bias_correction.py --quick            # smoke test (seconds): not results
     python benchmarks/bias_correction.py --tasks mnist1d-mlp,lm --seeds 2
     python benchmarks/bias_correction.py --update-results   # benchmarks/results/presets/bias_correction.{md,json}
@@ -210,6 +210,18 @@ def summary_table(rows: list[dict], tasks: list[str], lengths: dict[str, tuple[f
     return "\n".join(out)
 
 
+def warmup_summary(rows: list[dict], tasks: list[str], lengths: dict[str, tuple[float, ...]],
+                   warmups: tuple[float, ...], a: str = "sw", b: str = "off") -> str:
+    """One row per task: loss(a) / loss(b) at each warm-up, at the warm-up axis' length."""
+    out = ["| task | at | " + " | ".join(f"warm-up {w:.0%}" for w in warmups) + " |",
+           "|---|---|" + "---|" * len(warmups)]
+    for t in tasks:
+        at = WARMUP_LENGTH if WARMUP_LENGTH in lengths[t] else lengths[t][0]
+        steps = next(r["steps"] for r in rows if r["task"] == t and r["length"] == at)
+        out.append(f"| {t} | {steps} steps | " + " | ".join(_r(rows, t, at, w, a, b) for w in warmups) + " |")
+    return "\n".join(out)
+
+
 def report(results: dict[str, Any]) -> str:
     rows, tasks, lengths = results["rows"], results["tasks"], {t: tuple(v) for t, v in results["lengths"].items()}
     warmups = tuple(results["warmups"])
@@ -224,7 +236,11 @@ def report(results: dict[str, Any]) -> str:
             "Ratios: geometric mean over seeds of the per-seed loss ratio, (k/n) = on how many seeds the first "
             "setting's loss was lower; bold where it is below 0.99 on every seed.", "",
             "## Summary: loss with bias correction / without, by run length (no warm-up)", "",
-            summary_table(rows, tasks, lengths), ""]
+            summary_table(rows, tasks, lengths), "",
+            "## Summary: loss with `safeguard_warmup=True` / without (no bias correction), by lr warm-up", "",
+            warmup_summary(rows, tasks, lengths, warmups), "",
+            "## Summary: loss with bias correction / without, by lr warm-up", "",
+            warmup_summary(rows, tasks, lengths, warmups, "bc", "off"), ""]
     for t in tasks:
         steps = {f: next(r["steps"] for r in rows if r["task"] == t and r["length"] == f) for f in lengths[t]}
         at = WARMUP_LENGTH if WARMUP_LENGTH in lengths[t] else lengths[t][0]

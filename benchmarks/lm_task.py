@@ -1,7 +1,7 @@
 """A small byte-level transformer language model on real English text: K-Prodigy presets untuned
 against AdamW tuned over a learning-rate sweep.
 
-    python benchmarks/lm_task.py                    # the study: ~15 min on an idle 2-core CPU
+    python benchmarks/lm_task.py                    # the study: 58 min on the shared 2-core CPU
     python benchmarks/lm_task.py --quick            # smoke test (seconds): its numbers are not results
     python benchmarks/lm_task.py --update-results   # write benchmarks/results/presets/lm_task.{md,json}
 
