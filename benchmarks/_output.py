@@ -62,3 +62,30 @@ def write_report(out: Path | None, name: str, text: str, results: dict) -> None:
     (out / f"{name}.md").write_text(text)
     (out / f"{name}.json").write_text(json.dumps(results, indent=1))
     print(f"results written under {out}" + (" (a smoke test: not results)" if results.get("quick") else ""))
+
+
+def refuse_smoke_update(quick: bool, update_results: bool) -> None:
+    """``--quick`` numbers are a smoke test: they never replace the committed results."""
+    if quick and update_results:
+        raise SystemExit("--quick is a smoke test: its numbers must not replace the committed results "
+                         "(drop --update-results)")
+
+
+def rerender(path: str, out: str | None, update_results: bool, name: str, report, subdir: str = "") -> dict:
+    """``--from-json``: no training; ``report(results)`` of the saved numbers, written as a run would."""
+    import json
+
+    with open(path) as f:
+        results = json.load(f)
+    refuse_smoke_update(bool(results.get("quick")), update_results)
+    write_report(output_dir(out, update_results, subdir=subdir), name, report(results), results)
+    return results
+
+
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every study shares: ``--seeds``, ``--threads``, ``--from-json``, ``--out``,
+    ``--update-results``."""
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1), default 3")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these sizes)")
+    parser.add_argument("--from-json", default="", help="no training: re-render the tables from a saved json")
+    add_arguments(parser)

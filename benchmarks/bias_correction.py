@@ -30,7 +30,6 @@ per-seed ratios; below 1 means bias correction helped), with and without ``safeg
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -257,33 +256,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS + OPTIONAL_TASKS)}")
     p.add_argument("--name", default="bias_correction", help="file name of the outputs (NAME.md, NAME.json)")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1), default 3")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny budgets and data, 1 seed; not results")
     p.add_argument("--text", default=None, help="the LM's text file (default: Debian's fortunes; see lm_task.py)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these sizes)")
-    p.add_argument("--from-json", default="", help="no training: re-render the tables from a saved json")
-    _output.add_arguments(p)
+    _output.add_study_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.quick and args.update_results:
-        raise SystemExit("--quick is a smoke test: its numbers must not replace the committed results "
-                         "(drop --update-results)")
+    _output.refuse_smoke_update(args.quick, args.update_results)
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASKS + OPTIONAL_TASKS]
     if unknown or not tasks:
         raise SystemExit(f"unknown task(s) {unknown}; choose from {', '.join(TASKS + OPTIONAL_TASKS)}")
-    if args.from_json:  # no training: the tables from saved numbers
-        with open(args.from_json) as f:
-            results = json.load(f)
-        if results.get("quick") and args.update_results:
-            raise SystemExit("that json is a smoke test (--quick): not results")
-        out = _output.output_dir(args.out, args.update_results, subdir="presets")
-        _output.write_report(out, args.name,
-                             report(results), results)
-        return results
+    if args.from_json:
+        return _output.rerender(args.from_json, args.out, args.update_results, args.name, report, "presets")
     torch.set_num_threads(args.threads)
     if args.quick:
         scale, seeds, warmups = 0.05, [0], (0.0, 0.25)

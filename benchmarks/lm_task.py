@@ -1,5 +1,7 @@
-"""A small byte-level transformer language model on real English text: K-Prodigy presets untuned
-against AdamW tuned over a learning-rate sweep.
+"""A byte-level transformer LM on real text: untuned K-Prodigy presets against tuned AdamW.
+
+A small GPT-style model on English text, K-Prodigy's presets untuned against AdamW tuned over a
+learning-rate sweep:
 
     python benchmarks/lm_task.py                    # the study: 58 min on the shared 2-core CPU
     python benchmarks/lm_task.py --quick            # smoke test (seconds): its numbers are not results
@@ -30,7 +32,6 @@ Reported: test loss (a split used for nothing else) and validation loss, mean ±
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -373,30 +374,18 @@ def report(results: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1), default 3")
     p.add_argument("--steps", type=float, default=1.0, help=f"multiplier of the budgets (1x = {BUDGET} steps)")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny model, budget and text; not results")
     p.add_argument("--text", default=None, help=f"a UTF-8 text file instead of Debian's fortunes (or ${TEXT_ENV})")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this size)")
-    p.add_argument("--from-json", default="", help="no training: re-render the tables from a saved json")
-    _output.add_arguments(p)
+    _output.add_study_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.quick and args.update_results:
-        raise SystemExit("--quick is a smoke test: its numbers must not replace the committed results "
-                         "(drop --update-results)")
-    if args.from_json:  # no training: the tables from saved numbers
-        with open(args.from_json) as f:
-            results = json.load(f)
-        if results.get("quick") and args.update_results:
-            raise SystemExit("that json is a smoke test (--quick): not results")
-        out = _output.output_dir(args.out, args.update_results, subdir="presets")
-        _output.write_report(out, "lm_task",
-                             report(results), results)
-        return results
+    _output.refuse_smoke_update(args.quick, args.update_results)
+    if args.from_json:
+        return _output.rerender(args.from_json, args.out, args.update_results, "lm_task", report, "presets")
     torch.set_num_threads(args.threads)
     if args.quick:
         cfg, scale, seeds, windows = LMConfig(d_model=32, n_layer=1, context=32, batch=8), 0.03 * args.steps, [0], 16

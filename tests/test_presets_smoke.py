@@ -89,6 +89,11 @@ def test_lm_quick_writes_a_labelled_smoke_run(tmp_path, text_file, capsys) -> No
     assert "| AdamW, lr tuned per budget | warmup+cosine |" in md.read_text()
     with pytest.raises(SystemExit, match="smoke test"):
         L.main(["--quick", "--update-results", "--text", text_file])
+    L.main(["--from-json", str(js), "--out", str(tmp_path / "again")])  # the tables from the saved numbers
+    assert (tmp_path / "again" / "lm_task.md").read_text() == md.read_text()
+    with pytest.raises(SystemExit, match="smoke test"):
+        L.main(["--from-json", str(js), "--update-results"])
+    assert _committed() == before
 
 
 def test_bias_correction_quick_writes_a_labelled_smoke_run(tmp_path, text_file, capsys) -> None:
