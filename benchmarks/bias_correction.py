@@ -6,6 +6,7 @@ against lr warm-up, with and without ``safeguard_warmup``, over tasks of differe
     python benchmarks/bias_correction.py --tasks mnist1d-mlp,lm --seeds 2
     python benchmarks/bias_correction.py --update-results   # benchmarks/results/presets/bias_correction.{md,json}
     python benchmarks/bias_correction.py --tasks mnist1d-mlp-bf16 --name bias_correction_bf16 --update-results
+    python benchmarks/bias_correction.py --tasks fmnist-mlp,fmnist-cnn --lengths 3 --warmups 0 --name bias_correction_fmnist_3x
 
 Tasks: from the convergence suite (``convergence.build_tasks``) a convex one (L2-regularised
 logistic regression on scikit-learn's digits), two MLPs (Fashion-MNIST, MNIST-1D) and two CNNs
@@ -258,6 +259,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default="bias_correction", help="file name of the outputs (NAME.md, NAME.json)")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny budgets and data, 1 seed; not results")
     p.add_argument("--text", default=None, help="the LM's text file (default: Debian's fortunes; see lm_task.py)")
+    p.add_argument("--lengths", default="", help="comma-separated run lengths (x the budget) for every task, "
+                   "instead of the default grid")
+    p.add_argument("--warmups", default="", help="comma-separated warm-up fractions instead of 0,0.05,0.25")
     _output.add_study_arguments(p)
     return p.parse_args(argv)
 
@@ -278,6 +282,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         scale, seeds, warmups = 1.0, list(range(args.seeds)), WARMUPS
         lengths = {t: TASK_LENGTHS.get(t, LENGTHS) for t in tasks}
+    if args.lengths:
+        lengths = {t: tuple(float(f) for f in args.lengths.split(",")) for t in tasks}
+    if args.warmups:
+        warmups = tuple(float(w) for w in args.warmups.split(","))
     runner = Runner(scale, args.quick, args.text)
     out = _output.output_dir(args.out, args.update_results, subdir="presets")
     cells = plan(runner, tasks, lengths, warmups)
