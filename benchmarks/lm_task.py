@@ -8,7 +8,7 @@ learning-rate sweep:
     python benchmarks/lm_task.py --update-results   # write benchmarks/results/presets/lm_task.{md,json}
 
 Text: the English fortune-cookie files of Debian's ``fortunes`` package (``apt-get install
-fortunes``; about 2.4 MB of quotations, poems, definitions and jokes under
+fortunes``; about 2.6 MB of quotations, poems, definitions and jokes under
 ``/usr/share/games/fortunes``), read from disk, never downloaded. ``--text FILE`` (or the
 environment variable ``KPRODIGY_LM_TEXT``) takes any other UTF-8 text file instead. The bytes are
 cut into 4 KiB blocks; every 20th block goes to validation, the next one to test, the rest to
