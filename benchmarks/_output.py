@@ -36,14 +36,56 @@ def fresh_dir(root: Path | None = None) -> Path:
     return path
 
 
-def output_dir(out: str | None, update_results: bool, root: Path | None = None) -> Path | None:
+def output_dir(out: str | None, update_results: bool, root: Path | None = None, subdir: str = "") -> Path | None:
     """The folder a run writes into: ``--out`` if given ('' means none), the committed results
-    with ``--update-results``, else a fresh folder under ``root`` (default ``benchmarks/out``)."""
+    (their ``subdir``) with ``--update-results``, else a fresh folder under ``root`` (default
+    ``benchmarks/out``)."""
     if update_results and out is not None:
         raise SystemExit("give either --out or --update-results, not both")
     if update_results:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        return RESULTS_DIR
+        (RESULTS_DIR / subdir).mkdir(parents=True, exist_ok=True)
+        return RESULTS_DIR / subdir if subdir else RESULTS_DIR
     if out is not None:
         return Path(out) if out else None
     return fresh_dir(root)
+
+
+def write_report(out: Path | None, name: str, text: str, results: dict) -> None:
+    """Print ``text`` and write ``name.md`` (``text``) and ``name.json`` (``results``) into ``out``
+    (nothing when ``out`` is None); a ``quick`` run is said to be a smoke test."""
+    import json
+
+    print(text)
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(text)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    print(f"results written under {out}" + (" (a smoke test: not results)" if results.get("quick") else ""))
+
+
+def refuse_smoke_update(quick: bool, update_results: bool) -> None:
+    """``--quick`` numbers are a smoke test: they never replace the committed results."""
+    if quick and update_results:
+        raise SystemExit("--quick is a smoke test: its numbers must not replace the committed results "
+                         "(drop --update-results)")
+
+
+def rerender(path: str, out: str | None, update_results: bool, name: str, report, subdir: str = "") -> dict:
+    """``--from-json``: no training; ``report(results)`` of the saved numbers, written as a run would."""
+    import json
+
+    with open(path) as f:
+        results = json.load(f)
+    refuse_smoke_update(bool(results.get("quick")), update_results)
+    write_report(output_dir(out, update_results, subdir=subdir), name, report(results), results)
+    return results
+
+
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every study shares: ``--seeds``, ``--threads``, ``--from-json``, ``--out``,
+    ``--update-results``."""
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1), default 3")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these sizes)")
+    parser.add_argument("--from-json", default="", help="no training: re-render the tables from a saved json")
+    add_arguments(parser)

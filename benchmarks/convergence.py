@@ -225,9 +225,19 @@ def _downsample(xs: list[float], n: int = 200) -> list[float]:
     return [sum(xs[int(i * w) : int((i + 1) * w)]) / max(1, int((i + 1) * w) - int(i * w)) for i in range(n)]
 
 
+def cosine_multiplier(t: int, steps: int, warmup: float = 0.0) -> float:
+    """The lr factor at step ``t`` of ``steps``: a linear warm-up over ``round(warmup * steps)``
+    steps, then cosine to 0 over the rest (``warmup=0``: the suite's plain cosine)."""
+    w = int(round(warmup * steps))
+    if t < w:
+        return (t + 1) / w
+    return 0.5 * (1.0 + math.cos(math.pi * (t - w) / max(1, steps - w)))
+
+
 def train_run(task: T.Task, data: T.Data, cfg: OptConfig, seed: int, steps: int,
-              scale: float = 1.0, on_step: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Train one model with one optimizer and seed; return final metrics and curves."""
+              scale: float = 1.0, on_step: Callable[[], None] | None = None, warmup: float = 0.0) -> dict[str, Any]:
+    """Train one model with one optimizer and seed; return final metrics and curves. ``warmup``:
+    the fraction of the steps given to a linear lr warm-up before the cosine (0 in the suite)."""
     l2 = T.LOGREG_L2 if task.convex else 0.0
     pre = pretrain(task, seed, scale) if task.two_component else None  # before seeding: it uses the RNG
     torch.manual_seed(seed)
@@ -237,7 +247,7 @@ def train_run(task: T.Task, data: T.Data, cfg: OptConfig, seed: int, steps: int,
         groups = [{"params": list(model.encoder.parameters()), "lr": cfg.lr * cfg.enc_lr},
                   {"params": list(model.head.parameters()), "lr": cfg.lr}]
     else:
-        model = task.build_model(data)
+        model = task.build_model(data).to(data.x.dtype)  # float32 data: unchanged; bfloat16 data: bf16 params
         groups = [{"params": list(model.parameters()), "lr": cfg.lr}]
     opt = make_optimizer(cfg, groups)
     initial_loss = T.evaluate(model, data.x, data.y, l2)[0]
@@ -248,7 +258,7 @@ def train_run(task: T.Task, data: T.Data, cfg: OptConfig, seed: int, steps: int,
     diverged = False
     t0 = time.perf_counter()
     for t, (xb, yb) in enumerate(_batches(data, task.batch_size, steps, gen)):
-        mult = 0.5 * (1.0 + math.cos(math.pi * t / steps))
+        mult = cosine_multiplier(t, steps, warmup)
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * mult
         loss = T.objective(model, xb, yb, l2)
