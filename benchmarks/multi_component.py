@@ -40,7 +40,6 @@ import random
 import statistics
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -306,7 +305,7 @@ class CoupledKProdigy(KProdigy):
             new = [len(own) / sum(1.0 / d for d in own)] * len(own)
         else:  # shared-denom
             new = []
-            for i, (g, d) in enumerate(zip(groups, own)):
+            for i, (g, _own_d) in enumerate(zip(groups, own)):
                 share = g["d_coef"] * g["d_numerator"] / den if den > 0 else 0.0
                 self._shares[i] = max(self._shares.get(i, g["d0"]), share)
                 new.append(self._shares[i])

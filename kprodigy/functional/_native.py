@@ -170,9 +170,9 @@ def flat_group(seg: Segment) -> FlatGroup | None:
             return None
         s = spans[2]
         assert s is not None
-        p0 = flat_span([p0s[i] for i in idx]) if all(p0s[i].numel() == xs[i].numel() for i in idx) else None
-        if p0 is None:
-            p0 = torch.cat([_p0_full(p0s[i], xs[i].numel()) for i in idx])
+        full = all(p0s[i].numel() == xs[i].numel() for i in idx)
+        p0_span = flat_span([p0s[i] for i in idx]) if full else None
+        p0 = p0_span if p0_span is not None else torch.cat([_p0_full(p0s[i], xs[i].numel()) for i in idx])
         params = [xs[i] for i in idx]
         grad = torch.empty_like(s)
         buckets.append(

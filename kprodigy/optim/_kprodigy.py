@@ -13,7 +13,7 @@ import struct
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -21,13 +21,11 @@ from torch import Tensor
 
 from ..functional import DState, Hyperparams, _fused, _native, _scratch
 from ..functional._distributed import all_reduce_stats
-from ..functional._state import init_tensor_state
-from ..functional._step import Segment, step_d_groups
 from ..functional._factored import init_factored_v
 from ..functional._partial import accumulate_segment, apply_segments, cap_d_ratio, effective_lrs
 from ..functional._scalars import host_coefficients, reduce_d_host
-from ..functional._state import D_STATE_FIELDS, stat_dtype, state_dtype
-from ..functional._step import use_fused
+from ..functional._state import D_STATE_FIELDS, init_tensor_state, stat_dtype, state_dtype
+from ..functional._step import Segment, step_d_groups, use_fused
 from . import _diagnostics
 from ._checks import check_grads, check_param_group, check_state_dict
 
@@ -159,6 +157,8 @@ class KProdigy(torch.optim.Optimizer):
     tensor and summed with ONE ``all_reduce`` per step (per device), with no host sync; steps that
     do not update D (``d_update_freq``) communicate nothing.
     """
+
+    _flat: _FlatPlan | None  # the native path's kept plan (``_native_step``), not pickled
 
     def __init__(
         self,
@@ -637,7 +637,7 @@ class KProdigy(torch.optim.Optimizer):
                 return False
             lead = entries[0].group
             coefs = [host_coefficients(e.hp, lead["d"], lead["k"]) for e in entries]
-            steps.append((entries, coefs, [[p.grad for p in e.stepped] for e in entries]))
+            steps.append((entries, coefs, [cast(list[Tensor], [p.grad for p in e.stepped]) for e in entries]))
             if reduce_stats is not None and not any(e.hp.lr > 0 and e.stepped for e in entries):
                 if any(e.hp.lr > 0 for e in entries):
                     return False
