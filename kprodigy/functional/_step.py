@@ -70,8 +70,8 @@ def use_foreach(tensors: Sequence[Tensor], foreach: bool | None) -> bool:
     return foreach
 
 
-# fused=None (automatic) compiles the kernels for a segment of at least this many elements: below
-# it, the first step's compile time (seconds) outweighs what the compiled kernels save.
+# fused=None (automatic) compiles the kernels for a CUDA segment of at least this many elements:
+# below it, the first step's compile time (seconds) outweighs what the compiled kernels save.
 AUTO_FUSED_MIN = 1 << 20
 
 

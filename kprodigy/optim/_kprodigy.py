@@ -118,10 +118,12 @@ class KProdigy(torch.optim.Optimizer):
         d_ratio_cap: keep the D values of the D-groups within this factor (>= 1) of the smallest
             one after every step (default None: no cap), for a component whose D "grows forever".
         fused: compiled kernels (torch.compile: one kernel per pass and tensor, no parameter-sized
-            temporaries) if True; None (default) takes them on CPU and CUDA for param groups of at
-            least 2**20 elements where torch.compile works; False uses ``foreach``. The first
-            fused step compiles for seconds; where compiling fails the step uses foreach (with a
-            one-line warning if ``fused=True`` was asked for).
+            temporaries) if True; None (default) takes the native path (torch's fused AdamW kernel
+            and a read-only statistics pass, nothing compiled) where it computes the step exactly,
+            on CPU at every size and on CUDA below 2**20 elements per group, and the compiled
+            kernels for larger CUDA groups where torch.compile works; False uses ``foreach``. The
+            first compiled step compiles for seconds; where compiling fails the step uses foreach
+            (with a one-line warning if ``fused=True`` was asked for).
         capturable: keep each D-group's D state as 0-dim tensors on its params' device, updated in
             place (fixed addresses), so that ``step()`` reads nothing on the host and can be
             captured in a CUDA graph (default False; per group, equal within a D-group). The group
@@ -399,7 +401,7 @@ class KProdigy(torch.optim.Optimizer):
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
 
         Not traced by ``torch.compile`` (see the class docstring): ``torch.compile(opt.step)``
-        runs this eager step, whose large param groups take the compiled kernels (``fused``).
+        runs this eager step (the native path, or the compiled kernels of ``fused``).
         """
         loss = None
         if closure is not None:
