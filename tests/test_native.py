@@ -1,5 +1,5 @@
 """The native path (``functional/_native.py``): taken at the defaults, equal to the per-tensor
-reference kernels, large (chunked) tensors included, with the NaN skip exact and p.grad unread-only."""
+reference kernels, large (sliced) tensors included, with the NaN skip exact and p.grad unread-only."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from kprodigy import KProdigy
 from kprodigy.functional import _native
 
-SHAPES = [(300, 256), (64, 32), (32,), (1, 7)]  # one tensor above SMALL_MAX (chunked), small ones
+SHAPES = [(300, 256), (64, 32), (32,), (1, 7)]  # one tensor above _native.SMALL (a slice), small ones (packed)
 
 
 def _params(dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:

@@ -554,7 +554,7 @@ class KProdigy(torch.optim.Optimizer):
         that updates D (``d_update_freq``, ``d_steps``), no ``d_ratio_cap``, and every segment
         that steps (lr > 0) ``_native.eligible``.
         """
-        if self.d_ratio_cap is not None or not jobs or self._pending:
+        if self.d_ratio_cap is not None or not jobs:
             return False
         for _, groups, segments, params in jobs:
             lead = groups[0]
@@ -562,22 +562,20 @@ class KProdigy(torch.optim.Optimizer):
                 return False  # (DTensor: the segments hold local shards, the plan the optimizer's params)
             if any(g["foreach"] is not None or g["fused"] is not None for g in groups):
                 return False
-            if any(seg.params and not _native.eligible(seg) for seg in segments if seg.hparams.lr > 0):
-                return False
+            if any(seg.params and not _native.eligible(seg) for seg in segments):
+                return False  # (lr=0 groups too: a kept plan may see their lr raised)
         entries: dict[int, _FlatEntry] = {}
         for _, groups, segments, _ in jobs:
             for group, seg in zip(groups, segments):
                 stepped = [p for p in group["params"] if p.grad is not None]
                 flat = None
-                if seg.params and _native.eligible(seg):
+                if seg.params:
                     flat = _native.flat_group(seg)
-                    if flat is None:  # lay the state flat once, then gather it again
-                        self._pack_flat(stepped)
+                    if flat is None:  # lay the small params' state flat once, then gather it again
+                        _pack_states([self.state[p] for p in stepped if p.numel() < _native.SMALL])
                         seg, _ = self._segment(group, frozen=False)
                         flat = _native.flat_group(seg)
                     assert flat is not None
-                elif seg.params:
-                    return False  # an lr=0 group that cannot be laid flat: the general path
                 entries[id(group)] = _FlatEntry(group, seg.hparams, list(group["params"]), stepped, self.state, flat)
         for group in self.param_groups:  # a D-group without gradients this step: nothing to lay flat
             if id(group) not in entries:
@@ -595,7 +593,7 @@ class KProdigy(torch.optim.Optimizer):
         plan: _FlatPlan | None = self.__dict__.get("_flat")
         if plan is None:
             return False
-        if self.d_ratio_cap is not None or self._pending or len(plan.entries) != len(self.param_groups):
+        if self.d_ratio_cap is not None or len(plan.entries) != len(self.param_groups):
             return False
         if plan.d_key != self._d_group_key():
             return False
@@ -624,28 +622,27 @@ class KProdigy(torch.optim.Optimizer):
                     return False
         except (ValueError, RuntimeError, TypeError):
             return False  # the full step raises it, with its context
-        reduce_stats = self._reduce_stats([p for e in plan.entries for p in e.stepped])
-        return self._run_flat(plan, reduce_stats)
+        return self._run_flat(plan, self._reduce_stats(plan.stepped))
 
     def _run_flat(self, plan: _FlatPlan, reduce_stats: Callable[[Tensor], Tensor] | None) -> bool:
         """One step of a native plan, with ONE host read for all D-groups; False (nothing done)
         when a reduction across ranks has no local statistics to reduce (the general path)."""
-        steps = []  # per D-group with stepped params: (entries, coefficients, gradients)
-        for members in plan.members:
+        steps = []  # per D-group with stepped params: (its index in the plan, entries, coefficients, gradients)
+        for j, members in enumerate(plan.members):
             entries = [plan.entries[i] for i in members]
-            if not any(e.stepped for e in entries):
+            if not plan.params[j]:
                 if reduce_stats is None:
                     continue  # no gradients in this D-group: nothing happens there
                 return False
             lead = entries[0].group
             coefs = [host_coefficients(e.hp, lead["d"], lead["k"]) for e in entries]
-            steps.append((entries, coefs, [cast(list[Tensor], [p.grad for p in e.stepped]) for e in entries]))
+            steps.append((j, entries, coefs, [cast(list[Tensor], [p.grad for p in e.stepped]) for e in entries]))
             if reduce_stats is not None and not any(e.hp.lr > 0 and e.stepped for e in entries):
                 if any(e.hp.lr > 0 for e in entries):
                     return False
         sums: list[Tensor] = []
         live: list[int] = []  # indices into ``steps`` of the D-groups with statistics
-        for j, (entries, coefs, grads) in enumerate(steps):
+        for j, (_, entries, coefs, grads) in enumerate(steps):
             beta3 = entries[0].hp.beta3_value  # the D-group's, from its first group
             dots, norms = [], []
             for e, c, gs in zip(entries, coefs, grads):
@@ -664,13 +661,12 @@ class KProdigy(torch.optim.Optimizer):
                 stats = reduce_stats(stats)
             values = stats.tolist()  # the one host read of the step
         where = {j: n for n, j in enumerate(live)}
-        for j, (entries, coefs, grads) in enumerate(steps):
+        for j, (index, entries, coefs, grads) in enumerate(steps):
             groups = [e.group for e in entries]
-            params = [p for e in entries for p in e.stepped]
+            params, dtype = plan.params[index], plan.dtypes[index]
             lead = groups[0]
             k, skipped = lead["k"], lead["skipped_steps"]
             hp0 = entries[0].hp  # the D settings of the D-group (beta3, d0, d_coef, growth_rate, skip)
-            dtype = stat_dtype([p.dtype for p in params])
             new: dict[str, Any] = {"k": k + 1}
             if j in where:
                 numerator, denom = values[2 * where[j]], values[2 * where[j] + 1]
@@ -683,7 +679,7 @@ class KProdigy(torch.optim.Optimizer):
                         dtype,
                     )  # the D state in the statistics dtype, as every path keeps it
                     new.update(d=d, d_max=d_max, d_numerator=d_num, d_denom=d_den, d_hat=d_hat)
-                    beta3 = hp0.beta3_value
+                    beta3 = hp0.beta3_value  # as in the statistics pass above
                     for e, c, gs in zip(entries, coefs, grads):
                         if e.hp.lr > 0 and e.flat is not None:
                             _native.update(e.flat, gs, e.hp, beta3=beta3, s_scale=c.s_scale, d_old=d_old, d_new=d, dlr=c.dlr)
@@ -693,24 +689,8 @@ class KProdigy(torch.optim.Optimizer):
             for group in groups:
                 group.update(new)
             self._recorded(groups, params, k, skipped)
-        _diagnostics.after_step(self, [[e.group for e in entries] for entries, *_ in steps])
+        _diagnostics.after_step(self, [[e.group for e in entries] for _, entries, *_ in steps])
         return True
-
-    def _pack_flat(self, params: list[Tensor]) -> None:
-        """Lay the ``exp_avg``, ``exp_avg_sq``, ``s`` and (unless compact) ``p0`` state of the
-        small ones of ``params`` back to back in one new buffer per key (values unchanged): the
-        native path's layout (``_native.flat_group``)."""
-        params = [p for p in params if p.numel() < _native.SMALL]
-        if not params:
-            return
-        states = [self.state[p] for p in params]
-        for key in ("exp_avg", "exp_avg_sq", "s", "p0"):
-            ts = [st[key] for st in states]
-            if key == "p0" and any(t.numel() != p.numel() for t, p in zip(ts, params)):
-                continue  # a compact p0 (all-zero param, e.g. LoRA B) stays compact: the plan copies it
-            if _fused.flat_span([t.reshape(-1) for t in ts]) is None:
-                for st, packed in zip(states, _fused.pack(ts)):
-                    st[key] = packed
 
     def _scratch(self) -> dict[Any, Tensor]:
         """The reused CPU buffers of this optimizer's eager kernels (``functional._scratch``):
@@ -931,16 +911,7 @@ class KProdigy(torch.optim.Optimizer):
             if plain and hp.slice_p == 1 and st["exp_avg_sq"].shape == p.shape:  # not factored
                 buckets.setdefault((p.device, p.dtype), []).append(p)
         for ps in buckets.values():
-            for key in ("exp_avg", "exp_avg_sq", "s", "p0"):
-                states = [self.state[p] for p in ps]
-                if len(ps) < 2 or not all(key in st for st in states):
-                    continue
-                ts = [st[key] for st in states]
-                if key == "p0" and any(t.dim() == 0 for t in ts):
-                    continue  # a compact p0 (all-zero param, e.g. LoRA B) stays compact: memory first
-                if _fused.flat_span(ts) is None:
-                    for st, packed in zip(states, _fused.pack(ts)):
-                        st[key] = packed
+            _pack_states([self.state[p] for p in ps])
 
     def _reduce_stats(self, params: list[Tensor]) -> Callable[[Tensor], Tensor] | None:
         """The all-reduce of the D statistics if this step needs one, else None (no collective).
@@ -1007,11 +978,32 @@ class _FlatEntry:
         return True
 
 
+def _pack_states(states: list[dict[str, Any]]) -> None:
+    """Lay each of ``exp_avg``, ``exp_avg_sq``, ``s`` and ``p0`` of these param states back to back
+    in one new buffer (values unchanged) unless it already is, so that a kernel steps them on the
+    buffer itself (``_fused.flat_span``): the layout of the fused path's small params and of the
+    native path's buckets. A compact (0-dim) ``p0`` (all-zero param, e.g. LoRA B) stays compact:
+    memory first (the kernels gather or copy it)."""
+    for key in _FLAT_STATE_KEYS:
+        if len(states) < 2 or not all(key in st for st in states):
+            continue
+        ts = [st[key] for st in states]
+        if key == "p0" and any(t.dim() == 0 for t in ts):
+            continue
+        if _fused.flat_span(ts) is None:
+            for st, packed in zip(states, _fused.pack(ts)):
+                st[key] = packed
+
+
 class _FlatPlan:
-    """The native plan kept between steps: D-groups (``members``) and one entry per param group."""
+    """The native plan kept between steps: D-groups (``members``) and one entry per param group;
+    per D-group the params it steps and their statistics dtype (fixed while the plan holds)."""
 
     def __init__(self, d_key: tuple[Any, ...], members: list[list[int]], entries: list[_FlatEntry]) -> None:
         self.d_key, self.members, self.entries = d_key, members, entries
+        self.params = [[p for i in m for p in entries[i].stepped] for m in members]
+        self.dtypes = [stat_dtype([p.dtype for p in ps]) for ps in self.params]
+        self.stepped = [p for ps in self.params for p in ps]
 
 
 _FLAT_STATE_KEYS = ("exp_avg", "exp_avg_sq", "s", "p0")
