@@ -1,7 +1,9 @@
-"""Shared test configuration: a bounded, derandomized hypothesis profile for CI."""
+"""Shared test configuration: a bounded, derandomized hypothesis profile for CI, and the
+``one_torch_thread`` fixture of the benchmark smoke tests."""
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -16,3 +18,12 @@ settings.register_profile("dev", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test with one torch thread (the benchmarks' setting), restoring the count after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -29,14 +29,7 @@ def _configs(task: C.T.Task) -> list[C.OptConfig]:
     return C.standard_configs(3e-2 if task.convex else 1e-3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("name", list(C.build_tasks(SCALE)))

@@ -18,13 +18,7 @@ pytest.importorskip("sklearn")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import multi_component as M  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_quick_writes_labelled_tables_into_a_fresh_folder(tmp_path, monkeypatch) -> None:

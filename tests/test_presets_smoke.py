@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("sklearn")
 # the quick runs are short enough that bias correction + safeguard_warmup keeps D near d0: the
 # optimizer's stuck-D warning is expected there
-pytestmark = pytest.mark.filterwarnings("ignore::kprodigy.KProdigyWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::kprodigy.KProdigyWarning"), pytest.mark.usefixtures("one_torch_thread")]
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -38,14 +38,6 @@ def text_file(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _committed() -> dict[Path, int]:
