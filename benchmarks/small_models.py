@@ -22,19 +22,16 @@ default, never over benchmarks/results/).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import convergence as C  # code_version, machine_description: the header every benchmark writes
 import torch
 
-import kprodigy
 from kprodigy import KProdigy
 
 BEFORE: list[Any] = []  # KProdigy classes of another version (--before)
@@ -98,14 +95,6 @@ def bench(name: str, rounds: int, steps: int) -> dict[str, float]:
     return out
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=15)
@@ -123,8 +112,7 @@ def main() -> None:
         BEFORE.append(kprodigy_before.KProdigy)
     names = ["MLP 769", "CNN ~100k", "400 LoRA r8", "300 x 64x64"] + ([] if args.quick else ["4 x 4096x2048"])
     lines = [
-        f"kprodigy {kprodigy.__version__} (commit {_commit()}), torch {torch.__version__}, {platform.machine()} CPU"
-        f" ({os.cpu_count()} cores), {torch.get_num_threads()} threads; median ms per step, {args.rounds} rounds"
+        f"{C.code_version()}; {C.machine_description()}; median ms per step, {args.rounds} rounds"
         " (a third of them, 2 steps each, on 4 x 4096x2048); first step in seconds",
         "",
         "| workload | kprodigy ms | fused=True ms | before ms | prodigyopt ms | fused AdamW ms | prodigyopt / kprodigy"
