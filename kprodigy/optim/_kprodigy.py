@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import struct
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
@@ -20,19 +19,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..functional import DState, Hyperparams, _fused, _native, _scratch
-from ..functional._distributed import all_reduce_stats
 from ..functional._factored import init_factored_v
 from ..functional._partial import accumulate_segment, apply_segments, cap_d_ratio, effective_lrs
 from ..functional._scalars import host_coefficients, reduce_d_host
-from ..functional._state import D_STATE_FIELDS, init_tensor_state, stat_dtype, state_dtype
+from ..functional._state import D_STATE_FIELDS, stat_dtype, state_dtype
 from ..functional._step import Segment, step_d_groups, use_fused
-from . import _diagnostics
+from . import _diagnostics, _distributed
 from ._checks import check_grads, check_param_group, check_state_dict
-
-try:  # DTensor: FSDP2 (fully_shard) and tensor-parallel params
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = None  # type: ignore[assignment,misc]
 
 __all__ = ["KProdigy"]
 
@@ -241,7 +234,7 @@ class KProdigy(torch.optim.Optimizer):
         self._pending: dict[tuple[int, ...], _Pending] = {}  # per-param steps not yet finalized
         self.independent_d = independent_d
         self.reduce_d_stats = reduce_d_stats
-        self.process_group = process_group if process_group is not None else _enclosing_zero_group()
+        self.process_group = process_group if process_group is not None else _distributed.enclosing_zero_group()
         super().__init__(params, defaults)
         _diagnostics.check_lr(self, "at construction", use_schedule=False)  # KProdigyWarning
 
@@ -362,7 +355,7 @@ class KProdigy(torch.optim.Optimizer):
             groups = [self.param_groups[i] for i in members]
             _check_d_group_agrees(groups, members)
             params = [p for g in groups for p in g["params"] if p.grad is not None]
-            if params and not any(_is_dtensor_like(p) for p in params):
+            if params and not any(_distributed.is_dtensor(p) for p in params):
                 _one_device(params, members)
 
     def d_groups(self) -> list[list[int]]:
@@ -558,7 +551,7 @@ class KProdigy(torch.optim.Optimizer):
             return False
         for _, groups, segments, params in jobs:
             lead = groups[0]
-            if lead["capturable"] or not _updates_d(lead) or any(_is_dtensor_like(p) for p in params):
+            if lead["capturable"] or not _updates_d(lead) or any(_distributed.is_dtensor(p) for p in params):
                 return False  # (DTensor: the segments hold local shards, the plan the optimizer's params)
             if any(g["foreach"] is not None or g["fused"] is not None for g in groups):
                 return False
@@ -851,9 +844,9 @@ class KProdigy(torch.optim.Optimizer):
             g = p.grad  # dense, real, shaped like p: checked by check_grads before any change
             state = self.state[p]
             if "exp_avg_sq" not in state:
-                if group.get("factored") and DTensor is not None and isinstance(p, DTensor):
+                if group.get("factored") and _distributed.is_dtensor(p):
                     raise RuntimeError("factored=True does not support DTensor (FSDP2) params yet; use factored=False")
-                state.update(_init_state(p, hp))
+                state.update(_distributed.init_state(p, hp))
                 state["step"] = _step_count(0, p, group["capturable"])
                 created = True
                 if frozen:
@@ -866,20 +859,20 @@ class KProdigy(torch.optim.Optimizer):
                 )
                 created = True
             originals.append(p)
-            p, g = _local(p), _local(g)
+            p, g = _distributed.local(p), _distributed.local(g)
             expected = (p.numel() + hp.slice_p - 1) // hp.slice_p
-            if "s" in state and _local(state["s"]).numel() != expected:
+            if "s" in state and _distributed.local(state["s"]).numel() != expected:
                 raise ValueError(
                     f"slice_p={hp.slice_p} does not match the state of a parameter of {p.numel()} elements "
-                    f"(s has {_local(state['s']).numel()}); slice_p cannot change after the first step"
+                    f"(s has {_distributed.local(state['s']).numel()}); slice_p cannot change after the first step"
                 )
             params.append(p)
             grads.append(g)
-            exp_avgs.append(_local(state["exp_avg"]) if "exp_avg" in state else None)
-            exp_avg_sqs.append(_local(state["exp_avg_sq"]))
+            exp_avgs.append(_distributed.local(state["exp_avg"]) if "exp_avg" in state else None)
+            exp_avg_sqs.append(_distributed.local(state["exp_avg_sq"]))
             if "s" in state:
-                ss.append(_flat_local(state["s"]))
-                p0s.append(_flat_local(state["p0"]))
+                ss.append(_distributed.flat_local(state["s"]))
+                p0s.append(_distributed.flat_local(state["p0"]))
             else:
                 if not frozen:
                     raise RuntimeError(
@@ -907,31 +900,18 @@ class KProdigy(torch.optim.Optimizer):
         buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for p in params:
             st = self.state[p]
-            plain = not _is_dtensor_like(p) and p.is_contiguous() and p.numel() < _fused.FLAT_MAX
+            plain = not _distributed.is_dtensor(p) and p.is_contiguous() and p.numel() < _fused.FLAT_MAX
             if plain and hp.slice_p == 1 and st["exp_avg_sq"].shape == p.shape:  # not factored
                 buckets.setdefault((p.device, p.dtype), []).append(p)
         for ps in buckets.values():
             _pack_states([self.state[p] for p in ps])
 
     def _reduce_stats(self, params: list[Tensor]) -> Callable[[Tensor], Tensor] | None:
-        """The all-reduce of the D statistics if this step needs one, else None (no collective).
-
-        Needed when each rank holds part of the sums: DTensor params (FSDP2), FSDP1 flat params,
-        an optimizer built by ZeroRedundancyOptimizer (its group is taken at construction), an
-        explicit ``process_group``, ``fsdp_in_use=True`` or ``reduce_d_stats=True``. Replicated
-        params (plain DDP) need none. Without an initialized default group nothing is reduced.
-        """
-        if self.reduce_d_stats is False or not (dist.is_available() and dist.is_initialized()):
-            return None
-        forced = self.reduce_d_stats is True or any(g["fsdp_in_use"] for g in self.param_groups)
-        if self.process_group is not None:
-            return all_reduce_stats(self.process_group)
-        mesh_group = _sharding_group([p for p in params if DTensor is not None and isinstance(p, DTensor)])
-        if mesh_group is not None:
-            return all_reduce_stats(mesh_group)
-        if forced or any(hasattr(p, "_fsdp_flattened") for p in params):
-            return all_reduce_stats(None)
-        return None
+        """The all-reduce of the D statistics if this step needs one (``_distributed.stats_reduction``)."""
+        forced = any(g["fsdp_in_use"] for g in self.param_groups)
+        return _distributed.stats_reduction(
+            params, reduce_d_stats=self.reduce_d_stats, process_group=self.process_group, forced=forced
+        )
 
 
 class _FlatEntry:
@@ -1164,94 +1144,6 @@ def _one_device(params: list[Tensor], members: list[int]) -> torch.device:
                 "put them on one device or use independent_d=True with one device per group"
             )
     return device
-
-
-def _is_dtensor_like(t: Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
-
-
-def _local(t: Tensor) -> Tensor:
-    """This rank's shard of a DTensor (a view: in-place updates reach the DTensor), else ``t``."""
-    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
-
-
-def _flat_local(t: Tensor) -> Tensor:
-    """``s``/``p0`` as the kernels take them: a DTensor's local shard viewed 1-D (never a copy)."""
-    return t.to_local().view(-1) if DTensor is not None and isinstance(t, DTensor) else t
-
-
-def _init_state(p: Tensor, hp: Hyperparams) -> dict[str, Tensor]:
-    """Per-tensor state; for a DTensor param, from its local shard (the math is per rank).
-
-    For a DTensor param, exp_avg and exp_avg_sq are DTensors laid out like it, and so are ``s``
-    and ``p0`` when slice_p == 1 (param-shaped, viewed 1-D by the kernels; ``p0`` is always
-    stored, even for an all-zero param): distributed checkpoints save and reshard them like the
-    param. With slice_p > 1, ``s`` and ``p0`` are this rank's plain tensors (every slice_p-th
-    element of the local shard), which reload only into the same sharding and not through
-    torch.distributed.checkpoint (which treats plain tensors as replicated).
-    """
-    if DTensor is None or not isinstance(p, DTensor):
-        return init_tensor_state(p, hp)
-    local = p.to_local()
-    state = init_tensor_state(local, hp)
-    if hp.slice_p == 1:
-        state["s"], state["p0"] = torch.zeros_like(local, dtype=state_dtype(local.dtype, hp)), local.clone()
-    for key in ("exp_avg", "exp_avg_sq") + (("s", "p0") if hp.slice_p == 1 else ()):
-        if key in state:
-            state[key] = DTensor.from_local(
-                state[key], p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
-            )
-    return state
-
-
-def _sharding_group(dtensors: list[Tensor]) -> Any:
-    """The process group over which these DTensor params are sharded; None if none is sharded."""
-    found: Any = None
-    seen: set[tuple[int, tuple[Any, ...]]] = set()
-    for p in dtensors:
-        mesh, placements = p.device_mesh, p.placements  # type: ignore[attr-defined]
-        if (id(mesh), placements) in seen:
-            continue
-        seen.add((id(mesh), placements))
-        dims = [i for i, pl in enumerate(placements) if pl.is_shard()]
-        if not dims:
-            continue
-        if len(dims) > 1:
-            raise ValueError(
-                f"a DTensor param is sharded over {len(dims)} mesh dimensions {placements}; KProdigy cannot "
-                "choose one group for its D statistics: pass process_group= (the ranks holding disjoint shards)"
-            )
-        group = mesh.get_group(dims[0]) if mesh.ndim > 1 else mesh.get_group()
-        if found is not None and group is not found:
-            raise ValueError(
-                "DTensor params are sharded over different process groups; one KProdigy sums its D "
-                "statistics over one group: pass process_group= or use one optimizer per mesh"
-            )
-        found = group
-    return found
-
-
-def _enclosing_zero_group() -> Any:
-    """ZeroRedundancyOptimizer's process group if it is constructing this optimizer, else None.
-
-    ZeRO builds one local optimizer per rank over a subset of the params from inside its own
-    methods; the caller frames are searched for that ``self`` (at construction only).
-    """
-    # ZeRO can only be constructing us if its module was imported: importing it here would cost
-    # every user torch.distributed.optim's import (and its deprecation warnings)
-    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
-    if not dist.is_available() or module is None:
-        return None
-    ZeroRedundancyOptimizer = module.ZeroRedundancyOptimizer
-    frame: Any = sys._getframe(2)
-    for _ in range(8):
-        if frame is None:
-            return None
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, ZeroRedundancyOptimizer):
-            return owner.process_group
-        frame = frame.f_back
-    return None
 
 
 _HPARAMS: dict[tuple[Any, ...], Hyperparams] = {}  # validated Hyperparams by their group's values
