@@ -1,8 +1,9 @@
 """The native path: torch's own fused AdamW kernel for m, v, x, and a read-only statistics pass,
 in buckets of a param group's elements.
 
-Used by the optimizer shell's default mode (not ``capturable``), where D lives on the host and
-one host read per step is allowed. A group's elements are stepped in ``Bucket``s: runs of small
+Used by the optimizer shell's default mode (not ``capturable``), where D lives on the host
+(``HostD``) and one host read per step is allowed: the shell keeps the plan (which buckets, while
+the params and state it was built from still hold) and calls ``step_host``. A group's elements are stepped in ``Bucket``s: runs of small
 tensors whose ``m``, ``v`` and ``s`` lie back to back in one buffer each (the optimizer's state
 entries are views of them, as ``_fused.pack`` leaves them; the gradients and params are gathered
 into buffers of the bucket), and slices of large tensors (views, nothing gathered). On CPU a
@@ -14,8 +15,8 @@ number of tensors. The step of a D-group is split in three:
    buckets' gathered gradients): ``<g, p0 - x>`` and ``||beta3 * s + s_scale * g||_1``, 0-dim
    device tensors. With ``slice_p == 1`` a non-finite gradient makes the sums non-finite: the
    NaN skip needs no check of its own.
-2. the host (the caller) reads all sums of all D-groups at once, updates D with
-   ``_scalars.reduce_d_host`` and decides the skip.
+2. ``step_host`` reads all sums of all D-groups at once (the reduction seam between), updates
+   D with ``_scalars.reduce_d_host`` and decides the skip (a Python branch).
 3. ``update`` (only on a step that is not skipped: a Python branch, nothing is written
    otherwise): ``s = beta3 * s + s_scale * g`` (the ops of the statistics pass: the same
    values), then ``torch._fused_adamw_`` with ``lr = dlr``, ``eps = d_new * eps``, the gradient
@@ -31,6 +32,9 @@ number of tensors. The step of a D-group is split in three:
 
 from __future__ import annotations
 
+import math
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,9 +42,22 @@ import torch
 from torch import Tensor
 
 from ._hyperparams import Hyperparams
+from ._scalars import host_coefficients, reduce_d_host
 from ._step import AUTO_FUSED_MIN, Segment
 
-__all__ = ["Bucket", "FlatGroup", "eligible", "eligible_hparams", "flat_group", "statistics", "update"]
+__all__ = [
+    "Bucket",
+    "FlatGroup",
+    "HostD",
+    "HostResult",
+    "Member",
+    "eligible",
+    "eligible_hparams",
+    "flat_group",
+    "statistics",
+    "step_host",
+    "update",
+]
 
 HUGE_STEP = 1e9  # Adam's bias corrections 1 - b^step are exactly 1 in float64
 SMALL = 1 << 16  # tensors below this many elements are packed and gathered (= _fused.FLAT_MAX)
@@ -242,6 +259,103 @@ def update(
             b.s.mul_(beta3).add_(g, alpha=s_scale)
             gs = [torch.mul(g, d_old, out=fg.work2[: b.hi - b.lo])]
         torch._fused_adamw_(b.params, gs, b.m, b.v, [], fg.steps[: len(b.params)], **kwargs)
+
+
+@dataclass(frozen=True)
+class HostD:
+    """A D-group's D state held on the host: Python floats (in its statistics dtype's precision)."""
+
+    d: float
+    d_max: float
+    d_numerator: float
+    d_denom: float
+    d_hat: float
+
+
+@dataclass(eq=False)
+class Member:
+    """One param group of a D-group on the native path: its settings, its buckets (None: no
+    params with gradients) and the gradients of those params, in order."""
+
+    hp: Hyperparams
+    flat: FlatGroup | None
+    grads: list[Tensor]
+
+
+@dataclass(frozen=True)
+class HostResult:
+    """A D-group after ``step_host``: its new D state (None: the step was skipped, nothing was
+    written) and the step size ``dlr`` of each member (what the step applied, as a float of the
+    statistics dtype)."""
+
+    d_state: HostD | None
+    dlrs: list[float]
+
+
+def step_host(
+    d_groups: Sequence[Sequence[Member]],
+    d_states: Sequence[HostD],
+    ks: Sequence[int],
+    dtypes: Sequence[torch.dtype],
+    reduce_stats: Callable[[Tensor], Tensor] | None = None,
+) -> list[HostResult]:
+    """One native step of several D-groups (aligned: members, D state, step count k, statistics
+    dtype), with ONE host read for all of them: ``statistics`` of every member that steps
+    (lr > 0), the sums packed in one float64 tensor (summed over ranks by ``reduce_stats``, the
+    reduction seam), read once; then per D-group the D update (``_scalars.reduce_d_host``, the D
+    state rounded to its dtype as every path keeps it) and ``update`` of its members, or the skip
+    (``skip_nonfinite`` and non-finite sums: nothing written). A D-group with no statistics (every
+    member frozen or without gradients) keeps its D."""
+    coefs = [[host_coefficients(m.hp, ds.d, k) for m in members] for members, ds, k in zip(d_groups, d_states, ks)]
+    sums: list[Tensor] = []
+    live: dict[int, int] = {}  # D-group index -> its position in ``sums`` / 2
+    for j, (members, cs) in enumerate(zip(d_groups, coefs)):
+        beta3 = members[0].hp.beta3_value  # the D-group's, from its first group
+        dots, norms = [], []
+        for m, c in zip(members, cs):
+            if m.hp.lr > 0 and m.flat is not None:
+                dot, norm = statistics(m.flat, m.grads, beta3=beta3, s_scale=c.s_scale)
+                dots.append(dot * c.numerator_scale)
+                norms.append(norm)
+        if dots:
+            live[j] = len(live)
+            sums += [sum(dots[1:], dots[0]), sum(norms[1:], norms[0])]
+    values: list[float] = []
+    if sums:
+        devices = {t.device for t in sums}
+        stats = torch.stack([t.to("cpu" if len(devices) > 1 else t.device, torch.float64) for t in sums])
+        if reduce_stats is not None:
+            stats = reduce_stats(stats)
+        values = stats.tolist()  # the one host read of the step
+    out = []
+    for j, (members, ds, cs, dtype) in enumerate(zip(d_groups, d_states, coefs, dtypes)):
+        dlrs = _in_dtype([c.dlr for c in cs], dtype)
+        if j not in live:
+            out.append(HostResult(ds, dlrs))
+            continue
+        numerator, denom = values[2 * live[j]], values[2 * live[j] + 1]
+        hp0 = members[0].hp  # the D settings of the D-group (beta3, d0, d_coef, growth_rate, skip)
+        if hp0.skip_nonfinite and not (math.isfinite(numerator) and math.isfinite(denom)):
+            out.append(HostResult(None, dlrs))
+            continue
+        new = HostD(*_in_dtype(reduce_d_host(ds.d, ds.d_max, ds.d_hat, ds.d_numerator, numerator, denom, hp0), dtype))
+        for m, c in zip(members, cs):
+            if m.hp.lr > 0 and m.flat is not None:
+                update(m.flat, m.grads, m.hp, beta3=hp0.beta3_value, s_scale=c.s_scale, d_old=ds.d, d_new=new.d, dlr=c.dlr)
+        out.append(HostResult(new, dlrs))
+    return out
+
+
+def _in_dtype(values: Sequence[float], dtype: torch.dtype) -> list[float]:
+    """Python floats rounded to ``dtype`` (float32 or float64): the values a 0-dim tensor of that
+    dtype would hold, without one."""
+    if dtype == torch.float64:
+        return list(values)
+    fmt = f"{len(values)}f"
+    try:
+        return list(struct.unpack(fmt, struct.pack(fmt, *values)))
+    except OverflowError:  # beyond float32's range: inf, as the tensor would hold
+        return torch.tensor(list(values), dtype=dtype).tolist()
 
 
 def _views(flat: Tensor, like: list[Tensor]) -> list[Tensor]:

@@ -9,9 +9,9 @@ or with ``capturable=True`` persistent 0-dim device tensors updated in place), a
 from __future__ import annotations
 
 import math
-import struct
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
+from dataclasses import astuple
 from typing import Any, cast
 
 import torch
@@ -21,7 +21,6 @@ from torch import Tensor
 from ..functional import DState, Hyperparams, _fused, _native, _scratch
 from ..functional._factored import init_factored_v
 from ..functional._partial import accumulate_segment, apply_segments, cap_d_ratio, effective_lrs
-from ..functional._scalars import host_coefficients, reduce_d_host
 from ..functional._state import D_STATE_FIELDS, stat_dtype, state_dtype
 from ..functional._step import Segment, step_d_groups, use_fused
 from . import _diagnostics, _distributed
@@ -618,71 +617,39 @@ class KProdigy(torch.optim.Optimizer):
         return self._run_flat(plan, self._reduce_stats(plan.stepped))
 
     def _run_flat(self, plan: _FlatPlan, reduce_stats: Callable[[Tensor], Tensor] | None) -> bool:
-        """One step of a native plan, with ONE host read for all D-groups; False (nothing done)
-        when a reduction across ranks has no local statistics to reduce (the general path)."""
-        steps = []  # per D-group with stepped params: (its index in the plan, entries, coefficients, gradients)
+        """One step of a native plan (``_native.step_host``: ONE host read for all D-groups), then
+        the group keys; False (nothing done) when a reduction across ranks has no local
+        statistics to reduce (the general path steps that)."""
+        jobs = []  # per D-group with stepped params: (its index in the plan, its entries)
         for j, members in enumerate(plan.members):
             entries = [plan.entries[i] for i in members]
             if not plan.params[j]:
                 if reduce_stats is None:
                     continue  # no gradients in this D-group: nothing happens there
                 return False
-            lead = entries[0].group
-            coefs = [host_coefficients(e.hp, lead["d"], lead["k"]) for e in entries]
-            steps.append((j, entries, coefs, [cast(list[Tensor], [p.grad for p in e.stepped]) for e in entries]))
             if reduce_stats is not None and not any(e.hp.lr > 0 and e.stepped for e in entries):
                 if any(e.hp.lr > 0 for e in entries):
                     return False
-        sums: list[Tensor] = []
-        live: list[int] = []  # indices into ``steps`` of the D-groups with statistics
-        for j, (_, entries, coefs, grads) in enumerate(steps):
-            beta3 = entries[0].hp.beta3_value  # the D-group's, from its first group
-            dots, norms = [], []
-            for e, c, gs in zip(entries, coefs, grads):
-                if e.hp.lr > 0 and e.flat is not None:
-                    dot, norm = _native.statistics(e.flat, gs, beta3=beta3, s_scale=c.s_scale)
-                    dots.append(dot * c.numerator_scale)
-                    norms.append(norm)
-            if dots:
-                live.append(j)
-                sums += [sum(dots[1:], dots[0]), sum(norms[1:], norms[0])]
-        values: list[float] = []
-        if sums:
-            devices = {t.device for t in sums}
-            stats = torch.stack([t.to("cpu" if len(devices) > 1 else t.device, torch.float64) for t in sums])
-            if reduce_stats is not None:
-                stats = reduce_stats(stats)
-            values = stats.tolist()  # the one host read of the step
-        where = {j: n for n, j in enumerate(live)}
-        for j, (index, entries, coefs, grads) in enumerate(steps):
+            jobs.append((j, entries))
+        leads = [entries[0].group for _, entries in jobs]
+        results = _native.step_host(
+            [[_native.Member(e.hp, e.flat, [cast(Tensor, p.grad) for p in e.stepped]) for e in entries] for _, entries in jobs],
+            [_native.HostD(*(lead[key] for key in _FLOAT_D_KEYS)) for lead in leads],
+            [lead["k"] for lead in leads],
+            [plan.dtypes[j] for j, _ in jobs],
+            reduce_stats,
+        )
+        for (j, entries), lead, result in zip(jobs, leads, results):
             groups = [e.group for e in entries]
-            params, dtype = plan.params[index], plan.dtypes[index]
-            lead = groups[0]
             k, skipped = lead["k"], lead["skipped_steps"]
-            hp0 = entries[0].hp  # the D settings of the D-group (beta3, d0, d_coef, growth_rate, skip)
-            new: dict[str, Any] = {"k": k + 1}
-            if j in where:
-                numerator, denom = values[2 * where[j]], values[2 * where[j] + 1]
-                if hp0.skip_nonfinite and not (math.isfinite(numerator) and math.isfinite(denom)):
-                    new = {"skipped_steps": skipped + 1}  # nothing written, k stays
-                else:
-                    d_old = lead["d"]
-                    d, d_max, d_num, d_den, d_hat = _in_dtype(
-                        reduce_d_host(d_old, lead["d_max"], lead["d_hat"], lead["d_numerator"], numerator, denom, hp0),
-                        dtype,
-                    )  # the D state in the statistics dtype, as every path keeps it
-                    new.update(d=d, d_max=d_max, d_numerator=d_num, d_denom=d_den, d_hat=d_hat)
-                    beta3 = hp0.beta3_value  # as in the statistics pass above
-                    for e, c, gs in zip(entries, coefs, grads):
-                        if e.hp.lr > 0 and e.flat is not None:
-                            _native.update(e.flat, gs, e.hp, beta3=beta3, s_scale=c.s_scale, d_old=d_old, d_new=d, dlr=c.dlr)
-            if "skipped_steps" not in new:
-                for group, lr in zip(groups, _in_dtype([c.dlr for c in coefs], dtype)):
-                    group["effective_lr"] = lr
-            for group in groups:
-                group.update(new)
-            self._recorded(groups, params, k, skipped)
-        _diagnostics.after_step(self, [[e.group for e in entries] for _, entries, *_ in steps])
+            if result.d_state is None:  # skipped: nothing written, k stays
+                for group in groups:
+                    group["skipped_steps"] = skipped + 1
+            else:
+                for group, lr in zip(groups, result.dlrs):
+                    group.update(zip(_FLOAT_D_KEYS, astuple(result.d_state)), k=k + 1, effective_lr=lr)
+            self._recorded(groups, plan.params[j], k, skipped)
+        _diagnostics.after_step(self, [[e.group for e in entries] for _, entries in jobs])
         return True
 
     def _scratch(self) -> dict[Any, Tensor]:
@@ -1171,15 +1138,3 @@ def _hparams(group: dict[str, Any]) -> Hyperparams:
 _HP_FIELDS = Hyperparams.field_names()
 _BETAS = _HP_FIELDS.index("betas")
 _MISSING = (object(),) * len(_HP_FIELDS)  # group.get's default: a missing key is not None
-
-
-def _in_dtype(values: Sequence[float], dtype: torch.dtype) -> list[float]:
-    """Python floats rounded to ``dtype`` (float32 or float64): the values a 0-dim tensor of that
-    dtype would hold, without one."""
-    if dtype == torch.float64:
-        return list(values)
-    fmt = f"{len(values)}f"
-    try:
-        return list(struct.unpack(fmt, struct.pack(fmt, *values)))
-    except OverflowError:  # beyond float32's range: inf, as the tensor would hold
-        return torch.tensor(list(values), dtype=dtype).tolist()
