@@ -1,4 +1,5 @@
-"""Validation of what users hand to ``KProdigy``: param groups, gradients and checkpoints.
+"""Validation of what users hand to ``KProdigy``: param groups, settings (also as a scheduler
+changed them), D-group agreement, gradients and checkpoints.
 
 Every check runs before the optimizer changes anything and raises an error that names the
 problem, so a rejected input leaves the optimizer exactly as it was. Host-side metadata only
@@ -15,8 +16,21 @@ import torch
 from torch import Tensor
 
 from ..functional import Hyperparams
+from ._distributed import is_dtensor
 
-__all__ = ["check_grads", "check_param_group", "check_state_dict"]
+__all__ = [
+    "check_capturable",
+    "check_d_group_agrees",
+    "check_d_steps",
+    "check_fused_foreach",
+    "check_grads",
+    "check_lr_type",
+    "check_param_group",
+    "check_same_d_steps",
+    "check_state_dict",
+    "hparams",
+    "one_device",
+]
 
 _PER_TENSOR_KEYS = ("exp_avg", "exp_avg_sq", "s", "p0")
 _D_FLOAT_KEYS = ("d", "d_max", "d_numerator", "d_denom", "d_hat", "d0")
@@ -95,7 +109,7 @@ def check_grads(group: dict[str, Any], index: int, state: dict[Tensor, dict[str,
                 f"a gradient of shape {tuple(g.shape)} belongs to a parameter of shape {tuple(p.shape)} ({where})"
             )
         s = state.get(p, {}).get("s")
-        if s is not None and not _is_dtensor(p) and s.numel() != (p.numel() + slice_p - 1) // slice_p:
+        if s is not None and not is_dtensor(p) and s.numel() != (p.numel() + slice_p - 1) // slice_p:
             raise ValueError(
                 f"slice_p={slice_p} does not match the state of {where} ({p.numel()} elements, s has "
                 f"{s.numel()}); slice_p cannot change after the first step"
@@ -191,7 +205,7 @@ def _check_tensor_state(pid: Any, st: Any, p: Tensor, hp: Hyperparams, *, d_froz
             f"{where}: exp_avg_sq has shape {tuple(v.shape)}; expected the param's shape "
             "(or the packed row and column statistics of factored=True)"
         )
-    if _is_dtensor(p) or d_frozen:
+    if is_dtensor(p) or d_frozen:
         return  # s and p0 of DTensor params may be per-rank shards; a frozen D freed them
     n = (p.numel() + hp.slice_p - 1) // hp.slice_p
     if st["s"].numel() != n:
@@ -215,5 +229,100 @@ def _integer(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
+def check_lr_type(value: Any) -> None:
+    """A Tensor lr is refused in torch.optim's words (lr multiplies D, which the shell keeps on the host)."""
+    if isinstance(value, Tensor):
+        raise ValueError(
+            "lr as a Tensor is not supported by KProdigy (lr is a multiplier of D); pass a Python float, "
+            "e.g. lr=float(lr)"
+        )
+
+
+def check_fused_foreach(group: dict[str, Any]) -> None:
+    """torch.optim's rule and message: the two fast paths are alternatives."""
+    if group.get("fused") is True and group.get("foreach") is True:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def check_d_steps(value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"Invalid d_steps: {value!r}; expected None or an integer >= 1")
+
+
+def check_same_d_steps(groups: list[dict[str, Any]], members: list[int]) -> None:
+    values = {g["d_steps"] for g in groups}
+    if len(values) > 1:
+        raise ValueError(
+            f"param groups {members} share one D but have different d_steps {sorted(values, key=repr)}; "
+            "give them one value or different d_group labels"
+        )
+
+
+def check_d_group_agrees(groups: list[dict[str, Any]], members: list[int]) -> None:
+    """Groups sharing one D agree on the D settings, on skip_nonfinite (a skip covers the D-group)
+    and on capturable (how the D state is held)."""
+    flags = [g["capturable"] for g in groups]
+    if len(set(flags)) > 1:
+        raise ValueError(
+            f"param groups {members} share one D but have capturable={flags}; give them one value "
+            "or different d_group labels"
+        )
+    hps = [hparams(g) for g in groups]
+    for j, hp in zip(members[1:], hps[1:]):
+        if hp.d_config() != hps[0].d_config() or hp.skip_nonfinite != hps[0].skip_nonfinite:
+            raise ValueError(
+                f"Parameter groups {members[0]} and {j} share one D and must agree on beta3, d0, d_coef, "
+                f"growth_rate, d_update_freq and skip_nonfinite; got {hps[0].d_config()} / "
+                f"{hps[0].skip_nonfinite} and {hp.d_config()} / {hp.skip_nonfinite}. "
+                "Give them different d_group labels (or independent_d=True) for separate D values."
+            )
+
+
+def check_capturable(group: dict[str, Any]) -> None:
+    """``capturable`` is True or False; d_steps, which needs the host to know k, is refused with it."""
+    value = group["capturable"]
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid capturable: {value!r}; expected True or False")
+    if value and group.get("d_steps") is not None:
+        raise ValueError(
+            f"d_steps={group['d_steps']!r} is not supported with capturable=True (freezing D needs the "
+            "step count on the host); use d_steps=None or capturable=False"
+        )
+
+
+def one_device(params: list[Tensor], members: list[int]) -> torch.device:
+    device = params[0].device
+    for p in params:
+        if p.device != device:
+            raise RuntimeError(
+                f"param groups {members} share one D but hold params on {device} and {p.device}; "
+                "put them on one device or use independent_d=True with one device per group"
+            )
+    return device
+
+
+_HPARAMS: dict[tuple[Any, ...], Hyperparams] = {}  # validated Hyperparams by their group's values
+_HPARAMS_MAX = 256
+
+
+def hparams(group: dict[str, Any]) -> Hyperparams:
+    """``Hyperparams.from_mapping(group)``, validated once per distinct set of values (a scheduler
+    changing lr or betas gives a new key). Keys carry the types (``True == 1`` must not hit)."""
+    values = tuple(map(group.get, _HP_FIELDS, _MISSING))
+    betas = values[_BETAS]
+    try:
+        key = (values, tuple(map(type, values)), tuple(map(type, betas)) if isinstance(betas, (tuple, list)) else None)
+        hp = _HPARAMS.get(key)
+    except TypeError:  # an unhashable value: validate it (and raise) without the cache
+        return Hyperparams.from_mapping(group)
+    if hp is None:
+        hp = Hyperparams.from_mapping(group)
+        if len(_HPARAMS) >= _HPARAMS_MAX:
+            _HPARAMS.clear()
+        _HPARAMS[key] = hp
+    return hp
+
+
+_HP_FIELDS = Hyperparams.field_names()
+_BETAS = _HP_FIELDS.index("betas")
+_MISSING = (object(),) * len(_HP_FIELDS)  # group.get's default: a missing key is not None

@@ -24,7 +24,19 @@ from ..functional._partial import accumulate_segment, apply_segments, cap_d_rati
 from ..functional._state import D_STATE_FIELDS, stat_dtype, state_dtype
 from ..functional._step import Segment, step_d_groups, use_fused
 from . import _diagnostics, _distributed
-from ._checks import check_grads, check_param_group, check_state_dict
+from ._checks import (
+    check_capturable,
+    check_d_group_agrees,
+    check_d_steps,
+    check_fused_foreach,
+    check_grads,
+    check_lr_type,
+    check_param_group,
+    check_same_d_steps,
+    check_state_dict,
+    hparams,
+    one_device,
+)
 
 __all__ = ["KProdigy"]
 
@@ -188,8 +200,8 @@ class KProdigy(torch.optim.Optimizer):
         for name, value in (("foreach", foreach), ("independent_d", independent_d), ("fused", fused)):
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"Invalid {name}: {value!r}; expected None, True or False")
-        _check_lr_type(lr)
-        _check_fused_foreach({"fused": fused, "foreach": foreach})
+        check_lr_type(lr)
+        check_fused_foreach({"fused": fused, "foreach": foreach})
         if not isinstance(fsdp_in_use, bool):
             raise ValueError(f"Invalid fsdp_in_use: {fsdp_in_use!r}; expected True or False")
         if reduce_d_stats is not None and not isinstance(reduce_d_stats, bool):
@@ -219,8 +231,8 @@ class KProdigy(torch.optim.Optimizer):
         )
         defaults: dict[str, Any] = {name: getattr(hp, name) for name in Hyperparams.field_names()}
         defaults.update(foreach=foreach, fsdp_in_use=fsdp_in_use, fused=fused, **_fresh_d_keys(hp.d0))
-        _check_d_steps(d_steps)
-        _check_capturable({"capturable": capturable, "d_steps": d_steps})
+        check_d_steps(d_steps)
+        check_capturable({"capturable": capturable, "d_steps": d_steps})
         if not isinstance(factored, bool):
             raise ValueError(f"Invalid factored: {factored!r}; expected True or False")
         defaults.update(d_steps=d_steps, d_group=None, d_frozen=False, effective_lr=0.0, factored=factored)
@@ -242,11 +254,11 @@ class KProdigy(torch.optim.Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         check_param_group(param_group, self.param_groups)
-        _check_lr_type(param_group.get("lr"))
-        _check_fused_foreach({**self.defaults, **param_group})
+        check_lr_type(param_group.get("lr"))
+        check_fused_foreach({**self.defaults, **param_group})
         Hyperparams.from_mapping({**self.defaults, **param_group})
-        _check_d_steps(param_group.get("d_steps"))
-        _check_capturable({**self.defaults, **param_group})
+        check_d_steps(param_group.get("d_steps"))
+        check_capturable({**self.defaults, **param_group})
         if not isinstance(param_group.get("factored", False), bool):
             raise ValueError(f"Invalid factored: {param_group['factored']!r}; expected True or False")
         try:
@@ -319,7 +331,7 @@ class KProdigy(torch.optim.Optimizer):
         ]
         for i, saved in enumerate(saved_groups):
             try:
-                _check_capturable({**self.defaults, **saved})
+                check_capturable({**self.defaults, **saved})
             except ValueError as e:
                 raise ValueError(f"checkpoint param group {i}: {e}") from None
         state_dict = {**state_dict, "param_groups": saved_groups}
@@ -352,10 +364,10 @@ class KProdigy(torch.optim.Optimizer):
             check_grads(group, i, self.state)
         for members in self.d_groups():
             groups = [self.param_groups[i] for i in members]
-            _check_d_group_agrees(groups, members)
+            check_d_group_agrees(groups, members)
             params = [p for g in groups for p in g["params"] if p.grad is not None]
             if params and not any(_distributed.is_dtensor(p) for p in params):
-                _one_device(params, members)
+                one_device(params, members)
 
     def d_groups(self) -> list[list[int]]:
         """Indices of the param groups sharing each D estimate, ordered by their first group.
@@ -407,7 +419,7 @@ class KProdigy(torch.optim.Optimizer):
         jobs = []  # (members, groups, segments, the optimizer's params of those segments)
         for members in self.d_groups():
             groups = [self.param_groups[i] for i in members]
-            _check_same_d_steps(groups, members)
+            check_same_d_steps(groups, members)
             built = [self._segment(group, frozen=_is_frozen(groups[0])) for group in groups]
             jobs.append((members, groups, [seg for seg, _ in built], [p for _, ps in built for p in ps]))
         reduce_stats = self._reduce_stats([p for job in jobs for p in job[3]])
@@ -454,7 +466,7 @@ class KProdigy(torch.optim.Optimizer):
         A rank holding none of a D-group's params (ZeRO) takes ``fallback`` and the optimizer's
         dtypes, so that every rank computes D in the same dtype.
         """
-        device = _one_device(params, members) if params else fallback
+        device = one_device(params, members) if params else fallback
         dtypes = [p.dtype for p in params] or [p.dtype for g in self.param_groups for p in g["params"]]
         return device, stat_dtype(dtypes)
 
@@ -508,7 +520,7 @@ class KProdigy(torch.optim.Optimizer):
                 _record_in_place(groups, [self.state[p] for p in params], old, new)
                 continue
             k, skipped = groups[0]["k"], groups[0]["skipped_steps"]
-            lrs = effective_lrs([_hparams(g) for g in groups], old)
+            lrs = effective_lrs([hparams(g) for g in groups], old)
             counts = (new.k.double(), new.skipped_steps.double())
             values = torch.stack(
                 [getattr(new, key).double() for key in _FLOAT_D_KEYS] + [*counts] + [lr.double() for lr in lrs]
@@ -571,7 +583,7 @@ class KProdigy(torch.optim.Optimizer):
                 entries[id(group)] = _FlatEntry(group, seg.hparams, list(group["params"]), stepped, self.state, flat)
         for group in self.param_groups:  # a D-group without gradients this step: nothing to lay flat
             if id(group) not in entries:
-                entries[id(group)] = _FlatEntry(group, _hparams(group), list(group["params"]), [], self.state, None)
+                entries[id(group)] = _FlatEntry(group, hparams(group), list(group["params"]), [], self.state, None)
         plan = _FlatPlan(self._d_group_key(), self.d_groups(), [entries[id(g)] for g in self.param_groups])
         if not self._run_flat(plan, reduce_stats):
             return False
@@ -596,7 +608,7 @@ class KProdigy(torch.optim.Optimizer):
                     return False
                 if group["foreach"] is not None or group["fused"] is not None:
                     return False
-                hp = _hparams(group)
+                hp = hparams(group)
                 if hp is not entry.hp:  # new values: the checks of a full step
                     self._check_group(i, group)
                     entry.hp = hp
@@ -607,9 +619,9 @@ class KProdigy(torch.optim.Optimizer):
                     return False
             for members in plan.members:
                 groups = [self.param_groups[i] for i in members]
-                _check_same_d_steps(groups, members)
+                check_same_d_steps(groups, members)
                 if changed.intersection(members):
-                    _check_d_group_agrees(groups, members)
+                    check_d_group_agrees(groups, members)
                 if not _updates_d(groups[0]):
                     return False
         except (ValueError, RuntimeError, TypeError):
@@ -664,9 +676,9 @@ class KProdigy(torch.optim.Optimizer):
     def _check_group(self, i: int, group: dict[str, Any]) -> None:
         """The settings of param group ``i`` (a scheduler may have set them): ValueError naming it."""
         try:
-            _check_lr_type(group["lr"])
-            _hparams(group)
-            _check_capturable(group)
+            check_lr_type(group["lr"])
+            hparams(group)
+            check_capturable(group)
         except ValueError as e:
             raise ValueError(f"param group {i}: {e}") from None
 
@@ -722,8 +734,8 @@ class KProdigy(torch.optim.Optimizer):
         check_grads({**group, "params": [p]}, index, self.state)  # before any change
         if pending is None:
             groups = [self.param_groups[i] for i in members]
-            _check_same_d_steps(groups, members)
-            _check_d_group_agrees(groups, members)
+            check_same_d_steps(groups, members)
+            check_d_group_agrees(groups, members)
             self._bind_d_tensors()
             d_state = self._d_state(groups, members, [q for g in groups for q in g["params"]], p.device)
             pending = self._pending[key] = _Pending(
@@ -762,7 +774,7 @@ class KProdigy(torch.optim.Optimizer):
                     item.accumulated,
                     item.d_state,
                     item.stats,
-                    _hparams(lead),
+                    hparams(lead),
                     update_d=upd,
                     reduce_stats=reduce_stats,
                 )
@@ -800,7 +812,7 @@ class KProdigy(torch.optim.Optimizer):
         Returns the segment (local shards of DTensor params and state: the math is per rank) and
         the optimizer's params it holds, in the same order.
         """
-        hp = _hparams(group)
+        hp = hparams(group)
         params, grads, exp_avg_sqs, ss, p0s = [], [], [], [], []
         exp_avgs: list[Any] = []  # None entries only when betas[0] == 0 (then unused)
         originals: list[Tensor] = []
@@ -980,67 +992,6 @@ def _updates_d(lead: dict[str, Any]) -> bool | None:
     return not _is_frozen(lead) and lead["k"] % lead["d_update_freq"] == 0
 
 
-def _check_lr_type(value: Any) -> None:
-    """A Tensor lr is refused in torch.optim's words (lr multiplies D, which the shell keeps on the host)."""
-    if isinstance(value, Tensor):
-        raise ValueError(
-            "lr as a Tensor is not supported by KProdigy (lr is a multiplier of D); pass a Python float, "
-            "e.g. lr=float(lr)"
-        )
-
-
-def _check_fused_foreach(group: dict[str, Any]) -> None:
-    """torch.optim's rule and message: the two fast paths are alternatives."""
-    if group.get("fused") is True and group.get("foreach") is True:
-        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-
-
-def _check_d_steps(value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"Invalid d_steps: {value!r}; expected None or an integer >= 1")
-
-
-def _check_same_d_steps(groups: list[dict[str, Any]], members: list[int]) -> None:
-    values = {g["d_steps"] for g in groups}
-    if len(values) > 1:
-        raise ValueError(
-            f"param groups {members} share one D but have different d_steps {sorted(values, key=repr)}; "
-            "give them one value or different d_group labels"
-        )
-
-
-def _check_d_group_agrees(groups: list[dict[str, Any]], members: list[int]) -> None:
-    """Groups sharing one D agree on the D settings, on skip_nonfinite (a skip covers the D-group)
-    and on capturable (how the D state is held)."""
-    flags = [g["capturable"] for g in groups]
-    if len(set(flags)) > 1:
-        raise ValueError(
-            f"param groups {members} share one D but have capturable={flags}; give them one value "
-            "or different d_group labels"
-        )
-    hps = [_hparams(g) for g in groups]
-    for j, hp in zip(members[1:], hps[1:]):
-        if hp.d_config() != hps[0].d_config() or hp.skip_nonfinite != hps[0].skip_nonfinite:
-            raise ValueError(
-                f"Parameter groups {members[0]} and {j} share one D and must agree on beta3, d0, d_coef, "
-                f"growth_rate, d_update_freq and skip_nonfinite; got {hps[0].d_config()} / "
-                f"{hps[0].skip_nonfinite} and {hp.d_config()} / {hp.skip_nonfinite}. "
-                "Give them different d_group labels (or independent_d=True) for separate D values."
-            )
-
-
-def _check_capturable(group: dict[str, Any]) -> None:
-    """``capturable`` is True or False; d_steps, which needs the host to know k, is refused with it."""
-    value = group["capturable"]
-    if not isinstance(value, bool):
-        raise ValueError(f"Invalid capturable: {value!r}; expected True or False")
-    if value and group.get("d_steps") is not None:
-        raise ValueError(
-            f"d_steps={group['d_steps']!r} is not supported with capturable=True (freezing D needs the "
-            "step count on the host); use d_steps=None or capturable=False"
-        )
-
-
 def _record_in_place(groups: list[dict[str, Any]], states: list[dict[str, Any]], old: DState, new: DState) -> None:
     """Capturable: copy the new D state and effective_lr into the D-group's tensors and advance the
     stepped params' ``step``, all on the device. ``old`` holds those tensors: it is read first."""
@@ -1100,41 +1051,3 @@ def _fresh_d_keys(d0: float) -> dict[str, Any]:
         "k": 0,
         "skipped_steps": 0,
     }
-
-
-def _one_device(params: list[Tensor], members: list[int]) -> torch.device:
-    device = params[0].device
-    for p in params:
-        if p.device != device:
-            raise RuntimeError(
-                f"param groups {members} share one D but hold params on {device} and {p.device}; "
-                "put them on one device or use independent_d=True with one device per group"
-            )
-    return device
-
-
-_HPARAMS: dict[tuple[Any, ...], Hyperparams] = {}  # validated Hyperparams by their group's values
-_HPARAMS_MAX = 256
-
-
-def _hparams(group: dict[str, Any]) -> Hyperparams:
-    """``Hyperparams.from_mapping(group)``, validated once per distinct set of values (a scheduler
-    changing lr or betas gives a new key). Keys carry the types (``True == 1`` must not hit)."""
-    values = tuple(map(group.get, _HP_FIELDS, _MISSING))
-    betas = values[_BETAS]
-    try:
-        key = (values, tuple(map(type, values)), tuple(map(type, betas)) if isinstance(betas, (tuple, list)) else None)
-        hp = _HPARAMS.get(key)
-    except TypeError:  # an unhashable value: validate it (and raise) without the cache
-        return Hyperparams.from_mapping(group)
-    if hp is None:
-        hp = Hyperparams.from_mapping(group)
-        if len(_HPARAMS) >= _HPARAMS_MAX:
-            _HPARAMS.clear()
-        _HPARAMS[key] = hp
-    return hp
-
-
-_HP_FIELDS = Hyperparams.field_names()
-_BETAS = _HP_FIELDS.index("betas")
-_MISSING = (object(),) * len(_HP_FIELDS)  # group.get's default: a missing key is not None
