@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..functional import DState, Hyperparams, _fused, _native, _scratch
+from ..functional import DState, Hyperparams, _fused, _layout, _native, _schedule, _scratch
 from ..functional._factored import init_factored_v
-from ..functional._partial import accumulate_segment, apply_segments, cap_d_ratio, effective_lrs
+from ..functional._partial import accumulate_segment, apply_segments, effective_lrs
 from ..functional._state import D_STATE_FIELDS, stat_dtype, state_dtype
 from ..functional._step import Segment, step_d_groups, use_fused
 from . import _diagnostics, _distributed
@@ -512,7 +512,7 @@ class KProdigy(torch.optim.Optimizer):
         if self.d_ratio_cap is not None:
             live = [j for j, (groups, *_) in enumerate(done) if any(g["lr"] > 0 for g in groups)]
             if len(live) > 1:
-                capped = cap_d_ratio([news[j].d for j in live], self.d_ratio_cap)
+                capped = _schedule.cap_d_ratio([news[j].d for j in live], self.d_ratio_cap)
                 for j, d in zip(live, capped):
                     news[j] = news[j].replace(d=d)
         for (groups, params, old, _), new in zip(done, news):
@@ -576,7 +576,7 @@ class KProdigy(torch.optim.Optimizer):
                 if seg.params:
                     flat = _native.flat_group(seg)
                     if flat is None:  # lay the small params' state flat once, then gather it again
-                        _pack_states([self.state[p] for p in stepped if p.numel() < _native.SMALL])
+                        _layout.pack_states([self.state[p] for p in stepped if p.numel() < _native.SMALL])
                         seg, _ = self._segment(group, frozen=False)
                         flat = _native.flat_group(seg)
                     assert flat is not None
@@ -883,7 +883,7 @@ class KProdigy(torch.optim.Optimizer):
             if plain and hp.slice_p == 1 and st["exp_avg_sq"].shape == p.shape:  # not factored
                 buckets.setdefault((p.device, p.dtype), []).append(p)
         for ps in buckets.values():
-            _pack_states([self.state[p] for p in ps])
+            _layout.pack_states([self.state[p] for p in ps])
 
     def _reduce_stats(self, params: list[Tensor]) -> Callable[[Tensor], Tensor] | None:
         """The all-reduce of the D statistics if this step needs one (``_distributed.stats_reduction``)."""
@@ -908,7 +908,7 @@ class _FlatEntry:
         self.group, self.hp, self.params, self.stepped, self.flat = group, hp, params, stepped, flat
         self.has_grad = [p.grad is not None for p in params]
         self.states = [state[p] for p in stepped]
-        self.tensors = [tuple(st.get(key) for key in _FLAT_STATE_KEYS) for st in self.states]
+        self.tensors = [tuple(st.get(key) for key in _layout.STATE_KEYS) for st in self.states]
         self.shapes = [p.shape for p in stepped]
         self.dtype = flat.work.dtype if flat is not None else None
         self.device = flat.work.device if flat is not None else None
@@ -937,23 +937,6 @@ class _FlatEntry:
         return True
 
 
-def _pack_states(states: list[dict[str, Any]]) -> None:
-    """Lay each of ``exp_avg``, ``exp_avg_sq``, ``s`` and ``p0`` of these param states back to back
-    in one new buffer (values unchanged) unless it already is, so that a kernel steps them on the
-    buffer itself (``_fused.flat_span``): the layout of the fused path's small params and of the
-    native path's buckets. A compact (0-dim) ``p0`` (all-zero param, e.g. LoRA B) stays compact:
-    memory first (the kernels gather or copy it)."""
-    for key in _FLAT_STATE_KEYS:
-        if len(states) < 2 or not all(key in st for st in states):
-            continue
-        ts = [st[key] for st in states]
-        if key == "p0" and any(t.dim() == 0 for t in ts):
-            continue
-        if _fused.flat_span(ts) is None:
-            for st, packed in zip(states, _fused.pack(ts)):
-                st[key] = packed
-
-
 class _FlatPlan:
     """The native plan kept between steps: D-groups (``members``) and one entry per param group;
     per D-group the params it steps and their statistics dtype (fixed while the plan holds)."""
@@ -963,9 +946,6 @@ class _FlatPlan:
         self.params = [[p for i in m for p in entries[i].stepped] for m in members]
         self.dtypes = [stat_dtype([p.dtype for p in ps]) for ps in self.params]
         self.stepped = [p for ps in self.params for p in ps]
-
-
-_FLAT_STATE_KEYS = ("exp_avg", "exp_avg_sq", "s", "p0")
 
 
 class _Pending:
@@ -981,15 +961,15 @@ class _Pending:
 
 def _is_frozen(lead: dict[str, Any]) -> bool:
     """Whether a D-group's D no longer adapts (``d_steps`` reached), from its first group."""
-    return lead["d_steps"] is not None and lead["k"] >= lead["d_steps"]
+    return _schedule.frozen(lead["d_steps"], lead["k"])
 
 
 def _updates_d(lead: dict[str, Any]) -> bool | None:
-    """Whether this step updates the D statistics (every d_update_freq steps, until D froze);
-    None for a capturable D-group: the core decides it on the device, from k there."""
+    """Whether this step updates the D statistics (``_schedule.updates_d``); None for a
+    capturable D-group: the core decides it on the device, from k there."""
     if lead["capturable"]:
         return None
-    return not _is_frozen(lead) and lead["k"] % lead["d_update_freq"] == 0
+    return cast(bool, _schedule.updates_d(lead["d_update_freq"], lead["k"], lead["d_steps"]))
 
 
 def _record_in_place(groups: list[dict[str, Any]], states: list[dict[str, Any]], old: DState, new: DState) -> None:
