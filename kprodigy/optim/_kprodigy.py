@@ -23,7 +23,7 @@ from ..functional._factored import init_factored_v
 from ..functional._partial import accumulate_segment, apply_segments, effective_lrs
 from ..functional._state import D_STATE_FIELDS, stat_dtype, state_dtype
 from ..functional._step import Segment, step_d_groups, use_fused
-from . import _diagnostics, _distributed
+from . import _diagnostics, _distributed, _group_keys, _plan
 from ._checks import (
     check_capturable,
     check_d_group_agrees,
@@ -40,7 +40,6 @@ from ._checks import (
 
 __all__ = ["KProdigy"]
 
-_FLOAT_D_KEYS = ("d", "d_max", "d_numerator", "d_denom", "d_hat")
 
 # Why dynamo does not trace the step. It handles every torch.optim.Optimizer as its own
 # OptimizerVariable, which reads ``capturable=True`` in every group inside the trace (and writes
@@ -164,7 +163,7 @@ class KProdigy(torch.optim.Optimizer):
     do not update D (``d_update_freq``) communicate nothing.
     """
 
-    _flat: _FlatPlan | None  # the native path's kept plan (``_native_step``), not pickled
+    _flat: _plan.Plan | None  # the native path's kept plan (``_native_step``), not pickled
 
     def __init__(
         self,
@@ -230,7 +229,7 @@ class KProdigy(torch.optim.Optimizer):
             stochastic_rounding=stochastic_rounding,
         )
         defaults: dict[str, Any] = {name: getattr(hp, name) for name in Hyperparams.field_names()}
-        defaults.update(foreach=foreach, fsdp_in_use=fsdp_in_use, fused=fused, **_fresh_d_keys(hp.d0))
+        defaults.update(foreach=foreach, fsdp_in_use=fsdp_in_use, fused=fused, **_group_keys.fresh_d_keys(hp.d0))
         check_d_steps(d_steps)
         check_capturable({"capturable": capturable, "d_steps": d_steps})
         if not isinstance(factored, bool):
@@ -268,7 +267,7 @@ class KProdigy(torch.optim.Optimizer):
                 f"Invalid d_group: {param_group['d_group']!r}; expected a hashable label such as a str"
             ) from None
         if "d0" in param_group:  # a group-specific d0 starts its own D there
-            for key, value in _fresh_d_keys(float(param_group["d0"])).items():
+            for key, value in _group_keys.fresh_d_keys(float(param_group["d0"])).items():
                 param_group.setdefault(key, value)
         super().add_param_group(param_group)
         try:
@@ -306,11 +305,11 @@ class KProdigy(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             if not group["capturable"]:
-                _to_numbers(group)
+                _group_keys.to_numbers(group)
             for p in group["params"]:
                 param_state = self.state.get(p)
                 if param_state and "step" in param_state:
-                    param_state["step"] = _step_count(param_state["step"], p, group["capturable"])
+                    param_state["step"] = _group_keys.step_count(param_state["step"], p, group["capturable"])
         self._bind_d_tensors()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -456,7 +455,7 @@ class KProdigy(torch.optim.Optimizer):
         lead = groups[0]
         if lead["capturable"]:
             return DState(**{key: lead[key] for key in D_STATE_FIELDS})
-        return _new_d_state(lead, *self._placement(params, members, fallback))
+        return _group_keys.new_d_state(lead, *self._placement(params, members, fallback))
 
     def _placement(
         self, params: list[Tensor], members: list[int], fallback: torch.device
@@ -492,13 +491,13 @@ class KProdigy(torch.optim.Optimizer):
                 continue
             lead = groups[0]
             device, dtype = self._placement([p for g in groups for p in g["params"]], members, fallback)
-            if not all(_bound(lead[key], device, _d_dtype(key, dtype), seen) for key in D_STATE_FIELDS):
-                fresh = _new_d_state(lead, device, dtype)
+            if not all(_group_keys.bound(lead[key], device, _group_keys.d_dtype(key, dtype), seen) for key in D_STATE_FIELDS):
+                fresh = _group_keys.new_d_state(lead, device, dtype)
                 lead.update({key: getattr(fresh, key).clone() for key in D_STATE_FIELDS})
             seen.update(id(lead[key]) for key in D_STATE_FIELDS)
             for group in groups:
                 group.update({key: lead[key] for key in D_STATE_FIELDS})
-                if not _bound(group["effective_lr"], device, dtype, seen):
+                if not _group_keys.bound(group["effective_lr"], device, dtype, seen):
                     group["effective_lr"] = torch.tensor(float(group["effective_lr"]), dtype=dtype, device=device)
                 seen.add(id(group["effective_lr"]))
 
@@ -517,17 +516,17 @@ class KProdigy(torch.optim.Optimizer):
                     news[j] = news[j].replace(d=d)
         for (groups, params, old, _), new in zip(done, news):
             if groups[0]["capturable"]:
-                _record_in_place(groups, [self.state[p] for p in params], old, new)
+                _group_keys.record_in_place(groups, [self.state[p] for p in params], old, new)
                 continue
             k, skipped = groups[0]["k"], groups[0]["skipped_steps"]
             lrs = effective_lrs([hparams(g) for g in groups], old)
             counts = (new.k.double(), new.skipped_steps.double())
             values = torch.stack(
-                [getattr(new, key).double() for key in _FLOAT_D_KEYS] + [*counts] + [lr.double() for lr in lrs]
+                [getattr(new, key).double() for key in _group_keys.FLOAT_D_KEYS] + [*counts] + [lr.double() for lr in lrs]
             ).tolist()  # one device-to-host copy per D-group
-            n = len(_FLOAT_D_KEYS)
+            n = len(_group_keys.FLOAT_D_KEYS)
             for group, lr in zip(groups, values[n + 2 :]):
-                group.update(zip(_FLOAT_D_KEYS, values))
+                group.update(zip(_group_keys.FLOAT_D_KEYS, values))
                 group["k"], group["skipped_steps"] = int(values[n]), int(values[n + 1])  # a skip keeps k
                 group["effective_lr"] = lr
             self._recorded(groups, params, k, skipped)
@@ -568,7 +567,7 @@ class KProdigy(torch.optim.Optimizer):
                 return False
             if any(seg.params and not _native.eligible(seg) for seg in segments):
                 return False  # (lr=0 groups too: a kept plan may see their lr raised)
-        entries: dict[int, _FlatEntry] = {}
+        entries: dict[int, _plan.PlanEntry] = {}
         for _, groups, segments, _ in jobs:
             for group, seg in zip(groups, segments):
                 stepped = [p for p in group["params"] if p.grad is not None]
@@ -580,11 +579,11 @@ class KProdigy(torch.optim.Optimizer):
                         seg, _ = self._segment(group, frozen=False)
                         flat = _native.flat_group(seg)
                     assert flat is not None
-                entries[id(group)] = _FlatEntry(group, seg.hparams, list(group["params"]), stepped, self.state, flat)
+                entries[id(group)] = _plan.PlanEntry(group, seg.hparams, list(group["params"]), stepped, self.state, flat)
         for group in self.param_groups:  # a D-group without gradients this step: nothing to lay flat
             if id(group) not in entries:
-                entries[id(group)] = _FlatEntry(group, hparams(group), list(group["params"]), [], self.state, None)
-        plan = _FlatPlan(self._d_group_key(), self.d_groups(), [entries[id(g)] for g in self.param_groups])
+                entries[id(group)] = _plan.PlanEntry(group, hparams(group), list(group["params"]), [], self.state, None)
+        plan = _plan.Plan(self._d_group_key(), self.d_groups(), [entries[id(g)] for g in self.param_groups])
         if not self._run_flat(plan, reduce_stats):
             return False
         self._flat = plan
@@ -594,7 +593,7 @@ class KProdigy(torch.optim.Optimizer):
         """The step of the kept native plan (``_native_step``), if it still holds: the same
         groups, params, state tensors, gradient layout and eligible settings; False (nothing
         done) otherwise, and the full step runs (checks, gathering, maybe a new plan)."""
-        plan: _FlatPlan | None = self.__dict__.get("_flat")
+        plan: _plan.Plan | None = self.__dict__.get("_flat")
         if plan is None:
             return False
         if self.d_ratio_cap is not None or len(plan.entries) != len(self.param_groups):
@@ -628,7 +627,7 @@ class KProdigy(torch.optim.Optimizer):
             return False  # the full step raises it, with its context
         return self._run_flat(plan, self._reduce_stats(plan.stepped))
 
-    def _run_flat(self, plan: _FlatPlan, reduce_stats: Callable[[Tensor], Tensor] | None) -> bool:
+    def _run_flat(self, plan: _plan.Plan, reduce_stats: Callable[[Tensor], Tensor] | None) -> bool:
         """One step of a native plan (``_native.step_host``: ONE host read for all D-groups), then
         the group keys; False (nothing done) when a reduction across ranks has no local
         statistics to reduce (the general path steps that)."""
@@ -646,7 +645,7 @@ class KProdigy(torch.optim.Optimizer):
         leads = [entries[0].group for _, entries in jobs]
         results = _native.step_host(
             [[_native.Member(e.hp, e.flat, [cast(Tensor, p.grad) for p in e.stepped]) for e in entries] for _, entries in jobs],
-            [_native.HostD(*(lead[key] for key in _FLOAT_D_KEYS)) for lead in leads],
+            [_native.HostD(*(lead[key] for key in _group_keys.FLOAT_D_KEYS)) for lead in leads],
             [lead["k"] for lead in leads],
             [plan.dtypes[j] for j, _ in jobs],
             reduce_stats,
@@ -659,7 +658,7 @@ class KProdigy(torch.optim.Optimizer):
                     group["skipped_steps"] = skipped + 1
             else:
                 for group, lr in zip(groups, result.dlrs):
-                    group.update(zip(_FLOAT_D_KEYS, astuple(result.d_state)), k=k + 1, effective_lr=lr)
+                    group.update(zip(_group_keys.FLOAT_D_KEYS, astuple(result.d_state)), k=k + 1, effective_lr=lr)
             self._recorded(groups, plan.params[j], k, skipped)
         _diagnostics.after_step(self, [[e.group for e in entries] for _, entries in jobs])
         return True
@@ -790,7 +789,7 @@ class KProdigy(torch.optim.Optimizer):
         self.finalize_step()
         state_dict = super().state_dict()
         for group in state_dict["param_groups"]:
-            _to_numbers(group)  # torch packed new group dicts: the optimizer's keep their tensors
+            _group_keys.to_numbers(group)  # torch packed new group dicts: the optimizer's keep their tensors
         state_dict["state"] = {  # entries that are not per-param dicts pass through, as in torch
             pid: {**st, "step": int(st["step"])} if isinstance(st, dict) and isinstance(st.get("step"), Tensor) else st
             for pid, st in state_dict["state"].items()
@@ -826,7 +825,7 @@ class KProdigy(torch.optim.Optimizer):
                 if group.get("factored") and _distributed.is_dtensor(p):
                     raise RuntimeError("factored=True does not support DTensor (FSDP2) params yet; use factored=False")
                 state.update(_distributed.init_state(p, hp))
-                state["step"] = _step_count(0, p, group["capturable"])
+                state["step"] = _group_keys.step_count(0, p, group["capturable"])
                 created = True
                 if frozen:
                     del state["s"], state["p0"]
@@ -893,61 +892,6 @@ class KProdigy(torch.optim.Optimizer):
         )
 
 
-class _FlatEntry:
-    """One param group in a kept native plan: what it was built from, and its flat record."""
-
-    def __init__(
-        self,
-        group: dict[str, Any],
-        hp: Hyperparams,
-        params: list[Tensor],
-        stepped: list[Tensor],
-        state: dict[Tensor, dict[str, Any]],
-        flat: _native.FlatGroup | None,
-    ) -> None:
-        self.group, self.hp, self.params, self.stepped, self.flat = group, hp, params, stepped, flat
-        self.has_grad = [p.grad is not None for p in params]
-        self.states = [state[p] for p in stepped]
-        self.tensors = [tuple(st.get(key) for key in _layout.STATE_KEYS) for st in self.states]
-        self.shapes = [p.shape for p in stepped]
-        self.dtype = flat.work.dtype if flat is not None else None
-        self.device = flat.work.device if flat is not None else None
-
-    def holds(self, state: dict[Tensor, dict[str, Any]]) -> bool:
-        """Whether this step's group matches the plan: the same params with gradients, of the
-        same dtype, device and shape, contiguous, and the same state tensors."""
-        ps = self.group["params"]
-        if len(ps) != len(self.params):
-            return False
-        for p, q, has in zip(ps, self.params, self.has_grad):
-            if p is not q or (p.grad is None) == has:
-                return False
-        if self.flat is None:
-            return True
-        for p, st, (m, v, s, p0), shape in zip(self.stepped, self.states, self.tensors, self.shapes):
-            g = p.grad
-            if type(g) is not Tensor or g.dtype != self.dtype or g.device != self.device:
-                return False
-            if g.shape != shape or p.shape != shape or not g.is_contiguous():
-                return False
-            if state.get(p) is not st or st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v:
-                return False
-            if st.get("s") is not s or st.get("p0") is not p0:
-                return False
-        return True
-
-
-class _FlatPlan:
-    """The native plan kept between steps: D-groups (``members``) and one entry per param group;
-    per D-group the params it steps and their statistics dtype (fixed while the plan holds)."""
-
-    def __init__(self, d_key: tuple[Any, ...], members: list[list[int]], entries: list[_FlatEntry]) -> None:
-        self.d_key, self.members, self.entries = d_key, members, entries
-        self.params = [[p for i in m for p in entries[i].stepped] for m in members]
-        self.dtypes = [stat_dtype([p.dtype for p in ps]) for ps in self.params]
-        self.stepped = [p for ps in self.params for p in ps]
-
-
 class _Pending:
     """A D-group between ``step_parameter`` calls and ``finalize_step``."""
 
@@ -970,64 +914,3 @@ def _updates_d(lead: dict[str, Any]) -> bool | None:
     if lead["capturable"]:
         return None
     return cast(bool, _schedule.updates_d(lead["d_update_freq"], lead["k"], lead["d_steps"]))
-
-
-def _record_in_place(groups: list[dict[str, Any]], states: list[dict[str, Any]], old: DState, new: DState) -> None:
-    """Capturable: copy the new D state and effective_lr into the D-group's tensors and advance the
-    stepped params' ``step``, all on the device. ``old`` holds those tensors: it is read first."""
-    lrs = effective_lrs([Hyperparams.from_mapping(g) for g in groups], old)
-    steps = [state["step"] for state in states]
-    if steps:
-        torch._foreach_add_(steps, new.k - old.k)  # 0 on a skipped step
-    for key in D_STATE_FIELDS:
-        groups[0][key].copy_(getattr(new, key))
-    for group, lr in zip(groups, lrs):
-        group["effective_lr"].copy_(lr)
-
-
-def _new_d_state(lead: dict[str, Any], device: torch.device, dtype: torch.dtype) -> DState:
-    """A D state of 0-dim tensors from a group's D keys (numbers, or tensors read on the host)."""
-    packed = torch.tensor(
-        [float(lead[key]) for key in _FLOAT_D_KEYS], dtype=dtype, device=device
-    )  # one host-to-device copy for the D state
-    counts = torch.tensor([int(lead["k"]), int(lead["skipped_steps"])], dtype=torch.int64, device=device)
-    return DState(**dict(zip(_FLOAT_D_KEYS, packed.unbind())), **dict(zip(("k", "skipped_steps"), counts.unbind())))
-
-
-def _d_dtype(key: str, stats: torch.dtype) -> torch.dtype:
-    return torch.int64 if key in ("k", "skipped_steps") else stats
-
-
-def _bound(value: Any, device: torch.device, dtype: torch.dtype, seen: set[int]) -> bool:
-    """Whether a group key already is a persistent tensor of this placement, not bound elsewhere."""
-    return isinstance(value, Tensor) and value.device == device and value.dtype == dtype and id(value) not in seen
-
-
-def _to_numbers(group: dict[str, Any]) -> None:
-    """A group's D keys as Python numbers, in place (tensors are read on the host)."""
-    for key in (*_FLOAT_D_KEYS, "effective_lr"):
-        group[key] = float(group[key])
-    for key in ("k", "skipped_steps"):
-        group[key] = int(group[key])
-
-
-def _step_count(value: Any, p: Tensor, capturable: bool) -> Any:
-    """``state[p]["step"]``: an int, or an int64 0-dim tensor on p's device when capturable."""
-    if not capturable:
-        return int(value)
-    if isinstance(value, Tensor) and value.device == p.device and value.dtype == torch.int64:
-        return value
-    return torch.tensor(int(value), dtype=torch.int64, device=p.device)
-
-
-def _fresh_d_keys(d0: float) -> dict[str, Any]:
-    return {
-        "d": d0,
-        "d0": d0,
-        "d_max": d0,
-        "d_numerator": 0.0,
-        "d_denom": 0.0,
-        "d_hat": 0.0,
-        "k": 0,
-        "skipped_steps": 0,
-    }
