@@ -83,10 +83,7 @@ def test_not_taken_where_ineligible(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("native path taken")
 
     monkeypatch.setattr(_native, "update", fail)
-    # (d_update_freq > 1: the steps that update D take the native path, the others not)
     for kwargs in (
-        {"betas": (0.0, 0.999)},
-        {"slice_p": 2},
         {"foreach": True},
         {"fused": False},
         {"capturable": True},
@@ -161,3 +158,84 @@ def test_native_buckets_equal_per_tensor() -> None:
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)
         for key in ("exp_avg", "exp_avg_sq", "s"):
             torch.testing.assert_close(opt.state[p][key], ropt.state[q][key], rtol=1e-10, atol=1e-300)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"betas": (0.0, 0.999)},
+        {"betas": (0.0, 0.999), "weight_decay": 0.05},
+        {"slice_p": 3},
+        {"slice_p": 11, "weight_decay": 0.05},
+        {"d_update_freq": 3},
+        {"d_steps": 8},
+        {"independent_d": True, "d_ratio_cap": 1.5},
+    ],
+    ids=["defaults", "betas0_0", "betas0_0_wd", "slice_p3", "slice_p11_wd", "d_update_freq3", "d_steps8", "d_ratio_cap"],
+)
+def test_native_settings_equal_per_tensor(settings: dict) -> None:
+    """The settings beyond the defaults that the native path takes, over the CPU bucket layout
+    (a large tensor in slices whose length is no multiple of slice_p, packed small ones, a compact
+    p0): equal to the per-tensor kernels in float64 on every step (D, params, state), the native
+    update used on every step that is not skipped, a NaN step skipped exactly (one that updates D
+    and, with d_update_freq, one that does not), D grown."""
+    shapes = [(700, 401)] + [(64, 63)] * 70 + [(5,), (1, 7), (3, 3)]
+    assert 700 * 401 > 2 * _native.SLICE and 70 * 64 * 63 > _native.PACK_MAX
+    # a NaN at k=4 (d_update_freq=3: a step that does not update D; d_steps=8: before D froze) and
+    # at loop step 10 (k=9: one that updates D; D frozen), on a small tensor (slice_p: unsampled)
+    steps, nan_at = 14, [4, 10]
+
+    def run(flags: dict) -> tuple[list[torch.nn.Parameter], KProdigy, list[list[float]]]:
+        nonlocal path
+        gen = torch.Generator().manual_seed(5)
+        ps = [torch.nn.Parameter(torch.randn(*s, generator=gen, dtype=torch.float64)) for s in shapes]
+        ps[-2].data.zero_()  # compact p0
+        groups = [dict(params=ps[:40]), dict(params=ps[40:], lr=0.5)]  # two groups: one D unless independent
+        opt = KProdigy(groups, **settings, **flags)
+        ds = []
+        for k in range(steps):
+            for p, g in zip(ps, _grads(ps, k)):
+                p.grad = g * 10 ** (k % 3)  # the gradient scale changes: D grows, the cap binds
+            if k in nan_at:
+                ps[1 + k].grad[0, 1] = float("nan")  # element 1: not among the slice_p-th
+            before, x_before = [p.grad.clone() for p in ps], [p.detach().clone() for p in ps]
+            opt.step()
+            assert all(torch.equal(p.grad, b) or torch.isnan(b).any() for p, b in zip(ps, before))
+            ds.append([g["d"] for g in opt.param_groups])
+            path = [a + float((p - x).norm()) for a, p, x in zip(path, ps, x_before)]
+        return ps, opt, ds
+
+    path = [0.0] * len(shapes)  # per param, the sum of its moves' norms (the last run's: the reference)
+
+    calls = [0]
+    original = _native.update
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_native, "update", counted)
+        ours, opt, d_ours = run({})
+    ref, ropt, d_ref = run({"foreach": False, "fused": False})
+    skips = [g["skipped_steps"] for g in opt.param_groups]
+    assert skips == [g["skipped_steps"] for g in ropt.param_groups] and skips[0] == len(nan_at)
+    assert calls[0] == sum(steps - n for n in skips)  # native on every step a group was not skipped
+    assert max(d_ours[-1]) > 10 * 1e-6
+    if "d_ratio_cap" in settings:
+        assert any(max(ds) == pytest.approx(1.5 * min(ds), rel=1e-12) for ds in d_ref)  # the cap bound
+    for a, b in zip(d_ours, d_ref):
+        assert a == pytest.approx(b, rel=1e-12)
+    # float64 rounding, relative to the params and to their moves: betas[0] == 0 moves them by O(1)
+    # a step, and elements near the minimum amplify rounding (the sign of g flips: measured 4e-14
+    # of the path with D bit-identical); a wrong factor would be O(1) of it
+    for p, q, length in zip(ours, ref, path):
+        assert torch.isfinite(p).all()
+        assert float((p - q).norm()) <= 1e-12 * float(q.norm()) + 1e-12 * length
+        for key in ("exp_avg", "exp_avg_sq", "s"):
+            if key in ropt.state[q]:
+                a, b = opt.state[p][key], ropt.state[q][key]
+                assert float((a - b).norm()) <= 1e-11 * float(b.norm()), key
+            else:
+                assert key not in opt.state[p]

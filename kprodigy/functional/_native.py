@@ -36,7 +36,7 @@ import math
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -54,6 +54,9 @@ __all__ = [
     "eligible",
     "eligible_hparams",
     "flat_group",
+    "gather",
+    "in_dtype",
+    "largest",
     "statistics",
     "step_host",
     "update",
@@ -66,24 +69,27 @@ SLICE = 1 << 17  # elements of a large tensor's slice on CPU (benchmarks/NOTES.m
 
 
 def eligible_hparams(hp: Hyperparams) -> bool:
-    """The settings the native kernels compute exactly: betas[0] > 0 (m exists), slice_p == 1,
-    no coupled weight decay and no maximize (both would need gradient copies), no stochastic
-    rounding."""
-    if hp.betas[0] <= 0 or hp.slice_p != 1 or hp.maximize or hp.stochastic_rounding:
+    """The settings the native kernels compute exactly: any betas (``betas[0] == 0`` steps with
+    ``d_new * g``, through a zeroed scratch ``m``), any ``slice_p``, decoupled weight decay; not
+    coupled weight decay or maximize (both need a gradient copy) nor stochastic rounding."""
+    if hp.maximize or hp.stochastic_rounding:
         return False
     return hp.weight_decay <= 0 or hp.decouple
 
 
-def eligible(seg: Segment) -> bool:
+def eligible(seg: Segment, frozen: bool = False) -> bool:
     """Whether the native kernels compute exactly this segment's step.
 
     ``eligible_hparams``; on CUDA below ``AUTO_FUSED_MIN`` elements (larger groups take the
-    compiled kernels there, and a bucket is a whole tensor); every param a plain float32/float64 tensor (no DTensor, no
-    torch.func wrapper) on CPU or CUDA, one device and dtype, contiguous, with state of its own
-    dtype and shape (not factored, no 16-bit params with float32 state), not requiring grad
-    while grad mode is on.
+    compiled kernels there, and a bucket is a whole tensor); every param a plain float32/float64
+    tensor (no DTensor, no torch.func wrapper) on CPU or CUDA, one device and dtype, contiguous,
+    with state of its own dtype and shape (not factored, no 16-bit params with float32 state):
+    ``exp_avg`` where betas[0] > 0, ``s`` and ``p0`` of ``ceil(numel / slice_p)`` elements (a
+    0-dim ``p0`` for an all-zero param; empty placeholders when D is ``frozen``), not requiring
+    grad while grad mode is on.
     """
-    if not eligible_hparams(seg.hparams) or seg.exp_avg is None or not seg.params:
+    hp = seg.hparams
+    if not eligible_hparams(hp) or not seg.params or (hp.betas[0] > 0) != (seg.exp_avg is not None):
         return False
     x0 = seg.params[0]
     if x0.device.type == "cuda" and sum(x.numel() for x in seg.params) >= AUTO_FUSED_MIN:
@@ -92,7 +98,8 @@ def eligible(seg: Segment) -> bool:
     if device.type not in ("cpu", "cuda") or dtype not in (torch.float32, torch.float64):
         return False
     grad_mode = torch.is_grad_enabled()
-    for x, g, m, v, s, p0 in zip(seg.params, seg.grads, seg.exp_avg, seg.exp_avg_sq, seg.s, seg.p0):
+    ms = seg.exp_avg if seg.exp_avg is not None else seg.exp_avg_sq
+    for x, g, m, v, s, p0 in zip(seg.params, seg.grads, ms, seg.exp_avg_sq, seg.s, seg.p0):
         if type(x) not in (Tensor, torch.nn.Parameter) or type(g) is not Tensor:
             return False
         if x.device != device or x.dtype != dtype or g.dtype != dtype or g.device != device:
@@ -101,7 +108,8 @@ def eligible(seg: Segment) -> bool:
             return False
         if not (x.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
             return False
-        if s.numel() != x.numel() or (p0.dim() != 0 and p0.numel() != x.numel()):
+        n_s = 0 if frozen else -(-x.numel() // hp.slice_p)
+        if s.numel() != n_s or (p0.numel() != n_s and not (p0.dim() == 0 and not frozen)):
             return False
         if grad_mode and x.requires_grad:
             return False
@@ -112,14 +120,17 @@ def eligible(seg: Segment) -> bool:
 
 @dataclass(eq=False)
 class Bucket:
-    """Elements of a group stepped together; n = its number of elements.
+    """Elements of a group stepped together; n = hi - lo its number of elements, and ``s``,
+    ``p0`` its (n_s,) statistics spans (every ``slice_p``-th element; empty when D is frozen).
 
     Packed (``grad`` not None): consecutive small tensors ``index`` of the group; ``params``,
-    ``m``, ``v`` the tensors themselves, ``s`` and ``p0`` (n,) spans of the packed state (``p0``
-    a copy where compact), ``grad`` (n,) the bucket's own buffer of the gathered gradients
-    (``grad_views`` shaped as the params), ``work_views`` the group's scratch shaped as the params.
-    Slice (``grad`` None): elements [lo, hi) of the one large tensor ``index[0]``; ``params``,
-    ``m``, ``v``, ``s``, ``p0`` 1-D views of that slice.
+    ``m``, ``v`` the tensors themselves (``m`` empty when betas[0] == 0), ``s`` and ``p0`` spans of
+    the packed state (``p0`` a copy where compact), ``grad`` (n,) the bucket's own buffer of the
+    gathered gradients (``grad_views`` shaped as the params), ``work_views`` the group's scratch
+    shaped as the params; with ``slice_p > 1`` also ``sliced`` (n_s,) its own buffer of the
+    gathered ``g[::slice_p]`` (``sliced_views``) and ``x_views`` scratch views for ``x[::slice_p]``.
+    Slice (``grad`` None): elements [lo, hi) of the one large tensor ``index[0]`` (lo a multiple
+    of ``slice_p``); ``params``, ``m``, ``v`` 1-D views of that slice.
     """
 
     index: list[int]
@@ -133,6 +144,9 @@ class Bucket:
     grad: Tensor | None = None
     grad_views: list[Tensor] = field(default_factory=list)
     work_views: list[Tensor] = field(default_factory=list)
+    sliced: Tensor | None = None
+    sliced_views: list[Tensor] = field(default_factory=list)
+    x_views: list[Tensor] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -140,23 +154,26 @@ class FlatGroup:
     """One param group on the native path: its buckets and their shared scratch.
 
     ``work``, ``work2``: (largest bucket,) scratch (``p0 - x``, then ``|s_new|``; ``s_new``, then a
-    slice's ``d_old * g``). ``steps``: the huge state step of Adam's kernel (one 0-dim float32
-    tensor, repeated for the largest bucket's number of tensors)."""
+    slice's ``d_old * g``; ``work`` the zeroed ``m`` when betas[0] == 0). ``steps``: the huge state
+    step of Adam's kernel (one 0-dim float32 tensor, repeated for the largest bucket's number of
+    tensors). ``slice_p``: the stride of the statistics."""
 
     buckets: list[Bucket]
     work: Tensor
     work2: Tensor
     steps: list[Tensor]
+    slice_p: int = 1
 
 
-def flat_group(seg: Segment) -> FlatGroup | None:
+def flat_group(seg: Segment, frozen: bool = False) -> FlatGroup | None:
     """The buckets of an ``eligible`` segment whose small tensors' ``exp_avg``, ``exp_avg_sq``
     and ``s`` lie back to back in one buffer each per bucket; None when they do not (the caller
-    packs them first)."""
+    packs them first). ``frozen``: D no longer adapts (``s`` and ``p0`` are empty placeholders)."""
     from ._fused import _p0_full, flat_span  # the layout rule of the packed state, stated once there
 
-    assert seg.exp_avg is not None  # eligible: betas[0] > 0
-    xs, ms, vs, ss, p0s = list(seg.params), list(seg.exp_avg), list(seg.exp_avg_sq), list(seg.s), list(seg.p0)
+    p = seg.hparams.slice_p
+    xs, vs, ss, p0s = list(seg.params), list(seg.exp_avg_sq), list(seg.s), list(seg.p0)
+    ms = list(seg.exp_avg) if seg.exp_avg is not None else None
     on_cpu = xs[0].device.type == "cpu"
     runs: list[list[int]] = []  # packed runs of small tensors, and single large ones
     total = 0
@@ -170,60 +187,117 @@ def flat_group(seg: Segment) -> FlatGroup | None:
             total = 0
         runs[-1].append(i)
         total += n
+    empty = xs[0].new_empty(0)
     buckets = []
     for idx in runs:
         x = xs[idx[0]]
         if x.numel() >= SMALL:
             i, n = idx[0], x.numel()
-            p0 = _p0_full(p0s[i], n)
-            width = SLICE if on_cpu else n
+            p0 = empty if frozen else _p0_full(p0s[i], -(-n // p))
+            width = (SLICE // p) * p if on_cpu else n
             for lo in range(0, n, width):
                 hi = min(lo + width, n)
-                flat = [t.view(-1)[lo:hi] for t in (x, ms[i], vs[i])]
-                buckets.append(Bucket([i], lo, hi, [flat[0]], [flat[1]], [flat[2]], ss[i][lo:hi], p0[lo:hi]))
+                s_lo, s_hi = (0, 0) if frozen else (lo // p, -(-hi // p))
+                m = [] if ms is None else [ms[i].view(-1)[lo:hi]]
+                bucket = Bucket([i], lo, hi, [x.view(-1)[lo:hi]], m, [vs[i].view(-1)[lo:hi]], ss[i][s_lo:s_hi], p0[s_lo:s_hi])
+                buckets.append(bucket)
             continue
-        spans = [flat_span([ts[i] for i in idx]) for ts in (ms, vs, ss)]
+        params = [xs[i] for i in idx]
+        spans = [flat_span([ts[i] for i in idx]) for ts in ([] if ms is None else [ms]) + [vs] + ([] if frozen else [ss])]
         if any(span is None for span in spans):
             return None
-        s = spans[2]
-        assert s is not None
-        full = all(p0s[i].numel() == xs[i].numel() for i in idx)
-        p0_span = flat_span([p0s[i] for i in idx]) if full else None
-        p0 = p0_span if p0_span is not None else torch.cat([_p0_full(p0s[i], xs[i].numel()) for i in idx])
-        params = [xs[i] for i in idx]
-        grad = torch.empty_like(s)
-        buckets.append(
-            Bucket(idx, 0, s.numel(), params, [ms[i] for i in idx], [vs[i] for i in idx], s, p0, grad, _views(grad, params))
-        )
+        if frozen:
+            s, p0 = empty, empty
+        else:
+            s = cast(Tensor, spans[-1])
+            full = all(p0s[i].numel() == ss[i].numel() for i in idx)
+            p0_span = flat_span([p0s[i] for i in idx]) if full else None
+            p0 = p0_span if p0_span is not None else torch.cat([_p0_full(p0s[i], ss[i].numel()) for i in idx])
+        grad = torch.empty(sum(x.numel() for x in params), dtype=x.dtype, device=x.device)
+        m = [] if ms is None else [ms[i] for i in idx]
+        bucket = Bucket(idx, 0, grad.numel(), params, m, [vs[i] for i in idx], s, p0, grad, _views(grad, params))
+        if p > 1 and not frozen:
+            bucket.sliced = torch.empty_like(s)
+            bucket.sliced_views = _views(bucket.sliced, [ss[i] for i in idx])
+        buckets.append(bucket)
     width = max(b.hi - b.lo for b in buckets)
     work, work2 = (torch.empty(width, dtype=xs[0].dtype, device=xs[0].device) for _ in range(2))
     for b in buckets:
         if b.grad is not None:
             b.work_views = _views(work[: b.hi - b.lo], b.params)
+            if b.sliced is not None:
+                b.x_views = _views(work[: b.s.numel()], b.sliced_views)
     step = torch.full((), HUGE_STEP, dtype=torch.float32, device=xs[0].device)
-    return FlatGroup(buckets, work, work2, [step] * max(len(b.params) for b in buckets))
+    return FlatGroup(buckets, work, work2, [step] * max(len(b.params) for b in buckets), p)
+
+
+def _gather(fg: FlatGroup, b: Bucket, grads: list[Tensor]) -> None:
+    """Copy a packed bucket's gradients into its own buffer (and their every slice_p-th element
+    into ``sliced``), where ``update`` reads them."""
+    assert b.grad is not None
+    gs = [grads[i] for i in b.index]
+    torch._foreach_copy_(b.grad_views, gs)
+    if b.sliced is not None:
+        torch._foreach_copy_(b.sliced_views, [g.view(-1)[:: fg.slice_p] for g in gs])
+
+
+def gather(fg: FlatGroup, grads: list[Tensor]) -> None:
+    """Gather the packed buckets' gradients (what ``statistics`` and ``largest`` do first), for a
+    step that computes neither."""
+    for b in fg.buckets:
+        if b.grad is not None:
+            _gather(fg, b, grads)
+
+
+def _sliced_grad(fg: FlatGroup, b: Bucket, grads: list[Tensor]) -> Tensor:
+    """The bucket's ``g[::slice_p]`` (n_s,), as ``statistics`` and ``update`` read it (after ``_gather``)."""
+    if b.grad is None:
+        return grads[b.index[0]].view(-1)[b.lo : b.hi : fg.slice_p]
+    return b.sliced if b.sliced is not None else b.grad
 
 
 def statistics(fg: FlatGroup, grads: list[Tensor], *, beta3: float, s_scale: float) -> tuple[Tensor, Tensor]:
-    """Read-only statistics pass: (<g, p0 - x>, ||beta3 * s + s_scale * g||_1) over the group, 0-dim
-    tensors in the params' dtype on their device. ``grads``: the segment's gradients. Writes only
-    scratch and the packed buckets' gathered gradients (which ``update`` reads)."""
+    """Read-only statistics pass: (<g[::p], p0 - x[::p]>, ||beta3 * s + s_scale * g[::p]||_1) over
+    the group, 0-dim tensors in the params' dtype on their device. ``grads``: the segment's
+    gradients. Writes only scratch and the packed buckets' gathered gradients (which ``update``
+    reads). With ``slice_p == 1`` a non-finite gradient makes the sums non-finite."""
     dots, norms = [], []
     for b in fg.buckets:
-        n = b.hi - b.lo
-        work = fg.work[:n]
+        n_s = b.s.numel()
+        work = fg.work[:n_s]
         if b.grad is not None:
-            torch._foreach_copy_(b.grad_views, [grads[i] for i in b.index])
-            torch._foreach_copy_(b.work_views, b.params)
-            g, x = b.grad, work
+            _gather(fg, b, grads)
+            if b.sliced is not None:
+                torch._foreach_copy_(b.x_views, [x.view(-1)[:: fg.slice_p] for x in b.params])
+            else:
+                torch._foreach_copy_(b.work_views, b.params)
+            x = work
         else:
-            g, x = grads[b.index[0]].view(-1)[b.lo : b.hi], b.params[0]
+            x = b.params[0][:: fg.slice_p]
+        g = _sliced_grad(fg, b, grads)
         dots.append(torch.dot(g, torch.sub(b.p0, x, out=work)))  # <g, p0 - x>
-        s_new = torch.mul(b.s, beta3, out=fg.work2[:n]).add_(g, alpha=s_scale)  # the ops of ``update``
+        s_new = torch.mul(b.s, beta3, out=fg.work2[:n_s]).add_(g, alpha=s_scale)  # the ops of ``update``
         norms.append(torch.abs(s_new, out=work).sum())
     if len(dots) == 1:
         return dots[0], norms[0]
     return torch.stack(dots).sum(), torch.stack(norms).sum()
+
+
+def largest(fg: FlatGroup, grads: list[Tensor], gathered: bool = False) -> Tensor:
+    """0-dim: the largest |g| of the group, for the NaN/inf skip where the statistics do not see
+    every gradient element (a step without statistics, or slice_p > 1): ``torch.aminmax``, as
+    ``_robust.all_finite`` (NaN propagates, nothing overflows). Gathers the packed buckets'
+    gradients first (``update`` reads them) unless ``gathered`` (by ``statistics``)."""
+    found: list[Tensor] = []
+    for b in fg.buckets:
+        if b.grad is not None:
+            if not gathered:
+                _gather(fg, b, grads)
+            g = b.grad
+        else:
+            g = grads[b.index[0]].view(-1)[b.lo : b.hi]
+        found += torch.aminmax(g)
+    return torch.stack(found).abs().amax()
 
 
 def update(
@@ -236,29 +310,42 @@ def update(
     d_old: float,
     d_new: float,
     dlr: float,
+    update_s: bool = True,
 ) -> None:
-    """Write s, m, v, x of a group in place (a step that is not skipped), after ``statistics``."""
+    """Write s (if ``update_s``: a step that updates D), m, v, x of a group in place (a step that
+    is not skipped), after ``statistics`` (or ``largest``/``gather``, which gather the gradients too)."""
+    b1 = hp.betas[0]
+    decay = hp.weight_decay if hp.decouple else 0.0
     kwargs: dict[str, Any] = dict(
-        lr=dlr,
-        beta1=hp.betas[0],
+        # betas[0] == 0: m = d_old * g in a zeroed scratch, and the step dlr * d_new * g / den
+        lr=dlr if b1 > 0 else dlr * d_new / d_old,
+        beta1=b1,
         beta2=hp.betas[1],
-        weight_decay=hp.weight_decay if hp.decouple else 0.0,
+        weight_decay=decay if b1 > 0 else 0.0,  # (betas[0] == 0: the lr above is not dlr)
         eps=d_new * hp.eps,
         amsgrad=False,
         maximize=False,
         grad_scale=None,
         found_inf=None,
     )
+    keep = 1 - decay * dlr if decay > 0 and b1 <= 0 else None
     for b in fg.buckets:
+        n = b.hi - b.lo
+        if update_s:
+            b.s.mul_(beta3).add_(_sliced_grad(fg, b, grads), alpha=s_scale)
         if b.grad is not None:
-            b.s.mul_(beta3).add_(b.grad, alpha=s_scale)
             gs = b.grad_views
             b.grad.mul_(d_old)
         else:
             g = grads[b.index[0]].view(-1)[b.lo : b.hi]
-            b.s.mul_(beta3).add_(g, alpha=s_scale)
-            gs = [torch.mul(g, d_old, out=fg.work2[: b.hi - b.lo])]
-        torch._fused_adamw_(b.params, gs, b.m, b.v, [], fg.steps[: len(b.params)], **kwargs)
+            gs = [torch.mul(g, d_old, out=fg.work2[:n])]
+        ms = b.m
+        if b1 <= 0:
+            fg.work[:n].zero_()
+            ms = b.work_views if b.grad is not None else [fg.work[:n]]
+        if keep is not None:
+            torch._foreach_mul_(b.params, keep)
+        torch._fused_adamw_(b.params, gs, ms, b.v, [], fg.steps[: len(b.params)], **kwargs)
 
 
 @dataclass(frozen=True)
@@ -297,56 +384,86 @@ def step_host(
     d_states: Sequence[HostD],
     ks: Sequence[int],
     dtypes: Sequence[torch.dtype],
+    updates: Sequence[bool],
     reduce_stats: Callable[[Tensor], Tensor] | None = None,
 ) -> list[HostResult]:
     """One native step of several D-groups (aligned: members, D state, step count k, statistics
-    dtype), with ONE host read for all of them: ``statistics`` of every member that steps
-    (lr > 0), the sums packed in one float64 tensor (summed over ranks by ``reduce_stats``, the
-    reduction seam), read once; then per D-group the D update (``_scalars.reduce_d_host``, the D
-    state rounded to its dtype as every path keeps it) and ``update`` of its members, or the skip
-    (``skip_nonfinite`` and non-finite sums: nothing written). A D-group with no statistics (every
-    member frozen or without gradients) keeps its D."""
+    dtype, whether the step updates D: ``_schedule.updates_d``), with ONE host read for all.
+
+    A D-group that updates D: ``statistics`` of every member that steps (lr > 0), the sums packed
+    in one float64 tensor (summed over ranks by ``reduce_stats``, the reduction seam); after the
+    read the D update (``_scalars.reduce_d_host``, the D state rounded to its dtype as every path
+    keeps it) and ``update`` of its members, or the skip (``skip_nonfinite`` and non-finite values:
+    nothing written). A D-group that does not (``d_update_freq``, D frozen): no statistics and no
+    reduction; D stays and ``update`` leaves ``s``. Where the statistics do not see every gradient
+    element (no statistics, or slice_p > 1) the largest |g| decides the skip (local, read with the
+    sums). A D-group with no member that steps (frozen or without gradients) keeps its D."""
     coefs = [[host_coefficients(m.hp, ds.d, k) for m in members] for members, ds, k in zip(d_groups, d_states, ks)]
-    sums: list[Tensor] = []
-    live: dict[int, int] = {}  # D-group index -> its position in ``sums`` / 2
-    for j, (members, cs) in enumerate(zip(d_groups, coefs)):
+    sums: list[Tensor] = []  # [numerator_delta, denom] of each D-group with statistics (reduced)
+    checks: list[Tensor] = []  # largest |g| of members whose statistics do not see every element (local)
+    spans: dict[int, tuple[int, int, int]] = {}  # D-group -> (start in sums or -1, start, end in checks)
+    for j, (members, cs, update_d) in enumerate(zip(d_groups, coefs, updates)):
         beta3 = members[0].hp.beta3_value  # the D-group's, from its first group
-        dots, norms = [], []
+        skip = members[0].hp.skip_nonfinite
+        dots, norms, found = [], [], []
         for m, c in zip(members, cs):
-            if m.hp.lr > 0 and m.flat is not None:
+            if m.hp.lr <= 0 or m.flat is None:
+                continue
+            if update_d:
                 dot, norm = statistics(m.flat, m.grads, beta3=beta3, s_scale=c.s_scale)
                 dots.append(dot * c.numerator_scale)
                 norms.append(norm)
+                if skip and m.flat.slice_p > 1:  # the sums see every slice_p-th gradient element only
+                    found.append(largest(m.flat, m.grads, gathered=True))
+            elif skip:
+                found.append(largest(m.flat, m.grads))
+            else:
+                gather(m.flat, m.grads)
+        if dots or found:
+            spans[j] = (len(sums) if dots else -1, len(checks), len(checks) + len(found))
         if dots:
-            live[j] = len(live)
             sums += [sum(dots[1:], dots[0]), sum(norms[1:], norms[0])]
+        checks += found
     values: list[float] = []
-    if sums:
-        devices = {t.device for t in sums}
-        stats = torch.stack([t.to("cpu" if len(devices) > 1 else t.device, torch.float64) for t in sums])
-        if reduce_stats is not None:
-            stats = reduce_stats(stats)
-        values = stats.tolist()  # the one host read of the step
+    if sums or checks:
+        devices = {t.device for t in sums + checks}
+        device = torch.device("cpu") if len(devices) > 1 else next(iter(devices))
+        packed = [torch.stack([t.to(device, torch.float64) for t in ts]) for ts in (sums, checks) if ts]
+        if sums and reduce_stats is not None:
+            packed[0] = reduce_stats(packed[0])
+        values = torch.cat(packed).tolist()  # the one host read of the step
     out = []
-    for j, (members, ds, cs, dtype) in enumerate(zip(d_groups, d_states, coefs, dtypes)):
-        dlrs = _in_dtype([c.dlr for c in cs], dtype)
-        if j not in live:
-            out.append(HostResult(ds, dlrs))
-            continue
-        numerator, denom = values[2 * live[j]], values[2 * live[j] + 1]
+    for j, (members, ds, cs, dtype, update_d) in enumerate(zip(d_groups, d_states, coefs, dtypes, updates)):
+        dlrs = in_dtype([c.dlr for c in cs], dtype)
         hp0 = members[0].hp  # the D settings of the D-group (beta3, d0, d_coef, growth_rate, skip)
-        if hp0.skip_nonfinite and not (math.isfinite(numerator) and math.isfinite(denom)):
-            out.append(HostResult(None, dlrs))
-            continue
-        new = HostD(*_in_dtype(reduce_d_host(ds.d, ds.d_max, ds.d_hat, ds.d_numerator, numerator, denom, hp0), dtype))
+        new = ds
+        if j in spans:
+            at, start, end = spans[j]
+            mine = (values[at : at + 2] if at >= 0 else []) + values[len(sums) + start : len(sums) + end]
+            if hp0.skip_nonfinite and not all(math.isfinite(v) for v in mine):
+                out.append(HostResult(None, dlrs))
+                continue
+            if at >= 0:
+                numerator, denom = mine[0], mine[1]
+                new = HostD(*in_dtype(reduce_d_host(ds.d, ds.d_max, ds.d_hat, ds.d_numerator, numerator, denom, hp0), dtype))
         for m, c in zip(members, cs):
             if m.hp.lr > 0 and m.flat is not None:
-                update(m.flat, m.grads, m.hp, beta3=hp0.beta3_value, s_scale=c.s_scale, d_old=ds.d, d_new=new.d, dlr=c.dlr)
+                update(
+                    m.flat,
+                    m.grads,
+                    m.hp,
+                    beta3=hp0.beta3_value,
+                    s_scale=c.s_scale,
+                    d_old=ds.d,
+                    d_new=new.d,
+                    dlr=c.dlr,
+                    update_s=update_d,
+                )
         out.append(HostResult(new, dlrs))
     return out
 
 
-def _in_dtype(values: Sequence[float], dtype: torch.dtype) -> list[float]:
+def in_dtype(values: Sequence[float], dtype: torch.dtype) -> list[float]:
     """Python floats rounded to ``dtype`` (float32 or float64): the values a 0-dim tensor of that
     dtype would hold, without one."""
     if dtype == torch.float64:

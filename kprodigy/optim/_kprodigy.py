@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import astuple
+from dataclasses import astuple, replace
 from typing import Any, cast
 
 import torch
@@ -553,31 +553,33 @@ class KProdigy(torch.optim.Optimizer):
         (values unchanged) and keeps the plan, which later steps reuse (``_flat_step``) while the
         layout, gradients and settings still match it.
 
-        Qualifies: the default flags (``foreach`` and ``fused`` None), not capturable, a step
-        that updates D (``d_update_freq``, ``d_steps``), no ``d_ratio_cap``, and every segment
-        that steps (lr > 0) ``_native.eligible``.
+        Qualifies: the default flags (``foreach`` and ``fused`` None), not capturable, and every
+        segment that steps (lr > 0) ``_native.eligible``; steps that do not update D
+        (``d_update_freq``, D frozen after ``d_steps``) and ``d_ratio_cap`` included.
         """
-        if self.d_ratio_cap is not None or not jobs:
+        if not jobs:
             return False
         for _, groups, segments, params in jobs:
             lead = groups[0]
-            if lead["capturable"] or not _updates_d(lead) or any(_distributed.is_dtensor(p) for p in params):
+            if lead["capturable"] or any(_distributed.is_dtensor(p) for p in params):
                 return False  # (DTensor: the segments hold local shards, the plan the optimizer's params)
             if any(g["foreach"] is not None or g["fused"] is not None for g in groups):
                 return False
-            if any(seg.params and not _native.eligible(seg) for seg in segments):
+            frozen = _is_frozen(lead)
+            if any(seg.params and not _native.eligible(seg, frozen) for seg in segments):
                 return False  # (lr=0 groups too: a kept plan may see their lr raised)
         entries: dict[int, _plan.PlanEntry] = {}
         for _, groups, segments, _ in jobs:
+            frozen = _is_frozen(groups[0])
             for group, seg in zip(groups, segments):
                 stepped = [p for p in group["params"] if p.grad is not None]
                 flat = None
                 if seg.params:
-                    flat = _native.flat_group(seg)
+                    flat = _native.flat_group(seg, frozen)
                     if flat is None:  # lay the small params' state flat once, then gather it again
                         _layout.pack_states([self.state[p] for p in stepped if p.numel() < _native.SMALL])
-                        seg, _ = self._segment(group, frozen=False)
-                        flat = _native.flat_group(seg)
+                        seg, _ = self._segment(group, frozen=frozen)
+                        flat = _native.flat_group(seg, frozen)
                     assert flat is not None
                 entries[id(group)] = _plan.PlanEntry(group, seg.hparams, list(group["params"]), stepped, self.state, flat)
         for group in self.param_groups:  # a D-group without gradients this step: nothing to lay flat
@@ -596,7 +598,7 @@ class KProdigy(torch.optim.Optimizer):
         plan: _plan.Plan | None = self.__dict__.get("_flat")
         if plan is None:
             return False
-        if self.d_ratio_cap is not None or len(plan.entries) != len(self.param_groups):
+        if len(plan.entries) != len(self.param_groups):
             return False
         if plan.d_key != self._d_group_key():
             return False
@@ -621,8 +623,6 @@ class KProdigy(torch.optim.Optimizer):
                 check_same_d_steps(groups, members)
                 if changed.intersection(members):
                     check_d_group_agrees(groups, members)
-                if not _updates_d(groups[0]):
-                    return False
         except (ValueError, RuntimeError, TypeError):
             return False  # the full step raises it, with its context
         return self._run_flat(plan, self._reduce_stats(plan.stepped))
@@ -648,8 +648,10 @@ class KProdigy(torch.optim.Optimizer):
             [_native.HostD(*(lead[key] for key in _group_keys.FLOAT_D_KEYS)) for lead in leads],
             [lead["k"] for lead in leads],
             [plan.dtypes[j] for j, _ in jobs],
+            [bool(_updates_d(lead)) for lead in leads],
             reduce_stats,
         )
+        results = self._capped(results, leads, [[e.group for e in entries] for _, entries in jobs], [plan.dtypes[j] for j, _ in jobs])
         for (j, entries), lead, result in zip(jobs, leads, results):
             groups = [e.group for e in entries]
             k, skipped = lead["k"], lead["skipped_steps"]
@@ -662,6 +664,36 @@ class KProdigy(torch.optim.Optimizer):
             self._recorded(groups, plan.params[j], k, skipped)
         _diagnostics.after_step(self, [[e.group for e in entries] for _, entries in jobs])
         return True
+
+    def _capped(
+        self,
+        results: list[_native.HostResult],
+        leads: list[dict[str, Any]],
+        groups: list[list[dict[str, Any]]],
+        dtypes: list[torch.dtype],
+    ) -> list[_native.HostResult]:
+        """``d_ratio_cap`` on the native path's results, as ``_record`` applies it on the general
+        path (``_schedule.cap_d_ratio``, on the host): over the D-groups that stepped with some
+        lr > 0, a skipped one with its D as it was."""
+        if self.d_ratio_cap is None:
+            return results
+        live = [j for j, gs in enumerate(groups) if any(g["lr"] > 0 for g in gs)]
+        if len(live) < 2:
+            return results
+        states = [results[j].d_state for j in live]
+        ds = [leads[j]["d"] if state is None else state.d for j, state in zip(live, states)]
+        floor = min(ds) * self.d_ratio_cap  # float64, as cap_d_ratio's
+        out = list(results)
+        for j, d in zip(live, ds):
+            (capped,) = _native.in_dtype([floor], dtypes[j])
+            if capped < d:
+                state = results[j].d_state
+                if state is None:  # a skipped D-group: only its D is capped, as _record writes it
+                    for group in groups[j]:
+                        group["d"] = capped
+                else:
+                    out[j] = replace(results[j], d_state=replace(state, d=capped))
+        return out
 
     def _scratch(self) -> dict[Any, Tensor]:
         """The reused CPU buffers of this optimizer's eager kernels (``functional._scratch``):
