@@ -87,8 +87,7 @@ def test_not_taken_where_ineligible(monkeypatch: pytest.MonkeyPatch) -> None:
         {"foreach": True},
         {"fused": False},
         {"capturable": True},
-        {"weight_decay": 0.1, "decouple": False},
-        {"maximize": True},
+        {"stochastic_rounding": True},
     ):
         p = torch.nn.Parameter(torch.randn(8, 4))
         opt = KProdigy([p], **kwargs)
@@ -171,8 +170,21 @@ def test_native_buckets_equal_per_tensor() -> None:
         {"d_update_freq": 3},
         {"d_steps": 8},
         {"independent_d": True, "d_ratio_cap": 1.5},
+        {"weight_decay": 0.05, "decouple": False},
+        {"maximize": True, "weight_decay": 0.05, "decouple": False, "slice_p": 3},
     ],
-    ids=["defaults", "betas0_0", "betas0_0_wd", "slice_p3", "slice_p11_wd", "d_update_freq3", "d_steps8", "d_ratio_cap"],
+    ids=[
+        "defaults",
+        "betas0_0",
+        "betas0_0_wd",
+        "slice_p3",
+        "slice_p11_wd",
+        "d_update_freq3",
+        "d_steps8",
+        "d_ratio_cap",
+        "coupled_wd",
+        "maximize_coupled_slice_p3",
+    ],
 )
 def test_native_settings_equal_per_tensor(settings: dict) -> None:
     """The settings beyond the defaults that the native path takes, over the CPU bucket layout

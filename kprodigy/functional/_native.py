@@ -70,11 +70,10 @@ SLICE = 1 << 17  # elements of a large tensor's slice on CPU (benchmarks/NOTES.m
 
 def eligible_hparams(hp: Hyperparams) -> bool:
     """The settings the native kernels compute exactly: any betas (``betas[0] == 0`` steps with
-    ``d_new * g``, through a zeroed scratch ``m``), any ``slice_p``, decoupled weight decay; not
-    coupled weight decay or maximize (both need a gradient copy) nor stochastic rounding."""
-    if hp.maximize or hp.stochastic_rounding:
-        return False
-    return hp.weight_decay <= 0 or hp.decouple
+    ``d_new * g``, through a zeroed scratch ``m``), any ``slice_p``, weight decay decoupled or
+    coupled and ``maximize`` (the effective gradient ``-g + wd * x`` in the bucket's buffer or in
+    scratch); not stochastic rounding (16-bit params are not eligible anyway)."""
+    return not hp.stochastic_rounding
 
 
 def eligible(seg: Segment, frozen: bool = False) -> bool:
@@ -154,15 +153,17 @@ class FlatGroup:
     """One param group on the native path: its buckets and their shared scratch.
 
     ``work``, ``work2``: (largest bucket,) scratch (``p0 - x``, then ``|s_new|``; ``s_new``, then a
-    slice's ``d_old * g``; ``work`` the zeroed ``m`` when betas[0] == 0). ``steps``: the huge state
-    step of Adam's kernel (one 0-dim float32 tensor, repeated for the largest bucket's number of
-    tensors). ``slice_p``: the stride of the statistics."""
+    slice's ``d_old * g``; ``work`` the zeroed ``m`` when betas[0] == 0); ``work3`` a slice's
+    effective gradient (maximize, coupled weight decay; made on first use). ``steps``: the huge
+    state step of Adam's kernel (one 0-dim float32 tensor, repeated for the largest bucket's number
+    of tensors). ``slice_p``: the stride of the statistics."""
 
     buckets: list[Bucket]
     work: Tensor
     work2: Tensor
     steps: list[Tensor]
     slice_p: int = 1
+    work3: Tensor | None = None
 
 
 def flat_group(seg: Segment, frozen: bool = False) -> FlatGroup | None:
@@ -231,32 +232,57 @@ def flat_group(seg: Segment, frozen: bool = False) -> FlatGroup | None:
     return FlatGroup(buckets, work, work2, [step] * max(len(b.params) for b in buckets), p)
 
 
-def _gather(fg: FlatGroup, b: Bucket, grads: list[Tensor]) -> None:
-    """Copy a packed bucket's gradients into its own buffer (and their every slice_p-th element
-    into ``sliced``), where ``update`` reads them."""
+def _gather(fg: FlatGroup, b: Bucket, grads: list[Tensor], hp: Hyperparams) -> None:
+    """Copy a packed bucket's gradients into its own buffer as the effective gradient (negated if
+    ``maximize``, plus ``wd * x`` with coupled weight decay, as ``_step._effective_grads``), and
+    its every slice_p-th element into ``sliced``, where ``update`` reads them."""
     assert b.grad is not None
-    gs = [grads[i] for i in b.index]
-    torch._foreach_copy_(b.grad_views, gs)
+    torch._foreach_copy_(b.grad_views, [grads[i] for i in b.index])
+    if hp.maximize:
+        b.grad.neg_()
+    if hp.weight_decay > 0 and not hp.decouple:
+        torch._foreach_add_(b.grad_views, b.params, alpha=hp.weight_decay)
     if b.sliced is not None:
-        torch._foreach_copy_(b.sliced_views, [g.view(-1)[:: fg.slice_p] for g in gs])
+        torch._foreach_copy_(b.sliced_views, [g.view(-1)[:: fg.slice_p] for g in b.grad_views])
 
 
-def gather(fg: FlatGroup, grads: list[Tensor]) -> None:
+def gather(fg: FlatGroup, grads: list[Tensor], hp: Hyperparams) -> None:
     """Gather the packed buckets' gradients (what ``statistics`` and ``largest`` do first), for a
     step that computes neither."""
     for b in fg.buckets:
         if b.grad is not None:
-            _gather(fg, b, grads)
+            _gather(fg, b, grads, hp)
 
 
-def _sliced_grad(fg: FlatGroup, b: Bucket, grads: list[Tensor]) -> Tensor:
-    """The bucket's ``g[::slice_p]`` (n_s,), as ``statistics`` and ``update`` read it (after ``_gather``)."""
-    if b.grad is None:
-        return grads[b.index[0]].view(-1)[b.lo : b.hi : fg.slice_p]
-    return b.sliced if b.sliced is not None else b.grad
+def _grad(fg: FlatGroup, b: Bucket, grads: list[Tensor], hp: Hyperparams) -> Tensor:
+    """The bucket's (n,) effective gradient: a packed bucket's buffer (after ``_gather``); a
+    slice's view of its gradient, or with ``maximize`` / coupled weight decay ``-g + wd * x``
+    into ``work3`` (from the params as they are: before ``update`` moves them)."""
+    if b.grad is not None:
+        return b.grad
+    g = grads[b.index[0]].view(-1)[b.lo : b.hi]
+    coupled = hp.weight_decay > 0 and not hp.decouple
+    if not (hp.maximize or coupled):
+        return g
+    if fg.work3 is None:
+        fg.work3 = torch.empty_like(fg.work)
+    out = fg.work3[: b.hi - b.lo]
+    if hp.maximize:
+        torch.neg(g, out=out)
+        return out.add_(b.params[0], alpha=hp.weight_decay) if coupled else out
+    return torch.add(g, b.params[0], alpha=hp.weight_decay, out=out)
 
 
-def statistics(fg: FlatGroup, grads: list[Tensor], *, beta3: float, s_scale: float) -> tuple[Tensor, Tensor]:
+def _sliced(fg: FlatGroup, b: Bucket, g: Tensor) -> Tensor:
+    """The bucket's ``g[::slice_p]`` (n_s,) of its effective gradient ``g`` (``_grad``)."""
+    if b.sliced is not None:
+        return b.sliced
+    return g if fg.slice_p == 1 else g[:: fg.slice_p]
+
+
+def statistics(
+    fg: FlatGroup, grads: list[Tensor], hp: Hyperparams, *, beta3: float, s_scale: float
+) -> tuple[Tensor, Tensor]:
     """Read-only statistics pass: (<g[::p], p0 - x[::p]>, ||beta3 * s + s_scale * g[::p]||_1) over
     the group, 0-dim tensors in the params' dtype on their device. ``grads``: the segment's
     gradients. Writes only scratch and the packed buckets' gathered gradients (which ``update``
@@ -266,7 +292,7 @@ def statistics(fg: FlatGroup, grads: list[Tensor], *, beta3: float, s_scale: flo
         n_s = b.s.numel()
         work = fg.work[:n_s]
         if b.grad is not None:
-            _gather(fg, b, grads)
+            _gather(fg, b, grads, hp)
             if b.sliced is not None:
                 torch._foreach_copy_(b.x_views, [x.view(-1)[:: fg.slice_p] for x in b.params])
             else:
@@ -274,7 +300,7 @@ def statistics(fg: FlatGroup, grads: list[Tensor], *, beta3: float, s_scale: flo
             x = work
         else:
             x = b.params[0][:: fg.slice_p]
-        g = _sliced_grad(fg, b, grads)
+        g = _sliced(fg, b, _grad(fg, b, grads, hp))
         dots.append(torch.dot(g, torch.sub(b.p0, x, out=work)))  # <g, p0 - x>
         s_new = torch.mul(b.s, beta3, out=fg.work2[:n_s]).add_(g, alpha=s_scale)  # the ops of ``update``
         norms.append(torch.abs(s_new, out=work).sum())
@@ -283,7 +309,7 @@ def statistics(fg: FlatGroup, grads: list[Tensor], *, beta3: float, s_scale: flo
     return torch.stack(dots).sum(), torch.stack(norms).sum()
 
 
-def largest(fg: FlatGroup, grads: list[Tensor], gathered: bool = False) -> Tensor:
+def largest(fg: FlatGroup, grads: list[Tensor], hp: Hyperparams, gathered: bool = False) -> Tensor:
     """0-dim: the largest |g| of the group, for the NaN/inf skip where the statistics do not see
     every gradient element (a step without statistics, or slice_p > 1): ``torch.aminmax``, as
     ``_robust.all_finite`` (NaN propagates, nothing overflows). Gathers the packed buckets'
@@ -292,7 +318,7 @@ def largest(fg: FlatGroup, grads: list[Tensor], gathered: bool = False) -> Tenso
     for b in fg.buckets:
         if b.grad is not None:
             if not gathered:
-                _gather(fg, b, grads)
+                _gather(fg, b, grads, hp)
             g = b.grad
         else:
             g = grads[b.index[0]].view(-1)[b.lo : b.hi]
@@ -331,13 +357,13 @@ def update(
     keep = 1 - decay * dlr if decay > 0 and b1 <= 0 else None
     for b in fg.buckets:
         n = b.hi - b.lo
+        g = _grad(fg, b, grads, hp)
         if update_s:
-            b.s.mul_(beta3).add_(_sliced_grad(fg, b, grads), alpha=s_scale)
+            b.s.mul_(beta3).add_(_sliced(fg, b, g), alpha=s_scale)
         if b.grad is not None:
             gs = b.grad_views
             b.grad.mul_(d_old)
         else:
-            g = grads[b.index[0]].view(-1)[b.lo : b.hi]
             gs = [torch.mul(g, d_old, out=fg.work2[:n])]
         ms = b.m
         if b1 <= 0:
@@ -410,15 +436,15 @@ def step_host(
             if m.hp.lr <= 0 or m.flat is None:
                 continue
             if update_d:
-                dot, norm = statistics(m.flat, m.grads, beta3=beta3, s_scale=c.s_scale)
+                dot, norm = statistics(m.flat, m.grads, m.hp, beta3=beta3, s_scale=c.s_scale)
                 dots.append(dot * c.numerator_scale)
                 norms.append(norm)
                 if skip and m.flat.slice_p > 1:  # the sums see every slice_p-th gradient element only
-                    found.append(largest(m.flat, m.grads, gathered=True))
+                    found.append(largest(m.flat, m.grads, m.hp, gathered=True))
             elif skip:
-                found.append(largest(m.flat, m.grads))
+                found.append(largest(m.flat, m.grads, m.hp))
             else:
-                gather(m.flat, m.grads)
+                gather(m.flat, m.grads, m.hp)
         if dots or found:
             spans[j] = (len(sums) if dots else -1, len(checks), len(checks) + len(found))
         if dots:
