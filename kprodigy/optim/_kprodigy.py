@@ -514,19 +514,25 @@ class KProdigy(torch.optim.Optimizer):
                 capped = _schedule.cap_d_ratio([news[j].d for j in live], self.d_ratio_cap)
                 for j, d in zip(live, capped):
                     news[j] = news[j].replace(d=d)
+        rows: dict[torch.device, list[Tensor]] = {}  # per device, the values of its D-groups: one read each
+        where = []  # per default-mode D-group: (device, start, end) of its values
         for (groups, params, old, _), new in zip(done, news):
             if groups[0]["capturable"]:
                 _group_keys.record_in_place(groups, [self.state[p] for p in params], old, new)
                 continue
-            k, skipped = groups[0]["k"], groups[0]["skipped_steps"]
             lrs = effective_lrs([hparams(g) for g in groups], old)
-            counts = (new.k.double(), new.skipped_steps.double())
-            values = torch.stack(
-                [getattr(new, key).double() for key in _group_keys.FLOAT_D_KEYS] + [*counts] + [lr.double() for lr in lrs]
-            ).tolist()  # one device-to-host copy per D-group
-            n = len(_group_keys.FLOAT_D_KEYS)
+            values = [getattr(new, key) for key in _group_keys.FLOAT_D_KEYS] + [new.k, new.skipped_steps] + lrs
+            row = rows.setdefault(new.d.device, [])
+            where.append((new.d.device, len(row), len(row) + len(values)))
+            row += [v.double() for v in values]
+        read = {device: torch.stack(ts).tolist() for device, ts in rows.items()}  # the host reads of the step
+        n = len(_group_keys.FLOAT_D_KEYS)
+        default = [item for item in done if not item[0][0]["capturable"]]
+        for (groups, params, _, _), (device, start, end) in zip(default, where):
+            values = read[device][start:end]
+            k, skipped = groups[0]["k"], groups[0]["skipped_steps"]
             for group, lr in zip(groups, values[n + 2 :]):
-                group.update(zip(_group_keys.FLOAT_D_KEYS, values))
+                group.update(zip(_group_keys.FLOAT_D_KEYS, values[:n]))
                 group["k"], group["skipped_steps"] = int(values[n]), int(values[n + 1])  # a skip keeps k
                 group["effective_lr"] = lr
             self._recorded(groups, params, k, skipped)
