@@ -3,29 +3,32 @@ in buckets of a param group's elements.
 
 Used by the optimizer shell's default mode (not ``capturable``), where D lives on the host
 (``HostD``) and one host read per step is allowed: the shell keeps the plan (which buckets, while
-the params and state it was built from still hold) and calls ``step_host``. A group's elements are stepped in ``Bucket``s: runs of small
-tensors whose ``m``, ``v`` and ``s`` lie back to back in one buffer each (the optimizer's state
-entries are views of them, as ``_fused.pack`` leaves them; the gradients and params are gathered
-into buffers of the bucket), and slices of large tensors (views, nothing gathered). On CPU a
-bucket has at most ``PACK_MAX`` / ``SLICE`` elements, so that its scratch stays in cache and the
-tensors are read from memory once per pass; a step costs a dozen ops per bucket whatever the
-number of tensors. The step of a D-group is split in three:
+the params and state it was built from still hold) and calls ``step_host``. A group's elements
+are stepped in ``Bucket``s: runs of small tensors whose ``m``, ``v`` and ``s`` lie back to back in
+one buffer each (the optimizer's state entries are views of them, as ``_layout.pack_states``
+leaves them; the gradients and params are gathered into buffers of the bucket), and slices of
+large tensors (views, nothing gathered). On CPU a bucket has at most ``PACK_MAX`` / ``SLICE``
+elements, so that its scratch stays in cache and the tensors are read from memory once per pass;
+a step costs a dozen ops per bucket whatever the number of tensors. The step of a D-group:
 
-1. ``statistics``: READ-ONLY over the params, state and gradients (it writes only scratch and the
-   buckets' gathered gradients): ``<g, p0 - x>`` and ``||beta3 * s + s_scale * g||_1``, 0-dim
-   device tensors. With ``slice_p == 1`` a non-finite gradient makes the sums non-finite: the
-   NaN skip needs no check of its own.
-2. ``step_host`` reads all sums of all D-groups at once (the reduction seam between), updates
+1. ``statistics`` (a step that updates D): READ-ONLY over the params, state and gradients (it
+   writes only scratch and the buckets' gathered gradients): ``<g[::p], p0 - x[::p]>`` and
+   ``||beta3 * s + s_scale * g[::p]||_1`` (p = slice_p; g the effective gradient: negated with
+   ``maximize``, plus ``wd * x`` with coupled decay), 0-dim device tensors. With ``slice_p == 1``
+   a non-finite gradient makes the sums non-finite; otherwise, and on a step without statistics,
+   ``largest`` (max |g|) decides the NaN skip.
+2. ``step_host`` reads all of it for all D-groups at once (the reduction seam between), updates
    D with ``_scalars.reduce_d_host`` and decides the skip (a Python branch).
-3. ``update`` (only on a step that is not skipped: a Python branch, nothing is written
-   otherwise): ``s = beta3 * s + s_scale * g`` (the ops of the statistics pass: the same
-   values), then ``torch._fused_adamw_`` with ``lr = dlr``, ``eps = d_new * eps``, the gradient
-   multiplied by ``d_old`` into scratch (the CPU kernel's ``grad_scale`` would write the
-   unscaled gradient back into the gradient list, i.e. into ``p.grad``) and a state step of
-   1e9, where Adam's own bias corrections are exactly 1. That is
-   DESIGN.md's update for ``betas[0] > 0``: m = b1 m + (1 - b1) d g, v = b2 v + (1 - b2) d^2 g^2,
-   x = x (1 - wd dlr) - dlr m / (sqrt(v) + d_new eps); x came out bit-identical to the per-tensor
-   kernels in float32 and float64 on CPU (benchmarks/NOTES.md, "Native path").
+3. ``update`` (only on a step that is not skipped: nothing is written otherwise):
+   ``s = beta3 * s + s_scale * g[::p]`` (the ops of the statistics pass: the same values; not on
+   a step without statistics), then ``torch._fused_adamw_`` with ``lr = dlr``, ``eps = d_new *
+   eps``, the gradient multiplied by ``d_old`` into scratch (the CPU kernel's ``grad_scale`` would
+   write the unscaled gradient back into the gradient list, i.e. into ``p.grad``) and a state step
+   of 1e9, where Adam's own bias corrections are exactly 1. That is DESIGN.md's update:
+   m = b1 m + (1 - b1) d g, v = b2 v + (1 - b2) d^2 g^2, x = x (1 - wd dlr) - dlr m / (sqrt(v) +
+   d_new eps); x came out bit-identical to the per-tensor kernels in float32 and float64 on CPU
+   (benchmarks/NOTES.md, "Native path"). With betas[0] == 0, ``m`` is a zeroed scratch (so m =
+   d_old g) and lr = dlr d_new / d_old: x - dlr d_new g / den.
 
 ``eligible`` says where this is exactly the math; everything else keeps the other kernels.
 """
