@@ -251,3 +251,37 @@ def test_native_settings_equal_per_tensor(settings: dict) -> None:
                 assert float((a - b).norm()) <= 1e-11 * float(b.norm()), key
             else:
                 assert key not in opt.state[p]
+
+
+def test_native_without_skip_on_steps_without_statistics() -> None:
+    """skip_nonfinite=False with d_update_freq and slice_p: the steps without statistics gather
+    the packed gradients by themselves (no skip check); equal to the per-tensor kernels."""
+    shapes = [(700, 401)] + [(64, 63)] * 5 + [(5,)]
+
+    def run(flags: dict) -> tuple[list[torch.nn.Parameter], KProdigy]:
+        gen = torch.Generator().manual_seed(9)
+        ps = [torch.nn.Parameter(torch.randn(*s, generator=gen, dtype=torch.float64)) for s in shapes]
+        opt = KProdigy(ps, skip_nonfinite=False, d_update_freq=2, slice_p=2, **flags)
+        for k in range(9):
+            for p, g in zip(ps, _grads(ps, k)):
+                p.grad = g
+            opt.step()
+        return ps, opt
+
+    calls = [0]
+    original = _native.update
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_native, "update", counted)
+        ours, opt = run({})
+    ref, ropt = run({"foreach": False, "fused": False})
+    assert calls[0] == 9 and opt.param_groups[0]["d"] > 10 * 1e-6
+    assert opt.param_groups[0]["d"] == pytest.approx(ropt.param_groups[0]["d"], rel=1e-12)
+    for p, q in zip(ours, ref):
+        assert float((p - q).norm()) <= 1e-12 * float(q.norm())
+        for key in ("exp_avg", "exp_avg_sq", "s"):
+            assert float((opt.state[p][key] - ropt.state[q][key]).norm()) <= 1e-11 * float(ropt.state[q][key].norm())
