@@ -285,3 +285,31 @@ def test_native_without_skip_on_steps_without_statistics() -> None:
         assert float((p - q).norm()) <= 1e-12 * float(q.norm())
         for key in ("exp_avg", "exp_avg_sq", "s"):
             assert float((opt.state[p][key] - ropt.state[q][key]).norm()) <= 1e-11 * float(ropt.state[q][key].norm())
+
+
+def test_kept_plan_follows_settings_changed_between_steps() -> None:
+    """A scheduler may change a group's settings between steps: betas[0] raised from 0 (an
+    exp_avg appears) steps as the per-tensor kernels do; a changed slice_p raises as the full step
+    does (the plan laid out for the old values is not used)."""
+
+    def run(flags: dict) -> tuple[torch.nn.Parameter, KProdigy]:
+        p = torch.nn.Parameter(torch.randn(20, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+        opt = KProdigy([p], betas=(0.0, 0.999), weight_decay=0.1, **flags)
+        for k in range(8):
+            if k == 4:
+                opt.param_groups[0]["betas"] = (0.9, 0.999)
+                opt.param_groups[0]["weight_decay"] = 0.0
+            p.grad = _grads([p], k)[0]
+            opt.step()
+        return p, opt
+
+    (p, opt), (q, ref) = run({}), run({"foreach": False, "fused": False})
+    assert opt.param_groups[0]["d"] == pytest.approx(ref.param_groups[0]["d"], rel=1e-12)
+    assert float((p - q).norm()) <= 1e-12 * float(q.norm())
+    torch.testing.assert_close(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"], rtol=1e-10, atol=1e-300)
+    opt.param_groups[0]["slice_p"] = 2
+    p.grad = torch.ones_like(p)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="slice_p cannot change"):
+        opt.step()
+    assert torch.equal(p.detach(), before)

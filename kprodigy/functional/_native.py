@@ -56,6 +56,7 @@ __all__ = [
     "Member",
     "eligible",
     "eligible_hparams",
+    "fits",
     "flat_group",
     "gather",
     "in_dtype",
@@ -167,6 +168,13 @@ class FlatGroup:
     steps: list[Tensor]
     slice_p: int = 1
     work3: Tensor | None = None
+    has_m: bool = True  # the buckets carry exp_avg (betas[0] > 0 when they were laid out)
+
+
+def fits(fg: FlatGroup, hp: Hyperparams) -> bool:
+    """Whether buckets laid out for earlier settings still step ``hp`` (a scheduler may change
+    settings between steps): the same ``slice_p`` and whether an ``exp_avg`` exists."""
+    return fg.slice_p == hp.slice_p and fg.has_m == (hp.betas[0] > 0)
 
 
 def flat_group(seg: Segment, frozen: bool = False) -> FlatGroup | None:
@@ -232,7 +240,7 @@ def flat_group(seg: Segment, frozen: bool = False) -> FlatGroup | None:
             if b.sliced is not None:
                 b.x_views = _views(work[: b.s.numel()], b.sliced_views)
     step = torch.full((), HUGE_STEP, dtype=torch.float32, device=xs[0].device)
-    return FlatGroup(buckets, work, work2, [step] * max(len(b.params) for b in buckets), p)
+    return FlatGroup(buckets, work, work2, [step] * max(len(b.params) for b in buckets), p, has_m=ms is not None)
 
 
 def _gather(fg: FlatGroup, b: Bucket, grads: list[Tensor], hp: Hyperparams) -> None:
