@@ -313,3 +313,17 @@ def test_kept_plan_follows_settings_changed_between_steps() -> None:
     with pytest.raises(ValueError, match="slice_p cannot change"):
         opt.step()
     assert torch.equal(p.detach(), before)
+
+
+def test_kept_plan_raises_when_d_steps_is_raised_after_d_froze() -> None:
+    """D frozen (s and p0 freed), then d_steps raised: the full step's error, not a step of the
+    plan laid out without statistics."""
+    p = torch.nn.Parameter(torch.randn(20, 20))
+    opt = KProdigy([p], d_steps=2)
+    for _ in range(4):
+        p.grad = torch.randn(20, 20)
+        opt.step()
+    opt.param_groups[0]["d_steps"] = 100
+    p.grad = torch.randn(20, 20)
+    with pytest.raises(RuntimeError, match="d_steps cannot be raised"):
+        opt.step()

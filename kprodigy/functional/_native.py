@@ -169,12 +169,14 @@ class FlatGroup:
     slice_p: int = 1
     work3: Tensor | None = None
     has_m: bool = True  # the buckets carry exp_avg (betas[0] > 0 when they were laid out)
+    frozen: bool = False  # laid out without s and p0 (D frozen)
 
 
-def fits(fg: FlatGroup, hp: Hyperparams) -> bool:
-    """Whether buckets laid out for earlier settings still step ``hp`` (a scheduler may change
-    settings between steps): the same ``slice_p`` and whether an ``exp_avg`` exists."""
-    return fg.slice_p == hp.slice_p and fg.has_m == (hp.betas[0] > 0)
+def fits(fg: FlatGroup, hp: Hyperparams, frozen: bool) -> bool:
+    """Whether buckets laid out for earlier settings still step ``hp`` with D ``frozen`` or not
+    (a scheduler may change settings between steps): the same ``slice_p``, whether an
+    ``exp_avg`` exists, and whether D is frozen."""
+    return fg.slice_p == hp.slice_p and fg.has_m == (hp.betas[0] > 0) and fg.frozen == frozen
 
 
 def flat_group(seg: Segment, frozen: bool = False) -> FlatGroup | None:
@@ -240,7 +242,8 @@ def flat_group(seg: Segment, frozen: bool = False) -> FlatGroup | None:
             if b.sliced is not None:
                 b.x_views = _views(work[: b.s.numel()], b.sliced_views)
     step = torch.full((), HUGE_STEP, dtype=torch.float32, device=xs[0].device)
-    return FlatGroup(buckets, work, work2, [step] * max(len(b.params) for b in buckets), p, has_m=ms is not None)
+    steps = [step] * max(len(b.params) for b in buckets)
+    return FlatGroup(buckets, work, work2, steps, p, has_m=ms is not None, frozen=frozen)
 
 
 def _gather(fg: FlatGroup, b: Bucket, grads: list[Tensor], hp: Hyperparams) -> None:

@@ -622,8 +622,9 @@ class KProdigy(torch.optim.Optimizer):
                     changed.add(i)
                 if entry.stepped and hp.lr > 0 and (entry.flat is None or not _native.eligible_hparams(hp)):
                     return False
-                if entry.flat is not None and not _native.fits(entry.flat, hp):
-                    return False  # (the full step lays the group out again, or raises: slice_p)
+                frozen = _is_frozen(self.param_groups[plan.lead_of[i]])
+                if entry.flat is not None and not _native.fits(entry.flat, hp, frozen):
+                    return False  # (the full step lays the group out again, or raises: slice_p, d_steps)
                 if not entry.holds(self.state):
                     return False
             for members in plan.members:

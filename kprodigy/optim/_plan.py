@@ -67,3 +67,4 @@ class Plan:
         self.params = [[p for i in m for p in entries[i].stepped] for m in members]
         self.dtypes = [stat_dtype([p.dtype for p in ps]) for ps in self.params]
         self.stepped = [p for ps in self.params for p in ps]
+        self.lead_of = {i: m[0] for m in members for i in m}  # param group -> its D-group's first group
