@@ -27,8 +27,8 @@ def _count_reads(monkeypatch: pytest.MonkeyPatch, opt: KProdigy, params: list[Te
             for name in SYNCS:
                 original = getattr(Tensor, name)
 
-                def counted(self: Tensor, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
-                    n[0] += 1
+                def counted(self: Tensor, *args: Any, _original: Any = original, _n: list[int] = n, **kwargs: Any) -> Any:
+                    _n[0] += 1
                     return _original(self, *args, **kwargs)
 
                 patch.setattr(Tensor, name, counted)
