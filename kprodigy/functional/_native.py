@@ -439,52 +439,54 @@ def step_host(
     element (no statistics, or slice_p > 1) the largest |g| decides the skip (local, read with the
     sums). A D-group with no member that steps (frozen or without gradients) keeps its D."""
     coefs = [[host_coefficients(m.hp, ds.d, k) for m in members] for members, ds, k in zip(d_groups, d_states, ks)]
-    sums: list[Tensor] = []  # [numerator_delta, denom] of each D-group with statistics (reduced)
+    sums: list[Tensor] = []  # per D-group with statistics: its two sums (the layout every rank shares)
     checks: list[Tensor] = []  # largest |g| of members whose statistics do not see every element (local)
-    spans: dict[int, tuple[int, int, int]] = {}  # D-group -> (start in sums or -1, start, end in checks)
+    spans: dict[int, tuple[int, float, int, int]] = {}  # D-group -> (start in sums or -1, the host
+    # factor of its numerator, start and end in checks)
     for j, (members, cs, update_d) in enumerate(zip(d_groups, coefs, updates)):
         beta3 = members[0].hp.beta3_value  # the D-group's, from its first group
         skip = members[0].hp.skip_nonfinite
-        dots, norms, found = [], [], []
+        dots, norms, scales, found = [], [], [], []
         for m, c in zip(members, cs):
             if m.hp.lr <= 0 or m.flat is None:
                 continue
             if update_d:
                 dot, norm = statistics(m.flat, m.grads, m.hp, beta3=beta3, s_scale=c.s_scale)
-                dots.append(dot * c.numerator_scale)
+                dots.append(dot)
                 norms.append(norm)
+                scales.append(c.numerator_scale)
                 if skip and m.flat.slice_p > 1:  # the sums see every slice_p-th gradient element only
                     found.append(largest(m.flat, m.grads, m.hp, gathered=True))
             elif skip:
                 found.append(largest(m.flat, m.grads, m.hp))
             else:
                 gather(m.flat, m.grads, m.hp)
+        factor = 1.0
+        if len(dots) == 1 and reduce_stats is None:  # its numerator scale applied on the host (no op;
+            factor = scales[0]  # under a reduction other ranks' members may have other scales)
+        elif dots:
+            weighted = [dot * scale for dot, scale in zip(dots, scales)]
+            dots, norms = [sum(weighted[1:], weighted[0])], [sum(norms[1:], norms[0])]
         if dots or found:
-            spans[j] = (len(sums) if dots else -1, len(checks), len(checks) + len(found))
+            spans[j] = (len(sums) if dots else -1, factor, len(checks), len(checks) + len(found))
         if dots:
-            sums += [sum(dots[1:], dots[0]), sum(norms[1:], norms[0])]
+            sums += [dots[0], norms[0]]
         checks += found
-    values: list[float] = []
-    if sums or checks:
-        devices = {t.device for t in sums + checks}
-        device = torch.device("cpu") if len(devices) > 1 else next(iter(devices))
-        packed = [torch.stack([t.to(device, torch.float64) for t in ts]) for ts in (sums, checks) if ts]
-        if sums and reduce_stats is not None:
-            packed[0] = reduce_stats(packed[0])
-        values = torch.cat(packed).tolist()  # the one host read of the step
+    values = _read(sums, checks, reduce_stats) if sums or checks else []
+    n_sums = len(sums)
     out = []
     for j, (members, ds, cs, dtype, update_d) in enumerate(zip(d_groups, d_states, coefs, dtypes, updates)):
         dlrs = in_dtype([c.dlr for c in cs], dtype)
         hp0 = members[0].hp  # the D settings of the D-group (beta3, d0, d_coef, growth_rate, skip)
         new = ds
         if j in spans:
-            at, start, end = spans[j]
-            mine = (values[at : at + 2] if at >= 0 else []) + values[len(sums) + start : len(sums) + end]
+            at, factor, c0, c1 = spans[j]
+            mine = (values[at : at + 2] if at >= 0 else []) + values[n_sums + c0 : n_sums + c1]
             if hp0.skip_nonfinite and not all(math.isfinite(v) for v in mine):
                 out.append(HostResult(None, dlrs))
                 continue
             if at >= 0:
-                numerator, denom = mine[0], mine[1]
+                numerator, denom = factor * mine[0], mine[1]
                 new = HostD(*in_dtype(reduce_d_host(ds.d, ds.d_max, ds.d_hat, ds.d_numerator, numerator, denom, hp0), dtype))
         for m, c in zip(members, cs):
             if m.hp.lr > 0 and m.flat is not None:
@@ -501,6 +503,24 @@ def step_host(
                 )
         out.append(HostResult(new, dlrs))
     return out
+
+
+def _read(sums: list[Tensor], checks: list[Tensor], reduce_stats: Callable[[Tensor], Tensor] | None) -> list[float]:
+    """The step's one host read: ``sums`` (summed over ranks by ``reduce_stats``) then ``checks``,
+    as float64 (one stack per list where its tensors share a device and dtype; else through the CPU)."""
+    parts = []
+    for ts, reduce in ((sums, reduce_stats), (checks, None)):
+        if not ts:
+            continue
+        first = ts[0]
+        if all(t.device == first.device and t.dtype == first.dtype for t in ts):
+            part = torch.stack(ts).to(torch.float64)
+        else:
+            part = torch.stack([t.to("cpu", torch.float64) for t in ts])
+        parts.append(part if reduce is None else reduce(part))
+    if len(parts) == 1:
+        return parts[0].tolist()
+    return torch.cat([part.to(parts[0].device) for part in parts]).tolist()
 
 
 def in_dtype(values: Sequence[float], dtype: torch.dtype) -> list[float]:

@@ -22,6 +22,7 @@ __all__ = [
     "bound",
     "d_dtype",
     "fresh_d_keys",
+    "host_d_keys",
     "new_d_state",
     "record_in_place",
     "step_count",
@@ -92,3 +93,8 @@ def fresh_d_keys(d0: float) -> dict[str, Any]:
         "k": 0,
         "skipped_steps": 0,
     }
+
+
+def host_d_keys(d: Any) -> dict[str, float]:
+    """The float D keys of a host-held D state (``functional._native.HostD``)."""
+    return {"d": d.d, "d_max": d.d_max, "d_numerator": d.d_numerator, "d_denom": d.d_denom, "d_hat": d.d_hat}

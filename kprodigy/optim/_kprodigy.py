@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import astuple, replace
+from dataclasses import replace
 from typing import Any, cast
 
 import torch
@@ -669,7 +669,7 @@ class KProdigy(torch.optim.Optimizer):
                     group["skipped_steps"] = skipped + 1
             else:
                 for group, lr in zip(groups, result.dlrs):
-                    group.update(zip(_group_keys.FLOAT_D_KEYS, astuple(result.d_state)), k=k + 1, effective_lr=lr)
+                    group.update(_group_keys.host_d_keys(result.d_state), k=k + 1, effective_lr=lr)
             self._recorded(groups, plan.params[j], k, skipped)
         _diagnostics.after_step(self, [[e.group for e in entries] for _, entries in jobs])
         return True
