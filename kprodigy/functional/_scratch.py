@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-__all__ = ["buffer", "owned_by"]
+__all__ = ["active", "buffer", "owned_by"]
 
 _LOCAL = threading.local()  # per thread: the store of the step running (None: fresh temporaries)
 MAX_ENTRIES = 16
@@ -35,6 +35,12 @@ def owned_by(store: dict[Hashable, Tensor]) -> Iterator[None]:
         yield
     finally:
         _LOCAL.store = previous
+
+
+def active() -> bool:
+    """Whether a store is set (the optimizer's step runs): the in-place kernels then keep their
+    temporaries in buffers that later ops overwrite, where the pure step makes new tensors."""
+    return getattr(_LOCAL, "store", None) is not None
 
 
 def buffer(n: int, dtype: torch.dtype, device: torch.device, key: Hashable) -> Tensor | None:
