@@ -171,8 +171,17 @@ def _cat_scratch(ts: Sequence[Tensor], slot: str) -> Tensor:
 
 
 def _gather_xg(xs: Sequence[Tensor], gs: Sequence[Tensor], packed: list[int]) -> tuple[Tensor, Tensor]:
-    """The packed params and gradients, flat, in buffers reused by later steps on CPU."""
-    return _cat_scratch([xs[i] for i in packed], "x"), _cat_scratch([gs[i] for i in packed], "g")
+    """The packed params and gradients, flat, in buffers reused by later steps on CPU; gathered
+    once per step of the optimizer (``_scratch.step_memo``): the update pass reads the statistics
+    pass's gather (nothing changes the params between the passes; it writes them back itself)."""
+    memo = _scratch.step_memo()
+    key = ("xg", tuple(id(xs[i]) for i in packed), tuple(id(gs[i]) for i in packed))
+    if memo is not None and key in memo:
+        return memo.pop(key)  # type: ignore[no-any-return]
+    flat = _cat_scratch([xs[i] for i in packed], "x"), _cat_scratch([gs[i] for i in packed], "g")
+    if memo is not None:
+        memo[key] = flat
+    return flat
 
 
 def flat_span(ts: Sequence[Tensor]) -> Tensor | None:

@@ -38,7 +38,7 @@ def statistics(
 
     Returns ``numerator_scale * sum <g[::p], p0 - x[::p]>`` and ``sum ||beta3 * s + s_scale *
     g[::p]||_1`` (the norm of the new s), 0-dim tensors in the statistics dtype."""
-    dtype = sc.dlr.dtype
+    dtype, own = sc.dlr.dtype, _own_temps()
     dots: list[Tensor] = []
     norms: list[Tensor] = []
     for x, g, s, p0 in zip(xs, gs, ss, p0s):
@@ -46,9 +46,9 @@ def statistics(
         diff = torch.sub(p0, x, out=_temp(x.shape, "a", p0, x))
         dots.append(torch.dot(_up(g), _up(diff)).to(dtype))
         del diff
-        t = _temp(s.shape, "a", s)  # the new s: a temporary (``update`` writes it)
-        s_new = _op("addcmul", _op("mul", s, sc.beta3, out=t), g, sc.s_scale, out=t)  # s + g * s_scale
-        norms.append(_l1(s_new, out=t).to(dtype))
+        s_new = _op("mul", s, sc.beta3, out=_temp(s.shape, "a", s))  # the new s: a temporary (``update`` writes it)
+        s_new = _op("addcmul", s_new, g, sc.s_scale, out=s_new if own else None)  # s + g * s_scale
+        norms.append(_l1(s_new, out=s_new if own else None).to(dtype))
     if not dots:
         zero = torch.zeros((), dtype=dtype, device=sc.dlr.device)
         return zero, zero
@@ -121,14 +121,14 @@ def update_params(
     once, writes x (into ``out.params``, or a new tensor). With no exp_avg (betas[0] == 0) the
     direction is ``d_new * g``, as in prodigyopt. ``keep``: the decoupled weight-decay factor."""
     assert sc.d_new is not None and sc.eps_d is not None, "update_params needs a finished StepScalars"
-    neg_dlr = -sc.dlr
+    neg_dlr, own = -sc.dlr, _own_temps()
     new_x = []
     for i, x in enumerate(xs):
         o = None if out is None else out.params[i]
         # den = (sqrt(v) + d_new * eps) / (-dlr), then one addcdiv: x + direction / den
         v = exp_avg_sqs[i]
-        t = _temp(v.shape, "a", v)
-        den = _op("div", _op("add", torch.sqrt(v, out=t), sc.eps_d, out=t), neg_dlr, out=t)
+        den = torch.sqrt(v, out=_temp(v.shape, "a", v))
+        den = _op("div", _op("add", den, sc.eps_d, out=den if own else None), neg_dlr, out=den if own else None)
         if exp_avgs is not None:
             direction = exp_avgs[i]
         else:
@@ -143,11 +143,18 @@ def update_params(
 def _op(name: str, t: Tensor, *args: Any, out: Tensor | None, **kwargs: Any) -> Tensor:
     """``torch.<name>(t, *args, **kwargs)`` written into ``out``: ``t`` itself (in place), another
     tensor, or None (a new tensor)."""
-    if out is None:
-        return getattr(torch, name)(t, *args, **kwargs)
     if out is t:
         return getattr(t, name + "_")(*args, **kwargs)
+    if out is None:
+        return getattr(torch, name)(t, *args, **kwargs)
     return getattr(torch, name)(t, *args, **kwargs, out=out)
+
+
+def _own_temps() -> bool:
+    """Whether the ops after the first on a temporary of ours may work in place on it: in the
+    optimizer's step, not in the pure one (whose ops stay differentiable: ``sqrt`` keeps its
+    result for the backward) nor under torch.compile (values, not memory)."""
+    return _scratch.active() and not torch.compiler.is_compiling()
 
 
 def _at(ts: Sequence[Tensor] | None, i: int) -> Tensor | None:
@@ -162,13 +169,15 @@ def _l1(t: Tensor, out: Tensor | None = None) -> Tensor:
 
 def _temp(shape: torch.Size, slot: str, *operands: Tensor) -> Tensor | None:
     """Where the kernels put the result of an op on ``operands`` and the ops that follow on it:
-    in the optimizer's step (``_scratch.active``) a buffer reused by later steps (CPU, large
-    tensors; each slot holds one temporary at a time, and CPU ops run in order) or a new one;
-    None in the pure step and under torch.compile: every op then makes a new tensor (a value)."""
-    if not _scratch.active() or torch.compiler.is_compiling():
+    in the optimizer's step (``_scratch.active``) on CPU, a buffer reused by later steps (each
+    slot holds one temporary at a time; CPU ops run in order) or, off CPU, a new one; None for
+    small tensors (the heap serves them cheaply), in the pure step and under torch.compile:
+    every op then makes a new tensor (a value)."""
+    n = math.prod(shape)
+    if n * operands[0].element_size() < _scratch.MIN_BYTES or not _scratch.active() or torch.compiler.is_compiling():
         return None
     dtype = torch.result_type(*operands) if len(operands) == 2 else operands[0].dtype
-    buf = _scratch.buffer(math.prod(shape), dtype, operands[0].device, ("single", slot))
+    buf = _scratch.buffer(n, dtype, operands[0].device, ("single", slot))
     return torch.empty(shape, dtype=dtype, device=operands[0].device) if buf is None else buf.view(shape)
 
 
