@@ -15,6 +15,7 @@ moments at once (its own statistics decide); the x half is skipped for every seg
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -30,11 +31,12 @@ from ._step import ReduceStats, Segment, _Pending, _statistics_d_group, _update
 __all__ = ["accumulate_segment", "apply_segments", "cap_d_ratio", "effective_lrs", "finish_d"]
 
 
+@dataclass(frozen=True)
 class _Hooked:
     """A segment stepped by ``accumulate_segment``, waiting for ``apply_segments``."""
 
-    def __init__(self, pending: _Pending, inplace: bool) -> None:
-        self.pending, self.inplace = pending, inplace
+    pending: _Pending  # its statistics, scalars, backend and (betas[0] == 0) gradients; results: the new m, v, s
+    inplace: bool
 
 
 def accumulate_segment(
