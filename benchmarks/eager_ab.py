@@ -2,6 +2,9 @@
 """A/B of the eager kernels: old _foreach/_single (copies at OLD_DIR) vs the current ones, and
 prodigyopt, in one process, interleaved, medians. 4 x 1024x1024 fp32, 1 thread.
 Usage: OLD_DIR=<dir with _foreach_old.py, _single_old.py> python benchmarks/eager_ab.py [rounds]
+The old modules must have the kernel contract of the current ones (``_single.py``: statistics,
+update, update_moments, update_params); the A/B of the earlier accumulate/apply kernels ran
+with that contract's names (NOTES.md, changes 2 and 3).
 """
 
 import importlib.util
@@ -33,16 +36,18 @@ def load(name, path):
 
 oldF = load("kprodigy.functional._foreach_old", os.path.join(OLD, "_foreach_old.py"))
 oldS = load("kprodigy.functional._single_old", os.path.join(OLD, "_single_old.py"))
-newF = dict(accumulate=F.accumulate, apply=F.apply)
-newS = dict(accumulate=S.accumulate, apply=S.apply)
+NAMES = ("statistics", "update", "update_moments", "update_params")  # the kernel contract
+newF = {n: getattr(F, n) for n in NAMES}
+newS = {n: getattr(S, n) for n in NAMES}
 
 
 def setk(fm, sm):
-    F.accumulate, F.apply = fm["accumulate"], fm["apply"]
-    S.accumulate, S.apply = sm["accumulate"], sm["apply"]
+    for n in NAMES:
+        setattr(F, n, fm[n])
+        setattr(S, n, sm[n])
 
 
-OLD = (dict(accumulate=oldF.accumulate, apply=oldF.apply), dict(accumulate=oldS.accumulate, apply=oldS.apply))
+OLD = ({n: getattr(oldF, n) for n in NAMES}, {n: getattr(oldS, n) for n in NAMES})
 NEW = (newF, newS)
 
 

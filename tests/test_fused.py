@@ -163,8 +163,8 @@ def test_automatic_fused_never_compiles_on_cpu(monkeypatch):
     native path); fused=True asks for the compiled ones. (On CUDA the automatic mode compiles
     from AUTO_FUSED_MIN elements: not testable without a GPU.)"""
     calls = []
-    real = _fused.accumulate
-    monkeypatch.setattr(_fused, "accumulate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = _fused.statistics
+    monkeypatch.setattr(_fused, "statistics", lambda *a, **k: calls.append(1) or real(*a, **k))
     small = [torch.zeros(10), torch.zeros(5)]
     assert not _step.use_fused(small, None) and _step.use_fused(small, True)
     assert not _step.use_fused(small, False)

@@ -130,13 +130,13 @@ def test_step_parameter_equals_step_on_a_large_param(monkeypatch: pytest.MonkeyP
     w, u = (torch.nn.Parameter(torch.zeros(1024, 1025, dtype=torch.float64)) for _ in range(2))
     opt, ref = KProdigy([w], fused=fused, d0=1e-5), KProdigy([u], fused=fused, d0=1e-5)
     calls: dict[str, int] = {"n": 0}
-    accumulate = _fused.accumulate
+    accumulate = _fused.statistics
 
     def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         return accumulate(*args, **kwargs)
 
-    monkeypatch.setattr(_fused, "accumulate", counting)
+    monkeypatch.setattr(_fused, "statistics", counting)
     for _ in range(8):
         w.grad = w.detach() - target
         before = calls["n"]

@@ -10,9 +10,10 @@ column means, packed in one 1-D tensor ``[r (rows), c (n)]``::
 and the step uses ``v_hat`` where it would use ``v``. A param is factored exactly when its
 ``exp_avg_sq`` state has that packed shape (``init_factored_v``); other tensors keep a full ``v``.
 
-The kernels run the per-tensor reference kernels of ``_single.py`` one tensor at a time: the
-accumulate pass on a zero ``v`` gives this step's contribution ``(1 - b2) * d^2 * g^2``, whose row
-and column means update ``r`` and ``c``; the apply pass gets ``v_hat``. So nothing of the step but
+The kernels (the contract of ``_single.py``) run the per-tensor reference kernels one tensor at a
+time: the statistics do not read v; ``update_moments`` on a zero ``v`` gives this step's
+contribution ``(1 - b2) * d^2 * g^2``, whose row and column means update ``r`` and ``c``;
+``update_params`` gets ``v_hat``. So nothing of the step but
 the factoring is stated here; the price is one param-sized temporary at a time.
 """
 
@@ -24,9 +25,10 @@ import torch
 from torch import Tensor
 
 from . import _single
-from ._scalars import Coefficients
+from ._scalars import StepScalars
+from ._state import SegmentResult
 
-__all__ = ["accumulate", "apply", "init_factored_v", "is_factored"]
+__all__ = ["init_factored_v", "is_factored", "statistics", "update", "update_moments", "update_params"]
 
 
 def init_factored_v(x: Tensor) -> Tensor:
@@ -62,52 +64,53 @@ def _v_hat(x: Tensor, v: Tensor) -> Tensor:
     return (torch.outer(r, c) / scale).view(x.shape)
 
 
-def accumulate(
+statistics = _single.statistics  # the D statistics do not read v
+
+
+def update(
     xs: Sequence[Tensor],
     gs: Sequence[Tensor],
     exp_avgs: Sequence[Tensor] | None,
     exp_avg_sqs: Sequence[Tensor],
     ss: Sequence[Tensor],
-    p0s: Sequence[Tensor],
     *,
-    betas: tuple[float, float],
-    beta3: float | Tensor,
-    d: Tensor,
-    c: Coefficients,
+    sc: StepScalars,
     slice_p: int,
-    update_d: bool,
-    inplace: bool,
-    decay: tuple[float | Tensor, float | Tensor] | None = None,
-) -> tuple[list[Tensor] | None, list[Tensor], list[Tensor], Tensor, Tensor]:
-    """Same contract as ``_single.accumulate``; factored entries of ``exp_avg_sqs`` are packed ``[r, c]``."""
-    b2 = betas[1] if decay is None else decay[1]
-    new_m: list[Tensor] | None = [] if exp_avgs is not None else None
+    out: SegmentResult | None,
+) -> SegmentResult:
+    """Same contract as ``_single.update``; factored entries of ``exp_avg_sqs`` are packed ``[r, c]``."""
+    m, v, s = update_moments(gs, exp_avgs, exp_avg_sqs, ss, sc=sc, slice_p=slice_p, out=out)
+    return SegmentResult(update_params(xs, gs, m, v, sc=sc, out=out), m, v, s)
+
+
+def update_moments(
+    gs: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor] | None,
+    exp_avg_sqs: Sequence[Tensor],
+    ss: Sequence[Tensor],
+    *,
+    sc: StepScalars,
+    slice_p: int,
+    out: SegmentResult | None,
+) -> tuple[list[Tensor] | None, list[Tensor], list[Tensor]]:
+    """Same contract as ``_single.update_moments``; a factored ``v`` is updated from the row and
+    column means of this step's ``(1 - b2) (d g)^2`` (the reference kernel's new v from a zero v)."""
+    b2 = sc.decays[1]
+    new_m: list[Tensor] | None = None if exp_avgs is None else []
     new_v: list[Tensor] = []
     new_s: list[Tensor] = []
-    numerator = denom = torch.zeros_like(d)
-    for i, x in enumerate(xs):
+    for i, g in enumerate(gs):
         v = exp_avg_sqs[i]
-        factored = v.shape != x.shape
-        v_in = torch.zeros_like(x) if factored else v  # zero v: the kernel returns this step's (1 - b2) d^2 g^2
-        m, (v_out,), (s,), num, den = _single.accumulate(
-            [x],
-            [gs[i]],
-            None if exp_avgs is None else [exp_avgs[i]],
-            [v_in],
-            [ss[i]],
-            [p0s[i]],
-            betas=betas,
-            beta3=beta3,
-            d=d,
-            c=c,
-            slice_p=slice_p,
-            update_d=update_d,
-            inplace=inplace,
-            decay=decay,
+        factored = v.shape != g.shape
+        v_in = torch.zeros_like(g) if factored else v  # zero v: the kernel returns this step's (1 - b2) (d g)^2
+        dest = None if out is None else SegmentResult([], _one(out.exp_avg, i), [v_in], [out.s[i]])
+        m, (v_out,), (s,) = _single.update_moments(
+            [g], _one(exp_avgs, i), [v_in], [ss[i]], sc=sc, slice_p=slice_p, out=dest
         )
         if factored:
-            r, col = _split(x, v)
+            r, col = _split(g, v)
             g2 = v_out.reshape(r.shape[0], col.shape[0])
+            inplace = out is not None
             r = r.mul_(b2) if inplace else torch.mul(r, b2)
             col = col.mul_(b2) if inplace else torch.mul(col, b2)
             r = r.add_(g2.mean(1)) if inplace else torch.add(r, g2.mean(1))
@@ -117,35 +120,25 @@ def accumulate(
             new_m.extend(m)
         new_v.append(v_out)
         new_s.append(s)
-        numerator, denom = numerator + num, denom + den
-    return new_m, new_v, new_s, numerator, denom
+    return new_m, new_v, new_s
 
 
-def apply(
+def update_params(
     xs: Sequence[Tensor],
     gs: Sequence[Tensor],
     exp_avgs: Sequence[Tensor] | None,
     exp_avg_sqs: Sequence[Tensor],
     *,
-    dlr: Tensor,
-    d_new: Tensor,
-    eps: float,
-    keep: Tensor | None,
-    inplace: bool,
+    sc: StepScalars,
+    out: SegmentResult | None,
 ) -> list[Tensor]:
-    """Same contract as ``_single.apply``, with ``v_hat`` for the factored entries."""
-    out = []
-    for i, x in enumerate(xs):
-        (x_new,) = _single.apply(
-            [x],
-            [gs[i]],
-            None if exp_avgs is None else [exp_avgs[i]],
-            [_v_hat(x, exp_avg_sqs[i])],
-            dlr=dlr,
-            d_new=d_new,
-            eps=eps,
-            keep=keep,
-            inplace=inplace,
-        )
-        out.append(x_new)
-    return out
+    """Same contract as ``_single.update_params``, with ``v_hat`` for the factored entries."""
+    new_x: list[Tensor] = []
+    for i, x in enumerate(xs):  # one v_hat at a time
+        dest = None if out is None else SegmentResult([out.params[i]], None, [], [])
+        new_x += _single.update_params([x], [gs[i]], _one(exp_avgs, i), [_v_hat(x, exp_avg_sqs[i])], sc=sc, out=dest)
+    return new_x
+
+
+def _one(ts: Sequence[Tensor] | None, i: int) -> list[Tensor] | None:
+    return None if ts is None else [ts[i]]

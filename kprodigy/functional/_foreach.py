@@ -1,8 +1,11 @@
 """Multi-tensor kernels: the per-tensor sequence of ``_single.py`` with ``torch._foreach_*`` ops.
 
-Callers pass lists that share one device and dtype (see ``_step.py``). Scalars that depend on D
-are 0-dim tensors (the ``Tensor`` overloads of the foreach ops), never Python numbers read from
-the device. Not usable under ``torch.func.vmap`` (no batching rules for foreach ops).
+The same contract as ``_single.py`` (``statistics``, ``update`` and its halves ``update_moments``,
+``update_params``). Callers pass lists that share one device and dtype (see ``_step.py``).
+Scalars that depend on D are 0-dim tensors (the ``Tensor`` overloads of the foreach ops), never
+Python numbers read from the device. Not usable under ``torch.func.vmap`` (no batching rules
+for foreach ops). ``out`` is the input lists themselves or None: the first op of each chain
+makes new tensors when it is None, and the ops after it work in place on those.
 """
 
 from __future__ import annotations
@@ -12,62 +15,39 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._scalars import Coefficients
-from ._single import _l1, _up, _up_dtype
+from . import _robust
+from ._scalars import Scalar, StepScalars
+from ._single import _l1, _op, _temp, _up, _up_dtype
+from ._state import SegmentResult
 
-__all__ = ["accumulate", "apply"]
+__all__ = ["statistics", "update", "update_moments", "update_params"]
 
-Scalar = float | Tensor
 TensorList = list[Tensor]
 
 
-def accumulate(
-    xs: Sequence[Tensor],
-    gs: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor] | None,
-    exp_avg_sqs: Sequence[Tensor],
-    ss: Sequence[Tensor],
-    p0s: Sequence[Tensor],
-    *,
-    betas: tuple[float, float],
-    beta3: Scalar,
-    d: Tensor,
-    c: Coefficients,
-    slice_p: int,
-    update_d: bool,
-    inplace: bool,
-    decay: tuple[Scalar, Scalar] | None = None,
-) -> tuple[TensorList | None, TensorList, TensorList, Tensor, Tensor]:
-    """Same contract as ``_single.accumulate``."""
-    b1, b2 = betas
-    k1, k2 = betas if decay is None else decay
-    dg = torch._foreach_mul(list(gs), d)
-    new_m = None
-    if exp_avgs is not None:
-        new_m = _mul(exp_avgs, k1, inplace)
-        torch._foreach_add_(new_m, dg, alpha=1 - b1)
-    new_v = _mul(exp_avg_sqs, k2, inplace)
-    torch._foreach_addcmul_(new_v, dg, dg, value=1 - b2)
-    del dg
-    zero = torch.zeros_like(d)
-    if not update_d or not xs:
-        return new_m, new_v, list(ss), zero, zero
+def statistics(
+    xs: Sequence[Tensor], gs: Sequence[Tensor], ss: Sequence[Tensor], p0s: Sequence[Tensor], *, sc: StepScalars, slice_p: int
+) -> tuple[Tensor, Tensor]:
+    """Same contract as ``_single.statistics``."""
+    if not xs or sc.beta3 is None:
+        zero = torch.zeros((), dtype=sc.dlr.dtype, device=sc.dlr.device)
+        return zero, zero
     g_sliced = [g.flatten()[::slice_p] for g in gs]
     diffs = torch._foreach_sub(list(p0s), [x.flatten()[::slice_p] for x in xs])
     dots = _sum_of_dots(g_sliced, diffs)
     del diffs
-    new_s = _mul(ss, beta3, inplace)
-    if d.device.type == "cpu":  # foreach ops are per-tensor loops on CPU: the passes of _single
-        for s, g in zip(new_s, g_sliced):
-            s.addcmul_(g, c.s_scale)  # s + g * s_scale, no temporary
-        norms = [_l1(s) for s in new_s]
+    if sc.dlr.device.type == "cpu":  # foreach ops are per-tensor loops on CPU: the passes of _single
+        norms = []
+        for s, g in zip(ss, g_sliced):  # the new s: one temporary at a time (``update`` writes it)
+            t = _temp(s.shape, "a", s)
+            norms.append(_l1(_op("addcmul", _op("mul", s, sc.beta3, out=t), g, sc.s_scale, out=t), out=t))
     else:  # one fused launch per op on CUDA (addcmul with a 0-dim operand would loop per tensor)
-        scaled = torch._foreach_mul(g_sliced, c.s_scale)
-        torch._foreach_add_(new_s, scaled)
+        s_new = torch._foreach_mul(list(ss), sc.beta3)  # the new s, as temporaries
+        scaled = torch._foreach_mul(g_sliced, sc.s_scale)
+        torch._foreach_add_(s_new, scaled)
         del scaled
-        norms = list(torch._foreach_norm(new_s, 1, dtype=_up_dtype(new_s[0].dtype)))
-    numerator = c.numerator_scale * dots.to(d.dtype)
-    return new_m, new_v, new_s, numerator, torch.stack(norms).sum().to(d.dtype)
+        norms = list(torch._foreach_norm(s_new, 1, dtype=_up_dtype(s_new[0].dtype)))
+    return sc.numerator_scale * dots.to(sc.dlr.dtype), torch.stack(norms).sum().to(sc.dlr.dtype)
 
 
 _DOT_CAT_MAX = 1 << 16  # tensors below this size join one concatenated dot product
@@ -90,36 +70,88 @@ def _sum_of_dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return torch.stack(parts).sum()
 
 
-def apply(
+def update(
+    xs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor] | None,
+    exp_avg_sqs: Sequence[Tensor],
+    ss: Sequence[Tensor],
+    *,
+    sc: StepScalars,
+    slice_p: int,
+    out: SegmentResult | None,
+) -> SegmentResult:
+    """Same contract as ``_single.update``."""
+    m, v, s = update_moments(gs, exp_avgs, exp_avg_sqs, ss, sc=sc, slice_p=slice_p, out=out)
+    return SegmentResult(update_params(xs, gs, m, v, sc=sc, out=out), m, v, s)
+
+
+def update_moments(
+    gs: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor] | None,
+    exp_avg_sqs: Sequence[Tensor],
+    ss: Sequence[Tensor],
+    *,
+    sc: StepScalars,
+    slice_p: int,
+    out: SegmentResult | None,
+) -> tuple[TensorList | None, TensorList, TensorList]:
+    """Same contract as ``_single.update_moments`` (non-finite entries of g zeroed in copies)."""
+    if sc.ok is not None:  # the skip is folded into the scalars: 0 * g must be 0
+        gs = _robust.sanitize(gs)
+    b1, b2 = sc.betas
+    k1, k2 = sc.decays
+    dg = torch._foreach_mul(list(gs), sc.weight)
+    new_m = None
+    if exp_avgs is not None:
+        new_m = _mul(exp_avgs, k1, out is not None)
+        torch._foreach_add_(new_m, dg, alpha=1 - b1)
+    new_v = _mul(exp_avg_sqs, k2, out is not None)
+    torch._foreach_addcmul_(new_v, dg, dg, value=1 - b2)
+    del dg
+    if sc.beta3 is None or not gs:
+        return new_m, new_v, list(ss)
+    g_sliced = [g.flatten()[::slice_p] for g in gs]
+    new_s = _mul(ss, sc.beta3, out is not None)
+    if sc.dlr.device.type == "cpu":
+        for s, g in zip(new_s, g_sliced):
+            s.addcmul_(g, sc.s_scale)
+    else:
+        scaled = torch._foreach_mul(g_sliced, sc.s_scale)
+        torch._foreach_add_(new_s, scaled)
+    return new_m, new_v, new_s
+
+
+def update_params(
     xs: Sequence[Tensor],
     gs: Sequence[Tensor],
     exp_avgs: Sequence[Tensor] | None,
     exp_avg_sqs: Sequence[Tensor],
     *,
-    dlr: Tensor,
-    d_new: Tensor,
-    eps: float,
-    keep: Tensor | None,
-    inplace: bool,
+    sc: StepScalars,
+    out: SegmentResult | None,
 ) -> TensorList:
-    """Same contract as ``_single.apply``."""
+    """Same contract as ``_single.update_params``."""
     if not xs:
         return []
+    assert sc.d_new is not None and sc.eps_d is not None, "update_params needs a finished StepScalars"
     den = torch._foreach_sqrt(list(exp_avg_sqs))
-    torch._foreach_add_(den, d_new * eps)  # sqrt(v) + d_new * eps
-    torch._foreach_div_(den, -dlr)  # den / (-dlr): the step below is one addcdiv
-    direction = list(exp_avgs) if exp_avgs is not None else torch._foreach_mul(list(gs), d_new)
-    out = list(xs)
-    if keep is not None:
-        out = _mul(out, keep, inplace)
-    elif not inplace:
-        out = [x.clone() for x in out]
-    torch._foreach_addcdiv_(out, direction, den)
-    return out
+    torch._foreach_add_(den, sc.eps_d)  # sqrt(v) + d_new * eps
+    torch._foreach_div_(den, -sc.dlr)  # den / (-dlr): the step below is one addcdiv
+    if exp_avgs is not None:
+        direction = list(exp_avgs)
+    else:
+        direction = list(torch._foreach_mul(list(gs) if sc.ok is None else _robust.sanitize(gs), sc.d_new))
+    if sc.keep is not None:
+        new_x = _mul(xs, sc.keep, out is not None)
+    else:
+        new_x = list(xs) if out is not None else [x.clone() for x in xs]
+    torch._foreach_addcdiv_(new_x, direction, den)
+    return new_x
 
 
 def _mul(ts: Sequence[Tensor], a: Scalar, inplace: bool) -> TensorList:
-    """a * ts, in place or into new tensors."""
+    """a * ts, in place (the destinations are the inputs) or into new tensors."""
     ts = list(ts)
     if inplace:
         torch._foreach_mul_(ts, a)

@@ -2,8 +2,9 @@
 
 Everything here runs on the device without reading a value on the host: the skip decision is a
 0-dim bool tensor ``ok`` and a skipped step is made a no-op by ``torch.where`` on the scalars
-(decays 1, gradient weight d and step size 0, D state kept) applied to sanitized gradients (no
-NaN/inf, so that a zero weight gives an exact zero), never by a Python branch.
+(``StepScalars.finish``: decays 1, gradient weight d and step size 0; D state kept) applied to
+sanitized gradients (no NaN/inf, so that a zero weight gives an exact zero), or by a select in
+the compiled kernels, never by a Python branch.
 """
 
 from __future__ import annotations
@@ -87,14 +88,14 @@ def stochastic_round(x: Tensor, dtype: torch.dtype) -> Tensor:
     return ((bits + noise) & -65536).view(torch.float32).to(dtype)
 
 
-def write_back(originals: Sequence[Tensor], new: Sequence[Tensor], *, inplace: bool, sr: bool) -> list[Tensor]:
-    """New params in the dtype of the originals (rounded stochastically when ``sr``); written into
-    the originals when ``inplace``. Tensors the kernel already updated in place pass through."""
-    out = []
-    for x, y in zip(originals, new):
+def write_back(originals: Sequence[Tensor], new: Sequence[Tensor], *, out: Sequence[Tensor] | None, sr: bool) -> list[Tensor]:
+    """New params in the dtype of the originals (rounded stochastically when ``sr``), written into
+    ``out`` (the originals, in place) if given. Tensors the kernel already updated in place pass through."""
+    result = []
+    for i, (x, y) in enumerate(zip(originals, new)):
         if y is x:
-            out.append(x)
+            result.append(x)
             continue
         y = stochastic_round(y, x.dtype) if sr else y.to(x.dtype)
-        out.append(x.copy_(y) if inplace else y)
-    return out
+        result.append(y if out is None else out[i].copy_(y))
+    return result

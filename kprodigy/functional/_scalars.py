@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -18,25 +18,58 @@ from ._hyperparams import Hyperparams
 from ._state import DState
 
 __all__ = [
-    "Coefficients",
     "HostCoefficients",
-    "coefficients",
+    "StepScalars",
     "host_coefficients",
     "reduce_d",
     "reduce_d_host",
+    "step_scalars",
     "updates_d",
 ]
 
 
-@dataclass(frozen=True)
-class Coefficients:
-    """Per-group scalars of one step, 0-dim tensors in the statistics dtype."""
+Scalar = float | Tensor
 
-    dlr: Tensor  # d * lr * bias_correction: the step size of this step
-    m_scale: Tensor  # d * (1 - beta1): weight of g in the exp_avg EMA
-    v_scale: Tensor  # d^2 * (1 - beta2): weight of g^2 in the exp_avg_sq EMA
-    numerator_scale: Tensor  # (d / d0) * dlr: weight of <g, p0 - x> in d_numerator
-    s_scale: Tensor  # (d / d0) * (d if safeguard_warmup else dlr): weight of g in s
+
+@dataclass(frozen=True)
+class StepScalars:
+    """Every scalar of one segment's step: 0-dim tensors in the statistics dtype, or a Python
+    float where a hyperparameter is used as it is. ``step_scalars`` builds it from the D state
+    before the step (the statistics pass reads the first three fields); ``finish`` adds D after
+    the update and folds the non-finite skip in, for the update pass. A skipped step's record
+    makes the update write exactly what it read: decays 1, weights 0, step size 0."""
+
+    numerator_scale: Tensor  # (d/d0) * dlr: weight of <g[::p], p0 - x[::p]> in d_numerator
+    s_scale: Tensor  # (d/d0) * (d if safeguard_warmup else dlr): weight of g[::p] in s; 0 where s is kept
+    beta3: Scalar | None  # decay of s; 1 where s is kept; None: this step leaves s and D alone
+    dlr: Tensor  # d * lr * bias_correction: the step size; 0 on a skipped step
+    weight: Tensor  # d before the update: m gets (1 - b1) * weight * g, v (1 - b2) * (weight * g)^2; 0 if skipped
+    betas: tuple[float, float]  # (b1, b2), for the EMA weights 1 - b1 and 1 - b2 (0-dim tensors when compiled)
+    decays: tuple[Scalar, Scalar]  # multipliers of m and v: the betas; 1 on a skipped step
+    keep: Tensor | None  # 1 - weight_decay * dlr with decoupled weight decay (1 if skipped), else None
+    eps: float
+    d_new: Tensor | None = None  # D after the update (``finish``): the direction d_new * g when b1 == 0
+    eps_d: Tensor | None = None  # d_new * eps: the floor of the denominator (``finish``)
+    ok: Tensor | None = None  # the skip decision folded in (0-dim bool; ``finish``); None: no skip. A kernel
+    # that multiplies g by the folded zeros zeroes g's non-finite entries first (0 * NaN is NaN)
+
+    def finish(self, d_new: Tensor | None, ok: Tensor | None) -> StepScalars:
+        """The record of the update pass: ``d_new`` the D after this step's update (None: for
+        an update of m, v and s only), ``ok`` the skip decision (None: skip_nonfinite off)."""
+        done = replace(self, d_new=d_new, eps_d=None if d_new is None else d_new * self.eps)
+        if ok is None:
+            return done
+        one = torch.ones_like(self.dlr)
+        return replace(
+            done,
+            ok=ok,
+            s_scale=torch.where(ok, self.s_scale, 0.0),
+            beta3=None if self.beta3 is None else torch.where(ok, self.beta3, one),
+            dlr=torch.where(ok, self.dlr, 0.0),
+            weight=torch.where(ok, self.weight, 0.0),
+            decays=(torch.where(ok, self.decays[0], one), torch.where(ok, self.decays[1], one)),
+            keep=None if self.keep is None else torch.where(ok, self.keep, one),
+        )
 
 
 def bias_correction(hp: Hyperparams, k: Tensor, dtype: torch.dtype) -> Tensor | float:
@@ -52,23 +85,35 @@ def bias_correction(hp: Hyperparams, k: Tensor, dtype: torch.dtype) -> Tensor | 
     return (torch.sqrt(one_minus[1]) / one_minus[0]).to(dtype)
 
 
-def coefficients(hp: Hyperparams, ds: DState) -> Coefficients:
-    """The step's scalars for one group, from the D state *before* this step's D update."""
+def step_scalars(hp: Hyperparams, ds: DState, *, update_d: bool | Tensor, beta3: float) -> StepScalars:
+    """The step's scalars for one group, from the D state *before* this step's D update.
+
+    update_d: whether this step updates D; a 0-dim bool tensor (decided on the device) is blended
+    in: where it is False, beta3 is 1 and s_scale 0, so that s is written unchanged.
+    beta3:    the D-group's (``beta3_value`` of its first group, which a frozen group may be)."""
     b1, b2 = hp.betas
     d = ds.d
     dlr, numerator_scale, s_scale = _step_scalars(hp, d, bias_correction(hp, ds.k, d.dtype))
-    return Coefficients(
-        dlr=dlr,
-        m_scale=d * (1 - b1),
-        v_scale=d * d * (1 - b2),
+    s_beta3: Scalar | None = None if update_d is False else beta3
+    if isinstance(update_d, Tensor):
+        s_beta3 = torch.where(update_d, torch.full_like(d, beta3), 1.0)  # beta3 in the stats dtype
+        s_scale = torch.where(update_d, s_scale, 0.0)
+    return StepScalars(
         numerator_scale=numerator_scale,
         s_scale=s_scale,
+        beta3=s_beta3,
+        dlr=dlr,
+        weight=d,
+        betas=(b1, b2),
+        decays=(b1, b2),
+        keep=1 - hp.weight_decay * dlr if hp.weight_decay > 0 and hp.decouple else None,
+        eps=hp.eps,
     )
 
 
 @dataclass(frozen=True)
 class HostCoefficients:
-    """``Coefficients`` of the native path: Python floats (float64), computed on the host."""
+    """``StepScalars``' dlr, numerator_scale and s_scale for the native path: Python floats (float64), computed on the host."""
 
     dlr: float
     numerator_scale: float
@@ -76,7 +121,7 @@ class HostCoefficients:
 
 
 def host_coefficients(hp: Hyperparams, d: float, k: int) -> HostCoefficients:
-    """``coefficients`` from a D and step count held on the host, in float64."""
+    """``HostCoefficients`` from a D and step count held on the host, in float64."""
     bc = 1.0
     if hp.use_bias_correction:
         bc = float(bias_correction(hp, torch.tensor(k, dtype=torch.int64), torch.float64))

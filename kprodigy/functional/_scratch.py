@@ -14,11 +14,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["buffer", "owned_by"]
+__all__ = ["active", "buffer", "owned_by", "step_memo"]
 
 _LOCAL = threading.local()  # per thread: the store of the step running (None: fresh temporaries)
 MAX_ENTRIES = 16
@@ -29,12 +30,27 @@ MIN_BYTES = 1 << 17  # smaller temporaries come from the C heap cheaply (glibc m
 def owned_by(store: dict[Hashable, Tensor]) -> Iterator[None]:
     """Within this block (this thread), temporaries are reused from ``store``: a dict the caller
     keeps between steps, {(device, dtype, key): 1-D buffer}, most recently used last."""
-    previous = getattr(_LOCAL, "store", None)
-    _LOCAL.store = store
+    previous = getattr(_LOCAL, "store", None), getattr(_LOCAL, "memo", None)
+    _LOCAL.store, _LOCAL.memo = store, {}
     try:
         yield
     finally:
-        _LOCAL.store = previous
+        _LOCAL.store, _LOCAL.memo = previous
+
+
+def step_memo() -> dict[Hashable, Any] | None:
+    """A dict that lives for the current ``owned_by`` block (one step of the optimizer), or None
+    outside one: for values made from tensors that stay alive and unchanged between their uses
+    inside the block, keyed by those tensors' ids (the fused path's gathered params and grads,
+    made by its statistics pass and read again by its update pass)."""
+    memo: dict[Hashable, Any] | None = getattr(_LOCAL, "memo", None)
+    return memo
+
+
+def active() -> bool:
+    """Whether a store is set (the optimizer's step runs): the in-place kernels then keep their
+    temporaries in buffers that later ops overwrite, where the pure step makes new tensors."""
+    return getattr(_LOCAL, "store", None) is not None
 
 
 def buffer(n: int, dtype: torch.dtype, device: torch.device, key: Hashable) -> Tensor | None:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ._hyperparams import Hyperparams
 
-__all__ = ["DState", "State", "init_state", "init_d_state", "init_tensor_state", "stat_dtype", "state_dtype"]
+__all__ = ["DState", "SegmentResult", "State", "init_state", "init_d_state", "init_tensor_state", "stat_dtype", "state_dtype"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,18 @@ class DState:
 
     def replace(self, **changes: Tensor) -> DState:
         return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """The params and per-tensor state of one segment, lists aligned (exp_avg None iff betas[0]
+    == 0): what an update pass returns, and where it writes (``out``: the input lists themselves
+    for the optimizer's in-place step; None means new tensors, the pure step)."""
+
+    params: list[Tensor]
+    exp_avg: list[Tensor] | None
+    exp_avg_sq: list[Tensor]
+    s: list[Tensor]
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,28 @@
-"""The step: accumulate -> reduce -> apply, over one D-group made of one or more segments.
+"""The step: statistics -> reduce -> update, over one D-group made of one or more segments.
 
-A segment is one parameter group (its tensors, their state and its Hyperparams). Segments of a
-D-group share one D: their statistics are summed at the reduction seam, where a distributed
-all-reduce of the same two numbers would also go. The pure ``step`` and the optimizer shell's
-in-place update both run ``step_d_group``; only ``inplace`` differs.
+A segment is one parameter group (its tensors, their state and its Hyperparams). Each segment
+takes one backend, chosen once per step (``_kernels``: per-tensor, foreach, compiled or
+factored), and every backend has one contract (``_single.py``): ``statistics`` reads the
+tensors and returns the two sums; the segments of a D-group add theirs at the reduction seam
+(where a distributed all-reduce of the same two numbers goes), D is updated on the device,
+then ``update`` writes m, v, s and x. Every scalar of a segment's step is built once
+(``_scalars.StepScalars``), the skip decision folded in. The pure ``step`` and the optimizer's
+in-place step run the same code: the update writes into new tensors or into the inputs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from . import _factored, _foreach, _fused, _robust, _single
 from ._hyperparams import Hyperparams
-from ._scalars import Coefficients, coefficients, reduce_d, updates_d
-from ._state import DState, State
+from ._scalars import StepScalars, reduce_d, step_scalars, updates_d
+from ._state import DState, SegmentResult, State
 
 __all__ = ["AUTO_FUSED_MIN", "Segment", "SegmentResult", "step", "step_d_group", "step_d_groups", "use_foreach", "use_fused"]
 
@@ -39,16 +43,6 @@ class Segment:
     s: Sequence[Tensor]
     p0: Sequence[Tensor]
     hparams: Hyperparams
-
-
-@dataclass(frozen=True)
-class SegmentResult:
-    """New params and per-tensor state of one segment (the input tensors themselves if in place)."""
-
-    params: list[Tensor]
-    exp_avg: list[Tensor] | None
-    exp_avg_sq: list[Tensor]
-    s: list[Tensor]
 
 
 def use_foreach(tensors: Sequence[Tensor], foreach: bool | None) -> bool:
@@ -98,40 +92,14 @@ def use_fused(tensors: Sequence[Tensor], fused: bool | None, update_d: bool | Te
     return _fused.available(tensors[0].device, warn=fused is True)
 
 
-def _runs_fused(seg: Segment, fused: bool | None, update_d: bool | Tensor | None) -> bool:
-    """Whether the segment takes the compiled kernels (factored params never do)."""
-    return use_fused(seg.params, fused, update_d) and not _factored.is_factored(seg.params, seg.exp_avg_sq)
-
-
-def _skip_scalars(
-    hp: Hyperparams, beta3: float | Tensor, c: Coefficients, d: Tensor, ok: Tensor
-) -> tuple[Tensor, Coefficients, tuple[Tensor, Tensor]]:
-    """The scalars that make the eager kernels' writes of a skipped step (``ok`` False) an exact
-    no-op: beta3, ``s_scale`` and the moment decays become 1, 0 and 1 (and d, set by the caller, 0)."""
-    one = torch.ones_like(d)
-    decay = (torch.where(ok, hp.betas[0], one), torch.where(ok, hp.betas[1], one))
-    return torch.where(ok, beta3, one), replace(c, s_scale=torch.where(ok, c.s_scale, 0.0)), decay
-
-
-def _sanitizes_inside(seg: Segment, fe: bool, fu: bool) -> bool:
-    """Whether the segment's kernels zero non-finite gradient entries themselves (``sanitize``):
-    the fused and per-tensor ones do, per tensor, with no copy of every gradient kept for the
-    step; the foreach and factored ones get sanitized copies."""
-    return fu or (not fe and not _factored.is_factored(seg.params, seg.exp_avg_sq))
-
-
-def _accumulate_kernel(seg: Segment, fe: bool, fu: bool) -> Callable[..., Any]:
-    """The accumulate kernel of a segment: factored, fused (compiled), foreach or per-tensor."""
+def _kernels(seg: Segment, foreach: bool | None, fused: bool | None, update_d: bool | Tensor) -> ModuleType:
+    """The backend of a segment (a module with the contract of ``_single.py``), chosen once per
+    step: factored (any factored ``v``), compiled (``use_fused``), foreach or per-tensor."""
     if _factored.is_factored(seg.params, seg.exp_avg_sq):
-        return _factored.accumulate
-    return _fused.accumulate if fu else _foreach.accumulate if fe else _single.accumulate
-
-
-def _apply_kernel(seg: Segment, fe: bool, fu: bool) -> Callable[..., Any]:
-    """The apply kernel of a segment, chosen like ``_accumulate_kernel``."""
-    if _factored.is_factored(seg.params, seg.exp_avg_sq):
-        return _factored.apply
-    return _fused.apply if fu else _foreach.apply if fe else _single.apply
+        return _factored
+    if use_fused(seg.params, fused, update_d):
+        return _fused
+    return _foreach if use_foreach(seg.params, foreach) else _single
 
 
 def step_d_group(
@@ -202,7 +170,7 @@ def step_d_groups(
     if len(fus) != len(d_groups):
         raise ValueError(f"got {len(d_groups)} D-groups but {len(fus)} fused flags; expected one per D-group")
     pending = [
-        _accumulate_d_group(segs, ds, upd, fe, inplace, reduce_stats is not None, fu)
+        _statistics_d_group(segs, ds, upd, fe, fu, reduce_stats is not None)
         for segs, ds, upd, fe, fu in zip(d_groups, d_states, flags, fes, fus)
     ]
 
@@ -225,37 +193,34 @@ def step_d_groups(
         if p is None or st is None:  # no segment, or every group frozen (lr == 0): only k advances
             out.append(([_unchanged(seg) for seg in segs], replace(ds, k=ds.k + 1)))
         else:
-            out.append(_apply_d_group(p, ds, st))
+            out.append(_update_d_group(p, ds, st, inplace))
     return out
 
 
 @dataclass
-class _Accumulated:
-    """A D-group between the accumulate and apply passes."""
+class _Pending:
+    """A D-group between its statistics and its update."""
 
     segments: Sequence[Segment]
     active: list[int]  # indices of the segments that step (lr > 0, at least one tensor)
-    results: list[SegmentResult]
-    coefs: dict[int, Coefficients]
-    grads: dict[int, list[Tensor]]
+    kernels: dict[int, ModuleType]  # per active segment: its backend
+    grads: dict[int, list[Tensor]]  # per active segment: the effective gradients (maximize, coupled wd, fp32)
+    scalars: dict[int, StepScalars]  # per active segment, before ``finish``
     update_d: bool | Tensor
-    paths: dict[int, tuple[bool, bool]]  # per active segment: (foreach, fused), resolved once
-    gathered: dict[int, _fused.Gathered | None]  # per active segment: its small params, gathered once
-    inplace: bool
-    stats: Tensor  # local [numerator_delta, denom], stats dtype, on the params' device
-    ok: Tensor | None = None  # 0-dim bool: every local gradient finite (None: skip_nonfinite off)
+    stats: Tensor  # local [numerator_delta, denom], stats dtype, params' device; NaN after a non-finite gradient
+    results: list[SegmentResult]  # per segment (``_partial`` keeps the moments written by its hook here)
 
 
-def _accumulate_d_group(
+def _statistics_d_group(
     segments: Sequence[Segment],
     d_state: DState,
     update_d: bool | Tensor | None,
     foreach: bool | None,
-    inplace: bool,
+    fused: bool | None,
     reduced: bool,
-    fused: bool | None = None,
-) -> _Accumulated | None:
-    """Accumulate pass of one D-group; None when it does not step (only k advances).
+) -> _Pending | None:
+    """The statistics of one D-group (nothing is written); None when it does not step (only k
+    advances).
 
     reduced: the statistics will be summed over ranks, so a group with no local tensors still
              steps (with zero statistics) unless all its segments are frozen (lr == 0).
@@ -279,138 +244,77 @@ def _accumulate_d_group(
         update_d = updates_d(hp0, d_state.k)
 
     active = [i for i, seg in enumerate(segments) if seg.hparams.lr > 0 and len(seg.params) > 0]
-    results = [_unchanged(seg) for seg in segments]
     if not active and not (reduced and any(seg.hparams.lr > 0 for seg in segments)):
         return None  # every group frozen (lr == 0), or no tensors and nothing to reduce
-
-    # accumulate
-    coefs: dict[int, Coefficients] = {}
+    kernels = {i: _kernels(segments[i], foreach, fused, update_d) for i in active}
     grads: dict[int, list[Tensor]] = {}
-    numerators, denoms = [], []
-    # kernel choice per segment, resolved once per step (each check walks the segment's tensors)
-    paths = {i: (use_foreach(segments[i].params, foreach), _runs_fused(segments[i], fused, update_d)) for i in active}
-    # fused segments of one dtype: small params and grads gathered once, for the check and both passes
-    gathered: dict[int, _fused.Gathered | None] = {}
     for i in active:
         seg = segments[i]
-        grads[i] = _effective_grads(seg.params, seg.grads, seg.hparams, paths[i][0])
+        grads[i] = _effective_grads(seg.params, seg.grads, seg.hparams, kernels[i] is _foreach)
         grads[i] = _robust.promote_grads(grads[i], seg.exp_avg_sq)
-        one_dtype = paths[i][1] and len({x.dtype for x in seg.params}) == 1
-        gathered[i] = _fused.gather(seg.params, grads[i], seg.hparams.slice_p) if one_dtype else None
-    ok: Tensor | None = None
-    d_weight = d_state.d  # the weight of g in m and v (d * g): 0 on a skipped step
-    # every tensor in the compiled two-pass kernels, sampled whole, D updated: no write happens
-    # before the statistics are known, and a non-finite gradient makes them non-finite, so the
-    # skip is decided from them (in the apply pass) instead of by a separate read of the gradients
-    folded = (
-        hp0.skip_nonfinite
-        and update_d is True
-        and bool(active)
-        and all(paths[i][1] and segments[i].hparams.slice_p == 1 for i in active)
-        and all(
-            _fused.compiled_whole(segments[i].params, grads[i], segments[i].exp_avg, segments[i].exp_avg_sq, segments[i].s, 1)
-            for i in active
-        )
-    )
-    if hp0.skip_nonfinite and not folded:  # decided before any write; a skipped step keeps the state exactly
-        fe = all(paths[i][0] for i in active)
-        checked = [g for i in active for g in _fused.unpacked_grads(grads[i], gathered[i])]
-        ok = _robust.all_finite(checked, d_state.d.device, fe)
-        d_weight = torch.where(ok, d_state.d, 0.0)
-        for i in active:  # the fused and per-tensor kernels sanitise inside, not in copies made here
-            if not _sanitizes_inside(segments[i], *paths[i]):
-                grads[i] = _robust.sanitize(grads[i])
-    for i in active:
-        seg, hp = segments[i], segments[i].hparams
-        c = coefs[i] = coefficients(hp, d_state)
-        beta3: float | Tensor = hp0.beta3_value
-        if isinstance(update_d, Tensor):  # blend on the device: s unchanged when not updating
-            beta3 = torch.where(update_d, torch.full_like(d_state.d, hp0.beta3_value), 1.0)  # beta3 in the stats dtype
-            c = replace(c, s_scale=torch.where(update_d, c.s_scale, 0.0))
-        decay: tuple[Tensor, Tensor] | None = None
-        if ok is not None:  # a skipped step keeps m, v, s: decays 1, s_scale 0
-            beta3, c, decay = _skip_scalars(hp, beta3, c, d_state.d, ok)
-        fe, fu = paths[i]
-        gs = grads[i]
-        m, v, s, num, den = _by_dtype(
-            _accumulate_kernel(seg, fe, fu),
-            seg.params,
-            [gs, seg.exp_avg, seg.exp_avg_sq, seg.s, seg.p0],
-            n_out=3,
-            betas=hp.betas,
-            beta3=beta3,
-            d=d_weight,
-            c=c,
-            slice_p=hp.slice_p,
-            update_d=update_d is not False,
-            inplace=inplace,
-            **({} if decay is None else {"decay": decay}),
-            **({"sanitize": True} if ok is not None and _sanitizes_inside(seg, fe, fu) else {}),
-            **({"gathered": gathered[i]} if gathered[i] is not None else {}),
-        )
-        results[i] = SegmentResult(list(seg.params), m, v, s)
-        numerators.append(num)
-        denoms.append(den)
-    if not active:  # nothing local: zero statistics, still reduced with the other ranks'
-        numerators = denoms = [torch.zeros_like(d_state.d)]
+    scalars = {i: step_scalars(segments[i].hparams, d_state, update_d=update_d, beta3=hp0.beta3_value) for i in active}
+    numerators, denoms = [torch.zeros_like(d_state.d)], [torch.zeros_like(d_state.d)]
+    if active and update_d is not False:
+        sums = [_statistics(kernels[i], segments[i], grads[i], scalars[i]) for i in active]
+        numerators, denoms = [n for n, _ in sums], [d for _, d in sums]
     stats = torch.stack([torch.stack(numerators).sum(), torch.stack(denoms).sum()])
-    if hp0.skip_nonfinite:
-        if ok is None:  # no local tensors (sharded), or folded: only the (reduced) statistics decide
-            ok = torch.ones((), dtype=torch.bool, device=stats.device)
-        stats = torch.where(ok, stats, torch.nan)  # a local skip reaches every rank through the reduction
-    return _Accumulated(segments, active, results, coefs, grads, update_d, paths, gathered, inplace, stats, ok)
+    # the skip: the statistics read every gradient entry when D is updated at slice_p == 1, so a
+    # non-finite one makes them non-finite, and the step skips on that (``_update_d_group``);
+    # otherwise one read of the gradients decides. NaN statistics reach every rank by the reduction.
+    if hp0.skip_nonfinite and (update_d is False or any(segments[i].hparams.slice_p > 1 for i in active)):
+        multi = all(kernels[i] is not _single for i in active)
+        ok = _robust.all_finite([g for i in active for g in grads[i]], d_state.d.device, multi)
+        stats = torch.where(ok, stats, torch.nan)
+    results = [_unchanged(seg) for seg in segments]
+    return _Pending(segments, active, kernels, grads, scalars, update_d, stats, results)
 
 
-def _apply_d_group(acc: _Accumulated, d_state: DState, stats: Tensor) -> tuple[list[SegmentResult], DState]:
-    """D update from the (global) statistics [numerator_delta, denom], then the apply pass."""
-    new_d = reduce_d(d_state, stats[0], stats[1], acc.segments[0].hparams, update_d=acc.update_d)
-    ok = _step_ok(acc, stats)
+def _statistics(kernels: ModuleType, seg: Segment, grads: list[Tensor], sc: StepScalars) -> tuple[Tensor, Tensor]:
+    """``kernels.statistics`` of one segment, one call per param dtype, summed."""
+    total: tuple[Tensor, Tensor] | None = None
+    for idx in _by_dtype(seg.params):
+        lists = [_take(ts, idx) for ts in (seg.params, grads, seg.s, seg.p0)]
+        num, den = kernels.statistics(*lists, sc=sc, slice_p=seg.hparams.slice_p)
+        total = (num, den) if total is None else (total[0] + num, total[1] + den)
+    assert total is not None
+    return total
+
+
+def _update_d_group(p: _Pending, d_state: DState, stats: Tensor, inplace: bool) -> tuple[list[SegmentResult], DState]:
+    """D update from the (global) statistics [numerator_delta, denom], then the update of each
+    segment, into its own tensors (``inplace``) or new ones. A step whose statistics are not
+    finite (a non-finite gradient on any rank, with skip_nonfinite) is skipped whole."""
+    hp0 = p.segments[0].hparams
+    new_d = reduce_d(d_state, stats[0], stats[1], hp0, update_d=p.update_d)
+    ok = torch.isfinite(stats).all() if hp0.skip_nonfinite else None
     if ok is not None:
         new_d = _robust.guard_d_state(d_state, new_d, ok)
-    return _apply_pass(acc, d_state, new_d.d, ok), new_d
+    for i in p.active:
+        sc = p.scalars[i].finish(new_d.d, ok)
+        p.results[i] = _update(p.kernels[i].update, p.segments[i], p.grads[i], sc, inplace)
+    return p.results, new_d
 
 
-def _step_ok(acc: _Accumulated, stats: Tensor) -> Tensor | None:
-    """The skip decision (0-dim bool; None with skip_nonfinite off): every gradient finite (on
-    any rank) and finite statistics."""
-    return None if acc.ok is None else acc.ok & torch.isfinite(stats).all()
+Update = Callable[..., SegmentResult]  # a backend's ``update`` (or the x half, see ``_partial``)
 
 
-def _apply_pass(acc: _Accumulated, d_state: DState, d_new: Tensor, ok: Tensor | None) -> list[SegmentResult]:
-    """The apply pass (the new m, v, s of the compiled segments, and x) with ``d_new`` the D after
-    this step's update (the eps floor); ``ok`` as from ``_step_ok``."""
-    segments, results = acc.segments, acc.results
-    hp0 = segments[0].hparams
-    for i in acc.active:
-        seg, hp, c, res = segments[i], segments[i].hparams, acc.coefs[i], results[i]
-        wd = hp.weight_decay
-        dlr = c.dlr if ok is None else torch.where(ok, c.dlr, 0.0)  # a skipped step moves nothing
-        keep = 1 - wd * dlr if (wd > 0 and hp.decouple) else None
-        fe, fu = acc.paths[i]
-        sr = hp.stochastic_rounding and any(x.dtype == torch.bfloat16 for x in seg.params)
-        # stochastic rounding: the kernel writes float32 copies of bfloat16 params, rounded below
-        xs_in = [x.float() if x.dtype == torch.bfloat16 else x for x in seg.params] if sr else seg.params
-        fused_args: dict[str, Any] = {}
-        if fu:  # the compiled update pass: plain scalars, and the skip as a select on ``ok``
-            moments = _fused.moment_args(hp.betas, hp0.beta3_value, d_state.d, c, hp.slice_p, acc.update_d is not False)
-            fused_args = {"moments": moments, "ok": ok}
-        (xs,) = _by_dtype(
-            _apply_kernel(seg, fe, fu),
-            xs_in,
-            [acc.grads[i], res.exp_avg, res.exp_avg_sq] + ([res.s] if fu else []),
-            n_out=1,
-            dlr=dlr,
-            d_new=d_new,
-            eps=hp.eps,
-            keep=keep,
-            inplace=acc.inplace,
-            **({"sanitize": True} if ok is not None and _sanitizes_inside(seg, fe, fu) else {}),
-            **({"gathered": acc.gathered[i]} if acc.gathered[i] is not None and not sr else {}),
-            **fused_args,
+def _update(update: Update, seg: Segment, grads: list[Tensor], sc: StepScalars, inplace: bool) -> SegmentResult:
+    """``update`` of one segment, one call per param dtype, writing into the segment's tensors
+    (``inplace``) or into new ones. With stochastic rounding, the kernel updates float32 copies
+    of the bfloat16 params, rounded into the params here."""
+    sr = seg.hparams.stochastic_rounding and any(x.dtype == torch.bfloat16 for x in seg.params)
+    xs = [x.float() if x.dtype == torch.bfloat16 else x for x in seg.params] if sr else list(seg.params)
+    m = None if seg.exp_avg is None else list(seg.exp_avg)
+    new = SegmentResult(list(xs), None if m is None else list(m), list(seg.exp_avg_sq), list(seg.s))
+    for idx in _by_dtype(seg.params):
+        sub = SegmentResult(*(None if ts is None else _take(ts, idx) for ts in (xs, m, seg.exp_avg_sq, seg.s)))  # type: ignore[arg-type]
+        res = update(
+            sub.params, _take(grads, idx), sub.exp_avg, sub.exp_avg_sq, sub.s, sc=sc, slice_p=seg.hparams.slice_p, out=sub if inplace else None
         )
-        xs = _robust.write_back(seg.params, xs, inplace=acc.inplace, sr=sr)
-        results[i] = replace(res, params=xs)
-    return results
+        for mine, theirs in zip((new.params, new.exp_avg, new.exp_avg_sq, new.s), (res.params, res.exp_avg, res.exp_avg_sq, res.s)):
+            for i, t in zip(idx, theirs or []):
+                mine[i] = t  # type: ignore[index]
+    return replace(new, params=_robust.write_back(seg.params, new.params, out=seg.params if inplace else None, sr=sr))
 
 
 def step(
@@ -478,34 +382,13 @@ def _effective_grads(xs: Sequence[Tensor], gs: Sequence[Tensor], hp: Hyperparams
     return out
 
 
-def _by_dtype(kernel, xs, lists, *, n_out, **kwargs):  # type: ignore[no-untyped-def]
-    """Run ``kernel(xs, *lists, **kwargs)`` once per param dtype; scatter outputs back in order.
-
-    The kernel returns ``n_out`` lists (or None) followed by 0-dim tensors, which are summed.
-    """
-
-    def run(xs_, lists_):  # type: ignore[no-untyped-def]
-        res = kernel(xs_, *lists_, **kwargs)
-        return res if isinstance(res, tuple) else (res,)
-
+def _by_dtype(xs: Sequence[Tensor]) -> list[list[int]]:
+    """The indices of ``xs`` grouped by dtype (each backend's calls take one dtype)."""
     buckets: dict[torch.dtype, list[int]] = {}
     for i, x in enumerate(xs):
         buckets.setdefault(x.dtype, []).append(i)
-    if len(buckets) <= 1:
-        return run(list(xs), lists)
-    outs: list[list[Tensor | None] | None] = [None] * n_out
-    sums: list[Tensor] | None = None
-    for idx in buckets.values():
-        sub = [None if lst is None else [lst[i] for i in idx] for lst in lists]
-        res = run([xs[i] for i in idx], sub)
-        for j in range(n_out):
-            if res[j] is None:
-                continue
-            target = outs[j]
-            if target is None:
-                target = outs[j] = [None] * len(xs)
-            for i, t in zip(idx, res[j]):
-                target[i] = t
-        extras = list(res[n_out:])
-        sums = extras if sums is None else [a + b for a, b in zip(sums, extras)]
-    return (*outs, *(sums or []))
+    return list(buckets.values())
+
+
+def _take(ts: Sequence[Tensor], idx: list[int]) -> list[Tensor]:
+    return [ts[i] for i in idx]
