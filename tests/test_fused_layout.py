@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from kprodigy.functional import _fused
+from kprodigy.functional import _fused, _layout
 from kprodigy.optim import KProdigy
 
 SHAPES = [(6, 5), (40,), (3, 3, 2), (200,), (7,), (5, 9)]  # (200,) is "large" with FLAT_MAX = 100
@@ -78,7 +78,7 @@ def test_fused_packed_layout_matches_the_per_tensor_path():
         for key in ("exp_avg", "exp_avg_sq", "s", "p0"):
             if key == "p0" and idx[-1] == 2:
                 continue
-            assert _fused.flat_span([fused.state[fused_ps[i]][key] for i in idx]) is not None, key
+            assert _layout.flat_span([fused.state[fused_ps[i]][key] for i in idx]) is not None, key
     assert fused.state[fused_ps[2]]["p0"].dim() == 0  # the all-zero param keeps its compact p0
 
 
@@ -98,34 +98,34 @@ def test_reloaded_checkpoint_is_repacked_and_continues_exactly():
     for st in saved["state"].values():
         st.update({k: v.clone() for k, v in st.items() if torch.is_tensor(v)})
     resumed.load_state_dict(saved)
-    assert _fused.flat_span([resumed.state[resumed_ps[i]]["exp_avg"] for i in (0, 1, 2)]) is None
+    assert _layout.flat_span([resumed.state[resumed_ps[i]]["exp_avg"] for i in (0, 1, 2)]) is None
     for k in range(3, 6):
         for p_list, o in ((resumed_ps, resumed), (ref_ps, ref)):
             _grads(k, p_list)
             with pytest.warns(UserWarning, match="skipped") if k == 4 else _no_warning():
                 o.step()
-    assert _fused.flat_span([resumed.state[resumed_ps[i]]["exp_avg"] for i in (0, 1, 2)]) is not None
+    assert _layout.flat_span([resumed.state[resumed_ps[i]]["exp_avg"] for i in (0, 1, 2)]) is not None
     _assert_same(resumed, ref, resumed_ps, ref_ps, rtol=0.0)
 
 
 def test_flat_span_accepts_only_back_to_back_views_in_order():
-    parts = _fused.pack([torch.arange(6.0).view(2, 3), torch.arange(4.0), torch.ones(2, 2)])
-    span = _fused.flat_span(parts)
+    parts = _layout.pack([torch.arange(6.0).view(2, 3), torch.arange(4.0), torch.ones(2, 2)])
+    span = _layout.flat_span(parts)
     assert span is not None
     torch.testing.assert_close(span, torch.cat([p.reshape(-1) for p in parts]))
     assert span.data_ptr() == parts[0].data_ptr()
-    assert _fused.flat_span(parts[1:]) is not None  # a tail run of the buffer is one too
-    assert _fused.flat_span(parts[::-1]) is None  # out of order
-    assert _fused.flat_span([parts[0], parts[2]]) is None  # a gap
-    assert _fused.flat_span([torch.zeros(3), torch.zeros(3)]) is None  # two buffers
-    assert _fused.flat_span([parts[0].t()]) is None  # not contiguous
-    assert _fused.flat_span([parts[1], parts[2].to(torch.float64)]) is None  # two dtypes
-    assert _fused.flat_span([]) is None
+    assert _layout.flat_span(parts[1:]) is not None  # a tail run of the buffer is one too
+    assert _layout.flat_span(parts[::-1]) is None  # out of order
+    assert _layout.flat_span([parts[0], parts[2]]) is None  # a gap
+    assert _layout.flat_span([torch.zeros(3), torch.zeros(3)]) is None  # two buffers
+    assert _layout.flat_span([parts[0].t()]) is None  # not contiguous
+    assert _layout.flat_span([parts[1], parts[2].to(torch.float64)]) is None  # two dtypes
+    assert _layout.flat_span([]) is None
 
 
 def test_pack_copies_values_and_keeps_shapes():
     ts = [torch.randn(3, 4), torch.randn(5), torch.randn(2, 1, 2)]
-    packed = _fused.pack(ts)
+    packed = _layout.pack(ts)
     for a, b in zip(packed, ts):
         assert a.shape == b.shape and a.data_ptr() != b.data_ptr()
         torch.testing.assert_close(a, b, rtol=0.0, atol=0.0)

@@ -38,10 +38,11 @@ import torch
 from torch import Tensor
 
 from . import _scratch, _single
+from ._layout import flat_span, p0_full
 from ._scalars import StepScalars
 from ._state import SegmentResult
 
-__all__ = ["FLAT_MAX", "available", "flat_span", "pack", "statistics", "update"]
+__all__ = ["FLAT_MAX", "available", "statistics", "update"]
 
 FLAT_MAX = 1 << 16  # tensors with fewer elements are packed into flat buffers
 TensorList = list[Tensor]
@@ -184,43 +185,10 @@ def _gather_xg(xs: Sequence[Tensor], gs: Sequence[Tensor], packed: list[int]) ->
     return flat
 
 
-def flat_span(ts: Sequence[Tensor]) -> Tensor | None:
-    """The 1-D tensor whose consecutive slices are ``ts``, when they lie back to back in one
-    buffer (as ``pack`` leaves them), else None. Reads pointers only: no copy, no sync."""
-    if not ts:
-        return None
-    first = ts[0]
-    dtype, ptr, size = first.dtype, first.data_ptr(), first.element_size()
-    total = 0
-    for t in ts:
-        if t.dtype != dtype or t.data_ptr() != ptr + total * size or not t.is_contiguous():
-            return None
-        total += t.numel()
-    if (first.storage_offset() + total) * size > first.untyped_storage().nbytes():
-        return None  # adjacent addresses, but not one buffer
-    return first.as_strided((total,), (1,))
-
-
-def pack(ts: Sequence[Tensor]) -> list[Tensor]:
-    """Copies of ``ts`` (same shapes, dtype, device), laid back to back in one new flat buffer.
-
-    The optimizer keeps the state of small params this way: the fused kernels then step all of
-    them in one call on the buffer itself, with no gathering copies (``flat_span``).
-    """
-    return list(torch._C._nn.unflatten_dense_tensors(_cat(ts), list(ts)))
-
-
 def _gather(ts: Sequence[Tensor]) -> tuple[Tensor, bool]:
     """(flat tensor of ``ts``, whether it is a copy that must be written back)."""
     span = flat_span(ts)
     return (span, False) if span is not None else (_cat(ts), True)
-
-
-def _p0_full(p0: Tensor, n: int) -> Tensor:
-    """p0 as a flat tensor of ``n`` elements (a 0-dim zero p0 is broadcast)."""
-    if p0.dim() == 1:
-        return p0
-    return p0.reshape(-1).expand(n) if p0.numel() == 1 and n != 1 else p0.reshape(-1)
 
 
 def _pick(ts: Sequence[Tensor], idx: list[int]) -> list[Tensor]:
@@ -261,7 +229,7 @@ def statistics(
         dens.append(den)
     if packed:
         s_flat = _gather([ss[i] for i in packed])[0]  # read only here
-        p0s_packed = [_p0_full(p0s[i], ss[i].numel()) for i in packed]
+        p0s_packed = [p0_full(p0s[i], ss[i].numel()) for i in packed]
         p0_flat = flat_span(p0s_packed)
         if p0_flat is None:  # compact (0-dim) p0s are not packed: gathered into a reused buffer
             p0_flat = _cat_scratch(p0s_packed, "p0")

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from ._hyperparams import Hyperparams
+from ._layout import flat_span, p0_full
 from ._scalars import host_coefficients, reduce_d_host
 from ._step import AUTO_FUSED_MIN, Segment
 
@@ -183,8 +184,6 @@ def flat_group(seg: Segment, frozen: bool = False) -> FlatGroup | None:
     """The buckets of an ``eligible`` segment whose small tensors' ``exp_avg``, ``exp_avg_sq``
     and ``s`` lie back to back in one buffer each per bucket; None when they do not (the caller
     packs them first). ``frozen``: D no longer adapts (``s`` and ``p0`` are empty placeholders)."""
-    from ._fused import _p0_full, flat_span  # the layout rule of the packed state, stated once there
-
     p = seg.hparams.slice_p
     xs, vs, ss, p0s = list(seg.params), list(seg.exp_avg_sq), list(seg.s), list(seg.p0)
     ms = list(seg.exp_avg) if seg.exp_avg is not None else None
@@ -207,7 +206,7 @@ def flat_group(seg: Segment, frozen: bool = False) -> FlatGroup | None:
         x = xs[idx[0]]
         if x.numel() >= SMALL:
             i, n = idx[0], x.numel()
-            p0 = empty if frozen else _p0_full(p0s[i], -(-n // p))
+            p0 = empty if frozen else p0_full(p0s[i], -(-n // p))
             width = (SLICE // p) * p if on_cpu else n
             for lo in range(0, n, width):
                 hi = min(lo + width, n)
@@ -226,7 +225,7 @@ def flat_group(seg: Segment, frozen: bool = False) -> FlatGroup | None:
             s = cast(Tensor, spans[-1])
             full = all(p0s[i].numel() == ss[i].numel() for i in idx)
             p0_span = flat_span([p0s[i] for i in idx]) if full else None
-            p0 = p0_span if p0_span is not None else torch.cat([_p0_full(p0s[i], ss[i].numel()) for i in idx])
+            p0 = p0_span if p0_span is not None else torch.cat([p0_full(p0s[i], ss[i].numel()) for i in idx])
         grad = torch.empty(sum(x.numel() for x in params), dtype=x.dtype, device=x.device)
         m = [] if ms is None else [ms[i] for i in idx]
         bucket = Bucket(idx, 0, grad.numel(), params, m, [vs[i] for i in idx], s, p0, grad, _views(grad, params))

@@ -24,11 +24,12 @@ from torch import Tensor
 
 from . import _robust
 from ._hyperparams import Hyperparams
-from ._scalars import StepScalars, reduce_d, step_scalars, updates_d
+from ._scalars import StepScalars, reduce_d, step_scalars
+from ._schedule import updates_d
 from ._state import DState, SegmentResult
 from ._step import ReduceStats, Segment, _Pending, _statistics_d_group, _update
 
-__all__ = ["accumulate_segment", "apply_segments", "cap_d_ratio", "effective_lrs", "finish_d"]
+__all__ = ["accumulate_segment", "apply_segments", "effective_lrs", "finish_d"]
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def _reduced(
     """``update_d`` resolved (None: from ``d_state.k`` on the device) and ``stats`` summed over
     ranks by ``reduce_stats`` when this step updates D."""
     if update_d is None:
-        update_d = updates_d(hparams, d_state.k)
+        update_d = updates_d(hparams.d_update_freq, d_state.k)
     if update_d is not False and reduce_stats is not None:
         stats = reduce_stats(stats.clone())
     return update_d, stats
@@ -151,16 +152,3 @@ def effective_lrs(hparams: Sequence[Hyperparams], d_state: DState) -> list[Tenso
     0-dim tensors in the statistics dtype; ``d_state`` is the D state *before* the step.
     """
     return [step_scalars(hp, d_state, update_d=False, beta3=hp.beta3_value).dlr for hp in hparams]
-
-
-def cap_d_ratio(ds: Sequence[Tensor], ratio: float) -> list[Tensor]:
-    """Keep D values within ``ratio`` of the smallest: ``d_i <- min(d_i, ratio * min_j d_j)``.
-
-    ds: 0-dim tensors (any devices; the result of each stays on its own device). ratio >= 1.
-    Since every d_j never decreases, a capped d never decreases either.
-    """
-    if not ds:
-        return []
-    device = ds[0].device
-    floor = torch.stack([d.to(device, torch.float64) for d in ds]).min() * ratio
-    return [torch.minimum(d, floor.to(d.device, d.dtype)) for d in ds]

@@ -24,7 +24,6 @@ __all__ = [
     "reduce_d",
     "reduce_d_host",
     "step_scalars",
-    "updates_d",
 ]
 
 
@@ -134,12 +133,6 @@ def _step_scalars(hp: Hyperparams, d: Any, bc: Any) -> tuple[Any, Any, Any]:
     dlr = d * (hp.lr * bc)
     d_ratio = d / hp.d0
     return dlr, d_ratio * dlr, d_ratio * (d if hp.safeguard_warmup else dlr)
-
-
-def updates_d(hp: Hyperparams, k: Tensor) -> bool | Tensor:
-    """Whether the step from step count ``k`` updates D (``k % d_update_freq == 0``), decided on
-    the device: a 0-dim bool tensor, or True when ``d_update_freq == 1``."""
-    return True if hp.d_update_freq == 1 else (k % hp.d_update_freq) == 0
 
 
 def reduce_d(

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from . import _factored, _foreach, _fused, _robust, _single
 from ._hyperparams import Hyperparams
-from ._scalars import StepScalars, reduce_d, step_scalars, updates_d
+from ._scalars import StepScalars, reduce_d, step_scalars
+from ._schedule import updates_d
 from ._state import DState, SegmentResult, State
 
 __all__ = ["AUTO_FUSED_MIN", "Segment", "SegmentResult", "step", "step_d_group", "step_d_groups", "use_foreach", "use_fused"]
@@ -241,7 +242,7 @@ def _statistics_d_group(
                 f"D-group); got {hp0.skip_nonfinite} and {seg.hparams.skip_nonfinite}"
             )
     if update_d is None:
-        update_d = updates_d(hp0, d_state.k)
+        update_d = updates_d(hp0.d_update_freq, d_state.k)
 
     active = [i for i, seg in enumerate(segments) if seg.hparams.lr > 0 and len(seg.params) > 0]
     if not active and not (reduced and any(seg.hparams.lr > 0 for seg in segments)):

@@ -911,7 +911,7 @@ class KProdigy(torch.optim.Optimizer):
     def _pack_small_state(self, group: dict[str, Any], hp: Hyperparams) -> None:
         """With the fused path, lay the state of the group's small params back to back in one
         buffer per key and dtype (values unchanged), so that the compiled kernels step them in
-        one call on the buffer itself (``_fused.flat_span``) instead of gathering copies. A
+        one call on the buffer itself (``_layout.flat_span``) instead of gathering copies. A
         bucket with a compact (0-dim) ``p0`` keeps its ``p0`` unpacked (it is gathered instead)."""
         params = [p for p in group["params"] if self.state.get(p)]
         if not use_fused(params, group["fused"]):
