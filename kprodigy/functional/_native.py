@@ -16,7 +16,7 @@ a step costs a dozen ops per bucket whatever the number of tensors. The step of 
    ``||beta3 * s + s_scale * g[::p]||_1`` (p = slice_p; g the effective gradient: negated with
    ``maximize``, plus ``wd * x`` with coupled decay), 0-dim device tensors. With ``slice_p == 1``
    a non-finite gradient makes the sums non-finite; otherwise, and on a step without statistics,
-   ``largest`` (max |g|) decides the NaN skip.
+   ``extremes`` (each bucket's min and max of g) decide the NaN skip.
 2. ``step_host`` reads all of it for all D-groups at once (the reduction seam between), updates
    D with ``_scalars.reduce_d_host`` and decides the skip (a Python branch).
 3. ``update`` (only on a step that is not skipped: nothing is written otherwise):
@@ -61,7 +61,7 @@ __all__ = [
     "flat_group",
     "gather",
     "in_dtype",
-    "largest",
+    "extremes",
     "statistics",
     "step_host",
     "update",
@@ -260,7 +260,7 @@ def _gather(fg: FlatGroup, b: Bucket, grads: list[Tensor], hp: Hyperparams) -> N
 
 
 def gather(fg: FlatGroup, grads: list[Tensor], hp: Hyperparams) -> None:
-    """Gather the packed buckets' gradients (what ``statistics`` and ``largest`` do first), for a
+    """Gather the packed buckets' gradients (what ``statistics`` and ``extremes`` do first), for a
     step that computes neither."""
     for b in fg.buckets:
         if b.grad is not None:
@@ -322,11 +322,12 @@ def statistics(
     return torch.stack(dots).sum(), torch.stack(norms).sum()
 
 
-def largest(fg: FlatGroup, grads: list[Tensor], hp: Hyperparams, gathered: bool = False) -> Tensor:
-    """0-dim: the largest |g| of the group, for the NaN/inf skip where the statistics do not see
-    every gradient element (a step without statistics, or slice_p > 1): ``torch.aminmax``, as
-    ``_robust.all_finite`` (NaN propagates, nothing overflows). Gathers the packed buckets'
-    gradients first (``update`` reads them) unless ``gathered`` (by ``statistics``)."""
+def extremes(fg: FlatGroup, grads: list[Tensor], hp: Hyperparams, gathered: bool = False) -> Tensor:
+    """(2 * buckets,) the smallest and largest gradient element of each bucket, for the NaN/inf
+    skip where the statistics do not see every gradient element (a step without statistics, or
+    slice_p > 1): ``torch.aminmax``, as ``_robust.all_finite`` (NaN propagates, nothing overflows;
+    the host checks them finite). Gathers the packed buckets' gradients first (``update`` reads
+    them) unless ``gathered`` (by ``statistics``)."""
     found: list[Tensor] = []
     for b in fg.buckets:
         if b.grad is not None:
@@ -336,7 +337,7 @@ def largest(fg: FlatGroup, grads: list[Tensor], hp: Hyperparams, gathered: bool 
         else:
             g = grads[b.index[0]].view(-1)[b.lo : b.hi]
         found += torch.aminmax(g)
-    return torch.stack(found).abs().amax()
+    return torch.stack(found)
 
 
 def update(
@@ -352,7 +353,7 @@ def update(
     update_s: bool = True,
 ) -> None:
     """Write s (if ``update_s``: a step that updates D), m, v, x of a group in place (a step that
-    is not skipped), after ``statistics`` (or ``largest``/``gather``, which gather the gradients too)."""
+    is not skipped), after ``statistics`` (or ``extremes``/``gather``, which gather the gradients too)."""
     b1 = hp.betas[0]
     decay = hp.weight_decay if hp.decouple else 0.0
     kwargs: dict[str, Any] = dict(
@@ -435,13 +436,14 @@ def step_host(
     keeps it) and ``update`` of its members, or the skip (``skip_nonfinite`` and non-finite values:
     nothing written). A D-group that does not (``d_update_freq``, D frozen): no statistics and no
     reduction; D stays and ``update`` leaves ``s``. Where the statistics do not see every gradient
-    element (no statistics, or slice_p > 1) the largest |g| decides the skip (local, read with the
+    element (no statistics, or slice_p > 1) the gradient extremes decide the skip (local, read with the
     sums). A D-group with no member that steps (frozen or without gradients) keeps its D."""
     coefs = [[host_coefficients(m.hp, ds.d, k) for m in members] for members, ds, k in zip(d_groups, d_states, ks)]
     sums: list[Tensor] = []  # per D-group with statistics: its two sums (the layout every rank shares)
-    checks: list[Tensor] = []  # largest |g| of members whose statistics do not see every element (local)
+    checks: list[Tensor] = []  # gradient extremes of members whose statistics do not see every element (local)
+    n_checked = 0  # elements in ``checks`` so far
     spans: dict[int, tuple[int, float, int, int]] = {}  # D-group -> (start in sums or -1, the host
-    # factor of its numerator, start and end in checks)
+    # factor of its numerator, start and end of its elements in checks)
     for j, (members, cs, update_d) in enumerate(zip(d_groups, coefs, updates)):
         beta3 = members[0].hp.beta3_value  # the D-group's, from its first group
         skip = members[0].hp.skip_nonfinite
@@ -455,9 +457,9 @@ def step_host(
                 norms.append(norm)
                 scales.append(c.numerator_scale)
                 if skip and m.flat.slice_p > 1:  # the sums see every slice_p-th gradient element only
-                    found.append(largest(m.flat, m.grads, m.hp, gathered=True))
+                    found.append(extremes(m.flat, m.grads, m.hp, gathered=True))
             elif skip:
-                found.append(largest(m.flat, m.grads, m.hp))
+                found.append(extremes(m.flat, m.grads, m.hp))
             else:
                 gather(m.flat, m.grads, m.hp)
         factor = 1.0
@@ -466,11 +468,13 @@ def step_host(
         elif dots:
             weighted = [dot * scale for dot, scale in zip(dots, scales)]
             dots, norms = [sum(weighted[1:], weighted[0])], [sum(norms[1:], norms[0])]
+        width = sum(t.numel() for t in found)
         if dots or found:
-            spans[j] = (len(sums) if dots else -1, factor, len(checks), len(checks) + len(found))
+            spans[j] = (len(sums) if dots else -1, factor, n_checked, n_checked + width)
         if dots:
             sums += [dots[0], norms[0]]
         checks += found
+        n_checked += width
     values = _read(sums, checks, reduce_stats) if sums or checks else []
     n_sums = len(sums)
     out = []
@@ -508,14 +512,14 @@ def _read(sums: list[Tensor], checks: list[Tensor], reduce_stats: Callable[[Tens
     """The step's one host read: ``sums`` (summed over ranks by ``reduce_stats``) then ``checks``,
     as float64 (one stack per list where its tensors share a device and dtype; else through the CPU)."""
     parts = []
-    for ts, reduce in ((sums, reduce_stats), (checks, None)):
+    for ts, reduce, join in ((sums, reduce_stats, torch.stack), (checks, None, torch.cat)):
         if not ts:
             continue
         first = ts[0]
         if all(t.device == first.device and t.dtype == first.dtype for t in ts):
-            part = torch.stack(ts).to(torch.float64)
+            part = join(ts).to(torch.float64)
         else:
-            part = torch.stack([t.to("cpu", torch.float64) for t in ts])
+            part = join([t.to("cpu", torch.float64) for t in ts])
         parts.append(part if reduce is None else reduce(part))
     if len(parts) == 1:
         return parts[0].tolist()

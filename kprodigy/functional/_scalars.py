@@ -122,8 +122,9 @@ class HostCoefficients:
 def host_coefficients(hp: Hyperparams, d: float, k: int) -> HostCoefficients:
     """``HostCoefficients`` from a D and step count held on the host, in float64."""
     bc = 1.0
-    if hp.use_bias_correction:
-        bc = float(bias_correction(hp, torch.tensor(k, dtype=torch.int64), torch.float64))
+    if hp.use_bias_correction:  # ``bias_correction``'s formula on Python floats (float64, as it computes)
+        one_minus = [-math.expm1((k + 1) * (math.log(b) if b > 0 else -math.inf)) for b in hp.betas]
+        bc = math.sqrt(one_minus[1]) / one_minus[0]
     return HostCoefficients(*_step_scalars(hp, d, bc))
 
 

@@ -941,7 +941,7 @@ class _Pending:
         self.d_state = d_state  # the D state at the start of this step
         self.stats = stats  # running sum of the params' [numerator_delta, denom]
         self.params: list[Tensor] = []  # the params stepped so far
-        self.accumulated: list[Any] = []  # their accumulate passes, whose apply passes wait for the new D
+        self.accumulated: list[Any] = []  # their hooked halves (m, v, s written), whose param updates wait for the new D
 
 
 def _is_frozen(lead: dict[str, Any]) -> bool:
