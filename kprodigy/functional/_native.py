@@ -322,8 +322,8 @@ def statistics(
     return torch.stack(dots).sum(), torch.stack(norms).sum()
 
 
-def extremes(fg: FlatGroup, grads: list[Tensor], hp: Hyperparams, gathered: bool = False) -> Tensor:
-    """(2 * buckets,) the smallest and largest gradient element of each bucket, for the NaN/inf
+def extremes(fg: FlatGroup, grads: list[Tensor], hp: Hyperparams, gathered: bool = False) -> list[Tensor]:
+    """0-dim: the smallest and largest gradient element of each bucket, for the NaN/inf
     skip where the statistics do not see every gradient element (a step without statistics, or
     slice_p > 1): ``torch.aminmax``, as ``_robust.all_finite`` (NaN propagates, nothing overflows;
     the host checks them finite). Gathers the packed buckets' gradients first (``update`` reads
@@ -337,7 +337,7 @@ def extremes(fg: FlatGroup, grads: list[Tensor], hp: Hyperparams, gathered: bool
         else:
             g = grads[b.index[0]].view(-1)[b.lo : b.hi]
         found += torch.aminmax(g)
-    return torch.stack(found)
+    return found
 
 
 def update(
@@ -441,9 +441,9 @@ def step_host(
     coefs = [[host_coefficients(m.hp, ds.d, k) for m in members] for members, ds, k in zip(d_groups, d_states, ks)]
     sums: list[Tensor] = []  # per D-group with statistics: its two sums (the layout every rank shares)
     checks: list[Tensor] = []  # gradient extremes of members whose statistics do not see every element (local)
-    n_checked = 0  # elements in ``checks`` so far
+    n_checked = 0  # len(checks) so far
     spans: dict[int, tuple[int, float, int, int]] = {}  # D-group -> (start in sums or -1, the host
-    # factor of its numerator, start and end of its elements in checks)
+    # factor of its numerator, start and end in checks)
     for j, (members, cs, update_d) in enumerate(zip(d_groups, coefs, updates)):
         beta3 = members[0].hp.beta3_value  # the D-group's, from its first group
         skip = members[0].hp.skip_nonfinite
@@ -457,9 +457,9 @@ def step_host(
                 norms.append(norm)
                 scales.append(c.numerator_scale)
                 if skip and m.flat.slice_p > 1:  # the sums see every slice_p-th gradient element only
-                    found.append(extremes(m.flat, m.grads, m.hp, gathered=True))
+                    found += extremes(m.flat, m.grads, m.hp, gathered=True)
             elif skip:
-                found.append(extremes(m.flat, m.grads, m.hp))
+                found += extremes(m.flat, m.grads, m.hp)
             else:
                 gather(m.flat, m.grads, m.hp)
         factor = 1.0
@@ -468,7 +468,7 @@ def step_host(
         elif dots:
             weighted = [dot * scale for dot, scale in zip(dots, scales)]
             dots, norms = [sum(weighted[1:], weighted[0])], [sum(norms[1:], norms[0])]
-        width = sum(t.numel() for t in found)
+        width = len(found)
         if dots or found:
             spans[j] = (len(sums) if dots else -1, factor, n_checked, n_checked + width)
         if dots:
@@ -512,14 +512,14 @@ def _read(sums: list[Tensor], checks: list[Tensor], reduce_stats: Callable[[Tens
     """The step's one host read: ``sums`` (summed over ranks by ``reduce_stats``) then ``checks``,
     as float64 (one stack per list where its tensors share a device and dtype; else through the CPU)."""
     parts = []
-    for ts, reduce, join in ((sums, reduce_stats, torch.stack), (checks, None, torch.cat)):
+    for ts, reduce in ((sums, reduce_stats), (checks, None)):
         if not ts:
             continue
         first = ts[0]
         if all(t.device == first.device and t.dtype == first.dtype for t in ts):
-            part = join(ts).to(torch.float64)
+            part = torch.stack(ts).to(torch.float64)
         else:
-            part = join([t.to("cpu", torch.float64) for t in ts])
+            part = torch.stack([t.to("cpu", torch.float64) for t in ts])
         parts.append(part if reduce is None else reduce(part))
     if len(parts) == 1:
         return parts[0].tolist()
