@@ -329,3 +329,26 @@ def test_functorch_inputs_take_the_per_tensor_path() -> None:
     seen = []
     torch.func.vmap(lambda t: seen.append(use_foreach([t], True)) or t)(x)
     assert seen == [False]
+
+
+def test_lr_schedule_hyperparams_equal_a_full_validation() -> None:
+    """An lr that changes every step (a scheduler) is validated alone (``Hyperparams.with_lr``):
+    the result equals a full validation, and a bad lr still raises before anything changes."""
+    import math
+
+    from kprodigy.optim._checks import hparams
+
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    opt = KProdigy([p], weight_decay=0.01, betas=(0.8, 0.99))
+    group = opt.param_groups[0]
+    for t in range(5):
+        group["lr"] = 0.5 * (1 + math.cos(math.pi * t / 5)) + 1e-3 * t
+        assert hparams(group) == Hyperparams.from_mapping(group)
+        p.grad = torch.ones_like(p)
+        opt.step()
+    for bad in (-1.0, float("nan"), "0.1"):
+        group["lr"] = bad
+        before = p.detach().clone()
+        with pytest.raises(ValueError, match="lr"):
+            opt.step()
+        assert torch.equal(p.detach(), before)

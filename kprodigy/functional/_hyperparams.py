@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, fields
 from typing import Any
@@ -88,12 +89,22 @@ class Hyperparams:
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
+        return _FIELD_NAMES if cls is Hyperparams else tuple(f.name for f in fields(cls))
 
     @classmethod
     def from_mapping(cls, mapping: dict[str, Any]) -> Hyperparams:
         """Build from a dict such as an optimizer param group; unrelated keys are ignored."""
         return cls(**{name: mapping[name] for name in cls.field_names() if name in mapping})
+
+    def with_lr(self, lr: Any) -> Hyperparams:
+        """This instance with another ``lr``, validated as ``__post_init__`` does (the other fields
+        were validated already): what an lr schedule changes every step, without re-validating
+        the rest."""
+        value = _number("lr", lr)
+        _check("lr", value, math.isfinite(value) and value >= 0, "a finite number >= 0")
+        new = copy.copy(self)
+        object.__setattr__(new, "lr", value)
+        return new
 
     def d_config(self) -> tuple[float | None, float, float, float, int]:
         """The fields that must agree among groups sharing one D.
@@ -101,6 +112,9 @@ class Hyperparams:
         ``beta3=None`` resolves to sqrt(betas[1]) of the D-group's first group.
         """
         return (self.beta3, self.d0, self.d_coef, self.growth_rate, self.d_update_freq)
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(Hyperparams))
 
 
 def _number(name: str, value: Any) -> float:

@@ -301,7 +301,8 @@ def one_device(params: list[Tensor], members: list[int]) -> torch.device:
     return device
 
 
-_HPARAMS: dict[tuple[Any, ...], Hyperparams] = {}  # validated Hyperparams by their group's values
+_HPARAMS: dict[tuple[Any, ...], Hyperparams] = {}  # validated Hyperparams by their group's values (a
+# bounded memo of immutable values: like functools.lru_cache, it holds nothing else alive)
 _HPARAMS_MAX = 256
 
 
@@ -316,13 +317,19 @@ def hparams(group: dict[str, Any]) -> Hyperparams:
     except TypeError:  # an unhashable value: validate it (and raise) without the cache
         return Hyperparams.from_mapping(group)
     if hp is None:
-        hp = Hyperparams.from_mapping(group)
+        # an lr schedule changes only lr: derive from the same values' last Hyperparams
+        rest = key[0][:_LR] + key[0][_LR + 1 :], key[1][:_LR] + key[1][_LR + 1 :], key[2]
+        same_rest = _BY_REST.get(rest) if values[_LR] is not _MISSING[0] else None
+        hp = same_rest.with_lr(values[_LR]) if same_rest is not None else Hyperparams.from_mapping(group)
         if len(_HPARAMS) >= _HPARAMS_MAX:
             _HPARAMS.clear()
-        _HPARAMS[key] = hp
+            _BY_REST.clear()
+        _HPARAMS[key] = _BY_REST[rest] = hp
     return hp
 
 
 _HP_FIELDS = Hyperparams.field_names()
 _BETAS = _HP_FIELDS.index("betas")
+_LR = _HP_FIELDS.index("lr")
+_BY_REST: dict[tuple[Any, ...], Hyperparams] = {}  # the same, keyed by every value but lr
 _MISSING = (object(),) * len(_HP_FIELDS)  # group.get's default: a missing key is not None
