@@ -615,9 +615,10 @@ class KProdigy(torch.optim.Optimizer):
                     return False
                 if group["foreach"] is not None or group["fused"] is not None:
                     return False
-                hp = hparams(group)
-                if hp is not entry.hp:  # new values: the checks of a full step
-                    self._check_group(i, group)
+                hp = hparams(group)  # (validates: a bad value raises, and the full step says where)
+                if hp is not entry.hp:  # new values: the rest of a full step's checks
+                    check_lr_type(group["lr"])
+                    check_capturable(group)
                     entry.hp = hp
                     changed.add(i)
                 if entry.stepped and hp.lr > 0 and (entry.flat is None or not _native.eligible_hparams(hp)):
@@ -630,7 +631,7 @@ class KProdigy(torch.optim.Optimizer):
             for members in plan.members:
                 groups = [self.param_groups[i] for i in members]
                 check_same_d_steps(groups, members)
-                if changed.intersection(members):
+                if len(members) > 1 and changed.intersection(members):
                     check_d_group_agrees(groups, members)
         except (ValueError, RuntimeError, TypeError):
             return False  # the full step raises it, with its context
