@@ -25,6 +25,20 @@ def _grads(ps: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     return [(p.detach() - 0.5) * 0.1 + 0.01 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in ps]
 
 
+def _count_updates(mp: pytest.MonkeyPatch) -> list[int]:
+    """Count the calls of ``_native.update`` (one per param group and native step) while ``mp``
+    is active: ``[count]``."""
+    calls = [0]
+    original = _native.update
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    mp.setattr(_native, "update", counted)
+    return calls
+
+
 def _run(dtype: torch.dtype, flags: dict, groups: list[dict], steps: int, nan_at: int | None, count: list[int]):
     ps = _params(dtype)
     pgs = [dict(params=ps[:2], **groups[0]), dict(params=ps[2:], **groups[1])]
@@ -49,14 +63,7 @@ def _run(dtype: torch.dtype, flags: dict, groups: list[dict], steps: int, nan_at
     ids=["defaults", "wd_lr_multiplier", "bias_correction"],
 )
 def test_native_equals_per_tensor(dtype: torch.dtype, groups: list[dict], monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = [0]
-    original = _native.update
-
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls[0] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(_native, "update", counted)
+    calls = _count_updates(monkeypatch)
     steps, nan_at = 30, 11
     ours, opt, d_ours = _run(dtype, {}, groups, steps, nan_at, calls)
     ref, ropt, d_ref = _run(dtype, {"foreach": False, "fused": False}, groups, steps, nan_at, calls)
@@ -137,15 +144,8 @@ def test_native_buckets_equal_per_tensor() -> None:
             ds.append(opt.param_groups[0]["d"])
         return ps, opt, ds
 
-    calls = [0]
-    original = _native.update
-
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls[0] += 1
-        return original(*args, **kwargs)
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_native, "update", counted)
+        calls = _count_updates(mp)
         ours, opt, d_ours = run({})
     assert calls[0] == 11  # every step but the skipped one
     ref, ropt, d_ref = run({"foreach": False, "fused": False})
@@ -220,15 +220,8 @@ def test_native_settings_equal_per_tensor(settings: dict) -> None:
 
     path = [0.0] * len(shapes)  # per param, the sum of its moves' norms (the last run's: the reference)
 
-    calls = [0]
-    original = _native.update
-
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls[0] += 1
-        return original(*args, **kwargs)
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_native, "update", counted)
+        calls = _count_updates(mp)
         ours, opt, d_ours = run({})
     ref, ropt, d_ref = run({"foreach": False, "fused": False})
     skips = [g["skipped_steps"] for g in opt.param_groups]
@@ -268,15 +261,8 @@ def test_native_without_skip_on_steps_without_statistics() -> None:
             opt.step()
         return ps, opt
 
-    calls = [0]
-    original = _native.update
-
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls[0] += 1
-        return original(*args, **kwargs)
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_native, "update", counted)
+        calls = _count_updates(mp)
         ours, opt = run({})
     ref, ropt = run({"foreach": False, "fused": False})
     assert calls[0] == 9 and opt.param_groups[0]["d"] > 10 * 1e-6

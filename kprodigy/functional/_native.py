@@ -36,7 +36,6 @@ a step costs a dozen ops per bucket whatever the number of tensors. The step of 
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -46,7 +45,7 @@ from torch import Tensor
 
 from ._hyperparams import Hyperparams
 from ._layout import flat_span, p0_full
-from ._scalars import host_coefficients, reduce_d_host
+from ._scalars import host_coefficients, in_dtype, reduce_d_host
 from ._step import AUTO_FUSED_MIN, Segment
 
 __all__ = [
@@ -60,7 +59,6 @@ __all__ = [
     "fits",
     "flat_group",
     "gather",
-    "in_dtype",
     "extremes",
     "statistics",
     "step_host",
@@ -524,18 +522,6 @@ def _read(sums: list[Tensor], checks: list[Tensor], reduce_stats: Callable[[Tens
     if len(parts) == 1:
         return parts[0].tolist()
     return torch.cat([part.to(parts[0].device) for part in parts]).tolist()
-
-
-def in_dtype(values: Sequence[float], dtype: torch.dtype) -> list[float]:
-    """Python floats rounded to ``dtype`` (float32 or float64): the values a 0-dim tensor of that
-    dtype would hold, without one."""
-    if dtype == torch.float64:
-        return list(values)
-    fmt = f"{len(values)}f"
-    try:
-        return list(struct.unpack(fmt, struct.pack(fmt, *values)))
-    except OverflowError:  # beyond float32's range: inf, as the tensor would hold
-        return torch.tensor(list(values), dtype=dtype).tolist()
 
 
 def _views(flat: Tensor, like: list[Tensor]) -> list[Tensor]:

@@ -7,7 +7,8 @@ Nothing here reads a tensor's value on the host: the D update is branch-free
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "HostCoefficients",
     "StepScalars",
     "host_coefficients",
+    "in_dtype",
     "reduce_d",
     "reduce_d_host",
     "step_scalars",
@@ -214,3 +216,15 @@ def _d_rule(
     new_d = where(d == hp.d0, maximum(d, d_hat), d)
     new_max = maximum(d_max, d_hat)
     return d_numerator, positive, d_hat, minimum(new_max, new_d * hp.growth_rate), new_max
+
+
+def in_dtype(values: Sequence[float], dtype: torch.dtype) -> list[float]:
+    """Python floats rounded to ``dtype`` (float32 or float64): the values a 0-dim tensor of that
+    dtype would hold, without one."""
+    if dtype == torch.float64:
+        return list(values)
+    fmt = f"{len(values)}f"
+    try:
+        return list(struct.unpack(fmt, struct.pack(fmt, *values)))
+    except OverflowError:  # beyond float32's range: inf, as the tensor would hold
+        return torch.tensor(list(values), dtype=dtype).tolist()

@@ -16,7 +16,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["cap_d_ratio", "frozen", "updates_d"]
+from ._scalars import in_dtype
+
+__all__ = ["cap_d_ratio", "cap_d_ratio_host", "frozen", "updates_d"]
 
 
 def frozen(d_steps: int | None, k: int) -> bool:
@@ -46,3 +48,10 @@ def cap_d_ratio(ds: Sequence[Tensor], ratio: float) -> list[Tensor]:
     device = ds[0].device
     floor = torch.stack([d.to(device, torch.float64) for d in ds]).min() * ratio
     return [torch.minimum(d, floor.to(d.device, d.dtype)) for d in ds]
+
+
+def cap_d_ratio_host(ds: Sequence[float], ratio: float, dtypes: Sequence[torch.dtype]) -> list[float]:
+    """``cap_d_ratio`` on D values held on the host: the floor in float64, rounded to each
+    D-group's statistics dtype (``dtypes``, aligned with ``ds``) as the tensor version's ``.to``."""
+    floor = min(ds) * ratio
+    return [min(d, in_dtype([floor], dtype)[0]) for d, dtype in zip(ds, dtypes)]

@@ -97,4 +97,4 @@ def fresh_d_keys(d0: float) -> dict[str, Any]:
 
 def host_d_keys(d: Any) -> dict[str, float]:
     """The float D keys of a host-held D state (``functional._native.HostD``)."""
-    return {"d": d.d, "d_max": d.d_max, "d_numerator": d.d_numerator, "d_denom": d.d_denom, "d_hat": d.d_hat}
+    return {key: getattr(d, key) for key in FLOAT_D_KEYS}

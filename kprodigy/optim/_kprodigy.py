@@ -508,12 +508,11 @@ class KProdigy(torch.optim.Optimizer):
         The D cap (``d_ratio_cap``) acts here, over the D-groups that stepped with some lr > 0.
         """
         news = [new for _, _, _, new in done]
-        if self.d_ratio_cap is not None:
-            live = [j for j, (groups, *_) in enumerate(done) if any(g["lr"] > 0 for g in groups)]
-            if len(live) > 1:
-                capped = _schedule.cap_d_ratio([news[j].d for j in live], self.d_ratio_cap)
-                for j, d in zip(live, capped):
-                    news[j] = news[j].replace(d=d)
+        live = self._capped_d_groups([groups for groups, *_ in done])
+        if live:
+            capped = _schedule.cap_d_ratio([news[j].d for j in live], cast(float, self.d_ratio_cap))
+            for j, d in zip(live, capped):
+                news[j] = news[j].replace(d=d)
         rows: dict[torch.device, list[Tensor]] = {}  # per device, the values of its D-groups: one read each
         where = []  # per default-mode D-group: (device, start, end) of its values
         for (groups, params, old, _), new in zip(done, news):
@@ -675,6 +674,14 @@ class KProdigy(torch.optim.Optimizer):
         _diagnostics.after_step(self, [[e.group for e in entries] for _, entries in jobs])
         return True
 
+    def _capped_d_groups(self, stepped: list[list[dict[str, Any]]]) -> list[int]:
+        """The D-groups (indices into ``stepped``, each a D-group's param groups) that
+        ``d_ratio_cap`` binds together: those that stepped with some lr > 0; none unless two."""
+        if self.d_ratio_cap is None:
+            return []
+        live = [j for j, groups in enumerate(stepped) if any(g["lr"] > 0 for g in groups)]
+        return live if len(live) > 1 else []
+
     def _capped(
         self,
         results: list[_native.HostResult],
@@ -682,27 +689,23 @@ class KProdigy(torch.optim.Optimizer):
         groups: list[list[dict[str, Any]]],
         dtypes: list[torch.dtype],
     ) -> list[_native.HostResult]:
-        """``d_ratio_cap`` on the native path's results, as ``_record`` applies it on the general
-        path (``_schedule.cap_d_ratio``, on the host): over the D-groups that stepped with some
-        lr > 0, a skipped one with its D as it was."""
-        if self.d_ratio_cap is None:
-            return results
-        live = [j for j, gs in enumerate(groups) if any(g["lr"] > 0 for g in gs)]
-        if len(live) < 2:
+        """``d_ratio_cap`` on the native path's results (``_schedule.cap_d_ratio_host``), over the
+        D-groups ``_record`` caps on the general path; a skipped one with its D as it was."""
+        live = self._capped_d_groups(groups)
+        if not live:
             return results
         states = [results[j].d_state for j in live]
         ds = [leads[j]["d"] if state is None else state.d for j, state in zip(live, states)]
-        floor = min(ds) * self.d_ratio_cap  # float64, as cap_d_ratio's
+        capped = _schedule.cap_d_ratio_host(ds, cast(float, self.d_ratio_cap), [dtypes[j] for j in live])
         out = list(results)
-        for j, d in zip(live, ds):
-            (capped,) = _native.in_dtype([floor], dtypes[j])
-            if capped < d:
-                state = results[j].d_state
-                if state is None:  # a skipped D-group: only its D is capped, as _record writes it
-                    for group in groups[j]:
-                        group["d"] = capped
-                else:
-                    out[j] = replace(results[j], d_state=replace(state, d=capped))
+        for j, state, d, new_d in zip(live, states, ds, capped):
+            if new_d == d:
+                continue
+            if state is None:  # a skipped D-group: only its D is capped, as _record writes it
+                for group in groups[j]:
+                    group["d"] = new_d
+            else:
+                out[j] = replace(results[j], d_state=replace(state, d=new_d))
         return out
 
     def _scratch(self) -> dict[Any, Tensor]:
