@@ -3,18 +3,19 @@
 ``init_state(params, hparams)`` builds the state of tensors sharing one D (a list, a dict or any
 pytree of tensors; the state mirrors its structure); ``step(params, grads, state, hparams)``
 returns ``(new_params, new_state)`` and mutates nothing, so it composes with ``torch.func``
-(``grad``, ``vmap``: ``init_ensemble_state``) and ``torch.compile(fullgraph=True)``.
+(``grad``, ``vmap``: ``init_ensemble_state``) and ``torch.compile(fullgraph=True)``;
+``step_`` is the same step in place, for loops that do not need purity.
 ``state_to_dict``/``state_from_dict`` and ``to_/from_optimizer_state_dict`` checkpoint it.
 
-These ten names are the public API. The modules starting with ``_`` are the kernels and the
-plumbing of the ``KProdigy`` optimizer (several D-groups in place, the reduction seam, the
-native and compiled paths); they may change in any release.
+These eleven names are the public API. The modules starting with ``_`` are the engine that
+``KProdigy`` and these functions share (``_engine``), its backends and plumbing; they may
+change in any release.
 """
 
 from ._checkpoint import from_optimizer_state_dict, state_from_dict, state_to_dict, to_optimizer_state_dict
 from ._hyperparams import Hyperparams
 from ._state import DState, State
-from ._tree import init_ensemble_state, init_state, step  # the list versions, taking any pytree
+from ._tree import init_ensemble_state, init_state, step, step_  # taking any pytree
 
 __all__ = [
     "DState",
@@ -26,5 +27,6 @@ __all__ = [
     "state_from_dict",
     "state_to_dict",
     "step",
+    "step_",
     "to_optimizer_state_dict",
 ]

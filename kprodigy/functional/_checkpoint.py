@@ -23,7 +23,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from ._hyperparams import Hyperparams
-from ._state import D_STATE_FIELDS, DState, State, stat_dtype
+from ._state import D_STATE_FIELDS, DState, State, d_dtype
 
 __all__ = ["from_optimizer_state_dict", "state_from_dict", "state_to_dict", "to_optimizer_state_dict"]
 
@@ -166,17 +166,9 @@ def from_optimizer_state_dict(
             fields[name].append(entry[name].detach().clone())
     if not ids:
         raise ValueError(f"param groups {idx} hold no params")
-    ref = fields["exp_avg_sq"][0]
-    dtype = stat_dtype([t.dtype for t in fields["exp_avg_sq"]])
-
-    def scalar(value: float) -> Tensor:
-        return torch.tensor(float(value), dtype=dtype, device=ref.device)
-
-    d = DState(
-        **{key: scalar(lead[key]) for key in _FLOAT_D_KEYS},
-        k=torch.tensor(int(lead["k"]), dtype=torch.int64, device=ref.device),
-        skipped_steps=torch.tensor(int(lead.get("skipped_steps", 0)), dtype=torch.int64, device=ref.device),
-    )
+    device = fields["exp_avg_sq"][0].device
+    host = DState(*(float(lead[key]) for key in _FLOAT_D_KEYS), int(lead["k"]), int(lead.get("skipped_steps", 0)))
+    d = host.on_device(device, d_dtype(device))
     spec = pytree.tree_structure(like) if like is not None else pytree.tree_structure(fields["exp_avg_sq"])
     if spec.num_leaves != len(ids):
         raise ValueError(f"like has {spec.num_leaves} tensors but the param groups hold {len(ids)} params")

@@ -8,7 +8,7 @@ column means, packed in one 1-D tensor ``[r (rows), c (n)]``::
     v_hat_ij = r_i * c_j / mean(r)                    (exact when v is rank one)
 
 and the step uses ``v_hat`` where it would use ``v``. A param is factored exactly when its
-``exp_avg_sq`` state has that packed shape (``init_factored_v``); other tensors keep a full ``v``.
+``exp_avg_sq`` state has that packed shape (``_state.init_tensor_state(factored=True)``); other tensors keep a full ``v``.
 
 The kernels (the contract of ``_single.py``) run the per-tensor reference kernels one tensor at a
 time: the statistics do not read v; ``update_moments`` on a zero ``v`` gives this step's
@@ -20,23 +20,25 @@ the factoring is stated here; the price is one param-sized temporary at a time.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import _single
 from ._scalars import StepScalars
-from ._state import SegmentResult
+from ._state import Segment, SegmentResult
 
-__all__ = ["init_factored_v", "is_factored", "statistics", "update", "update_moments", "update_params"]
-
-
-def init_factored_v(x: Tensor) -> Tensor:
-    """Zero packed statistics ``[r, c]`` for param ``x`` (ndim >= 2): 1-D, rows + cols, x's dtype."""
-    if x.dim() < 2:
-        raise ValueError(f"a factored second moment needs a param with 2 or more dims, got shape {tuple(x.shape)}")
-    cols = x.shape[-1]
-    return torch.zeros(x.numel() // cols + cols, dtype=x.dtype, device=x.device)
+__all__ = [
+    "PURE",
+    "gradients",
+    "is_factored",
+    "layout",
+    "statistics",
+    "update",
+    "update_moments",
+    "update_params",
+]
 
 
 def is_factored(xs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor]) -> bool:
@@ -64,23 +66,15 @@ def _v_hat(x: Tensor, v: Tensor) -> Tensor:
     return (torch.outer(r, c) / scale).view(x.shape)
 
 
+PURE = True
+layout, gradients = _single.layout, _single.gradients
 statistics = _single.statistics  # the D statistics do not read v
 
 
-def update(
-    xs: Sequence[Tensor],
-    gs: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor] | None,
-    exp_avg_sqs: Sequence[Tensor],
-    ss: Sequence[Tensor],
-    *,
-    sc: StepScalars,
-    slice_p: int,
-    out: SegmentResult | None,
-) -> SegmentResult:
-    """Same contract as ``_single.update``; factored entries of ``exp_avg_sqs`` are packed ``[r, c]``."""
-    m, v, s = update_moments(gs, exp_avgs, exp_avg_sqs, ss, sc=sc, slice_p=slice_p, out=out)
-    return SegmentResult(update_params(xs, gs, m, v, sc=sc, out=out), m, v, s)
+def update(seg: Segment, lay: Any, gs: Sequence[Tensor], sc: StepScalars, out: SegmentResult | None) -> SegmentResult:
+    """Same contract as ``_single.update``; factored entries of ``exp_avg_sq`` are packed ``[r, c]``."""
+    m, v, s = update_moments(gs, seg.exp_avg, seg.exp_avg_sq, seg.s, sc=sc, slice_p=seg.hparams.slice_p, out=out)
+    return SegmentResult(update_params(seg.params, gs, m, v, sc=sc, out=out), m, v, s)
 
 
 def update_moments(

@@ -1,53 +1,67 @@
 """Multi-tensor kernels: the per-tensor sequence of ``_single.py`` with ``torch._foreach_*`` ops.
 
-The same contract as ``_single.py`` (``statistics``, ``update`` and its halves ``update_moments``,
-``update_params``). Callers pass lists that share one device and dtype (see ``_step.py``).
-Scalars that depend on D are 0-dim tensors (the ``Tensor`` overloads of the foreach ops), never
-Python numbers read from the device. Not usable under ``torch.func.vmap`` (no batching rules
-for foreach ops). ``out`` is the input lists themselves or None: the first op of each chain
-makes new tensors when it is None, and the ops after it work in place on those.
+The contract of ``_single.py`` (``update`` with its halves ``update_moments``, ``update_params``),
+over one device and dtype. Scalars that depend on D are Python floats (D on the host) or 0-dim
+tensors (the ``Tensor`` overloads of the foreach ops), never device values read on the host.
+Not usable under ``torch.func.vmap`` (no batching rules for foreach ops). ``out`` is the input
+lists themselves or None: the first op of each chain makes new tensors when it is None, and
+the ops after it work in place on those.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import _robust
 from ._scalars import Scalar, StepScalars
-from ._single import _l1, _op, _temp, _up, _up_dtype
-from ._state import SegmentResult
+from ._single import _axpy, _l1, _op, _temp, _up, _up_dtype, effective_grads
+from ._state import Segment, SegmentResult
 
-__all__ = ["statistics", "update", "update_moments", "update_params"]
+__all__ = ["PURE", "gradients", "layout", "statistics", "update", "update_moments", "update_params"]
 
+PURE = True
 TensorList = list[Tensor]
 
 
-def statistics(
-    xs: Sequence[Tensor], gs: Sequence[Tensor], ss: Sequence[Tensor], p0s: Sequence[Tensor], *, sc: StepScalars, slice_p: int
-) -> tuple[Tensor, Tensor]:
+def layout(seg: Segment) -> None:
+    return None
+
+
+def gradients(seg: Segment, lay: Any, grads: Sequence[Tensor]) -> list[Tensor]:
+    """``_single.gradients`` with foreach ops."""
+    return effective_grads(seg.params, grads, seg.exp_avg_sq, seg.hparams, foreach=True)
+
+
+def update(seg: Segment, lay: Any, grads: Sequence[Tensor], sc: StepScalars, out: SegmentResult | None) -> SegmentResult:
+    """Same contract as ``_single.update``."""
+    m, v, s = update_moments(grads, seg.exp_avg, seg.exp_avg_sq, seg.s, sc=sc, slice_p=seg.hparams.slice_p, out=out)
+    return SegmentResult(update_params(seg.params, grads, m, v, sc=sc, out=out), m, v, s)
+
+
+def statistics(seg: Segment, lay: Any, grads: Sequence[Tensor], sc: StepScalars) -> tuple[Tensor, Tensor]:
     """Same contract as ``_single.statistics``."""
-    if not xs or sc.beta3 is None:
-        zero = torch.zeros((), dtype=sc.dlr.dtype, device=sc.dlr.device)
-        return zero, zero
+    xs, gs, ss, p0s, slice_p = seg.params, grads, seg.s, seg.p0, seg.hparams.slice_p
+    on_cpu = xs[0].device.type == "cpu"
     g_sliced = [g.flatten()[::slice_p] for g in gs]
     diffs = torch._foreach_sub(list(p0s), [x.flatten()[::slice_p] for x in xs])
     dots = _sum_of_dots(g_sliced, diffs)
     del diffs
-    if sc.dlr.device.type == "cpu":  # foreach ops are per-tensor loops on CPU: the passes of _single
+    if on_cpu:  # foreach ops are per-tensor loops on CPU: the passes of _single
         norms = []
         for s, g in zip(ss, g_sliced):  # the new s: one temporary at a time (``update`` writes it)
             t = _temp(s.shape, "a", s)
-            norms.append(_l1(_op("addcmul", _op("mul", s, sc.beta3, out=t), g, sc.s_scale, out=t), out=t))
+            norms.append(_l1(_axpy(_op("mul", s, sc.beta3, out=t), g, sc.s_scale, out=t), out=t))
     else:  # one fused launch per op on CUDA (addcmul with a 0-dim operand would loop per tensor)
         s_new = torch._foreach_mul(list(ss), sc.beta3)  # the new s, as temporaries
         scaled = torch._foreach_mul(g_sliced, sc.s_scale)
         torch._foreach_add_(s_new, scaled)
         del scaled
         norms = list(torch._foreach_norm(s_new, 1, dtype=_up_dtype(s_new[0].dtype)))
-    return sc.numerator_scale * dots.to(sc.dlr.dtype), torch.stack(norms).sum().to(sc.dlr.dtype)
+    return dots, torch.stack(norms).sum()
 
 
 _DOT_CAT_MAX = 1 << 16  # tensors below this size join one concatenated dot product
@@ -68,22 +82,6 @@ def _sum_of_dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
         parts.append(torch.dot(_up(ca), _up(cb)))
     parts.extend(torch.dot(_up(a[i].reshape(-1)), _up(b[i].reshape(-1).expand(a[i].numel()))) for i in large)
     return torch.stack(parts).sum()
-
-
-def update(
-    xs: Sequence[Tensor],
-    gs: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor] | None,
-    exp_avg_sqs: Sequence[Tensor],
-    ss: Sequence[Tensor],
-    *,
-    sc: StepScalars,
-    slice_p: int,
-    out: SegmentResult | None,
-) -> SegmentResult:
-    """Same contract as ``_single.update``."""
-    m, v, s = update_moments(gs, exp_avgs, exp_avg_sqs, ss, sc=sc, slice_p=slice_p, out=out)
-    return SegmentResult(update_params(xs, gs, m, v, sc=sc, out=out), m, v, s)
 
 
 def update_moments(
@@ -113,9 +111,9 @@ def update_moments(
         return new_m, new_v, list(ss)
     g_sliced = [g.flatten()[::slice_p] for g in gs]
     new_s = _mul(ss, sc.beta3, out is not None)
-    if sc.dlr.device.type == "cpu":
+    if gs[0].device.type == "cpu":
         for s, g in zip(new_s, g_sliced):
-            s.addcmul_(g, sc.s_scale)
+            _axpy(s, g, sc.s_scale, out=s)
     else:
         scaled = torch._foreach_mul(g_sliced, sc.s_scale)
         torch._foreach_add_(new_s, scaled)

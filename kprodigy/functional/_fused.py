@@ -40,9 +40,20 @@ from torch import Tensor
 from . import _scratch, _single
 from ._layout import flat_span, p0_full
 from ._scalars import StepScalars
-from ._state import SegmentResult
+from ._state import Segment, SegmentResult
 
-__all__ = ["FLAT_MAX", "available", "statistics", "update"]
+__all__ = ["FLAT_MAX", "PACKS", "PURE", "available", "gradients", "layout", "statistics", "update"]
+
+PURE = False  # update works in place; the engine steps copies for a pure step
+PACKS = True  # steps the state of small params on one flat buffer per key: the plan lays it so
+
+
+def layout(seg: Segment) -> None:
+    return None
+
+
+def gradients(seg: Segment, lay: Any, grads: Sequence[Tensor]) -> list[Tensor]:
+    return _single.gradients(seg, lay, grads)
 
 FLAT_MAX = 1 << 16  # tensors with fewer elements are packed into flat buffers
 TensorList = list[Tensor]
@@ -50,7 +61,7 @@ TensorList = list[Tensor]
 
 def _statistics_1d(x: Tensor, g: Tensor, s: Tensor, p0: Tensor, sc: StepScalars, slice_p: int) -> tuple[Tensor, Tensor]:
     """``_single.statistics`` on one flat tensor."""
-    return _single.statistics([x], [g], [s], [p0], sc=sc, slice_p=slice_p)
+    return _single.statistics_of([x], [g], [s], [p0], sc=sc, slice_p=slice_p)
 
 
 def _update_1d(
@@ -70,7 +81,7 @@ def _update_1d(
     news = olds if ok is None else [t.clone() for t in olds]
     new_m = None if m is None else [news[3]]
     dest = SegmentResult([news[0]], new_m, [news[1]], [news[2]])
-    _single.update([news[0]], [g], new_m, [news[1]], [news[2]], sc=sc, slice_p=slice_p, out=dest)
+    _single.update_of([news[0]], [g], new_m, [news[1]], [news[2]], sc=sc, slice_p=slice_p, out=dest)
     if ok is not None:
         for old, new in zip(olds, news):
             old.copy_(torch.where(ok, new, old))
@@ -132,6 +143,10 @@ def _device_scalar(value: float | Tensor, like: Tensor) -> Tensor:
     if isinstance(value, Tensor):
         return value.to(like.dtype)
     return torch.full((), value, dtype=like.dtype, device=like.device)
+
+
+def _statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -201,25 +216,29 @@ def _write_back(dst: Sequence[Tensor], idx: list[int], flat: Tensor) -> None:
     torch._foreach_copy_(targets, torch._C._nn.unflatten_dense_tensors(flat, targets))
 
 
-def _on_device(sc: StepScalars) -> StepScalars:
-    """``sc`` with its Python floats (betas, beta3) as 0-dim tensors, and without ``ok`` (the
-    compiled update takes it apart): a Python float used as ``alpha``/``value`` is a constant of
-    the graph, and a scheduler changing betas would recompile. Made by a fill on the device
+_SCALAR_FIELDS = ("numerator_scale", "s_scale", "beta3", "dlr", "weight", "keep", "d_new", "eps_d")
+
+
+def _on_device(sc: StepScalars, like: Tensor) -> StepScalars:
+    """``sc`` with every scalar a 0-dim tensor of ``like``'s device in its statistics dtype, and
+    without ``ok`` (the compiled update takes it apart): a Python float in the graph is a
+    constant, and a new D or lr every step would recompile. Made by a fill on the device
     (``torch.full``), not a host-to-device copy: no sync, and allowed inside CUDA-graph capture."""
+    ref = torch.empty((), dtype=_statistics_dtype(like.dtype), device=like.device)
 
     def dev(b: Any) -> Any:
-        return b if b is None else _device_scalar(b, sc.dlr)
+        return b if b is None else _device_scalar(b, ref)
 
+    fields = {name: dev(getattr(sc, name)) for name in _SCALAR_FIELDS}
     return replace(  # type: ignore[arg-type]
-        sc, betas=(dev(sc.betas[0]), dev(sc.betas[1])), decays=(dev(sc.decays[0]), dev(sc.decays[1])), beta3=dev(sc.beta3), ok=None
+        sc, betas=(dev(sc.betas[0]), dev(sc.betas[1])), decays=(dev(sc.decays[0]), dev(sc.decays[1])), ok=None, **fields
     )
 
 
-def statistics(
-    xs: Sequence[Tensor], gs: Sequence[Tensor], ss: Sequence[Tensor], p0s: Sequence[Tensor], *, sc: StepScalars, slice_p: int
-) -> tuple[Tensor, Tensor]:
+def statistics(seg: Segment, lay: Any, gs: Sequence[Tensor], sc: StepScalars) -> tuple[Tensor, Tensor]:
     """Same contract as ``_single.statistics``, in the compiled kernel where the layout allows."""
-    kernel, on_device = _compiled("statistics"), _on_device(sc)
+    xs, ss, p0s, slice_p = seg.params, seg.s, seg.p0, seg.hparams.slice_p
+    kernel, on_device = _compiled("statistics"), _on_device(sc, xs[0])
     packed, direct, eager = _partition(xs, slice_p, (gs, ss))
     nums: list[Tensor] = []
     dens: list[Tensor] = []
@@ -238,35 +257,18 @@ def statistics(
         dens.append(den)
     if eager:
         picked = (_pick(ts, eager) for ts in (xs, gs, ss, p0s))
-        num, den = _single.statistics(*picked, sc=sc, slice_p=slice_p)
+        num, den = _single.statistics_of(*picked, sc=sc, slice_p=slice_p)
         nums.append(num)
         dens.append(den)
-    if not nums:
-        zero = torch.zeros((), dtype=sc.dlr.dtype, device=sc.dlr.device)
-        return zero, zero
     return torch.stack(nums).sum(), torch.stack(dens).sum()
 
 
-def update(
-    xs: Sequence[Tensor],
-    gs: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor] | None,
-    exp_avg_sqs: Sequence[Tensor],
-    ss: Sequence[Tensor],
-    *,
-    sc: StepScalars,
-    slice_p: int,
-    out: SegmentResult | None,
-) -> SegmentResult:
-    """Same contract as ``_single.update``: m, v, s and x in one compiled loop per tensor (or per
-    packed buffer); ``out`` None (the pure step) updates copies."""
-    if out is None:  # new tensors: copies, updated in place
-        exp_avgs = None if exp_avgs is None else [t.clone() for t in exp_avgs]
-        exp_avg_sqs = [t.clone() for t in exp_avg_sqs]
-        ss = [t.clone() for t in ss] if sc.beta3 is not None else list(ss)
-        xs = [x.clone() for x in xs]
+def update(seg: Segment, lay: Any, gs: Sequence[Tensor], sc: StepScalars, out: SegmentResult | None) -> SegmentResult:
+    """Same contract as ``_single.update``, in place only (``PURE`` is False): m, v, s and x in
+    one compiled loop per tensor (or per packed buffer)."""
+    xs, exp_avgs, exp_avg_sqs, ss, slice_p = seg.params, seg.exp_avg, seg.exp_avg_sq, seg.s, seg.hparams.slice_p
     res = SegmentResult(list(xs), None if exp_avgs is None else list(exp_avgs), list(exp_avg_sqs), list(ss))
-    kernel, on_device = _compiled("update"), _on_device(sc)
+    kernel, on_device = _compiled("update"), _on_device(sc, xs[0])
     packed, direct, eager = _partition(xs, slice_p, (gs, exp_avgs, exp_avg_sqs, ss))
     for i in direct:
         m = None if exp_avgs is None else _flat(exp_avgs[i])
@@ -287,5 +289,5 @@ def update(
     if eager:
         m_eager = None if exp_avgs is None else _pick(exp_avgs, eager)
         sub = SegmentResult(_pick(xs, eager), m_eager, _pick(exp_avg_sqs, eager), _pick(ss, eager))
-        _single.update(sub.params, _pick(gs, eager), sub.exp_avg, sub.exp_avg_sq, sub.s, sc=sc, slice_p=slice_p, out=sub)
+        _single.update_of(sub.params, _pick(gs, eager), sub.exp_avg, sub.exp_avg_sq, sub.s, sc=sc, slice_p=slice_p, out=sub)
     return res

@@ -17,9 +17,9 @@ class Hyperparams:
     Plain Python numbers (a scheduler may change ``lr`` or ``betas`` between steps by
     building a new instance). Invalid values raise ``ValueError`` naming the field.
 
-    Fields that act on the shared D estimate (``beta3``, ``d0``, ``d_coef``,
-    ``growth_rate``, ``d_update_freq``) must be equal in all groups that share one D; there
-    ``beta3=None`` means sqrt(betas[1]) of the first group.
+    Fields that act on the shared D estimate (``d_config()``: ``beta3``, ``d0``, ``d_coef``,
+    ``growth_rate``, ``d_update_freq``, ``d_steps``, ``skip_nonfinite``) must be equal in all
+    groups that share one D; there ``beta3=None`` means sqrt(betas[1]) of the first group.
     """
 
     lr: float = 1.0  # multiplier of the adapted step size D; 0 freezes the group
@@ -34,6 +34,7 @@ class Hyperparams:
     d_coef: float = 1.0  # multiplier of the D estimate
     growth_rate: float = math.inf  # D grows at most by this factor per step
     d_update_freq: int = 1  # update the D statistics every this many steps
+    d_steps: int | None = None  # freeze D once the step count k reaches this (None: never)
     slice_p: int = 1  # D statistics use every slice_p-th entry of each tensor
     maximize: bool = False
     skip_nonfinite: bool = True  # skip the D-group's step when a gradient holds NaN/inf (on device, no sync)
@@ -60,10 +61,12 @@ class Hyperparams:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Invalid {name}: {getattr(self, name)!r}; expected True or False")
-        for name in ("d_update_freq", "slice_p"):
+        for name in ("d_update_freq", "slice_p", "d_steps"):
             value = getattr(self, name)
+            if name == "d_steps" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= 1")
+                raise ValueError(f"Invalid {name}: {value!r}; expected {'None or ' if name == 'd_steps' else ''}an integer >= 1")
 
         b1, b2 = self.betas
         _check("lr", self.lr, math.isfinite(self.lr) and self.lr >= 0, "a finite number >= 0")
@@ -106,15 +109,16 @@ class Hyperparams:
         object.__setattr__(new, "lr", value)
         return new
 
-    def d_config(self) -> tuple[float | None, float, float, float, int]:
-        """The fields that must agree among groups sharing one D.
+    def d_config(self) -> tuple[Any, ...]:
+        """The fields that must agree among groups sharing one D (``D_CONFIG`` order).
 
         ``beta3=None`` resolves to sqrt(betas[1]) of the D-group's first group.
         """
-        return (self.beta3, self.d0, self.d_coef, self.growth_rate, self.d_update_freq)
+        return tuple(getattr(self, name) for name in D_CONFIG)
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(Hyperparams))
+D_CONFIG = ("beta3", "d0", "d_coef", "growth_rate", "d_update_freq", "d_steps", "skip_nonfinite")
 
 
 def _number(name: str, value: Any) -> float:

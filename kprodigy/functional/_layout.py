@@ -8,31 +8,61 @@ stay views of it (shaped as their params), so checkpoints and users see ordinary
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
-__all__ = ["STATE_KEYS", "flat_span", "p0_full", "pack", "pack_states"]
+from ._state import Segment
+
+__all__ = ["SMALL", "STATE_KEYS", "copy_segment", "flat_span", "p0_full", "pack", "pack_segment"]
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "s", "p0")  # the per-tensor state laid flat (``step`` is not)
+SMALL = 1 << 16  # tensors below this many elements have their state packed (and are gathered)
 
 
-def pack_states(states: list[dict[str, Any]]) -> None:
-    """Lay each of ``exp_avg``, ``exp_avg_sq``, ``s`` and ``p0`` of these param states back to back
-    in one new buffer (values unchanged) unless it already is, so that a kernel steps them on the
-    buffer itself (``flat_span``): the layout of the fused path's small params and of the
-    native path's buckets. A compact (0-dim) ``p0`` (all-zero param, e.g. LoRA B) stays compact:
-    memory first (the kernels gather or copy it)."""
+def pack_segment(seg: Segment) -> Segment:
+    """``seg`` with the state (``exp_avg``, ``exp_avg_sq``, ``s``, ``p0``) of its small
+    contiguous params laid back to back in one new buffer per key (values unchanged), unless it
+    already is: the layout of the fused-AdamW backend's buckets and of the compiled kernels'
+    packed params. A compact (0-dim) ``p0`` (all-zero param, e.g. LoRA B) stays compact: memory
+    first (the kernels gather it). Tensors left as they were are the same objects."""
+    small = [i for i, x in enumerate(seg.params) if x.numel() < SMALL and x.is_contiguous()]
+    changes: dict[str, list[Tensor]] = {}
     for key in STATE_KEYS:
-        if len(states) < 2 or not all(key in st for st in states):
+        ts = getattr(seg, key)
+        if len(small) < 2 or ts is None:
             continue
-        ts = [st[key] for st in states]
-        if key == "p0" and any(t.dim() == 0 for t in ts):
+        sub = [ts[i] for i in small]
+        if key == "p0" and any(t.dim() == 0 for t in sub) or key == "exp_avg_sq" and any(
+            t.shape != seg.params[i].shape for t, i in zip(sub, small)
+        ):
+            continue  # compact p0, factored v: not laid flat
+        if flat_span(sub) is None:
+            new = list(ts)
+            for i, t in zip(small, pack(sub)):
+                new[i] = t
+            changes[key] = new
+    return replace(seg, **changes) if changes else seg
+
+
+def copy_segment(seg: Segment) -> Segment:
+    """``seg`` with copies of its params, ``exp_avg``, ``exp_avg_sq`` and ``s`` (``p0`` and the
+    gradients shared), the small params' ones laid flat as ``pack_segment`` lays them: the
+    tensors a pure step writes into."""
+    small = [i for i, x in enumerate(seg.params) if x.numel() < SMALL and x.is_contiguous()]
+    changes: dict[str, list[Tensor]] = {}
+    for key in ("params", "exp_avg", "exp_avg_sq", "s"):
+        ts = getattr(seg, key)
+        if ts is None:
             continue
-        if flat_span(ts) is None:
-            for st, packed in zip(states, pack(ts)):
-                st[key] = packed
+        packed = small if len(small) > 1 and all(ts[i].is_contiguous() for i in small) else []
+        new = list(ts)
+        for i, t in zip(packed, pack([ts[i] for i in packed]) if packed else []):
+            new[i] = t
+        done = set(packed)
+        changes[key] = [t if i in done else t.clone() for i, t in enumerate(new)]
+    return replace(seg, **changes)
 
 
 def flat_span(ts: Sequence[Tensor]) -> Tensor | None:

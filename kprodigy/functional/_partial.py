@@ -1,154 +1,108 @@
-"""Pieces of a step for trainers: per-tensor stepping (fused backward), the step size, the D cap.
+"""Per-parameter stepping (fused backward passes): the engine's step split at the D update.
 
-``accumulate_segment`` runs the first half of the step for one segment (typically one tensor
-whose gradient has just been accumulated): its statistics, then the moments half of the update
-(``update_moments``: m, v, s with the D before the step), so that the gradient may be freed; it
-returns its share of the D statistics. Once every segment is in, ``apply_segments`` updates D
-from the sum of the shares and runs the x half of the update (``update_params``) of each with
-the new D. Together they are the full step of ``step_d_groups``, the same arithmetic on the same
-values (the statistics summed in another order). They run the eager backends, whose ``update``
-is exactly these two halves; the compiled one writes m, v, s and x in one loop, which would
-keep every gradient alive until the end. A segment whose gradient is not finite skips its own
-moments at once (its own statistics decide); the x half is skipped for every segment.
+``accumulate`` runs the first half of the step for one segment (typically one tensor whose
+gradient has just been accumulated): its statistics, then the moments half of its update
+(``update_moments``: m, v, s with the D before the step), so that the gradient may be freed.
+Once every segment is in, ``finish`` updates D from the summed statistics (``_scalars.next_d``,
+the engine's rule) and runs the x half (``update_params``) of each with the new D. Together they
+are the engine's step on the eager backends (whose ``update`` is exactly these two halves), with
+the statistics summed in another order. D may be held on the host (one read, in ``finish``) or
+on the device. A segment whose gradient is not finite skips its own moments at once (its own
+statistics decide, on the device); the x half is skipped for every segment.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import _robust
+from . import _factored, _foreach, _robust, _single
+from ._engine import ReduceStats, use_foreach
 from ._hyperparams import Hyperparams
-from ._scalars import StepScalars, reduce_d, step_scalars
-from ._schedule import updates_d
-from ._state import DState, SegmentResult
-from ._step import ReduceStats, Segment, _Pending, _statistics_d_group, _update
+from ._scalars import StepScalars, next_d, step_scalars, updates_d
+from ._state import DState, Segment, SegmentResult, d_dtype
 
-__all__ = ["accumulate_segment", "apply_segments", "effective_lrs", "finish_d"]
+__all__ = ["Pending", "accumulate", "finish"]
 
 
-@dataclass(frozen=True)
-class _Hooked:
-    """A segment stepped by ``accumulate_segment``, waiting for ``apply_segments``."""
+@dataclass(eq=False)
+class Pending:
+    """A D-group between its first ``accumulate`` and ``finish``.
 
-    pending: _Pending  # its statistics, scalars, backend and (betas[0] == 0) gradients; results: the new m, v, s
-    inplace: bool
+    hp0: the D-group's settings (its first group's hyperparameters); d_state: its D state at the
+    start of the step; stats: running [numerator, denom] (1-D, ``d_dtype``; NaN after a
+    non-finite gradient)."""
 
+    hp0: Hyperparams
+    d_state: DState
+    stats: Tensor
+    update_d: bool | Tensor = False
+    hooked: list[tuple[ModuleType, Segment, list[Tensor] | None, StepScalars]] = field(default_factory=list)
 
-def accumulate_segment(
-    segment: Segment,
-    d_state: DState,
-    *,
-    update_d: bool | Tensor | None,
-    foreach: bool | None = None,
-    inplace: bool = False,
-) -> tuple[_Hooked | None, Tensor]:
-    """The statistics and the new m, v, s of one segment with the D of ``d_state`` (in place
-    when ``inplace``), x untouched.
-
-    Returns (pending, stats): what ``apply_segments`` needs to finish the segment (None when
-    the segment does not step: lr == 0 or no tensor) and its local D statistics
-    ``[numerator_delta, denom]`` (1-D, 2 entries, stats dtype; zeros when not ``update_d``), to
-    be summed over the segments of the D-group. The pending record keeps the gradients only
-    when betas[0] == 0 (the x half then reads them).
-    ``update_d``: as in ``step_d_group`` (None: decided on the device from ``d_state.k``); pass
-    the same value to ``apply_segments``.
-    """
-    p = _statistics_d_group([segment], d_state, update_d, foreach, False, False)
-    if p is None:  # frozen (lr == 0) or empty: nothing changes
-        return None, torch.zeros(2, dtype=d_state.d.dtype, device=d_state.d.device)
-    ok = torch.isfinite(p.stats).all() if segment.hparams.skip_nonfinite else None
-    for i in p.active:
-        seg, kernels = p.segments[i], p.kernels[i]
-        out = SegmentResult(list(seg.params), seg.exp_avg, seg.exp_avg_sq, seg.s) if inplace else None  # type: ignore[arg-type]
-        sc = p.scalars[i].finish(None, ok)
-        m, v, s = kernels.update_moments(p.grads[i], seg.exp_avg, seg.exp_avg_sq, seg.s, sc=sc, slice_p=seg.hparams.slice_p, out=out)
-        p.results[i] = SegmentResult(list(seg.params), m, v, s)
-        if segment.hparams.betas[0] > 0:  # the x half reads m, not g: let the gradients go
-            p.grads[i] = [None] * len(p.grads[i])  # type: ignore[list-item]
-    return _Hooked(p, inplace), p.stats
+    @classmethod
+    def start(cls, hp0: Hyperparams, d_state: DState, device: torch.device) -> Pending:
+        stats = torch.zeros(2, dtype=d_dtype(device), device=device)
+        return cls(hp0, d_state, stats, updates_d(hp0, d_state.k))
 
 
-def apply_segments(
-    pending: Sequence[_Hooked],
-    d_state: DState,
-    stats: Tensor,
-    hparams: Hyperparams,
-    *,
-    update_d: bool | Tensor | None,
-    reduce_stats: ReduceStats | None = None,
-) -> DState:
-    """Finish a step taken segment by segment: the D update from ``stats`` (the sum of the
-    segments' shares; see ``finish_d``), then the x half of the update of each pending segment
-    with the new D, in place or into the results the pending records hold. Returns the new D state.
-
-    A non-finite gradient in any segment (or non-finite statistics) skips the D update and every
-    segment's x update; the moments of the other segments were already written by then.
-    """
-    update_d, stats = _reduced(d_state, stats, hparams, update_d, reduce_stats)
-    new = finish_d(d_state, stats, hparams, update_d=update_d)
-    ok = torch.isfinite(stats).all() if hparams.skip_nonfinite else None
-    for hooked in pending:
-        p = hooked.pending
-        for i in p.active:
-            seg, res, kernels = p.segments[i], p.results[i], p.kernels[i]
-            moved = Segment(seg.params, seg.grads, res.exp_avg, res.exp_avg_sq, res.s, seg.p0, seg.hparams)
-            sc = p.scalars[i].finish(new.d, ok)
-            p.results[i] = _update(_x_half(kernels), moved, p.grads[i], sc, hooked.inplace)
-    return new
-
-
-def _x_half(kernels: ModuleType) -> Callable[..., SegmentResult]:
-    """The backend's ``update_params`` in the form of its ``update`` (m, v, s returned as given)."""
-
-    def update(xs: Any, gs: Any, m: Any, v: Any, s: Any, *, sc: StepScalars, slice_p: int, out: Any) -> SegmentResult:
-        return SegmentResult(kernels.update_params(xs, gs, m, v, sc=sc, out=out), m, v, s)
-
-    return update
+def accumulate(pending: Pending, seg: Segment, foreach: bool | None = None) -> None:
+    """The statistics and the new m, v, s of ``seg`` (in place) with the D of ``pending``; x waits
+    for ``finish``. A segment with lr == 0 or no tensor changes nothing. The gradients are kept
+    only when betas[0] == 0 (the x half then reads them)."""
+    hp, p = seg.hparams, pending
+    if hp.lr <= 0 or not seg.params:
+        return
+    if _factored.is_factored(seg.params, seg.exp_avg_sq):
+        backend: ModuleType = _factored
+    else:
+        backend = _foreach if use_foreach(seg.params, foreach) else _single
+    sc = step_scalars(hp, p.d_state, update_d=p.update_d, beta3=p.hp0.beta3_value)
+    grads = backend.gradients(seg, None, seg.grads)
+    ok = None
+    if p.update_d is not False:
+        dot, norm = backend.statistics(seg, None, grads, sc)
+        mine = torch.stack([dot.to(p.stats.dtype) * sc.numerator_scale, norm.to(p.stats.dtype)])
+        if p.hp0.skip_nonfinite:
+            ok = torch.isfinite(mine).all()
+        p.stats += mine
+    if p.hp0.skip_nonfinite and (p.update_d is not True or hp.slice_p > 1):
+        seen = torch.isfinite(torch.stack(_robust.extremes(grads, p.stats.dtype))).all()
+        ok = seen if ok is None else ok & seen
+        p.stats.copy_(torch.where(seen, p.stats, torch.nan))
+    own = SegmentResult(list(seg.params), seg.exp_avg, seg.exp_avg_sq, seg.s)  # type: ignore[arg-type]
+    m, v, s = backend.update_moments(
+        grads, seg.exp_avg, seg.exp_avg_sq, seg.s, sc=sc.finish(None, ok), slice_p=hp.slice_p, out=own
+    )
+    moved = Segment(seg.params, seg.grads, m, v, s, seg.p0, hp)
+    p.hooked.append((backend, moved, grads if hp.betas[0] == 0 else None, sc))
 
 
-def finish_d(
-    d_state: DState,
-    stats: Tensor,
-    hparams: Hyperparams,
-    *,
-    update_d: bool | Tensor | None,
-    reduce_stats: ReduceStats | None = None,
-) -> DState:
-    """The D update of a step taken segment by segment: ``stats`` is the sum of their shares.
-
-    hparams: of the D-group's first group (beta3, d0, d_coef, growth_rate are read).
-    update_d: as given to ``accumulate_segment``; None: ``k % d_update_freq == 0`` decided on the device.
-    reduce_stats: the distributed all-reduce, called on ``stats`` unless ``update_d`` is False.
-    Advances k by one, like the full step.
-    """
-    update_d, stats = _reduced(d_state, stats, hparams, update_d, reduce_stats)
-    new = reduce_d(d_state, stats[0], stats[1], hparams, update_d=update_d)
-    if hparams.skip_nonfinite:  # a segment that met a non-finite gradient made the statistics NaN
-        new = _robust.guard_d_state(d_state, new, torch.isfinite(stats).all())
-    return new
-
-
-def _reduced(
-    d_state: DState, stats: Tensor, hparams: Hyperparams, update_d: bool | Tensor | None, reduce_stats: ReduceStats | None
-) -> tuple[bool | Tensor, Tensor]:
-    """``update_d`` resolved (None: from ``d_state.k`` on the device) and ``stats`` summed over
-    ranks by ``reduce_stats`` when this step updates D."""
-    if update_d is None:
-        update_d = updates_d(hparams.d_update_freq, d_state.k)
-    if update_d is not False and reduce_stats is not None:
+def finish(pending: Pending, reduce_stats: ReduceStats | None = None) -> DState:
+    """Update D from the summed statistics (summed over ranks by ``reduce_stats``), then move
+    the params of every accumulated segment with the new D. Returns the new D state (in the
+    form of ``pending.d_state``: host numbers or device tensors)."""
+    p = pending
+    stats: Any = p.stats
+    if p.update_d is not False and reduce_stats is not None:
         stats = reduce_stats(stats.clone())
-    return update_d, stats
-
-
-def effective_lrs(hparams: Sequence[Hyperparams], d_state: DState) -> list[Tensor]:
-    """``d * lr * bias_correction`` of each group: the step size the step from ``d_state`` applies.
-
-    0-dim tensors in the statistics dtype; ``d_state`` is the D state *before* the step.
-    """
-    return [step_scalars(hp, d_state, update_d=False, beta3=hp.beta3_value).dlr for hp in hparams]
+    on_host = not isinstance(p.d_state.d, Tensor)
+    ok: Any = True
+    if on_host:
+        stats = stats.tolist()
+        if p.hp0.skip_nonfinite:
+            ok = all(v == v and abs(v) != float("inf") for v in stats)
+    elif p.hp0.skip_nonfinite:
+        ok = torch.isfinite(stats).all()
+    num, den = (stats[0], stats[1]) if p.update_d is not False else (0.0, None)
+    new, moves = next_d(p.d_state, num, den, p.hp0, update_d=p.update_d, ok=ok)
+    if ok is False:
+        return new
+    for backend, seg, grads, sc in p.hooked:
+        own = SegmentResult(list(seg.params), None, [], [])
+        done = sc.finish(new.d, ok if isinstance(ok, Tensor) else None, moves)
+        backend.update_params(seg.params, grads, seg.exp_avg, seg.exp_avg_sq, sc=done, out=own)
+    return new

@@ -14,34 +14,22 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._state import DState
-
-__all__ = ["all_finite", "guard_d_state", "promote_grads", "sanitize", "stochastic_round", "write_back", "zero_nonfinite"]
+__all__ = ["extremes", "sanitize", "stochastic_round", "write_back", "zero_nonfinite"]
 
 
-def all_finite(tensors: Sequence[Tensor], device: torch.device, foreach: bool) -> Tensor:
-    """0-dim bool on ``device``: True iff every element of every tensor is finite.
+def extremes(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """0-dim tensors in ``dtype`` that are all finite iff every element of every tensor is.
 
-    One read of each tensor, by a reduction that propagates NaN and cannot overflow: the
-    max-norm ``torch._foreach_norm(ord=inf)`` (one fused kernel for all tensors on CUDA) on the
-    multi-tensor path off CPU; elsewhere ``torch.aminmax`` per tensor (on CPU 20-30x faster than
-    the inf-norm, see benchmarks/NOTES.md).
-    """
+    One read of each tensor, by a reduction that propagates NaN and cannot overflow:
+    ``torch.aminmax`` per tensor on CPU (20-30x faster there than the inf-norm, see
+    benchmarks/NOTES.md), elsewhere the max-norm ``torch._foreach_norm(ord=inf)`` (one fused
+    kernel for all tensors on CUDA)."""
     ts = [t for t in tensors if t.numel() > 0]
-    ok = torch.ones((), dtype=torch.bool, device=device)
     if not ts:
-        return ok
-    extremes: list[Tensor]
-    if foreach and device.type != "cpu":
-        extremes = list(torch._foreach_norm(ts, float("inf")))
-    else:
-        extremes = [e for t in ts for e in torch.aminmax(t)]
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for e in extremes:
-        by_dtype.setdefault(e.dtype, []).append(e)
-    for group in by_dtype.values():
-        ok = ok & torch.isfinite(torch.stack(group)).all()
-    return ok
+        return []
+    if ts[0].device.type != "cpu" and not torch._C._functorch.is_functorch_wrapped_tensor(ts[0]):
+        return [e.to(dtype) for e in torch._foreach_norm(ts, float("inf"))]
+    return [e.to(dtype) for t in ts for e in torch.aminmax(t)]
 
 
 def sanitize(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -54,25 +42,6 @@ def zero_nonfinite(t: Tensor, out: Tensor | None = None) -> Tensor:
     skipped step the non-finite entries become 0, so that the zeroed coefficients give exact zeros
     (``0 * NaN`` would be NaN). As cheap as a copy, and independent of the skip decision."""
     return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0, out=out)
-
-
-def promote_grads(grads: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
-    """Each gradient in the dtype of its state tensor ``like[i]`` (float32 state of 16-bit params),
-    so that ``d * g`` and ``d^2 * g^2`` neither underflow (float16) nor round to 8 bits (bfloat16)."""
-    return [g if g.dtype == v.dtype else g.to(v.dtype) for g, v in zip(grads, like)]
-
-
-def guard_d_state(old: DState, new: DState, ok: Tensor) -> DState:
-    """``new`` where ``ok``, else ``old`` with ``skipped_steps + 1`` (k does not advance)."""
-    return DState(
-        d=torch.where(ok, new.d, old.d),
-        d_max=torch.where(ok, new.d_max, old.d_max),
-        d_numerator=torch.where(ok, new.d_numerator, old.d_numerator),
-        d_denom=torch.where(ok, new.d_denom, old.d_denom),
-        d_hat=torch.where(ok, new.d_hat, old.d_hat),
-        k=torch.where(ok, new.k, old.k),
-        skipped_steps=old.skipped_steps + (~ok).to(old.skipped_steps.dtype),
-    )
 
 
 def stochastic_round(x: Tensor, dtype: torch.dtype) -> Tensor:

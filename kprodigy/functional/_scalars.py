@@ -1,13 +1,21 @@
-"""Scalar math of the step, written once on 0-dim tensors and used by every backend.
+"""The scalar math of the step, each rule written once for D held on the host (Python numbers:
+the optimizer's default mode, one host read per step) and on the device (0-dim tensors:
+``capturable`` and the step under ``torch.func``/``torch.compile``, no host read).
 
-Nothing here reads a tensor's value on the host: the D update is branch-free
-(``torch.where``/``torch.maximum``), so the step never synchronises with the device.
+- ``updates_d``, ``frozen``: the D schedule (``d_update_freq``; D frozen once ``k >= d_steps``);
+- ``bias_correction``, ``step_scalars``: every per-step scalar of a param group (``StepScalars``);
+- ``next_d``: the D update from the step's (reduced) statistics, the all-zero-gradient rule and
+  the non-finite skip folded in;
+- ``cap_d_ratio``: ``d_ratio_cap`` over the D-groups.
+
+The host and device forms differ only in the operations used (``_Ops``): a Python conditional,
+``max``, ``min`` and ``math`` against ``torch.where``, ``torch.maximum``, ``torch.minimum`` and
+torch's elementwise functions, so nothing here reads a device tensor on the host.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -16,74 +24,114 @@ import torch
 from torch import Tensor
 
 from ._hyperparams import Hyperparams
-from ._state import DState
+from ._state import D_STATE_FIELDS, DState
 
-__all__ = [
-    "HostCoefficients",
-    "StepScalars",
-    "host_coefficients",
-    "in_dtype",
-    "reduce_d",
-    "reduce_d_host",
-    "step_scalars",
-]
+__all__ = ["StepScalars", "bias_correction", "cap_d_ratio", "frozen", "next_d", "step_scalars", "updates_d"]
+
+Scalar = Any  # a Python number or a 0-dim tensor
 
 
-Scalar = float | Tensor
+@dataclass(frozen=True)
+class _Ops:
+    where: Callable[[Any, Any, Any], Any]
+    maximum: Callable[[Any, Any], Any]
+    minimum: Callable[[Any, Any], Any]
+    sqrt: Callable[[Any], Any]
+    expm1: Callable[[Any], Any]
+
+
+_HOST = _Ops(lambda c, a, b: a if c else b, max, min, math.sqrt, math.expm1)
+_DEVICE = _Ops(torch.where, torch.maximum, torch.minimum, torch.sqrt, torch.expm1)
+
+
+def _ops(*values: Any) -> _Ops:
+    """The device ops if any value is a tensor, else the host ones."""
+    return _DEVICE if any(isinstance(v, Tensor) for v in values) else _HOST
+
+
+def frozen(hp: Hyperparams, k: Scalar) -> bool:
+    """Whether D no longer adapts at step count ``k`` (``d_steps`` reached; needs ``k`` on the host)."""
+    if hp.d_steps is None:
+        return False
+    if isinstance(k, Tensor):
+        raise ValueError("d_steps needs the step count on the host; it is not supported with D on the device (capturable)")
+    return k >= hp.d_steps
+
+
+def updates_d(hp: Hyperparams, k: Scalar) -> bool | Tensor:
+    """Whether the step from step count ``k`` updates D: ``k % d_update_freq == 0`` and D not
+    frozen. A bool, or for a tensor ``k`` a 0-dim bool tensor decided on the device (True when
+    ``d_update_freq == 1``)."""
+    if frozen(hp, k):
+        return False
+    if hp.d_update_freq == 1:
+        return True
+    return (k % hp.d_update_freq) == 0
+
+
+def bias_correction(hp: Hyperparams, k: Scalar) -> Scalar:
+    """sqrt(1 - b2^(k+1)) / (1 - b1^(k+1)) if enabled, else 1 (``k``: the step count)."""
+    if not hp.use_bias_correction:
+        return 1.0
+    ops = _ops(k)
+    if isinstance(k, Tensor):  # in float64 where the device has it: 1 - 0.999 loses ~1e-5 in float32
+        k = k.to(torch.float32 if k.device.type == "mps" else torch.float64)
+    # 1 - b^(k+1) = -expm1((k+1) log b); log(0) = -inf gives exactly 1 for b = 0
+    one_minus = [-ops.expm1((k + 1) * (math.log(b) if b > 0 else -math.inf)) for b in hp.betas]
+    return ops.sqrt(one_minus[1]) / one_minus[0]
 
 
 @dataclass(frozen=True)
 class StepScalars:
-    """Every scalar of one segment's step: 0-dim tensors in the statistics dtype, or a Python
-    float where a hyperparameter is used as it is. ``step_scalars`` builds it from the D state
-    before the step (the statistics pass reads the first three fields); ``finish`` adds D after
-    the update and folds the non-finite skip in, for the update pass. A skipped step's record
-    makes the update write exactly what it read: decays 1, weights 0, step size 0."""
+    """Every scalar of one param group's step: Python floats (D on the host) or 0-dim tensors (D
+    on the device), built by ``step_scalars`` from the D state before the step; ``finish`` adds
+    D after the update and folds in what the update must not do. A skipped step's record makes
+    the update write exactly what it read (decays 1, weights 0, step size 0)."""
 
-    numerator_scale: Tensor  # (d/d0) * dlr: weight of <g[::p], p0 - x[::p]> in d_numerator
-    s_scale: Tensor  # (d/d0) * (d if safeguard_warmup else dlr): weight of g[::p] in s; 0 where s is kept
+    numerator_scale: Scalar  # (d/d0) * dlr: weight of <g[::p], p0 - x[::p]> in d_numerator
+    s_scale: Scalar  # (d/d0) * (d if safeguard_warmup else dlr): weight of g[::p] in s; 0 where s is kept
     beta3: Scalar | None  # decay of s; 1 where s is kept; None: this step leaves s and D alone
-    dlr: Tensor  # d * lr * bias_correction: the step size; 0 on a skipped step
-    weight: Tensor  # d before the update: m gets (1 - b1) * weight * g, v (1 - b2) * (weight * g)^2; 0 if skipped
-    betas: tuple[float, float]  # (b1, b2), for the EMA weights 1 - b1 and 1 - b2 (0-dim tensors when compiled)
+    dlr: Scalar  # d * lr * bias_correction: the step size; 0 where the params stay
+    weight: Scalar  # d before the update: m gets (1 - b1) * weight * g, v (1 - b2) * (weight * g)^2
+    betas: tuple[float, float]  # (b1, b2), for the EMA weights 1 - b1 and 1 - b2
     decays: tuple[Scalar, Scalar]  # multipliers of m and v: the betas; 1 on a skipped step
-    keep: Tensor | None  # 1 - weight_decay * dlr with decoupled weight decay (1 if skipped), else None
+    keep: Scalar | None  # 1 - weight_decay * dlr with decoupled weight decay (1 where the params stay), else None
     eps: float
-    d_new: Tensor | None = None  # D after the update (``finish``): the direction d_new * g when b1 == 0
-    eps_d: Tensor | None = None  # d_new * eps: the floor of the denominator (``finish``)
-    ok: Tensor | None = None  # the skip decision folded in (0-dim bool; ``finish``); None: no skip. A kernel
-    # that multiplies g by the folded zeros zeroes g's non-finite entries first (0 * NaN is NaN)
+    d_new: Scalar | None = None  # D after the update (``finish``): the direction d_new * g when b1 == 0
+    eps_d: Scalar | None = None  # d_new * eps: the floor of the denominator (``finish``)
+    ok: Tensor | None = None  # the device-side skip decision folded in (``finish``); None: no skip
+    # folded. A kernel that multiplies g by the folded zeros zeroes g's non-finite entries first
 
-    def finish(self, d_new: Tensor | None, ok: Tensor | None) -> StepScalars:
-        """The record of the update pass: ``d_new`` the D after this step's update (None: for
-        an update of m, v and s only), ``ok`` the skip decision (None: skip_nonfinite off)."""
+    def finish(self, d_new: Scalar | None, ok: Tensor | None = None, moves: Scalar = True) -> StepScalars:
+        """The record of the update pass. ``d_new``: D after this step's update (None: for an
+        update of m, v and s only). ``moves``: whether the params move (False on a step whose
+        D statistics were all zero: m, v and s are updated, nothing else, as in prodigyopt).
+        ``ok``: a device-side skip decision (False: nothing is written)."""
         done = replace(self, d_new=d_new, eps_d=None if d_new is None else d_new * self.eps)
+        if moves is not True:
+            ops = _ops(moves)
+            done = replace(
+                done,
+                dlr=ops.where(moves, self.dlr, 0.0),
+                keep=None if self.keep is None else ops.where(moves, self.keep, 1.0),
+            )
         if ok is None:
             return done
-        one = torch.ones_like(self.dlr)
+        dtype = self.weight.dtype if isinstance(self.weight, Tensor) else torch.float64
+
+        def sel(a: Scalar, b: float) -> Tensor:  # a where ok, else b (host numbers in float64)
+            return torch.where(ok, a if isinstance(a, Tensor) else torch.tensor(a, dtype=dtype, device=ok.device), b)
+
         return replace(
             done,
             ok=ok,
-            s_scale=torch.where(ok, self.s_scale, 0.0),
-            beta3=None if self.beta3 is None else torch.where(ok, self.beta3, one),
-            dlr=torch.where(ok, self.dlr, 0.0),
-            weight=torch.where(ok, self.weight, 0.0),
-            decays=(torch.where(ok, self.decays[0], one), torch.where(ok, self.decays[1], one)),
-            keep=None if self.keep is None else torch.where(ok, self.keep, one),
+            s_scale=sel(self.s_scale, 0.0),
+            beta3=None if self.beta3 is None else sel(self.beta3, 1.0),
+            dlr=sel(done.dlr, 0.0),
+            weight=sel(self.weight, 0.0),
+            decays=(sel(self.decays[0], 1.0), sel(self.decays[1], 1.0)),
+            keep=None if done.keep is None else sel(done.keep, 1.0),
         )
-
-
-def bias_correction(hp: Hyperparams, k: Tensor, dtype: torch.dtype) -> Tensor | float:
-    """sqrt(1 - beta2^(k+1)) / (1 - beta1^(k+1)) if enabled, else 1. ``k`` is the 0-dim step count."""
-    if not hp.use_bias_correction:
-        return 1.0
-    b1, b2 = hp.betas
-    # 1 - b^(k+1) = -expm1((k+1) log b), in float64 where the device has it: in float32,
-    # 1 - 0.999 loses ~1e-5 relative (log(0) = -inf gives exactly 1 for b = 0)
-    work = dtype if k.device.type == "mps" else torch.float64
-    k1 = (k + 1).to(work)
-    one_minus = [-torch.expm1(k1 * (math.log(b) if b > 0 else -math.inf)) for b in (b1, b2)]
-    return (torch.sqrt(one_minus[1]) / one_minus[0]).to(dtype)
 
 
 def step_scalars(hp: Hyperparams, ds: DState, *, update_d: bool | Tensor, beta3: float) -> StepScalars:
@@ -91,13 +139,15 @@ def step_scalars(hp: Hyperparams, ds: DState, *, update_d: bool | Tensor, beta3:
 
     update_d: whether this step updates D; a 0-dim bool tensor (decided on the device) is blended
     in: where it is False, beta3 is 1 and s_scale 0, so that s is written unchanged.
-    beta3:    the D-group's (``beta3_value`` of its first group, which a frozen group may be)."""
+    beta3:    the D-group's (``beta3_value`` of its first group)."""
     b1, b2 = hp.betas
     d = ds.d
-    dlr, numerator_scale, s_scale = _step_scalars(hp, d, bias_correction(hp, ds.k, d.dtype))
+    dlr = d * (hp.lr * bias_correction(hp, ds.k))
+    d_ratio = d / hp.d0
+    numerator_scale, s_scale = d_ratio * dlr, d_ratio * (d if hp.safeguard_warmup else dlr)
     s_beta3: Scalar | None = None if update_d is False else beta3
     if isinstance(update_d, Tensor):
-        s_beta3 = torch.where(update_d, torch.full_like(d, beta3), 1.0)  # beta3 in the stats dtype
+        s_beta3 = torch.where(update_d, torch.full_like(d, beta3), 1.0)
         s_scale = torch.where(update_d, s_scale, 0.0)
     return StepScalars(
         numerator_scale=numerator_scale,
@@ -112,119 +162,58 @@ def step_scalars(hp: Hyperparams, ds: DState, *, update_d: bool | Tensor, beta3:
     )
 
 
-@dataclass(frozen=True)
-class HostCoefficients:
-    """``StepScalars``' dlr, numerator_scale and s_scale for the native path: Python floats (float64), computed on the host."""
+def next_d(
+    ds: DState, numerator_delta: Scalar, denom: Scalar, hp: Hyperparams, *, update_d: bool | Tensor, ok: Scalar = True
+) -> tuple[DState, Scalar]:
+    """The D state after a step, and whether the step moves the params.
 
-    dlr: float
-    numerator_scale: float
-    s_scale: float
+    numerator_delta: sum over the D-group's tensors of (d/d0) * dlr * <g, p0 - x> (summed over ranks)
+    denom:           sum of ||s||_1 after this step's s update (None where ``update_d`` is False)
+    hp:              the D-group's settings (its first group's: beta3, d0, d_coef, growth_rate)
+    update_d:        whether this step updates D (``updates_d``)
+    ok:              False: the step is skipped (non-finite gradients): the state stays, except
+                     ``skipped_steps + 1``.
 
-
-def host_coefficients(hp: Hyperparams, d: float, k: int) -> HostCoefficients:
-    """``HostCoefficients`` from a D and step count held on the host, in float64."""
-    bc = 1.0
-    if hp.use_bias_correction:  # ``bias_correction``'s formula on Python floats (float64, as it computes)
-        one_minus = [-math.expm1((k + 1) * (math.log(b) if b > 0 else -math.inf)) for b in hp.betas]
-        bc = math.sqrt(one_minus[1]) / one_minus[0]
-    return HostCoefficients(*_step_scalars(hp, d, bc))
-
-
-def _step_scalars(hp: Hyperparams, d: Any, bc: Any) -> tuple[Any, Any, Any]:
-    """(dlr, numerator_scale, s_scale) from D before the update and the bias correction: the one
-    statement of these formulas, for 0-dim tensors and for Python floats alike."""
-    dlr = d * (hp.lr * bc)
-    d_ratio = d / hp.d0
-    return dlr, d_ratio * dlr, d_ratio * (d if hp.safeguard_warmup else dlr)
-
-
-def reduce_d(
-    ds: DState,
-    numerator_delta: Tensor,
-    denom: Tensor,
-    hp: Hyperparams,
-    *,
-    update_d: bool | Tensor,
-) -> DState:
-    """New D state from this step's summed statistics.
-
-    numerator_delta: sum over tensors of (d/d0) * dlr * <g, p0 - x> (already all-reduced if sharded)
-    denom:           sum over tensors of ||s||_1 after this step's s update
-    update_d:        whether this step updates D (k % d_update_freq == 0); a bool or 0-dim bool tensor
-
-    D moves only when ``update_d`` and ``denom > 0``; d never decreases. k always advances.
+    prodigyopt's rule: where ``denom > 0``, d_hat = d_coef * d_numerator / denom, d moves to
+    max(d, d_hat) on its first move, d_max to max(d_max, d_hat), and d = min(d_max, d *
+    growth_rate): d never decreases. A step that updates D with ``denom == 0`` (all gradients
+    zero) changes nothing but m, v and s: the D keys and k stay, and the params do not move.
+    Otherwise k advances.
     """
+    ops = _ops(ds.d, numerator_delta, denom, update_d, ok)
     if update_d is False:
-        return ds.replace(k=ds.k + 1)
-    d_numerator, positive, d_hat, d, d_max = _d_rule(
-        hp, ds.d, ds.d_max, ds.d_numerator, numerator_delta, denom, torch.where, torch.maximum, torch.minimum
-    )
-    moves = positive if update_d is True else positive & update_d
-    new = DState(
-        d=torch.where(moves, d, ds.d),
-        d_max=torch.where(moves, d_max, ds.d_max),
-        d_numerator=d_numerator,
-        d_denom=denom,
-        d_hat=torch.where(moves, d_hat, ds.d_hat),
-        k=ds.k + 1,
-        skipped_steps=ds.skipped_steps,
-    )
-    if isinstance(update_d, Tensor):
-        return new.replace(
-            d_numerator=torch.where(update_d, d_numerator, ds.d_numerator),
-            d_denom=torch.where(update_d, denom, ds.d_denom),
+        new, moves = ds.replace(k=ds.k + 1), True
+    else:
+        d_numerator = hp.beta3_value * ds.d_numerator + numerator_delta
+        positive = denom > 0
+        d_hat = hp.d_coef * d_numerator / ops.where(positive, denom, 1.0)
+        d_max = ops.maximum(ds.d_max, d_hat)
+        d = ops.minimum(d_max, ops.where(ds.d == hp.d0, ops.maximum(ds.d, d_hat), ds.d) * hp.growth_rate)
+        moves = positive if update_d is True else positive | ~update_d
+        adapts = positive if update_d is True else positive & update_d
+        new = DState(
+            d=ops.where(adapts, d, ds.d),
+            d_max=ops.where(adapts, d_max, ds.d_max),
+            d_numerator=ops.where(adapts, d_numerator, ds.d_numerator),
+            d_denom=ops.where(adapts, denom, ds.d_denom),
+            d_hat=ops.where(adapts, d_hat, ds.d_hat),
+            k=ops.where(moves, ds.k + 1, ds.k),
+            skipped_steps=ds.skipped_steps,
         )
-    return new
+    if ok is True:
+        return new, moves
+    kept = DState(*(ops.where(ok, getattr(new, f), getattr(ds, f)) for f in D_STATE_FIELDS[:-1]), ds.skipped_steps)
+    return kept.replace(skipped_steps=ds.skipped_steps + ops.where(ok, 0, 1)), moves
 
 
-def reduce_d_host(
-    d: float, d_max: float, d_hat: float, d_numerator: float, numerator_delta: float, denom: float, hp: Hyperparams
-) -> tuple[float, float, float, float, float]:
-    """``reduce_d`` (with ``update_d`` True) on Python floats (float64), for a D held on the host.
+def cap_d_ratio(ds: Sequence[Scalar], ratio: float) -> list[Scalar]:
+    """Keep D values within ``ratio`` of the smallest: ``d_i <- min(d_i, ratio * min_j d_j)``.
 
-    Returns the new (d, d_max, d_numerator, d_denom, d_hat). The inputs are finite (the caller
-    skips a step whose statistics are not)."""
-    d_numerator, positive, new_hat, new_d, new_max = _d_rule(
-        hp, d, d_max, d_numerator, numerator_delta, denom, _where, max, min
-    )
-    if not positive:  # D is left alone
-        return d, d_max, d_numerator, denom, d_hat
-    return new_d, new_max, d_numerator, denom, new_hat
-
-
-def _where(cond: Any, a: Any, b: Any) -> Any:
-    return a if cond else b
-
-
-def _d_rule(
-    hp: Hyperparams,
-    d: Any,
-    d_max: Any,
-    d_numerator: Any,
-    numerator_delta: Any,
-    denom: Any,
-    where: Callable[..., Any],
-    maximum: Callable[..., Any],
-    minimum: Callable[..., Any],
-) -> tuple[Any, Any, Any, Any, Any]:
-    """The D update, stated once for 0-dim tensors (``torch.where``/``maximum``/``minimum``) and
-    Python floats (a conditional, ``max``, ``min``). Returns (d_numerator, denom > 0, d_hat, d,
-    d_max), the last three valid where ``denom > 0``; d never decreases."""
-    d_numerator = hp.beta3_value * d_numerator + numerator_delta
-    positive = denom > 0
-    d_hat = hp.d_coef * d_numerator / where(positive, denom, 1.0)
-    new_d = where(d == hp.d0, maximum(d, d_hat), d)
-    new_max = maximum(d_max, d_hat)
-    return d_numerator, positive, d_hat, minimum(new_max, new_d * hp.growth_rate), new_max
-
-
-def in_dtype(values: Sequence[float], dtype: torch.dtype) -> list[float]:
-    """Python floats rounded to ``dtype`` (float32 or float64): the values a 0-dim tensor of that
-    dtype would hold, without one."""
-    if dtype == torch.float64:
-        return list(values)
-    fmt = f"{len(values)}f"
-    try:
-        return list(struct.unpack(fmt, struct.pack(fmt, *values)))
-    except OverflowError:  # beyond float32's range: inf, as the tensor would hold
-        return torch.tensor(list(values), dtype=dtype).tolist()
+    ds: Python floats, or 0-dim tensors (any devices; each result stays on its tensor's device).
+    Since every d_j never decreases, a capped d never decreases either."""
+    if not ds or not isinstance(ds[0], Tensor):
+        floor = min(ds, default=0.0) * ratio
+        return [min(d, floor) for d in ds]
+    device = ds[0].device
+    floor_t = torch.stack([d.to(device, torch.float64) for d in ds]).min() * ratio
+    return [torch.minimum(d, floor_t.to(d.device, d.dtype)) for d in ds]

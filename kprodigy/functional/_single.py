@@ -1,13 +1,21 @@
 """Per-tensor kernels: the specification of the step's elementwise passes, one tensor at a time.
 
-The kernel contract, the same in every backend (``_foreach``, ``_fused``, ``_factored``):
+The backend contract, the same in every backend (``_foreach``, ``_fused``, ``_factored``,
+``_adamw``); ``seg`` is a ``Segment`` (one param group's tensors of one dtype), ``lay`` what
+``layout`` returned for it (kept by the plan while the tensors stay the same):
 
-- ``statistics(xs, gs, ss, p0s, *, sc, slice_p) -> (numerator_delta, denom)`` reads params,
-  gradients, s and p0 and writes nothing (the new s is a temporary here);
-- the scalar D update (``_scalars.reduce_d``, after the all-reduce seam) runs in between;
-- ``update(xs, gs, exp_avgs, exp_avg_sqs, ss, *, sc, slice_p, out) -> SegmentResult`` writes the
-  new m, v, s and x into ``out``: the input lists themselves (the optimizer, in place) or None
-  (new tensors: the pure step, differentiable and safe under ``torch.func.vmap``).
+- ``layout(seg)``: what the backend keeps between steps (None here);
+- ``gradients(seg, lay, grads)``: the effective gradients the passes read (``-g`` with
+  ``maximize``, ``+ wd * x`` with coupled weight decay, in the state's dtype); never written
+  into ``p.grad``;
+- ``statistics(seg, lay, grads, sc) -> (sum <g[::p], p0 - x[::p]>, sum ||beta3 s + s_scale
+  g[::p]||_1)``: reads params, gradients, ``s`` and ``p0``, writes nothing; 0-dim tensors in
+  the params' dtype (at least float32);
+- the engine reduces them, updates D (``_scalars.next_d``) and finishes the scalars;
+- ``update(seg, lay, grads, sc, out) -> SegmentResult`` writes the new m, v, s and x into
+  ``out``: the segment's own tensors (in place), or None for new tensors (backends with
+  ``PURE = True`` only: differentiable and safe under ``torch.func.vmap``; the engine steps
+  copies in place for the others).
 
 ``sc`` is the segment's ``StepScalars`` (finished, for ``update``). The eager backends build
 ``update`` from two halves, ``update_moments`` (m, v, s) and ``update_params`` (x), which
@@ -25,37 +33,77 @@ import torch
 from torch import Tensor
 
 from . import _robust, _scratch
+from ._hyperparams import Hyperparams
 from ._scalars import StepScalars
-from ._state import SegmentResult
+from ._state import Segment, SegmentResult
 
-__all__ = ["statistics", "update", "update_moments", "update_params"]
+__all__ = ["PURE", "gradients", "layout", "statistics", "update", "update_moments", "update_params"]
+
+PURE = True  # update(out=None) computes new tensors with out-of-place ops
 
 
-def statistics(
+def layout(seg: Segment) -> None:
+    return None
+
+
+def gradients(seg: Segment, lay: Any, grads: Sequence[Tensor]) -> list[Tensor]:
+    """-g if maximize, plus wd * x if coupled weight decay, in the state's dtype; new tensors."""
+    return effective_grads(seg.params, grads, seg.exp_avg_sq, seg.hparams, foreach=False)
+
+
+def effective_grads(
+    xs: Sequence[Tensor], gs: Sequence[Tensor], like: Sequence[Tensor], hp: Hyperparams, *, foreach: bool
+) -> list[Tensor]:
+    """-g if maximize, plus wd * x if coupled weight decay (new tensors, never ``p.grad``), each
+    in the dtype of ``like[i]`` (float32 state of 16-bit params: ``d * g`` neither underflows nor
+    rounds to 8 bits), with per-tensor or ``_foreach`` ops."""
+    out = list(gs)
+    coupled = hp.weight_decay > 0 and not hp.decouple
+    if foreach and out:
+        if hp.maximize:
+            out = list(torch._foreach_neg(out))
+        if coupled:
+            out = list(torch._foreach_add(out, list(xs), alpha=hp.weight_decay))
+    else:
+        if hp.maximize:
+            out = [torch.neg(g) for g in out]
+        if coupled:
+            out = [torch.add(g, x, alpha=hp.weight_decay) for g, x in zip(out, xs)]
+    return [g if g.dtype == v.dtype else g.to(v.dtype) for g, v in zip(out, like)]
+
+
+def statistics(seg: Segment, lay: Any, grads: Sequence[Tensor], sc: StepScalars) -> tuple[Tensor, Tensor]:
+    """The contract's statistics (``statistics_of`` over the segment)."""
+    return statistics_of(seg.params, grads, seg.s, seg.p0, sc=sc, slice_p=seg.hparams.slice_p)
+
+
+def update(seg: Segment, lay: Any, grads: Sequence[Tensor], sc: StepScalars, out: SegmentResult | None) -> SegmentResult:
+    """The contract's update (``update_of`` over the segment)."""
+    return update_of(seg.params, grads, seg.exp_avg, seg.exp_avg_sq, seg.s, sc=sc, slice_p=seg.hparams.slice_p, out=out)
+
+
+def statistics_of(
     xs: Sequence[Tensor], gs: Sequence[Tensor], ss: Sequence[Tensor], p0s: Sequence[Tensor], *, sc: StepScalars, slice_p: int
 ) -> tuple[Tensor, Tensor]:
     """The D statistics of one group; reads g, x, p0, s once and writes nothing.
 
-    Returns ``numerator_scale * sum <g[::p], p0 - x[::p]>`` and ``sum ||beta3 * s + s_scale *
-    g[::p]||_1`` (the norm of the new s), 0-dim tensors in the statistics dtype."""
-    dtype, own = sc.dlr.dtype, _own_temps()
+    Returns ``sum <g[::p], p0 - x[::p]>`` and ``sum ||beta3 * s + s_scale * g[::p]||_1`` (the
+    norm of the new s), 0-dim tensors in the params' dtype (at least float32)."""
+    own = _own_temps()
     dots: list[Tensor] = []
     norms: list[Tensor] = []
     for x, g, s, p0 in zip(xs, gs, ss, p0s):
         g, x = g.flatten()[::slice_p], x.flatten()[::slice_p]
         diff = torch.sub(p0, x, out=_temp(x.shape, "a", p0, x))
-        dots.append(torch.dot(_up(g), _up(diff)).to(dtype))
+        dots.append(torch.dot(_up(g), _up(diff)))
         del diff
         s_new = _op("mul", s, sc.beta3, out=_temp(s.shape, "a", s))  # the new s: a temporary (``update`` writes it)
-        s_new = _op("addcmul", s_new, g, sc.s_scale, out=s_new if own else None)  # s + g * s_scale
-        norms.append(_l1(s_new, out=s_new if own else None).to(dtype))
-    if not dots:
-        zero = torch.zeros((), dtype=dtype, device=sc.dlr.device)
-        return zero, zero
-    return sc.numerator_scale * torch.stack(dots).sum(), torch.stack(norms).sum()
+        s_new = _axpy(s_new, g, sc.s_scale, out=s_new if own else None)  # s + s_scale * g
+        norms.append(_l1(s_new, out=s_new if own else None))
+    return torch.stack(dots).sum(), torch.stack(norms).sum()
 
 
-def update(
+def update_of(
     xs: Sequence[Tensor],
     gs: Sequence[Tensor],
     exp_avgs: Sequence[Tensor] | None,
@@ -104,7 +152,7 @@ def update_moments(
             new_s.append(ss[i])
             continue
         o = _at(os_, i)
-        new_s.append(_op("addcmul", _op("mul", ss[i], sc.beta3, out=o), g.flatten()[::slice_p], sc.s_scale, out=o))
+        new_s.append(_axpy(_op("mul", ss[i], sc.beta3, out=o), g.flatten()[::slice_p], sc.s_scale, out=o))
     return new_m, new_v, new_s
 
 
@@ -148,6 +196,13 @@ def _op(name: str, t: Tensor, *args: Any, out: Tensor | None, **kwargs: Any) -> 
     if out is None:
         return getattr(torch, name)(t, *args, **kwargs)
     return getattr(torch, name)(t, *args, **kwargs, out=out)
+
+
+def _axpy(t: Tensor, g: Tensor, a: Any, out: Tensor | None) -> Tensor:
+    """``t + a * g`` into ``out`` (as ``_op``): ``a`` a Python number or a 0-dim tensor."""
+    if isinstance(a, Tensor):
+        return _op("addcmul", t, g, a, out=out)
+    return _op("add", t, g, alpha=a, out=out)
 
 
 def _own_temps() -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -11,26 +12,68 @@ from torch import Tensor
 
 from ._hyperparams import Hyperparams
 
-__all__ = ["DState", "SegmentResult", "State", "init_state", "init_d_state", "init_tensor_state", "stat_dtype", "state_dtype"]
+__all__ = [
+    "DState",
+    "Segment",
+    "SegmentResult",
+    "State",
+    "d_dtype",
+    "init_d_state",
+    "init_state",
+    "init_tensor_state",
+    "state_dtype",
+]
+
+Scalar = Any  # a Python number (D held on the host) or a 0-dim tensor (D on the device)
 
 
 @dataclass(frozen=True)
 class DState:
-    """State of one D estimate (one D-group). Every field is a 0-dim tensor on the params' device.
-
-    Floating fields have the statistics dtype (float32, or float64 for float64 params).
+    """State of one D estimate (one D-group): Python numbers where D is held on the host (the
+    optimizer's default mode), else 0-dim tensors on the params' device (``init_state``,
+    ``capturable``), floats in ``d_dtype`` (float64, as prodigyopt's Python floats).
     """
 
-    d: Tensor  # current step-size scale D (>= d0, never decreases)
-    d_max: Tensor  # largest D estimate seen so far
-    d_numerator: Tensor  # beta3-EMA of sum (d/d0) * dlr * <g, p0 - x>
-    d_denom: Tensor  # sum of ||s||_1 over the tensors, at the last D update
-    d_hat: Tensor  # last raw estimate d_coef * d_numerator / d_denom
-    k: Tensor  # int64 step count (number of steps taken; a skipped step does not count)
-    skipped_steps: Tensor  # int64 count of steps skipped for non-finite gradients or statistics
+    d: Scalar  # current step-size scale D (>= d0, never decreases)
+    d_max: Scalar  # largest D estimate seen so far
+    d_numerator: Scalar  # beta3-EMA of sum (d/d0) * dlr * <g, p0 - x>
+    d_denom: Scalar  # sum of ||s||_1 over the tensors, at the last D update
+    d_hat: Scalar  # last raw estimate d_coef * d_numerator / d_denom
+    k: Scalar  # int step count (steps taken; a skipped or an all-zero-gradient step does not count)
+    skipped_steps: Scalar  # int count of steps skipped for non-finite gradients or statistics
 
-    def replace(self, **changes: Tensor) -> DState:
+    def replace(self, **changes: Scalar) -> DState:
         return replace(self, **changes)
+
+    def on_host(self) -> DState:
+        """This state as Python numbers (one read of the tensors)."""
+        if not isinstance(self.d, Tensor):
+            return self
+        values = torch.stack([getattr(self, f).to(torch.float64) for f in D_STATE_FIELDS]).tolist()
+        return DState(*values[:5], int(values[5]), int(values[6]))
+
+    def on_device(self, device: torch.device, dtype: torch.dtype) -> DState:
+        """This state as 0-dim tensors (one host-to-device copy), floats in ``dtype``."""
+        if isinstance(self.d, Tensor):
+            return self
+        floats = torch.tensor([getattr(self, f) for f in D_STATE_FIELDS[:5]], dtype=dtype).to(device)
+        counts = torch.tensor([self.k, self.skipped_steps], dtype=torch.int64).to(device)
+        return DState(*floats.unbind(), *counts.unbind())
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The tensors of one param group in a D-group (one part of it, where a backend steps one
+    dtype), with its hyperparameters. Lists are aligned; ``exp_avg`` is None iff betas[0] == 0;
+    ``s`` and ``p0`` are empty placeholders once D is frozen (``d_steps``)."""
+
+    params: Sequence[Tensor]
+    grads: Sequence[Tensor]
+    exp_avg: Sequence[Tensor] | None
+    exp_avg_sq: Sequence[Tensor]
+    s: Sequence[Tensor]
+    p0: Sequence[Tensor]
+    hparams: Hyperparams
 
 
 @dataclass(frozen=True)
@@ -70,9 +113,10 @@ for _cls in (DState, State):
     pytree.register_dataclass(_cls)
 
 
-def stat_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
-    """Dtype of the D statistics for params of these dtypes: float64 if any is float64, else float32."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
+def d_dtype(device: torch.device | str) -> torch.dtype:
+    """Dtype of a D state held on ``device``: float64 (prodigyopt keeps D in Python floats), or
+    float32 where the device has no float64 (MPS)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 def state_dtype(param_dtype: torch.dtype, hparams: Hyperparams) -> torch.dtype:
@@ -83,32 +127,24 @@ def state_dtype(param_dtype: torch.dtype, hparams: Hyperparams) -> torch.dtype:
     return param_dtype
 
 
-def init_d_state(hparams: Hyperparams, device: torch.device | str, dtype: torch.dtype) -> DState:
-    """A fresh D state: d = d_max = d0, statistics zero, k = 0."""
-
-    def scalar(value: float) -> Tensor:
-        return torch.tensor(value, dtype=dtype, device=device)
-
-    d0 = hparams.d0
-    return DState(
-        d=scalar(d0),
-        d_max=scalar(d0),
-        d_numerator=scalar(0.0),
-        d_denom=scalar(0.0),
-        d_hat=scalar(0.0),
-        k=torch.zeros((), dtype=torch.int64, device=device),
-        skipped_steps=torch.zeros((), dtype=torch.int64, device=device),
-    )
+def init_d_state(hparams: Hyperparams, device: torch.device | str | None = None) -> DState:
+    """A fresh D state: d = d_max = d0, statistics zero, k = 0; Python numbers if ``device`` is
+    None, else 0-dim tensors there (floats in ``d_dtype``)."""
+    fresh = DState(hparams.d0, hparams.d0, 0.0, 0.0, 0.0, 0, 0)
+    return fresh if device is None else fresh.on_device(torch.device(device), d_dtype(device))
 
 
-def init_tensor_state(x: Tensor, hparams: Hyperparams, *, compact_p0: bool = True) -> dict[str, Tensor]:
+def init_tensor_state(
+    x: Tensor, hparams: Hyperparams, *, compact_p0: bool = True, factored: bool = False
+) -> dict[str, Tensor]:
     """Per-tensor state for param ``x``, keyed as in prodigyopt (``exp_avg`` only if betas[0] > 0).
 
     Allocated detached, in the param's memory format and ``state_dtype`` (float32 for 16-bit
     params by default). With ``compact_p0``, ``p0`` is a 0-dim zero when x is all zeros (LoRA
     up-projections), to save memory; that check reads x once, at init only, and is skipped inside
     torch.func transforms (``vmap``), where it cannot run: there, and with ``compact_p0=False``,
-    ``p0`` is always the full slice.
+    ``p0`` is always the full slice. ``factored`` (x with 2+ dims): ``exp_avg_sq`` holds the row
+    and column means ``[r (rows), c (x.shape[-1])]`` (``_factored.py``).
     """
     x = x.detach()
     sliced = x.flatten()[:: hparams.slice_p]
@@ -116,7 +152,10 @@ def init_tensor_state(x: Tensor, hparams: Hyperparams, *, compact_p0: bool = Tru
     state: dict[str, Tensor] = {}
     if hparams.betas[0] > 0:
         state["exp_avg"] = torch.zeros_like(x, dtype=dtype, memory_format=torch.preserve_format)
-    state["exp_avg_sq"] = torch.zeros_like(x, dtype=dtype, memory_format=torch.preserve_format)
+    if factored and x.dim() >= 2:
+        state["exp_avg_sq"] = x.new_zeros(x.numel() // x.shape[-1] + x.shape[-1], dtype=dtype)
+    else:
+        state["exp_avg_sq"] = torch.zeros_like(x, dtype=dtype, memory_format=torch.preserve_format)
     state["s"] = torch.zeros_like(sliced, dtype=dtype)
     compact = compact_p0 and not torch._C._functorch.is_functorch_wrapped_tensor(x) and not bool(x.any())
     state["p0"] = torch.zeros((), dtype=x.dtype, device=x.device) if compact else sliced.clone()
@@ -141,7 +180,7 @@ def init_state(params: Sequence[Tensor], hparams: Hyperparams, *, compact_p0: bo
         exp_avg_sq=[t["exp_avg_sq"] for t in per_tensor],
         s=[t["s"] for t in per_tensor],
         p0=[t["p0"] for t in per_tensor],
-        d=init_d_state(hparams, device, stat_dtype([x.dtype for x in params])),
+        d=init_d_state(hparams, device),
     )
 
 

@@ -11,6 +11,7 @@ fields, exactly the core's ``State``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -18,12 +19,11 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from . import _state
-from . import _step as _core_step
+from . import _engine, _state
 from ._hyperparams import Hyperparams
-from ._state import State
+from ._state import Segment, State
 
-__all__ = ["init_ensemble_state", "init_state", "step"]
+__all__ = ["init_ensemble_state", "init_state", "step", "step_"]
 
 PyTree = Any  # a tensor, or a list/tuple/dict/registered pytree node of tensors
 
@@ -92,8 +92,65 @@ def step(
             "expected one grad per param, in the same structure"
         )
     flat = _flatten_state(state, spec)
-    new_leaves, new_flat = _core_step.step(leaves, gleaves, flat, hparams, foreach=foreach, fused=fused)
+    new_leaves, new_flat = _step_lists(leaves, gleaves, flat, hparams, foreach=foreach, fused=fused, pure=True)
     return pytree.tree_unflatten(new_leaves, spec), _unflatten_state(new_flat, spec)
+
+
+def step_(
+    params: PyTree,
+    grads: PyTree,
+    state: State,
+    hparams: Hyperparams,
+    *,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+) -> State:
+    """One K-Prodigy step in place, for custom loops that do not need a pure step: ``params``
+    and the per-tensor state are updated in place (the ``KProdigy`` class's speed); returns the
+    state to use next (the same tensors, a new D state; on the first call the small params'
+    state is laid flat in new buffers, as the class keeps it). Arguments as ``step``."""
+    leaves, spec = _flatten(params, "params")
+    gleaves, gspec = _flatten(grads, "grads")
+    if gspec != spec:
+        raise ValueError(f"grads have structure {_describe(gspec)} but params have structure {_describe(spec)}")
+    _, new_flat = _step_lists(leaves, gleaves, _flatten_state(state, spec), hparams, foreach=foreach, fused=fused, pure=False)
+    return _unflatten_state(new_flat, spec)
+
+
+def _step_lists(
+    params: list[Tensor], grads: list[Tensor], state: State, hp: Hyperparams, *, foreach: bool | None, fused: bool | None, pure: bool
+) -> tuple[list[Tensor], State]:
+    """The step over lists, through the engine (one D-group of one member)."""
+    _check_grads(params, grads)
+    exp_avg = state.exp_avg
+    if hp.betas[0] > 0 and exp_avg is None:  # betas[0] raised from 0: the class's rule
+        exp_avg = [torch.zeros_like(x, dtype=v.dtype, memory_format=torch.preserve_format) for x, v in zip(params, state.exp_avg_sq)]
+    seg = Segment(params, grads, exp_avg if hp.betas[0] > 0 else None, state.exp_avg_sq, state.s, state.p0, hp)
+    on_host = bool(params) and _engine.d_on_host([*params, *grads, *(t for t in [state.d.d] if isinstance(t, Tensor))])
+    plan = _engine.build([[seg]], on_host=on_host, foreach=[foreach], fused=[fused], pure=pure)
+    ds = state.d.on_host() if on_host else state.d
+    ((res,),), (new_d,) = _engine.step(plan, [[grads]], [ds])
+    if on_host and isinstance(state.d.d, Tensor):
+        new_d = new_d.on_device(state.d.d.device, state.d.d.dtype)
+    laid = plan.d_groups[0][0].seg
+    new_m = res.exp_avg if hp.betas[0] > 0 else state.exp_avg  # (kept untouched while betas[0] == 0)
+    return res.params, State(exp_avg=new_m, exp_avg_sq=res.exp_avg_sq, s=res.s, p0=list(laid.p0), d=new_d)
+
+
+def _check_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    if len(params) != len(grads):
+        raise ValueError(f"got {len(params)} params but {len(grads)} grads; expected one grad per param")
+    for i, (x, g) in enumerate(zip(params, grads)):
+        if g.shape != x.shape:
+            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] has shape {tuple(x.shape)}")
+        if g.layout != torch.strided:
+            raise ValueError(f"grads[{i}] is {g.layout}; K-Prodigy needs dense gradients")
+        if x.is_complex() or g.is_complex():
+            raise ValueError(f"params[{i}] or grads[{i}] is complex; view them as real with torch.view_as_real")
+        if not x.is_floating_point() or g.dtype != x.dtype:
+            raise ValueError(f"grads[{i}] has dtype {g.dtype} and params[{i}] {x.dtype}; expected one floating dtype")
+        if g.device != x.device:
+            raise ValueError(f"grads[{i}] is on {g.device} but params[{i}] on {x.device}")
 
 
 def _flatten(tree: PyTree, what: str) -> tuple[list[Tensor], pytree.TreeSpec]:

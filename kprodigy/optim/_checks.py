@@ -16,17 +16,14 @@ import torch
 from torch import Tensor
 
 from ..functional import Hyperparams
-from ._distributed import is_dtensor
+from ..functional._hyperparams import D_CONFIG
+from ..functional._distributed import is_dtensor
 
 __all__ = [
-    "check_capturable",
     "check_d_group_agrees",
-    "check_d_steps",
-    "check_fused_foreach",
     "check_grads",
-    "check_lr_type",
     "check_param_group",
-    "check_same_d_steps",
+    "check_settings",
     "check_state_dict",
     "hparams",
     "one_device",
@@ -229,38 +226,44 @@ def _integer(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def check_lr_type(value: Any) -> None:
-    """A Tensor lr is refused in torch.optim's words (lr multiplies D, which the shell keeps on the host)."""
-    if isinstance(value, Tensor):
+def check_settings(group: dict[str, Any]) -> Hyperparams:
+    """Every setting of a param group (at construction, in ``add_param_group`` and at each step,
+    where a scheduler may have set them): ValueError naming the key and value (torch.optim's
+    RuntimeError for ``fused`` and ``foreach`` both True). Returns its ``Hyperparams``."""
+    if isinstance(group.get("lr"), Tensor):  # lr multiplies D, which the shell keeps on the host
         raise ValueError(
             "lr as a Tensor is not supported by KProdigy (lr is a multiplier of D); pass a Python float, "
             "e.g. lr=float(lr)"
         )
-
-
-def check_fused_foreach(group: dict[str, Any]) -> None:
-    """torch.optim's rule and message: the two fast paths are alternatives."""
+    hp = hparams(group)
+    for key in ("foreach", "fused"):
+        if group.get(key) is not None and not isinstance(group[key], bool):
+            raise ValueError(f"Invalid {key}: {group[key]!r}; expected None, True or False")
     if group.get("fused") is True and group.get("foreach") is True:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-
-
-def check_d_steps(value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"Invalid d_steps: {value!r}; expected None or an integer >= 1")
-
-
-def check_same_d_steps(groups: list[dict[str, Any]], members: list[int]) -> None:
-    values = {g["d_steps"] for g in groups}
-    if len(values) > 1:
+    for key in ("factored", "fsdp_in_use", "capturable"):
+        if not isinstance(group.get(key, False), bool):
+            raise ValueError(f"Invalid {key}: {group[key]!r}; expected True or False")
+    if group.get("capturable") and hp.d_steps is not None:
         raise ValueError(
-            f"param groups {members} share one D but have different d_steps {sorted(values, key=repr)}; "
-            "give them one value or different d_group labels"
+            f"d_steps={hp.d_steps!r} is not supported with capturable=True (freezing D needs the "
+            "step count on the host); use d_steps=None or capturable=False"
         )
+    try:
+        hash(group.get("d_group"))
+    except TypeError:
+        raise ValueError(f"Invalid d_group: {group['d_group']!r}; expected a hashable label such as a str") from None
+    if group.get("d_frozen") and (hp.d_steps is None or group["k"] < hp.d_steps):
+        raise ValueError(
+            f"Invalid d_steps: {hp.d_steps!r}; D froze after d_steps steps (k={group['k']}) and its statistics "
+            "were freed, so d_steps cannot be raised or removed after that"
+        )
+    return hp
 
 
 def check_d_group_agrees(groups: list[dict[str, Any]], members: list[int]) -> None:
-    """Groups sharing one D agree on the D settings, on skip_nonfinite (a skip covers the D-group)
-    and on capturable (how the D state is held)."""
+    """Groups sharing one D agree on the D settings (``Hyperparams.d_config``) and on capturable
+    (how the D state is held)."""
     flags = [g["capturable"] for g in groups]
     if len(set(flags)) > 1:
         raise ValueError(
@@ -269,25 +272,13 @@ def check_d_group_agrees(groups: list[dict[str, Any]], members: list[int]) -> No
         )
     hps = [hparams(g) for g in groups]
     for j, hp in zip(members[1:], hps[1:]):
-        if hp.d_config() != hps[0].d_config() or hp.skip_nonfinite != hps[0].skip_nonfinite:
+        if hp.d_config() != hps[0].d_config():
+            names = ", ".join(D_CONFIG)
             raise ValueError(
-                f"Parameter groups {members[0]} and {j} share one D and must agree on beta3, d0, d_coef, "
-                f"growth_rate, d_update_freq and skip_nonfinite; got {hps[0].d_config()} / "
-                f"{hps[0].skip_nonfinite} and {hp.d_config()} / {hp.skip_nonfinite}. "
-                "Give them different d_group labels (or independent_d=True) for separate D values."
+                f"Parameter groups {members[0]} and {j} share one D and must agree on {names}; got "
+                f"{hps[0].d_config()} and {hp.d_config()}. Give them different d_group labels (or "
+                "independent_d=True) for separate D values."
             )
-
-
-def check_capturable(group: dict[str, Any]) -> None:
-    """``capturable`` is True or False; d_steps, which needs the host to know k, is refused with it."""
-    value = group["capturable"]
-    if not isinstance(value, bool):
-        raise ValueError(f"Invalid capturable: {value!r}; expected True or False")
-    if value and group.get("d_steps") is not None:
-        raise ValueError(
-            f"d_steps={group['d_steps']!r} is not supported with capturable=True (freezing D needs the "
-            "step count on the host); use d_steps=None or capturable=False"
-        )
 
 
 def one_device(params: list[Tensor], members: list[int]) -> torch.device:
