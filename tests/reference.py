@@ -84,8 +84,7 @@ class Reference:
             upd = D.k % hp0["d_update_freq"] == 0
             d = D.d
             active = [i for i in members if self.groups[i].hp["lr"] > 0 and any(g is not None for g in grads[i])]
-            if not active:
-                D.k += 1
+            if not active:  # every group with gradients has lr == 0: nothing changes, k included
                 continue
             numerator_delta = 0.0
             denom = 0.0
@@ -114,6 +113,8 @@ class Reference:
                     if t.m is not None:
                         t.m = b1 * t.m + d * (1 - b1) * g
                     t.v = b2 * t.v + d * d * (1 - b2) * g * g
+            if upd and denom == 0:  # all-zero statistics: m, v, s moved; x, D and k stay (prodigyopt)
+                continue
             if upd:
                 D.d_numerator = beta3 * D.d_numerator + numerator_delta
                 D.d_denom = denom

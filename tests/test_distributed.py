@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from kprodigy import KProdigy
 from kprodigy.functional import Hyperparams, init_state
-from kprodigy.functional._step import Segment, step_d_group, step_d_groups
+from kprodigy.functional import _engine
+from kprodigy.functional._state import Segment
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 RTOL = 1e-12  # float64 runs; the all-reduce only reorders a sum of two partials
@@ -31,6 +32,19 @@ def _segments(seed: int, sizes: tuple[int, ...], hp: Hyperparams) -> tuple[list[
     gs = [torch.randn(n, generator=g, dtype=torch.float64) for n in sizes]
     st = init_state(xs, hp)
     return [Segment(xs, gs, st.exp_avg, st.exp_avg_sq, st.s, st.p0, hp)], st.d
+
+
+def step_d_groups(d_groups, d_states, *, reduce_stats=None, on_host=False):  # type: ignore[no-untyped-def]
+    """The engine's pure step of these D-groups: [(results, new D state)] per D-group."""
+    plan = _engine.build(d_groups, on_host=on_host, pure=True)
+    grads = [[list(seg.grads) for seg in segs] for segs in d_groups]
+    results, new = _engine.step(plan, grads, [d.on_host() if on_host else d for d in d_states], reduce_stats=reduce_stats)
+    return list(zip(results, new))
+
+
+def step_d_group(segments, d_state, *, reduce_stats=None):  # type: ignore[no-untyped-def]
+    ((results, new),) = step_d_groups([segments], [d_state], reduce_stats=reduce_stats)
+    return results, new
 
 
 def test_step_d_groups_packs_all_groups_into_one_reduce_call() -> None:
@@ -85,16 +99,19 @@ def test_rank_without_tensors_takes_part_and_follows_global_d() -> None:
     (_,), new = step_d_group([empty], d, reduce_stats=hook)
     assert len(captured) == 1 and torch.equal(captured[0], torch.zeros(2, dtype=captured[0].dtype))
     torch.testing.assert_close(new.d, full.d.to(new.d.dtype), rtol=1e-6, atol=0)
-    (_,), alone = step_d_group([empty], d)  # without a reduction nothing happens but k
-    assert torch.equal(alone.d, d.d) and int(alone.k) == 1
+    (_,), alone = step_d_group([empty], d)  # without a reduction nothing happens, k included
+    assert torch.equal(alone.d, d.d) and int(alone.k) == 0
 
 
 def test_no_reduce_call_on_steps_that_do_not_update_d() -> None:
     hp = Hyperparams(d0=1e-3, d_update_freq=2)
     segs, d = _segments(0, (4,), hp)
     calls = []
-    step_d_groups([segs], [d], update_d=[False], reduce_stats=lambda s: calls.append(1) or s)
+    # D on the host: k = 1 is known to update nothing (on the device the step is decided there)
+    step_d_groups([segs], [d.replace(k=d.k + 1)], reduce_stats=lambda s: calls.append(1) or s, on_host=True)
     assert calls == []
+    step_d_groups([segs], [d], reduce_stats=lambda s: calls.append(1) or s)
+    assert calls == [1]
 
 
 def test_single_process_needs_no_process_group() -> None:

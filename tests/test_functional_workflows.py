@@ -341,7 +341,7 @@ def test_optimizer_state_dict_errors() -> None:
     sd["param_groups"][1]["d"] *= 2  # the two groups' D differ
     with pytest.raises(ValueError, match="different D estimates"):
         F.from_optimizer_state_dict(sd)
-    assert F.from_optimizer_state_dict(sd, groups=1).d.d.dtype == torch.float32
+    assert F.from_optimizer_state_dict(sd, groups=1).d.d.dtype == torch.float64  # D in float64
     c = nn.Linear(2, 2)
     opt3 = KProdigy(c.parameters())
     c.weight.grad = torch.ones(2, 2)

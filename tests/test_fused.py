@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kprodigy.functional import Hyperparams, _fused, _step, init_state, step
+from kprodigy.functional import Hyperparams, _engine, _fused, init_state, step
 from kprodigy.optim import KProdigy
 
 SHAPES = st.lists(
@@ -103,9 +103,10 @@ def _model_params(seed):
 
 
 def _set_grads(params, seed):
+    """A pull towards 2.0 plus noise: D grows (with pure noise D stays at d0)."""
     gen = torch.Generator().manual_seed(seed)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+        p.grad = p.detach() - 2.0 + 0.1 * torch.randn(p.shape, generator=gen)
 
 
 def test_shell_fused_matches_foreach_and_never_recompiles():
@@ -139,7 +140,7 @@ def test_no_compiler_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(_fused, "_STATUS", {})
     monkeypatch.setattr(_fused, "_WARNED", set())
     monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(_step, "AUTO_FUSED_MIN", 1)  # fused=None would take the fused path
+    monkeypatch.setattr(_engine, "AUTO_FUSED_MIN", 1)  # fused=None would take the fused path
     hp = Hyperparams()
     xs, grads = _tensors([(7, 9), (3,)], 0, torch.float64)
     with warnings.catch_warnings():
@@ -166,10 +167,10 @@ def test_automatic_fused_never_compiles_on_cpu(monkeypatch):
     real = _fused.statistics
     monkeypatch.setattr(_fused, "statistics", lambda *a, **k: calls.append(1) or real(*a, **k))
     small = [torch.zeros(10), torch.zeros(5)]
-    assert not _step.use_fused(small, None) and _step.use_fused(small, True)
-    assert not _step.use_fused(small, False)
-    monkeypatch.setattr(_step, "AUTO_FUSED_MIN", 15)  # above the threshold: still eager on CPU
-    assert not _step.use_fused(small, None)
+    assert not _engine.use_fused(small, None) and _engine.use_fused(small, True)
+    assert not _engine.use_fused(small, False)
+    monkeypatch.setattr(_engine, "AUTO_FUSED_MIN", 15)  # above the threshold: still eager on CPU
+    assert not _engine.use_fused(small, None)
     hp = Hyperparams()
     xs, grads = _tensors([(3, 5)], 0, torch.float32)
     step(xs, grads[0], init_state(xs, hp), hp)
@@ -221,7 +222,7 @@ def test_fused_skips_a_nonfinite_step_exactly_and_matches_eager(betas):
 
 @pytest.mark.parametrize("fused", [None, True])
 def test_inputs_that_require_grad_take_the_differentiable_eager_step(monkeypatch, fused):
-    monkeypatch.setattr(_step, "AUTO_FUSED_MIN", 1)  # fused=None would compile
+    monkeypatch.setattr(_engine, "AUTO_FUSED_MIN", 1)  # fused=None would compile
     hp = Hyperparams(d0=1e-2)
     xs, grads = _tensors([(7, 9), (3,)], 0, torch.float64)
     leaves = [x.clone().requires_grad_() for x in xs]

@@ -158,4 +158,9 @@ def test_mixed_dtype_group_matches_the_per_tensor_path():
         fused.step()
         eager.step()
     assert fused.param_groups[0]["d"] > 1e-4  # D moved
-    _assert_same(fused, eager, fused_ps, eager_ps, rtol=1e-5)
+    # the float32 params' statistics are summed in another order by the compiled kernel (D then
+    # differs by ~1e-7 relative per step, 4e-6 after these 4 steps, as D grows 13x); states of
+    # near-cancelling entries follow at up to ~5e-4 relative. A layout error (a tensor stepped
+    # with another's state or dtype) is O(1).
+    assert fused.param_groups[0]["d"] == pytest.approx(eager.param_groups[0]["d"], rel=1e-5)
+    _assert_same(fused, eager, fused_ps, eager_ps, rtol=2e-3)

@@ -303,25 +303,41 @@ def test_mixed_dtypes_in_one_group() -> None:
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
 
 
-def test_no_host_sync_inside_the_functional_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The step reads no tensor value on the host: .item(), bool() and .tolist() are forbidden."""
+def test_functional_step_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With D on the device (inside torch.func transforms, torch.compile, off the CPU) the step
+    reads no tensor value on the host: .item(), bool(), .tolist() are forbidden. On the CPU it
+    keeps D on the host as the class does: at most two reads a step (D, then the statistics)."""
     xs = [torch.randn(5, 4), torch.randn(7)]
     hp = Hyperparams(use_bias_correction=True, d_update_freq=2, weight_decay=0.1)
-    state = init_state(xs, hp)
+    reads = []
+    original = torch.Tensor.tolist
+
+    def counted(self, *args, **kwargs):
+        reads.append(1)
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "tolist", counted)
+        params, state = xs, init_state(xs, hp)
+        for k in range(4):
+            before = len(reads)
+            params, state = step(params, [torch.ones_like(x) for x in xs], state, hp)
+            assert len(reads) - before <= 2, k
 
     def forbidden(*args, **kwargs):
         raise AssertionError("host synchronisation inside the step")
 
+    stacked = [x.unsqueeze(0) for x in xs]  # an ensemble of one, under vmap: D on the device
+    state = torch.func.vmap(lambda ps: init_state(ps, hp, compact_p0=False))(stacked)
     for name in ("item", "__bool__", "tolist", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
-    params = xs
-    for foreach in (False, True):
-        for _ in range(3):
-            params, state = step(params, [torch.ones_like(x) for x in xs], state, hp, foreach=foreach)
+    params = stacked
+    for _ in range(3):
+        params, state = torch.func.vmap(lambda p, g, s: step(p, g, s, hp))(params, [torch.ones_like(x) for x in stacked], state)
 
 
 def test_functorch_inputs_take_the_per_tensor_path() -> None:
-    from kprodigy.functional._step import use_foreach
+    from kprodigy.functional._engine import use_foreach
 
     x = torch.randn(3, 4)
     assert use_foreach([x], True) is True

@@ -175,7 +175,7 @@ def test_bias_correction_is_accurate_in_float32() -> None:
     for betas in [(0.9, 0.999), (0.0, 0.99), (0.95, 0.9999)]:
         hp = Hyperparams(betas=betas, use_bias_correction=True)
         for k in [0, 1, 10, 1000]:
-            got = float(bias_correction(hp, torch.tensor(k), torch.float32))
+            got = float(bias_correction(hp, torch.tensor(k)).float())
             b1, b2 = betas
             expected = math.sqrt(1 - b2 ** (k + 1)) / (1 - b1 ** (k + 1))
             assert abs(got - expected) <= 2e-7 * expected, (betas, k, got, expected)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ._hyperparams import Hyperparams
-from ._layout import flat_span, p0_full
+from ._layout import SMALL, flat_span, p0_full
 from ._scalars import StepScalars
 from ._state import Segment, SegmentResult
 
@@ -46,7 +46,6 @@ PURE = False  # update works in place; the engine steps copies for a pure step
 PACKS = True  # the small params' state lies back to back (the plan lays it so)
 
 HUGE_STEP = 1e9  # Adam's bias corrections 1 - b^step are exactly 1 in float64
-SMALL = 1 << 16  # tensors below this many elements are packed and gathered (= _fused.FLAT_MAX)
 PACK_MAX = 1 << 18  # elements of small tensors in one bucket on CPU
 SLICE = 1 << 17  # elements of a large tensor's slice on CPU (benchmarks/NOTES.md, "Native path")
 

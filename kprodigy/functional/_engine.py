@@ -121,15 +121,15 @@ def use_fused(tensors: Sequence[Tensor], fused: bool | None, on_host: bool = Tru
     return _fused.available(tensors[0].device, warn=fused is True)
 
 
-def _backend(seg: Segment, on_host: bool, foreach: bool | None, fused: bool | None) -> ModuleType:
+def _backend(seg: Segment, on_host: bool, foreach: bool | None, fused: bool | None, pack: bool) -> ModuleType:
     """The backend of a member: factored (any factored ``v``), compiled (``use_fused``), the
-    fused-AdamW kernels (D on the host, the automatic flags, ``_adamw.usable``), foreach or
-    per-tensor."""
+    fused-AdamW kernels (D on the host, the automatic flags, state that may be laid flat,
+    ``_adamw.usable``), foreach or per-tensor."""
     if _factored.is_factored(seg.params, seg.exp_avg_sq):
         return _factored
     if use_fused(seg.params, fused, on_host):
         return _fused
-    if on_host and foreach is None and fused is None and _adamw.usable(seg):
+    if on_host and pack and foreach is None and fused is None and _adamw.usable(seg):
         return _adamw
     return _foreach if use_foreach(seg.params, foreach) else _single
 
@@ -159,15 +159,16 @@ def build(
         for seg in segs:
             parts: list[Part] = []
             if seg.params:
-                backend = _backend(seg, on_host, fe, fu)
-                if pure and not backend.PURE:
-                    seg = _layout.copy_segment(seg)
-                elif pack and getattr(backend, "PACKS", False):
-                    seg = _layout.pack_segment(seg)
+                backend = _backend(seg, on_host, fe, fu, pack or pure)
                 whole = backend is _adamw  # one dtype (``usable``); the others take one dtype per call
                 for index in [list(range(len(seg.params)))] if whole else _by_dtype(seg.params):
                     part = _take(seg, index)
+                    if pure and not backend.PURE:
+                        part = _layout.copy_segment(part)
+                    elif pack and getattr(backend, "PACKS", False):
+                        part = _layout.pack_segment(part)
                     parts.append(Part(backend, part, index, backend.layout(part), pure and backend.PURE))
+                seg = _merge(seg, parts)
             members.append(Member(seg, parts))
         d_groups.append(members)
     return Plan(d_groups, on_host)
@@ -344,7 +345,7 @@ def _read(ts: Sequence[Tensor]) -> list[float]:
         return []
     first = ts[0]
     if all(t.device == first.device and t.dtype == first.dtype for t in ts):
-        return torch.stack([t.reshape(()) for t in ts]).tolist()
+        return torch.cat([t.reshape(-1) for t in ts]).tolist()
     return torch.cat([t.reshape(-1).to("cpu", torch.float64) for t in ts]).tolist()
 
 
@@ -372,18 +373,16 @@ def _update(members: Sequence[Member], p: _Pending, d_new: Any, ok: Tensor | Non
 
 
 def _update_part(part: Part, grads: Sequence[Tensor], sc: StepScalars) -> SegmentResult:
-    """``update`` of one part, in place or into new tensors; with stochastic rounding, of float32
-    copies of the bfloat16 params, rounded into the params here."""
+    """``update`` of one part, in place or into new tensors in the params' dtype; with stochastic
+    rounding, of float32 copies of the bfloat16 params, rounded into the params here."""
     seg = part.seg
     sr = seg.hparams.stochastic_rounding and any(x.dtype == torch.bfloat16 for x in seg.params)
     if sr:
         seg = replace(seg, params=[x.float() if x.dtype == torch.bfloat16 else x for x in seg.params])
     own = _unchanged(seg)
     res = part.backend.update(seg, part.lay, grads, sc, None if part.pure else own)
-    if not sr:
-        return res
-    out = None if part.pure else part.seg.params
-    return replace(res, params=_robust.write_back(part.seg.params, res.params, out=out, sr=True))
+    out = None if part.pure else part.seg.params  # new params in the params' dtype (pure 16-bit: promoted)
+    return replace(res, params=_robust.write_back(part.seg.params, res.params, out=out, sr=sr))
 
 
 def _unchanged(seg: Segment) -> SegmentResult:
@@ -397,6 +396,20 @@ def _by_dtype(xs: Sequence[Tensor]) -> list[list[int]]:
     for i, x in enumerate(xs):
         buckets.setdefault(x.dtype, []).append(i)
     return list(buckets.values())
+
+
+def _merge(seg: Segment, parts: Sequence[Part]) -> Segment:
+    """``seg`` with the tensors its parts hold (copies, or state laid flat) in their places."""
+    if len(parts) == 1 and len(parts[0].index) == len(seg.params):
+        return parts[0].seg
+    lists: dict[str, list[Any] | None] = {}
+    for key in ("params", "exp_avg", "exp_avg_sq", "s", "p0"):
+        whole = getattr(seg, key)
+        lists[key] = None if whole is None else list(whole)
+        for part in parts:
+            for i, t in zip(part.index, getattr(part.seg, key) or []):
+                lists[key][i] = t  # type: ignore[index]
+    return replace(seg, **lists)
 
 
 def _take(seg: Segment, index: list[int]) -> Segment:

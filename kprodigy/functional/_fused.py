@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from . import _scratch, _single
-from ._layout import flat_span, p0_full
+from ._layout import SMALL, flat_span, p0_full
 from ._scalars import StepScalars
 from ._state import Segment, SegmentResult
 
@@ -55,7 +55,7 @@ def layout(seg: Segment) -> None:
 def gradients(seg: Segment, lay: Any, grads: Sequence[Tensor]) -> list[Tensor]:
     return _single.gradients(seg, lay, grads)
 
-FLAT_MAX = 1 << 16  # tensors with fewer elements are packed into flat buffers
+FLAT_MAX = SMALL  # tensors with fewer elements are packed into flat buffers
 TensorList = list[Tensor]
 
 

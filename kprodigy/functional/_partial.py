@@ -41,7 +41,7 @@ class Pending:
     d_state: DState
     stats: Tensor
     update_d: bool | Tensor = False
-    hooked: list[tuple[ModuleType, Segment, list[Tensor] | None, StepScalars]] = field(default_factory=list)
+    hooked: list[tuple[ModuleType, Segment, list[Tensor], StepScalars]] = field(default_factory=list)
 
     @classmethod
     def start(cls, hp0: Hyperparams, d_state: DState, device: torch.device) -> Pending:
@@ -78,7 +78,7 @@ def accumulate(pending: Pending, seg: Segment, foreach: bool | None = None) -> N
         grads, seg.exp_avg, seg.exp_avg_sq, seg.s, sc=sc.finish(None, ok), slice_p=hp.slice_p, out=own
     )
     moved = Segment(seg.params, seg.grads, m, v, s, seg.p0, hp)
-    p.hooked.append((backend, moved, grads if hp.betas[0] == 0 else None, sc))
+    p.hooked.append((backend, moved, grads if hp.betas[0] == 0 else [None] * len(grads), sc))  # type: ignore[list-item]
 
 
 def finish(pending: Pending, reduce_stats: ReduceStats | None = None) -> DState:

@@ -369,7 +369,7 @@ class KProdigy(torch.optim.Optimizer):
         kept = self._kept if self._kept is not None and self._kept.holds(self) else self._plan()
         groups = [[self.param_groups[i] for i in m] for m in kept.members]
         old = [self._d_state(g, kept.plan.on_host) for g in groups]
-        grads = [[[p.grad for p in ps] for ps in d] for d in kept.stepped]
+        grads = [[[_distributed.local(p.grad) for p in ps] for ps in d] for d in kept.stepped]  # type: ignore[arg-type]
         reduce_stats = self._reduce_stats([p for d in kept.stepped for ps in d for p in ps])
         with _scratch.owned_by(self._scratch()):
             _, new = _engine.step(kept.plan, grads, old, reduce_stats=reduce_stats, d_ratio_cap=self.d_ratio_cap)
@@ -465,13 +465,14 @@ class KProdigy(torch.optim.Optimizer):
         if not lead["capturable"] and isinstance(new.d, Tensor):
             new = new.on_host()  # (a plan with D on the device, for another D-group)
         hps = [hparams(g) for g in groups]
+        advanced = new.k - old.k  # (before the write: capturable keys are old's tensors)
         _group_keys.write(groups, hps, old, new, stepped=bool(params) and any(hp.lr > 0 for hp in hps))
         if lead["capturable"]:
             if params:
-                torch._foreach_add_([self.state[p]["step"] for p in params], new.k - old.k)
+                torch._foreach_add_([self.state[p]["step"] for p in params], advanced)
             return
         for p in params:
-            self.state[p]["step"] += new.k - old.k
+            self.state[p]["step"] += advanced
         if new.skipped_steps > old.skipped_steps:
             self._warn_skip([i for i, g in enumerate(self.param_groups) if any(g is h for h in groups)])
         if frozen(hps[0], new.k) and not lead["d_frozen"]:

@@ -1,4 +1,4 @@
-"""The native path (``functional/_native.py``): taken at the defaults, equal to the per-tensor
+"""The native path (``functional/_adamw.py``): taken at the defaults, equal to the per-tensor
 reference kernels, large (sliced) tensors included, with the NaN skip exact and p.grad unread-only."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from kprodigy import KProdigy
-from kprodigy.functional import _native
+from kprodigy.functional import _adamw
 
-SHAPES = [(300, 256), (64, 32), (32,), (1, 7)]  # one tensor above _native.SMALL (a slice), small ones (packed)
+SHAPES = [(300, 256), (64, 32), (32,), (1, 7)]  # one tensor above _adamw.SMALL (a slice), small ones (packed)
 
 
 def _params(dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
@@ -26,16 +26,16 @@ def _grads(ps: list[torch.Tensor], k: int) -> list[torch.Tensor]:
 
 
 def _count_updates(mp: pytest.MonkeyPatch) -> list[int]:
-    """Count the calls of ``_native.update`` (one per param group and native step) while ``mp``
+    """Count the calls of ``_adamw.update`` (one per param group and native step) while ``mp``
     is active: ``[count]``."""
     calls = [0]
-    original = _native.update
+    original = _adamw.update
 
     def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls[0] += 1
         return original(*args, **kwargs)
 
-    mp.setattr(_native, "update", counted)
+    mp.setattr(_adamw, "update", counted)
     return calls
 
 
@@ -89,7 +89,7 @@ def test_not_taken_where_ineligible(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("native path taken")
 
-    monkeypatch.setattr(_native, "update", fail)
+    monkeypatch.setattr(_adamw, "update", fail)
     for kwargs in (
         {"foreach": True},
         {"fused": False},
@@ -125,7 +125,7 @@ def test_native_buckets_equal_per_tensor() -> None:
     small tensors in several packed buckets, a compact (all-zero) p0 among them, and params
     without gradients between for the first steps (then the plan is laid out again); float64, D grows, a NaN step is skipped exactly, p.grad unread-only."""
     shapes = [(700, 400)] + [(64, 64)] * 80 + [(5,), (1, 7), (3, 3)]
-    assert 700 * 400 > 2 * _native.SLICE and 80 * 64 * 64 > _native.PACK_MAX
+    assert 700 * 400 > 2 * _adamw.SLICE and 80 * 64 * 64 > _adamw.PACK_MAX
 
     def run(flags: dict) -> tuple[list[torch.nn.Parameter], KProdigy, list[float]]:
         gen = torch.Generator().manual_seed(3)
@@ -193,7 +193,7 @@ def test_native_settings_equal_per_tensor(settings: dict) -> None:
     update used on every step that is not skipped, a NaN step skipped exactly (one that updates D
     and, with d_update_freq, one that does not), D grown."""
     shapes = [(700, 401)] + [(64, 63)] * 70 + [(5,), (1, 7), (3, 3)]
-    assert 700 * 401 > 2 * _native.SLICE and 70 * 64 * 63 > _native.PACK_MAX
+    assert 700 * 401 > 2 * _adamw.SLICE and 70 * 64 * 63 > _adamw.PACK_MAX
     # a NaN at k=4 (d_update_freq=3: a step that does not update D; d_steps=8: before D froze) and
     # at loop step 10 (k=9: one that updates D; D frozen), on a small tensor (slice_p: unsampled)
     steps, nan_at = 14, [4, 10]
@@ -302,8 +302,8 @@ def test_kept_plan_follows_settings_changed_between_steps() -> None:
 
 
 def test_kept_plan_raises_when_d_steps_is_raised_after_d_froze() -> None:
-    """D frozen (s and p0 freed), then d_steps raised: the full step's error, not a step of the
-    plan laid out without statistics."""
+    """D frozen (s and p0 freed), then d_steps raised: the settings' ValueError naming d_steps,
+    not a step of the plan laid out without statistics, and nothing changes."""
     p = torch.nn.Parameter(torch.randn(20, 20))
     opt = KProdigy([p], d_steps=2)
     for _ in range(4):
@@ -311,5 +311,7 @@ def test_kept_plan_raises_when_d_steps_is_raised_after_d_froze() -> None:
         opt.step()
     opt.param_groups[0]["d_steps"] = 100
     p.grad = torch.randn(20, 20)
-    with pytest.raises(RuntimeError, match="d_steps cannot be raised"):
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="Invalid d_steps: 100.*cannot be raised"):
         opt.step()
+    assert torch.equal(p.detach(), before) and opt.param_groups[0]["k"] == 4
