@@ -18,8 +18,7 @@ import torch
 import torch.distributed as dist
 
 from kprodigy import KProdigy
-from kprodigy.functional import Hyperparams, init_state
-from kprodigy.functional import _engine
+from kprodigy.functional import Hyperparams, _engine, init_state
 from kprodigy.functional._state import Segment
 
 WORKER = Path(__file__).with_name("_dist_worker.py")

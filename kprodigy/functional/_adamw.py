@@ -267,7 +267,7 @@ def statistics(seg: Segment, lay: FlatGroup, grads: Sequence[Tensor], sc: StepSc
             x = b.params[0][:: fg.slice_p]
         g = _sliced(fg, b, _grad(fg, b, gb, hp))
         dots.append(torch.dot(g, torch.sub(b.p0, x, out=work)))  # <g, p0 - x>
-        s_new = torch.mul(b.s, sc.beta3, out=fg.work2[:n_s]).add_(g, alpha=sc.s_scale)  # the ops of ``update``
+        s_new = torch.mul(b.s, cast(float, sc.beta3), out=fg.work2[:n_s]).add_(g, alpha=sc.s_scale)  # the ops of ``update``
         norms.append(torch.abs(s_new, out=work).sum())
     if len(dots) == 1:
         return dots[0], norms[0]

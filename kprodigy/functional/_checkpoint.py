@@ -167,7 +167,7 @@ def from_optimizer_state_dict(
     if not ids:
         raise ValueError(f"param groups {idx} hold no params")
     device = fields["exp_avg_sq"][0].device
-    host = DState(*(float(lead[key]) for key in _FLOAT_D_KEYS), int(lead["k"]), int(lead.get("skipped_steps", 0)))
+    host = DState.of([lead[key] for key in _FLOAT_D_KEYS], lead["k"], lead.get("skipped_steps", 0))
     d = host.on_device(device, d_dtype(device))
     spec = pytree.tree_structure(like) if like is not None else pytree.tree_structure(fields["exp_avg_sq"])
     if spec.num_leaves != len(ids):

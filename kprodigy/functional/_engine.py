@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import _adamw, _factored, _foreach, _fused, _layout, _robust, _single
+from ._hyperparams import Hyperparams
 from ._scalars import StepScalars, cap_d_ratio, next_d, step_scalars, updates_d
 from ._state import DState, Segment, SegmentResult, d_dtype
 
@@ -56,6 +57,11 @@ class Part:
     lay: Any
     pure: bool
 
+    @property
+    def own(self) -> SegmentResult:
+        """The part's own tensors: where an in-place update writes."""
+        return _unchanged(self.seg)
+
 
 @dataclass(eq=False)
 class Member:
@@ -72,6 +78,13 @@ class Plan:
 
     d_groups: list[list[Member]]
     on_host: bool
+
+
+def refresh(member: Member, hp: Hyperparams) -> None:
+    """Take new hyperparameter values of a member (a schedule changed them) into its plan."""
+    member.seg = replace(member.seg, hparams=hp)
+    for part in member.parts:
+        part.seg = replace(part.seg, hparams=hp)
 
 
 def d_on_host(tensors: Sequence[Tensor]) -> bool:
@@ -198,7 +211,7 @@ def step(
         _statistics(members, g, ds, plan.on_host, reduce_stats is not None)
         for members, g, ds in zip(plan.d_groups, grads, d_states)
     ]
-    sums = _reduce(pending, plan.on_host, reduce_stats, _device(plan, d_states))
+    sums = _reduce(pending, plan.on_host, reduce_stats, _device(plan, d_states) if reduce_stats else None)
     results, new_states = [], []
     for members, ds, p, total in zip(plan.d_groups, d_states, pending, sums):
         if p is None:  # no group with lr > 0 and gradients: nothing changes, k included
@@ -272,7 +285,7 @@ def _statistics(
 
 
 def _reduce(
-    pending: Sequence[_Pending | None], on_host: bool, reduce_stats: ReduceStats | None, device: torch.device
+    pending: Sequence[_Pending | None], on_host: bool, reduce_stats: ReduceStats | None, device: torch.device | None
 ) -> list[list[Any]]:
     """Per stepping D-group: [numerator, denom] (Python floats on the host, else float64 0-dim
     tensors; [] without statistics), then its gradient extremes where they decide the skip;
@@ -295,7 +308,8 @@ def _reduce(
             continue
         if p.n_sums or (p.update_d is not False and reduce_stats is not None):  # (zero sums: no local tensors)
             raw = [t.to(d_dtype(t.device)) for t in p.sums[: p.n_sums]]
-            pair = torch.stack(_combine(raw, p.scales)) if raw else torch.zeros(2, dtype=d_dtype(device), device=device)
+            where = device or torch.device("cpu")
+            pair = torch.stack(_combine(raw, p.scales)) if raw else torch.zeros(2, dtype=d_dtype(where), device=where)
             if len(p.sums) > p.n_sums:  # local extremes: a NaN reaches every rank by the reduction
                 pair = torch.where(torch.isfinite(torch.stack(p.sums[p.n_sums :])).all(), pair, torch.nan)
             out[j] = [pair]
@@ -345,6 +359,8 @@ def _read(ts: Sequence[Tensor]) -> list[float]:
         return []
     first = ts[0]
     if all(t.device == first.device and t.dtype == first.dtype for t in ts):
+        if all(t.dim() == 0 for t in ts):
+            return torch.stack(ts).tolist()  # type: ignore[no-any-return]
         return torch.cat([t.reshape(-1) for t in ts]).tolist()
     return torch.cat([t.reshape(-1).to("cpu", torch.float64) for t in ts]).tolist()
 
@@ -377,6 +393,8 @@ def _update_part(part: Part, grads: Sequence[Tensor], sc: StepScalars) -> Segmen
     rounding, of float32 copies of the bfloat16 params, rounded into the params here."""
     seg = part.seg
     sr = seg.hparams.stochastic_rounding and any(x.dtype == torch.bfloat16 for x in seg.params)
+    if not (sr or part.pure):
+        return part.backend.update(seg, part.lay, grads, sc, part.own)  # type: ignore[no-any-return]
     if sr:
         seg = replace(seg, params=[x.float() if x.dtype == torch.bfloat16 else x for x in seg.params])
     own = _unchanged(seg)
@@ -409,7 +427,7 @@ def _merge(seg: Segment, parts: Sequence[Part]) -> Segment:
         for part in parts:
             for i, t in zip(part.index, getattr(part.seg, key) or []):
                 lists[key][i] = t  # type: ignore[index]
-    return replace(seg, **lists)
+    return replace(seg, **lists)  # type: ignore[arg-type]
 
 
 def _take(seg: Segment, index: list[int]) -> Segment:

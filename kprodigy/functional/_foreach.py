@@ -56,7 +56,7 @@ def statistics(seg: Segment, lay: Any, grads: Sequence[Tensor], sc: StepScalars)
             t = _temp(s.shape, "a", s)
             norms.append(_l1(_axpy(_op("mul", s, sc.beta3, out=t), g, sc.s_scale, out=t), out=t))
     else:  # one fused launch per op on CUDA (addcmul with a 0-dim operand would loop per tensor)
-        s_new = torch._foreach_mul(list(ss), sc.beta3)  # the new s, as temporaries
+        s_new = torch._foreach_mul(list(ss), sc.beta3)  # type: ignore[arg-type]  # the new s, as temporaries
         scaled = torch._foreach_mul(g_sliced, sc.s_scale)
         torch._foreach_add_(s_new, scaled)
         del scaled

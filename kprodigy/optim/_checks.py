@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from ..functional import Hyperparams
-from ..functional._hyperparams import D_CONFIG
 from ..functional._distributed import is_dtensor
+from ..functional._hyperparams import D_CONFIG
 
 __all__ = [
     "check_d_group_agrees",

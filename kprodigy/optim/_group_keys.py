@@ -61,7 +61,7 @@ def bind(groups: list[dict[str, Any]], device: torch.device, seen: set[int]) -> 
         return isinstance(value, Tensor) and value.device == device and value.dtype == dt and id(value) not in seen
 
     if not all(bound(lead[key], torch.int64 if key in ("k", "skipped_steps") else dtype) for key in D_STATE_FIELDS):
-        fresh = DState(*(float(lead[key]) for key in FLOAT_D_KEYS), int(lead["k"]), int(lead["skipped_steps"]))
+        fresh = DState.of([lead[key] for key in FLOAT_D_KEYS], lead["k"], lead["skipped_steps"])
         lead.update({key: t.clone() for key, t in zip(D_STATE_FIELDS, _fields(fresh.on_device(device, dtype)))})
     seen.update(id(lead[key]) for key in D_STATE_FIELDS)
     for group in groups:

@@ -625,11 +625,12 @@ class _Kept:
         self.plan, self.members, self.stepped = plan, members, stepped
         self.groups = list(opt.param_groups)
         self.key = (opt.independent_d, [g["d_group"] for g in self.groups])
+        self.hps = [hparams(g) for g in self.groups]
         self.settings = [_settings(g) for g in self.groups]
-        self.params = [list(g["params"]) for g in self.groups]
-        self.has_grad = [[p.grad is not None for p in g["params"]] for g in self.groups]
-        by_group = {id(opt.param_groups[i]): ps for m, d in zip(members, stepped) for i, ps in zip(m, d)}
-        self.tensors = [[_tensors(opt, p) for p in by_group[id(g)]] for g in self.groups]
+        self.ids = [tuple(map(id, g["params"])) for g in self.groups]
+        flat = [p for d in stepped for ps in d for p in ps]
+        self.idle = [p for g in self.groups for p in g["params"] if p.grad is None]  # no gradient then
+        self.tensors = [_tensors(opt, p) for p in flat]
 
     def holds(self, opt: KProdigy) -> bool:
         """Whether ``opt`` still matches: the same groups, settings of the same shape, params with
@@ -640,44 +641,49 @@ class _Kept:
             return False
         try:
             for i, (group, mine) in enumerate(zip(groups, self.groups)):
-                if group is not mine or len(group["params"]) != len(self.params[i]):
+                if group is not mine or tuple(map(id, group["params"])) != self.ids[i]:
                     return False
-                settings = _settings(group)
-                if settings != self.settings[i]:
-                    if settings[1:] != self.settings[i][1:]:
+                hp = hparams(group)  # (the same object while the values stay: a memo)
+                if hp is not self.hps[i] or _flags(group) != self.settings[i][1]:
+                    if _settings(group) != self.settings[i]:
                         return False
-                    self._refresh(i, settings[0])
-                for p, q, has in zip(group["params"], self.params[i], self.has_grad[i]):
-                    if p is not q or (p.grad is None) == has:
-                        return False
-            for planned in self.tensors:
-                for before in planned:
-                    now = _tensors(opt, before[0])
-                    if now[1] != before[1] or any(a is not b for a, b in zip(now[2:], before[2:])):
-                        return False
+                    self._refresh(i, hp)
         except (ValueError, RuntimeError, TypeError):
             return False  # the full step raises it, with its context
+        if any(p.grad is not None for p in self.idle):
+            return False
+        state = opt.state
+        for p, layout, m, v, s, p0 in self.tensors:
+            g, st = p.grad, state.get(p, _EMPTY)
+            if g is None or (type(g), g.dtype, g.device, g.shape, g.is_contiguous()) != layout:
+                return False
+            if st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v or st.get("s") is not s or st.get("p0") is not p0:
+                return False
         return True
 
     def _refresh(self, i: int, hp: Hyperparams) -> None:
         """Take a param group's new hyperparameter values into the plan."""
-        self.settings[i] = (hp, *self.settings[i][1:])
+        self.hps[i] = hp
         for m, d in zip(self.members, self.plan.d_groups):
             for j, member in zip(m, d):
                 if j == i:
-                    member.seg = replace(member.seg, hparams=hp)
-                    for part in member.parts:
-                        part.seg = replace(part.seg, hparams=hp)
+                    _engine.refresh(member, hp)
+
+
+_EMPTY: dict[str, Any] = {}
+
+
+def _flags(group: dict[str, Any]) -> tuple[Any, ...]:
+    """The group's backend flags and how D is held (compared by identity: a changed value, even
+    an equal one of another type, goes through the full step's checks)."""
+    return tuple(id(group[key]) for key in ("foreach", "fused", "factored", "capturable", "fsdp_in_use", "d_frozen"))
 
 
 def _settings(group: dict[str, Any]) -> tuple[Any, ...]:
-    """A group's Hyperparams (validated), then what shapes the plan: the D settings, the state
-    layout, the backend flags and how D is held."""
+    """What shapes the plan: the D settings and the state layout of a group's Hyperparams
+    (validated), then its flags (``_flags``)."""
     hp = hparams(group)
-    flags = (group["foreach"], group["fused"], group["factored"], group["capturable"], group["fsdp_in_use"])
-    if any(v is not None and not isinstance(v, bool) for v in flags):
-        raise ValueError("a flag changed to a value that is not a bool")  # the full step says which
-    return (hp, hp.d_config(), hp.slice_p, hp.betas[0] > 0, hp.stochastic_rounding, group["d_frozen"], *flags)
+    return ((hp.d_config(), hp.slice_p, hp.betas[0] > 0, hp.stochastic_rounding), _flags(group))
 
 
 def _tensors(opt: KProdigy, p: Tensor) -> tuple[Any, ...]:
