@@ -230,13 +230,8 @@ def step(
             device_ok = ok if isinstance(ok, Tensor) else None
             results.append(_update(members, p, new.d, device_ok, moves))
         new_states.append(new)
-    if d_ratio_cap is not None:
-        live = [j for j, members in enumerate(plan.d_groups) if any(m.seg.hparams.lr > 0 for m in members)]
-        if len(live) > 1:
-            capped = cap_d_ratio([new_states[j].d for j in live], d_ratio_cap)
-            for j, d in zip(live, capped):
-                new_states[j] = new_states[j].replace(d=d)
-    return results, new_states
+    live = [any(m.seg.hparams.lr > 0 for m in members) for members in plan.d_groups]
+    return results, cap_d_ratio(new_states, live, d_ratio_cap)
 
 
 @dataclass(eq=False)
@@ -360,7 +355,7 @@ def _read(ts: Sequence[Tensor]) -> list[float]:
     first = ts[0]
     if all(t.device == first.device and t.dtype == first.dtype for t in ts):
         if all(t.dim() == 0 for t in ts):
-            return torch.stack(ts).tolist()  # type: ignore[no-any-return]
+            return torch.stack(list(ts)).tolist()  # type: ignore[no-any-return]
         return torch.cat([t.reshape(-1) for t in ts]).tolist()
     return torch.cat([t.reshape(-1).to("cpu", torch.float64) for t in ts]).tolist()
 

@@ -206,14 +206,21 @@ def next_d(
     return DState(**kept, skipped_steps=ds.skipped_steps + ops.where(ok, 0, 1)), moves
 
 
-def cap_d_ratio(ds: Sequence[Scalar], ratio: float) -> list[Scalar]:
-    """Keep D values within ``ratio`` of the smallest: ``d_i <- min(d_i, ratio * min_j d_j)``.
-
-    ds: Python floats, or 0-dim tensors (any devices; each result stays on its tensor's device).
-    Since every d_j never decreases, a capped d never decreases either."""
-    if not ds or not isinstance(ds[0], Tensor):
-        floor = min(ds, default=0.0) * ratio
-        return [min(d, floor) for d in ds]
-    device = ds[0].device
-    floor_t = torch.stack([d.to(device, torch.float64) for d in ds]).min() * ratio
-    return [torch.minimum(d, floor_t.to(d.device, d.dtype)) for d in ds]
+def cap_d_ratio(states: Sequence[DState], live: Sequence[bool], ratio: float | None) -> list[DState]:
+    """``d_ratio_cap``: the D of every live D-group (some group with lr > 0, stepped this step or
+    not) kept within ``ratio`` of the smallest live one, ``d_i <- min(d_i, ratio * min_j d_j)``;
+    the others as they are. D as Python floats or 0-dim tensors (any devices; each stays on its
+    own). Since every d_j never decreases, a capped d never decreases either."""
+    out, idx = list(states), [j for j, is_live in enumerate(live) if is_live]
+    if ratio is None or len(idx) < 2:
+        return out
+    ds = [out[j].d for j in idx]
+    if isinstance(ds[0], Tensor):
+        floor = torch.stack([d.to(ds[0].device, torch.float64) for d in ds]).min() * ratio
+        capped = [torch.minimum(d, floor.to(d.device, d.dtype)) for d in ds]
+    else:
+        capped = [min(d, min(ds) * ratio) for d in ds]
+    for j, d, new in zip(idx, ds, capped):
+        if new is not d:
+            out[j] = out[j].replace(d=new)
+    return out

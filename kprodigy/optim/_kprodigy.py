@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..functional import DState, Hyperparams, _distributed, _engine, _partial, _scratch
 from ..functional._layout import STATE_KEYS
-from ..functional._scalars import frozen
+from ..functional._scalars import cap_d_ratio, frozen
 from ..functional._state import Segment, d_dtype, state_dtype
 from . import _diagnostics, _group_keys
 from ._checks import (
@@ -586,14 +586,23 @@ class KProdigy(torch.optim.Optimizer):
         params with the new D (no-op if none)."""
         if not self._pending:
             return
-        pending, self._pending = list(self._pending.values()), {}
+        pending, self._pending = self._pending, {}
         self._opt_called = True  # what LR schedulers check to know the optimizer stepped (as step() does)
-        for item in pending:
-            reduce_stats = self._reduce_stats(item.params) if item.core.update_d is not False else None
-            with _scratch.owned_by(self._scratch()):
-                new = _partial.finish(item.core, reduce_stats)
-            self._record(item.groups, item.params, item.core.d_state, new)
-        _diagnostics.after_step(self, [item.groups for item in pending])
+        members = self.d_groups()
+        groups = [[self.param_groups[i] for i in m] for m in members]
+        old = [_group_keys.read(g[0]) if tuple(m) not in pending else pending[tuple(m)].core.d_state for m, g in zip(members, groups)]
+        new = list(old)
+        for j, m in enumerate(members):
+            item = pending.get(tuple(m))
+            if item is not None:
+                reduce_stats = self._reduce_stats(item.params) if item.core.update_d is not False else None
+                with _scratch.owned_by(self._scratch()):
+                    new[j] = _partial.finish(item.core, reduce_stats)
+        new = cap_d_ratio(new, [any(g["lr"] > 0 for g in gs) for gs in groups], self.d_ratio_cap)
+        for m, gs, o, n in zip(members, groups, old, new):
+            item = pending.get(tuple(m))
+            self._record(gs, item.params if item is not None else [], o, n)
+        _diagnostics.after_step(self, [item.groups for item in pending.values()])
 
     def _group_index(self, p: Tensor, group: dict[str, Any] | None, i: int | None) -> int:
         """The index of p's param group; ``group`` and ``i`` (OneTrainer's form) must say where p is."""
