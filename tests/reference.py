@@ -20,6 +20,8 @@ The rules it states (each one prodigyopt 1.1.2's where prodigyopt defines it):
   D keys and ``k`` unchanged, the tensors' ``step`` does not advance (prodigyopt: ``if d_denom == 0:
   return loss``). A step that does not update D has no such check.
 - ``d_steps``: D is frozen once ``k >= d_steps`` (no statistics, no D update).
+- A schedule may change a group's hyperparameters between steps (``ref.groups[i].hp``): when
+  ``betas[0]`` rises from 0, ``m`` starts as zeros; while ``betas[0] == 0``, ``m`` is kept untouched.
 - ``d_ratio_cap``: after every step, the D of every live D-group (some group with ``lr > 0``, whether
   it stepped or not) is capped at ``d_ratio_cap`` x the smallest live D; a D never goes back down.
 """
@@ -157,7 +159,9 @@ class Reference:
                     numerator_delta += (d / d0) * dlr * float(torch.dot(gs, t.p0 - t.x.flatten()[::p]))
                     s = beta3 * t.s + (d / d0) * (d if hp["safeguard_warmup"] else dlr) * gs
                     denom += float(s.abs().sum())
-                m = b1 * t.m + d * (1 - b1) * g if t.m is not None else None
+                if b1 > 0 and t.m is None:
+                    t.m = torch.zeros_like(t.x)  # betas[0] raised from 0 by a schedule: m starts at zero
+                m = b1 * t.m + d * (1 - b1) * g if b1 > 0 else t.m  # b1 == 0: m (if any) is kept untouched
                 v = b2 * t.v + d * d * (1 - b2) * g * g
                 new[id(t)] = (m, v, s)
         for i in active:
@@ -182,7 +186,7 @@ class Reference:
                 den = t.v.sqrt() + D.d * hp["eps"]  # D after this step's update
                 if hp["weight_decay"] and hp["decouple"]:
                     t.x = t.x * (1 - hp["weight_decay"] * dlr)
-                direction = t.m if t.m is not None else D.d * effective[id(t)]
+                direction = t.m if hp["betas"][0] > 0 else D.d * effective[id(t)]
                 t.x = t.x - dlr * direction / den
                 t.step += 1
         D.k += 1
