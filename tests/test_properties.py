@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import warnings
+from typing import Any
+
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from reference import Reference
 
 from kprodigy import KProdigy
 from kprodigy.functional import Hyperparams, State, init_state, step
@@ -39,20 +45,127 @@ def state_tensors(state: State) -> list[torch.Tensor]:
     return lists + [d.d, d.d_max, d.d_numerator, d.d_denom, d.d_hat, d.k]
 
 
-@given(shapes=shapes_st, hp=hparams_st, seed=st.integers(0, 10_000), dtype=dtype_st)
-def test_d_never_decreases(shapes, hp, seed, dtype) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    params = randn(shapes, gen, dtype)
+# The class paths, the DEFAULT one first (no foreach/fused flags: the native path on CPU).
+CLASS_PATHS: list[tuple[str, dict[str, Any]]] = [
+    ("native", {}),
+    ("per_tensor", dict(foreach=False, fused=False)),
+    ("foreach", dict(foreach=True, fused=False)),
+    ("capturable", dict(capturable=True)),
+]
+GROWTH_STEPS = 25
+
+
+def quadratic(shapes: list[tuple[int, ...]], gen: torch.Generator, dtype: torch.dtype) -> tuple[list[torch.Tensor], ...]:
+    """Init ``x0`` (small), a target 0.5-2 away per element (far in units of d0) and a curvature:
+    ``g = c * (x - target)`` makes D grow by orders of magnitude within ~20 steps."""
+    x0 = [0.1 * torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    sign = [torch.randint(0, 2, s, generator=gen).double() * 2 - 1 for s in shapes]
+    target = [x + d * (0.5 + 1.5 * torch.rand(s, generator=gen, dtype=torch.float64)) for x, d, s in zip(x0, sign, shapes)]
+    curv = [0.5 + 1.5 * torch.rand(s, generator=gen, dtype=torch.float64) for s in shapes]
+    return tuple([t.to(dtype) for t in ts] for ts in (x0, target, curv))
+
+
+def quadratic_grads(xs: list[torch.Tensor], target: list[torch.Tensor], curv: list[torch.Tensor], event: str = "grad") -> list[torch.Tensor]:
+    """The gradients at ``xs`` (in their dtype): ``c * (x - target)``; all zero for ``event ==
+    "zero"``; with a NaN in the first element of the first tensor for ``event == "nan"``."""
+    if event == "zero":
+        return [torch.zeros_like(x) for x in xs]
+    grads = [c.to(x.dtype) * (x.detach() - t.to(x.dtype)) for x, t, c in zip(xs, target, curv)]
+    if event == "nan":
+        grads[0].view(-1)[0] = float("nan")
+    return grads
+
+
+def assert_most_grow(strategy: st.SearchStrategy, growth_of: Any, name: str) -> None:
+    """At least 70% of the examples ``strategy`` draws (under the CI profile, as the property test
+    ``name`` does) grow D >= 10x in the float64 re-statement ``reference.py`` (independent of
+    kprodigy, so the check holds whatever the code under test does)."""
+    grown: list[bool] = []
+
+    @given(case=strategy)
+    def collect(case: Any) -> None:
+        grown.append(growth_of(case) >= 10)
+
+    collect()
+    assert len(grown) >= 10 and sum(grown) / len(grown) >= 0.7, f"{name}: D grew >= 10x in {sum(grown)}/{len(grown)}"
+
+
+mono_hparams_st = st.builds(  # weighted (repeats) towards D growth; the hostile settings stay in
+    Hyperparams,
+    lr=st.sampled_from([1.0, 1.0, 0.3]),
+    betas=st.sampled_from([(0.9, 0.999), (0.0, 0.99), (0.5, 0.9)]),
+    beta3=st.sampled_from([None, 0.9, None, 0.0]),
+    weight_decay=st.sampled_from([0.0, 0.1]),
+    decouple=st.booleans(),
+    use_bias_correction=st.sampled_from([False, False, True]),
+    safeguard_warmup=st.sampled_from([False, False, True]),
+    d0=st.sampled_from([1e-6, 1e-4]),
+    growth_rate=st.sampled_from([float("inf"), 1.5, float("inf"), 1.2]),  # 1.02: <= 1.02^25 = 1.6x after the first jump
+    d_update_freq=st.sampled_from([1, 2]),
+    slice_p=st.sampled_from([1, 2]),
+).filter(lambda hp: not (hp.safeguard_warmup and (hp.use_bias_correction or hp.lr < 1)))  # D barely grows there
+mono_shapes_st = st.lists(st.lists(st.integers(1, 6), min_size=0, max_size=3).map(tuple), min_size=1, max_size=4)
+# (shapes, hyperparameters, seed, dtype, per step: "grad", "zero" (all-zero gradients) or "nan")
+monotone_case_st = st.tuples(
+    mono_shapes_st,
+    mono_hparams_st,
+    st.integers(0, 10_000),
+    dtype_st,
+    st.lists(st.sampled_from(["grad", "grad", "grad", "grad", "zero", "nan"]), min_size=GROWTH_STEPS, max_size=GROWTH_STEPS),
+)
+
+
+def _hp_dict(hp: Hyperparams) -> dict[str, Any]:
+    return {f.name: getattr(hp, f.name) for f in dataclasses.fields(hp)}
+
+
+@given(case=monotone_case_st)
+def test_d_never_decreases(case) -> None:
+    """On every path (the default first, then per_tensor, foreach, capturable, the functional step):
+    the logged ``d`` never decreases, is never below ``d0`` (the Python float), and d_max >= d,
+    on trajectories where D grows by orders of magnitude (``test_d_never_decreases_grows_d``),
+    through all-zero and NaN steps."""
+    shapes, hp, seed, dtype, events = case
+    x0, target, curv = quadratic(shapes, torch.Generator().manual_seed(seed), dtype)
+    for name, flags in CLASS_PATHS:
+        xs = [torch.nn.Parameter(x.clone()) for x in x0]
+        opt = KProdigy(xs, **_hp_dict(hp), **flags)
+        group = opt.param_groups[0]
+        previous = hp.d0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the skip warning
+            for k, event in enumerate(events):
+                for x, g in zip(xs, quadratic_grads(xs, target, curv, event)):
+                    x.grad = g
+                opt.step()
+                d, d_max = float(group["d"]), float(group["d_max"])
+                assert d >= previous, f"{name}: d decreased {previous!r} -> {d!r} at step {k}"
+                assert d >= hp.d0, f"{name}: d={d!r} < d0={hp.d0!r} at step {k}"
+                assert d_max >= d and math.isfinite(d), f"{name}: d_max={d_max!r}, d={d!r} at step {k}"
+                previous = d
+        assert all(torch.isfinite(x).all() for x in xs)
+    params = [x.clone() for x in x0]  # the pure step, on the same script
     state = init_state(params, hp)
-    previous = float(state.d.d)
-    for _ in range(8):
-        grads = [g * float(torch.rand((), generator=gen)) * 10 for g in randn(shapes, gen, dtype)]
-        params, state = step(params, grads, state, hp)
+    previous = hp.d0
+    for k, event in enumerate(events):
+        params, state = step(params, quadratic_grads(params, target, curv, event), state, hp)
         d = float(state.d.d)
-        assert d >= previous and d >= float(torch.tensor(hp.d0, dtype=state.d.d.dtype))
+        assert d >= previous and d >= hp.d0, f"functional: d={d!r} (before {previous!r}, d0={hp.d0!r}) at step {k}"
         assert float(state.d.d_max) >= d
         previous = d
-    assert all(torch.isfinite(p).all() for p in params)
+
+
+def _monotone_growth(case) -> float:
+    shapes, hp, seed, _, events = case
+    x0, target, curv = quadratic(shapes, torch.Generator().manual_seed(seed), torch.float64)
+    ref = Reference([(x0, _hp_dict(hp))], [[0]])
+    for event in events:
+        ref.step([quadratic_grads(ref.params(0), target, curv, event)])
+    return ref.ds[0].d / hp.d0
+
+
+def test_d_never_decreases_grows_d() -> None:
+    assert_most_grow(monotone_case_st, _monotone_growth, "test_d_never_decreases")
 
 
 @given(shapes=shapes_st, hp=hparams_st, seed=st.integers(0, 10_000), dtype=dtype_st, foreach=st.booleans())
@@ -114,34 +227,63 @@ def _set_grads(leaves: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         leaf.grad = g.clone()
 
 
-@given(
-    shapes_a=shapes_st,
-    shapes_b=shapes_st,
-    seed=st.integers(0, 10_000),
-    scale=st.sampled_from([1e-3, 1e3]),
-    foreach=st.booleans(),
+# (shapes of group A, shapes of group B, seed, scale of B's gradients in the second run, B's d0,
+# dtype, whether B is the first param group: A's D-group first or second)
+independence_case_st = st.tuples(
+    mono_shapes_st,
+    mono_shapes_st,
+    st.integers(0, 10_000),
+    st.sampled_from([1e-3, 1e3, 0.0]),
+    st.sampled_from([1e-6, 1e-4]),
+    dtype_st,
+    st.booleans(),
 )
-def test_groups_are_independent_under_independent_d(shapes_a, shapes_b, seed, scale, foreach) -> None:
-    """Changing group B's gradients changes nothing in group A, bit for bit."""
+
+
+@given(case=independence_case_st)
+def test_groups_are_independent_under_independent_d(case) -> None:
+    """Changing group B's gradients (scaled, or all zero) changes nothing in group A, bit for bit:
+    params, state, D keys; on every path, the default first. Group A's D grows by orders of
+    magnitude in most examples (``test_groups_are_independent_grows_d``)."""
+    shapes_a, shapes_b, seed, scale, d0_b, dtype, b_first = case
     gen = torch.Generator().manual_seed(seed)
-    xa, xb = randn(shapes_a, gen, torch.float32), randn(shapes_b, gen, torch.float32)
-    runs = []
-    for b_scale in (1.0, scale):
-        g = torch.Generator().manual_seed(seed + 1)
-        a, b = _leaves(xa), _leaves(xb)
-        opt = KProdigy([dict(params=a), dict(params=b, lr=0.5)], independent_d=True, foreach=foreach)
-        for _ in range(4):
-            _set_grads(a, randn(shapes_a, g, torch.float32))
-            _set_grads(b, [t * b_scale for t in randn(shapes_b, g, torch.float32)])
-            opt.step()
-        b_v = [opt.state[p]["exp_avg_sq"] for p in b]
-        runs.append((a, opt.param_groups[0]["d"], b_v, [opt.state[p] for p in a]))
-    (a1, d1, v1, s1), (a2, d2, v2, s2) = runs
-    assert all(torch.equal(p, q) for p, q in zip(a1, a2))
-    assert d1 == d2
-    for x, y in zip(s1, s2):
-        assert all(torch.equal(x[k], y[k]) for k in ("exp_avg", "exp_avg_sq", "s", "p0"))
-    assert not all(torch.equal(x, y) for x, y in zip(v1, v2))  # group B itself did see the change
+    xa, ta, ca = quadratic(shapes_a, gen, dtype)
+    xb, tb, cb = quadratic(shapes_b, gen, dtype)
+    for name, flags in CLASS_PATHS:
+        runs = []
+        for b_scale in (1.0, scale):
+            a, b = _leaves(xa), _leaves(xb)
+            groups = [dict(params=a), dict(params=b, lr=0.5, d0=d0_b)]
+            opt = KProdigy(groups[::-1] if b_first else groups, independent_d=True, **flags)
+            group_a = opt.param_groups[1 if b_first else 0]
+            for _ in range(GROWTH_STEPS):
+                _set_grads(a, quadratic_grads(a, ta, ca))
+                _set_grads(b, [g * b_scale for g in quadratic_grads(b, tb, cb)])
+                opt.step()
+            keys = {k: float(group_a[k]) for k in ("d", "d_max", "d_numerator", "d_denom", "d_hat", "k")}
+            b_v = [opt.state[p]["exp_avg_sq"].clone() for p in b]
+            runs.append((a, keys, b_v, [opt.state[p] for p in a]))
+        (a1, d1, v1, s1), (a2, d2, v2, s2) = runs
+        assert all(torch.equal(p, q) for p, q in zip(a1, a2)), name
+        assert d1 == d2, (name, d1, d2)
+        for x, y in zip(s1, s2):
+            assert all(torch.equal(x[k], y[k]) for k in ("exp_avg", "exp_avg_sq", "s", "p0")), name
+        assert not all(torch.equal(x, y) for x, y in zip(v1, v2)), name  # group B itself did see the change
+
+
+def _independence_growth(case) -> float:
+    shapes_a, shapes_b, seed, _, d0_b, _, _ = case
+    gen = torch.Generator().manual_seed(seed)
+    xa, ta, ca = quadratic(shapes_a, gen, torch.float64)
+    xb, tb, cb = quadratic(shapes_b, gen, torch.float64)
+    ref = Reference([(xa, {}), (xb, dict(lr=0.5, d0=d0_b))], [[0], [1]])
+    for _ in range(GROWTH_STEPS):
+        ref.step([quadratic_grads(ref.params(0), ta, ca), quadratic_grads(ref.params(1), tb, cb)])
+    return ref.ds[0].d / 1e-6
+
+
+def test_groups_are_independent_grows_d() -> None:
+    assert_most_grow(independence_case_st, _independence_growth, "test_groups_are_independent_under_independent_d")
 
 
 @given(shapes_a=shapes_st, shapes_b=shapes_st, seed=st.integers(0, 10_000), foreach=st.booleans())

@@ -231,7 +231,7 @@ def step(
             results.append(_update(members, p, new.d, device_ok, moves))
         new_states.append(new)
     live = [any(m.seg.hparams.lr > 0 for m in members) for members in plan.d_groups]
-    return results, cap_d_ratio(new_states, live, d_ratio_cap)
+    return results, cap_d_ratio(d_states, new_states, live, d_ratio_cap)
 
 
 @dataclass(eq=False)

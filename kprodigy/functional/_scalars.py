@@ -206,20 +206,23 @@ def next_d(
     return DState(**kept, skipped_steps=ds.skipped_steps + ops.where(ok, 0, 1)), moves
 
 
-def cap_d_ratio(states: Sequence[DState], live: Sequence[bool], ratio: float | None) -> list[DState]:
-    """``d_ratio_cap``: the D of every live D-group (some group with lr > 0, stepped this step or
-    not) kept within ``ratio`` of the smallest live one, ``d_i <- min(d_i, ratio * min_j d_j)``;
-    the others as they are. D as Python floats or 0-dim tensors (any devices; each stays on its
-    own). Since every d_j never decreases, a capped d never decreases either."""
+def cap_d_ratio(
+    before: Sequence[DState], states: Sequence[DState], live: Sequence[bool], ratio: float | None
+) -> list[DState]:
+    """``d_ratio_cap``: after a step, the D of every live D-group (some group with lr > 0, stepped
+    or not) kept within ``ratio`` of the smallest live one, ``d_i <- min(d_i, ratio * min_j
+    d_j)``, but never below its D ``before`` the step (a group joining at d0 does not pull the
+    others down); the others as they are. D as Python floats or 0-dim tensors (any devices; each
+    stays on its own)."""
     out, idx = list(states), [j for j, is_live in enumerate(live) if is_live]
     if ratio is None or len(idx) < 2:
         return out
-    ds = [out[j].d for j in idx]
+    ds, olds = [out[j].d for j in idx], [before[j].d for j in idx]
     if isinstance(ds[0], Tensor):
         floor = torch.stack([d.to(ds[0].device, torch.float64) for d in ds]).min() * ratio
-        capped = [torch.minimum(d, floor.to(d.device, d.dtype)) for d in ds]
+        capped = [torch.maximum(o, torch.minimum(d, floor.to(d.device, d.dtype))) for d, o in zip(ds, olds)]
     else:
-        capped = [min(d, min(ds) * ratio) for d in ds]
+        capped = [d if d <= min(ds) * ratio else max(o, min(ds) * ratio) for d, o in zip(ds, olds)]
     for j, d, new in zip(idx, ds, capped):
         if new is not d:
             out[j] = out[j].replace(d=new)

@@ -373,7 +373,7 @@ class KProdigy(torch.optim.Optimizer):
         with _scratch.owned_by(self._scratch()):
             _, new = _engine.step(kept.plan, grads, old, reduce_stats=reduce_stats, d_ratio_cap=self.d_ratio_cap)
         for g, params, o, n in zip(groups, kept.stepped, old, new):
-            self._record(g, [p for ps in params for p in ps], o, n)
+            self._record(g, [p for group, ps in zip(g, params) if group["lr"] > 0 for p in ps], o, n)
         _diagnostics.after_step(self, [g for g, ps in zip(groups, kept.stepped) if any(ps)])
         return loss
 
@@ -381,13 +381,13 @@ class KProdigy(torch.optim.Optimizer):
         """Validate everything (nothing changes on an error), create state where needed and build
         the plan of this step; kept for the next steps unless a param is a DTensor."""
         self._kept = None
-        members = self.d_groups()
         for i, group in enumerate(self.param_groups):
             try:
                 check_settings(group)
             except ValueError as e:
                 raise ValueError(f"param group {i}: {e}") from None
             check_grads(group, i, self.state)
+        members = self.d_groups()
         for m in members:
             groups = [self.param_groups[i] for i in m]
             check_d_group_agrees(groups, m)
@@ -456,8 +456,9 @@ class KProdigy(torch.optim.Optimizer):
         return ds.on_device(device, d_dtype(device))
 
     def _record(self, groups: list[dict[str, Any]], params: list[Tensor], old: DState, new: DState) -> None:
-        """After a D-group's step: its group keys (``_group_keys.write``), the stepped params'
-        ``step``, a warning on the first skip, and D frozen (``d_steps``) where due."""
+        """After a D-group's step: its group keys (``_group_keys.write``), the ``step`` of the
+        params it moved (``params``: those with gradients in groups with lr > 0), a warning on the
+        first skip, and D frozen (``d_steps``) where due."""
         if new is old:
             return  # nothing changed (no gradients, or every lr 0)
         lead = groups[0]
@@ -578,6 +579,8 @@ class KProdigy(torch.optim.Optimizer):
         with _scratch.owned_by(self._scratch()):
             _partial.accumulate(pending.core, seg, foreach=own["foreach"])
         pending.params.append(p)
+        if own["lr"] > 0:
+            pending.moved.append(p)
 
     @torch.no_grad()
     def finalize_step(self) -> None:
@@ -597,10 +600,10 @@ class KProdigy(torch.optim.Optimizer):
                 reduce_stats = self._reduce_stats(item.params) if item.core.update_d is not False else None
                 with _scratch.owned_by(self._scratch()):
                     new[j] = _partial.finish(item.core, reduce_stats)
-        new = cap_d_ratio(new, [any(g["lr"] > 0 for g in gs) for gs in groups], self.d_ratio_cap)
+        new = cap_d_ratio(old, new, [any(g["lr"] > 0 for g in gs) for gs in groups], self.d_ratio_cap)
         for m, gs, o, n in zip(members, groups, old, new):
             item = pending.get(tuple(m))
-            self._record(gs, item.params if item is not None else [], o, n)
+            self._record(gs, item.moved if item is not None else [], o, n)
         _diagnostics.after_step(self, [item.groups for item in pending.values()])
 
     def _group_index(self, p: Tensor, group: dict[str, Any] | None, i: int | None) -> int:
@@ -623,6 +626,7 @@ class _Pending:
     def __init__(self, groups: list[dict[str, Any]], core: _partial.Pending) -> None:
         self.groups, self.core = groups, core
         self.params: list[Tensor] = []  # the params stepped so far
+        self.moved: list[Tensor] = []  # those of them in groups with lr > 0
 
 
 class _Kept:
