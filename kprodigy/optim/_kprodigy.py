@@ -18,14 +18,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..functional import DState, Hyperparams, _distributed, _engine, _partial, _scratch
-from ..functional._layout import STATE_KEYS
-from ..functional._scalars import cap_d_ratio, frozen
-from ..functional._state import Segment, d_dtype, state_dtype
-from . import _diagnostics, _group_keys
+from ..functional import DState, Hyperparams, _distributed, _engine, _scratch
+from ..functional._scalars import frozen
+from ..functional._state import d_dtype, state_dtype
+from . import _diagnostics, _group_keys, _per_param, _plan
 from ._checks import (
-    check_d_group_agrees,
-    check_grads,
     check_param_group,
     check_settings,
     check_state_dict,
@@ -216,8 +213,8 @@ class KProdigy(torch.optim.Optimizer):
         self.independent_d = independent_d
         self.reduce_d_stats = reduce_d_stats
         self.process_group = process_group if process_group is not None else _distributed.enclosing_zero_group()
-        self._pending: dict[tuple[int, ...], _Pending] = {}  # per-param steps not yet finalized
-        self._kept: _Kept | None = None  # the plan of the last step, reused while it holds
+        self._pending: dict[tuple[int, ...], _per_param.Pending] = {}  # per-param steps not yet finalized
+        self._kept: _plan.Kept | None = None  # the plan of the last step, reused while it holds
         super().__init__(params, defaults)
         _diagnostics.check_lr(self, "at construction", use_schedule=False)  # KProdigyWarning
 
@@ -365,7 +362,7 @@ class KProdigy(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.finalize_step()  # per-parameter steps taken since the last step, if any
-        kept = self._kept if self._kept is not None and self._kept.holds(self) else self._plan()
+        kept = self._kept if self._kept is not None and self._kept.holds(self) else _plan.build(self)
         groups = [[self.param_groups[i] for i in m] for m in kept.members]
         old = [self._d_state(g, kept.plan.on_host) for g in groups]
         grads = [[[_distributed.local(p.grad) for p in ps] for ps in d] for d in kept.stepped]  # type: ignore[arg-type]
@@ -376,76 +373,6 @@ class KProdigy(torch.optim.Optimizer):
             self._record(g, [p for group, ps in zip(g, params) if group["lr"] > 0 for p in ps], o, n)
         _diagnostics.after_step(self, [g for g, ps in zip(groups, kept.stepped) if any(ps)])
         return loss
-
-    def _plan(self) -> _Kept:
-        """Validate everything (nothing changes on an error), create state where needed and build
-        the plan of this step; kept for the next steps unless a param is a DTensor."""
-        self._kept = None
-        for i, group in enumerate(self.param_groups):
-            try:
-                check_settings(group)
-            except ValueError as e:
-                raise ValueError(f"param group {i}: {e}") from None
-            check_grads(group, i, self.state)
-        members = self.d_groups()
-        for m in members:
-            groups = [self.param_groups[i] for i in m]
-            check_d_group_agrees(groups, m)
-            params = [p for g in groups for p in g["params"] if p.grad is not None]
-            if params and not any(_distributed.is_dtensor(p) for p in params):
-                one_device(params, m)
-        on_host = not any(g["capturable"] for g in self.param_groups)
-        self._bind()
-        built = [[self._segment(self.param_groups[i]) for i in m] for m in members]
-        stepped = [[ps for _, ps in d] for d in built]
-        dtensor = any(_distributed.is_dtensor(p) for d in stepped for ps in d for p in ps)
-        plan = _engine.build(
-            [[seg for seg, _ in d] for d in built],
-            on_host=on_host,
-            foreach=[self.param_groups[m[0]]["foreach"] for m in members],
-            fused=[self.param_groups[m[0]]["fused"] for m in members],
-            pack=not dtensor,
-        )
-        for d, ps_list in zip(plan.d_groups, stepped):  # the state as laid out (small params' packed)
-            for member, ps in zip(d, ps_list):
-                for key in STATE_KEYS:
-                    ts = getattr(member.seg, key)
-                    for p, t in zip(ps, ts or []):
-                        if key in self.state[p] and self.state[p][key] is not t and not dtensor:
-                            self.state[p][key] = t
-        kept = _Kept(self, plan, members, stepped)
-        if not dtensor:
-            self._kept = kept
-        return kept
-
-    def _segment(self, group: dict[str, Any]) -> tuple[Segment, list[Tensor]]:
-        """One group's params with gradients and their state (created on first use; DTensors as
-        their local shards: the math is per rank), and those params. Once D froze
-        (``d_frozen``), ``s`` and ``p0`` are empty placeholders (freed)."""
-        hp = hparams(group)
-        originals = [p for p in group["params"] if p.grad is not None]
-        lists: dict[str, list[Tensor]] = {key: [] for key in ("params", "grads", *STATE_KEYS)}
-        for p in originals:
-            state = self.state[p]
-            if "exp_avg_sq" not in state:
-                state.update(_distributed.init_state(p, hp, factored=group["factored"]))
-                state["step"] = _group_keys.step_count(0, p, group["capturable"])
-                if group["d_frozen"]:
-                    del state["s"], state["p0"]
-            if hp.betas[0] > 0 and "exp_avg" not in state:  # betas[0] raised from 0 mid-training
-                state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p.dtype, hp), memory_format=torch.preserve_format)
-            x = _distributed.local(p)
-            lists["params"].append(x)
-            lists["grads"].append(_distributed.local(p.grad))  # type: ignore[arg-type]
-            for key in STATE_KEYS:
-                if key in state:
-                    t = state[key]
-                    lists[key].append(_distributed.flat_local(t) if key in ("s", "p0") else _distributed.local(t))
-                elif key != "exp_avg":
-                    lists[key].append(x.new_empty(0))
-        m = lists["exp_avg"] if hp.betas[0] > 0 else None
-        seg = Segment(lists["params"], lists["grads"], m, lists["exp_avg_sq"], lists["s"], lists["p0"], hp)
-        return seg, originals
 
     def _d_state(self, groups: list[dict[str, Any]], on_host: bool) -> DState:
         """A D-group's D state (``_group_keys.read``) in the plan's form: host numbers or tensors."""
@@ -543,163 +470,10 @@ class KProdigy(torch.optim.Optimizer):
         eager kernels. A NaN/inf gradient skips the param and D updates of the whole D-group;
         the moments of the params stepped before it in that step have moved.
         """
-        index = self._group_index(p, group, i)
-        members = next(m for m in self.d_groups() if index in m)
-        pending = self._pending.get(tuple(members))
-        if pending is not None and any(q is p for q in pending.params):
-            if torch._C._current_graph_task_id() != -1:  # inside backward(): params must not move now
-                raise RuntimeError(
-                    "step_parameter got a param already stepped since the last finalize_step(), during a "
-                    "backward pass: the params of the previous step move in finalize_step() (with the D of "
-                    "that step), so call optimizer.finalize_step() (or optimizer.step()) after each backward()"
-                )
-            self.finalize_step()
-            pending = None
-        if p.grad is None:
-            return
-        own = self.param_groups[index]
-        check_grads({**own, "params": [p]}, index, self.state)  # before any change
-        if pending is None:
-            groups = [self.param_groups[j] for j in members]
-            for j, g in zip(members, groups):
-                try:
-                    check_settings(g)
-                except ValueError as e:
-                    raise ValueError(f"param group {j}: {e}") from None
-            check_d_group_agrees(groups, members)
-            self._bind()
-            core = _partial.Pending.start(hparams(groups[0]), _group_keys.read(groups[0]), p.device)
-            pending = self._pending[tuple(members)] = _Pending(groups, core)
-        if pending.core.stats.device != p.device:
-            raise RuntimeError(
-                f"param groups {members} share one D but hold params on {pending.core.stats.device} and {p.device}; "
-                "put them on one device or give the groups different d_group labels"
-            )
-        seg, _ = self._segment({**own, "params": [p]})
-        with _scratch.owned_by(self._scratch()):
-            _partial.accumulate(pending.core, seg, foreach=own["foreach"])
-        pending.params.append(p)
-        if own["lr"] > 0:
-            pending.moved.append(p)
+        _per_param.step_parameter(self, p, group, i)
 
     @torch.no_grad()
     def finalize_step(self) -> None:
         """Update D from the statistics of the params stepped by ``step_parameter``, then move those
         params with the new D (no-op if none)."""
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, {}
-        self._opt_called = True  # what LR schedulers check to know the optimizer stepped (as step() does)
-        members = self.d_groups()
-        groups = [[self.param_groups[i] for i in m] for m in members]
-        old = [_group_keys.read(g[0]) if tuple(m) not in pending else pending[tuple(m)].core.d_state for m, g in zip(members, groups)]
-        new = list(old)
-        for j, m in enumerate(members):
-            item = pending.get(tuple(m))
-            if item is not None:
-                reduce_stats = self._reduce_stats(item.params) if item.core.update_d is not False else None
-                with _scratch.owned_by(self._scratch()):
-                    new[j] = _partial.finish(item.core, reduce_stats)
-        new = cap_d_ratio(old, new, [any(g["lr"] > 0 for g in gs) for gs in groups], self.d_ratio_cap)
-        for m, gs, o, n in zip(members, groups, old, new):
-            item = pending.get(tuple(m))
-            self._record(gs, item.moved if item is not None else [], o, n)
-        _diagnostics.after_step(self, [item.groups for item in pending.values()])
-
-    def _group_index(self, p: Tensor, group: dict[str, Any] | None, i: int | None) -> int:
-        """The index of p's param group; ``group`` and ``i`` (OneTrainer's form) must say where p is."""
-        for j, g in enumerate(self.param_groups):
-            if group is not None and g is not group:
-                continue
-            if i is not None and group is not None:
-                if not (0 <= i < len(g["params"]) and g["params"][i] is p):
-                    raise ValueError(f"step_parameter: param index {i} of the given param group is not the given tensor")
-                return j
-            if any(q is p for q in g["params"]):
-                return j
-        raise ValueError("step_parameter got a tensor that is not a param of this optimizer (or of the given group)")
-
-
-class _Pending:
-    """A D-group between ``step_parameter`` calls and ``finalize_step``."""
-
-    def __init__(self, groups: list[dict[str, Any]], core: _partial.Pending) -> None:
-        self.groups, self.core = groups, core
-        self.params: list[Tensor] = []  # the params stepped so far
-        self.moved: list[Tensor] = []  # those of them in groups with lr > 0
-
-
-class _Kept:
-    """The plan of a step and what it was built from, so that a steady step checks identities
-    instead of validating, gathering and laying out again (``holds``)."""
-
-    def __init__(self, opt: KProdigy, plan: _engine.Plan, members: list[list[int]], stepped: list[list[list[Tensor]]]) -> None:
-        self.plan, self.members, self.stepped = plan, members, stepped
-        self.groups = list(opt.param_groups)
-        self.key = (opt.independent_d, [g["d_group"] for g in self.groups])
-        self.hps = [hparams(g) for g in self.groups]
-        self.settings = [_settings(g) for g in self.groups]
-        self.ids = [tuple(map(id, g["params"])) for g in self.groups]
-        flat = [p for d in stepped for ps in d for p in ps]
-        self.idle = [p for g in self.groups for p in g["params"] if p.grad is None]  # no gradient then
-        self.tensors = [_tensors(opt, p) for p in flat]
-
-    def holds(self, opt: KProdigy) -> bool:
-        """Whether ``opt`` still matches: the same groups, settings of the same shape, params with
-        gradients of the same layout and the same state tensors. Settings that changed in their
-        values only (an lr schedule) are validated and taken into the plan."""
-        groups = opt.param_groups
-        if len(groups) != len(self.groups) or (opt.independent_d, [g["d_group"] for g in groups]) != self.key:
-            return False
-        try:
-            for i, (group, mine) in enumerate(zip(groups, self.groups)):
-                if group is not mine or tuple(map(id, group["params"])) != self.ids[i]:
-                    return False
-                hp = hparams(group)  # (the same object while the values stay: a memo)
-                if hp is not self.hps[i] or _flags(group) != self.settings[i][1]:
-                    if _settings(group) != self.settings[i]:
-                        return False
-                    self._refresh(i, hp)
-        except (ValueError, RuntimeError, TypeError):
-            return False  # the full step raises it, with its context
-        if any(p.grad is not None for p in self.idle):
-            return False
-        state = opt.state
-        for p, layout, m, v, s, p0 in self.tensors:
-            g, st = p.grad, state.get(p, _EMPTY)
-            if g is None or (type(g), g.dtype, g.device, g.shape, g.is_contiguous()) != layout:
-                return False
-            if st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v or st.get("s") is not s or st.get("p0") is not p0:
-                return False
-        return True
-
-    def _refresh(self, i: int, hp: Hyperparams) -> None:
-        """Take a param group's new hyperparameter values into the plan."""
-        self.hps[i] = hp
-        for m, d in zip(self.members, self.plan.d_groups):
-            for j, member in zip(m, d):
-                if j == i:
-                    _engine.refresh(member, hp)
-
-
-_EMPTY: dict[str, Any] = {}
-
-
-def _flags(group: dict[str, Any]) -> tuple[Any, ...]:
-    """The group's backend flags and how D is held (compared by identity: a changed value, even
-    an equal one of another type, goes through the full step's checks)."""
-    return tuple(id(group[key]) for key in ("foreach", "fused", "factored", "capturable", "fsdp_in_use", "d_frozen"))
-
-
-def _settings(group: dict[str, Any]) -> tuple[Any, ...]:
-    """What shapes the plan: the D settings and the state layout of a group's Hyperparams
-    (validated), then its flags (``_flags``)."""
-    hp = hparams(group)
-    return ((hp.d_config(), hp.slice_p, hp.betas[0] > 0, hp.stochastic_rounding), _flags(group))
-
-
-def _tensors(opt: KProdigy, p: Tensor) -> tuple[Any, ...]:
-    """What a planned param must still have: itself, its gradient's type and layout, its state tensors."""
-    g, st = p.grad, opt.state.get(p, {})
-    layout = None if g is None else (type(g), g.dtype, g.device, g.shape, g.is_contiguous())
-    return (p, layout, *(st.get(key) for key in STATE_KEYS))
+        _per_param.finalize(self)

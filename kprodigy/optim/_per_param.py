@@ -1,0 +1,107 @@
+"""Per-parameter stepping (fused backward passes) for the shell: ``step_parameter`` runs the
+first half of the engine's step for one param (``functional._partial.accumulate``), ``finalize``
+the D update and the param updates of every D-group stepped so (``_partial.finish``), then the
+D cap and the group keys as ``step()`` writes them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..functional import _partial, _scratch
+from ..functional._scalars import cap_d_ratio
+from . import _diagnostics, _group_keys, _plan
+from ._checks import check_d_group_agrees, check_grads, check_settings, hparams
+
+__all__ = ["Pending", "finalize", "step_parameter"]
+
+
+def step_parameter(opt: Any, p: Tensor, group: dict[str, Any] | None, i: int | None) -> None:
+    """``KProdigy.step_parameter`` (its docstring says what it does)."""
+    index = _group_index(opt, p, group, i)
+    members = next(m for m in opt.d_groups() if index in m)
+    pending = opt._pending.get(tuple(members))
+    if pending is not None and any(q is p for q in pending.params):
+        if torch._C._current_graph_task_id() != -1:  # inside backward(): params must not move now
+            raise RuntimeError(
+                "step_parameter got a param already stepped since the last finalize_step(), during a "
+                "backward pass: the params of the previous step move in finalize_step() (with the D of "
+                "that step), so call optimizer.finalize_step() (or optimizer.step()) after each backward()"
+            )
+        opt.finalize_step()
+        pending = None
+    if p.grad is None:
+        return
+    own = opt.param_groups[index]
+    check_grads({**own, "params": [p]}, index, opt.state)  # before any change
+    if pending is None:
+        groups = [opt.param_groups[j] for j in members]
+        for j, g in zip(members, groups):
+            try:
+                check_settings(g)
+            except ValueError as e:
+                raise ValueError(f"param group {j}: {e}") from None
+        check_d_group_agrees(groups, members)
+        opt._bind()
+        core = _partial.Pending.start(hparams(groups[0]), _group_keys.read(groups[0]), p.device)
+        pending = opt._pending[tuple(members)] = Pending(groups, core)
+    if pending.core.stats.device != p.device:
+        raise RuntimeError(
+            f"param groups {members} share one D but hold params on {pending.core.stats.device} and {p.device}; "
+            "put them on one device or give the groups different d_group labels"
+        )
+    seg, _ = _plan.segment(opt.state, {**own, "params": [p]})
+    with _scratch.owned_by(opt._scratch()):
+        _partial.accumulate(pending.core, seg, foreach=own["foreach"])
+    pending.params.append(p)
+    if own["lr"] > 0:
+        pending.moved.append(p)
+
+
+def finalize(opt: Any) -> None:
+    """``KProdigy.finalize_step``: D updated from the statistics of the params stepped by
+    ``step_parameter``, then those params moved with it."""
+    if not opt._pending:
+        return
+    pending, opt._pending = opt._pending, {}
+    opt._opt_called = True  # what LR schedulers check to know the optimizer stepped (as step() does)
+    members = opt.d_groups()
+    groups = [[opt.param_groups[i] for i in m] for m in members]
+    old = [_group_keys.read(g[0]) if tuple(m) not in pending else pending[tuple(m)].core.d_state for m, g in zip(members, groups)]
+    new = list(old)
+    for j, m in enumerate(members):
+        item = pending.get(tuple(m))
+        if item is not None:
+            reduce_stats = opt._reduce_stats(item.params) if item.core.update_d is not False else None
+            with _scratch.owned_by(opt._scratch()):
+                new[j] = _partial.finish(item.core, reduce_stats)
+    new = cap_d_ratio(old, new, [any(g["lr"] > 0 for g in gs) for gs in groups], opt.d_ratio_cap)
+    for m, gs, o, n in zip(members, groups, old, new):
+        item = pending.get(tuple(m))
+        opt._record(gs, item.moved if item is not None else [], o, n)
+    _diagnostics.after_step(opt, [item.groups for item in pending.values()])
+
+
+def _group_index(opt: Any, p: Tensor, group: dict[str, Any] | None, i: int | None) -> int:
+    """The index of p's param group; ``group`` and ``i`` (OneTrainer's form) must say where p is."""
+    for j, g in enumerate(opt.param_groups):
+        if group is not None and g is not group:
+            continue
+        if i is not None and group is not None:
+            if not (0 <= i < len(g["params"]) and g["params"][i] is p):
+                raise ValueError(f"step_parameter: param index {i} of the given param group is not the given tensor")
+            return j
+        if any(q is p for q in g["params"]):
+            return j
+    raise ValueError("step_parameter got a tensor that is not a param of this optimizer (or of the given group)")
+
+
+class Pending:
+    """A D-group between ``step_parameter`` calls and ``finalize_step``."""
+
+    def __init__(self, groups: list[dict[str, Any]], core: _partial.Pending) -> None:
+        self.groups, self.core = groups, core
+        self.params: list[Tensor] = []  # the params stepped so far
+        self.moved: list[Tensor] = []  # those of them in groups with lr > 0
