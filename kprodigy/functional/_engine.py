@@ -234,7 +234,8 @@ def _statistics(members: Sequence[Member], grads: Sequence[Sequence[Tensor]], ds
         sc = p.scalars[i] = step_scalars(members[i].seg.hparams, ds, update_d=p.update_d, beta3=hp0.beta3_value)
         p.grads[i] = []
         for part in members[i].parts:
-            g = part.backend.gradients(part.seg, part.lay, [grads[i][j] for j in part.index])
+            raw = grads[i] if len(part.index) == len(grads[i]) else [grads[i][j] for j in part.index]
+            g = part.backend.gradients(part.seg, part.lay, raw)
             p.grads[i].append(g)
             if p.update_d is not False:
                 p.sums += part.backend.statistics(part.seg, part.lay, g, sc)

@@ -46,7 +46,10 @@ _DEVICE = _Ops(torch.where, torch.maximum, torch.minimum, torch.sqrt, torch.expm
 
 def _ops(*values: Any) -> _Ops:
     """The device ops if any value is a tensor, else the host ones."""
-    return _DEVICE if any(isinstance(v, Tensor) for v in values) else _HOST
+    for v in values:
+        if isinstance(v, Tensor):
+            return _DEVICE
+    return _HOST
 
 
 def frozen(hp: Hyperparams, k: Scalar) -> bool:

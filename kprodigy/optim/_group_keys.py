@@ -29,7 +29,7 @@ def fresh_d_keys(d0: float) -> dict[str, Any]:
 
 def read(lead: dict[str, Any]) -> DState:
     """A D-group's D state from its first group's keys: Python numbers, or the bound tensors."""
-    return DState(*(lead[key] for key in D_STATE_FIELDS))
+    return DState(lead["d"], lead["d_max"], lead["d_numerator"], lead["d_denom"], lead["d_hat"], lead["k"], lead["skipped_steps"])
 
 
 def write(groups: list[dict[str, Any]], hps: list[Hyperparams], old: DState, new: DState, stepped: bool) -> None:

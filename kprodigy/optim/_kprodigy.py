@@ -361,12 +361,15 @@ class KProdigy(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.finalize_step()  # per-parameter steps taken since the last step, if any
+        if self._pending:
+            self.finalize_step()  # per-parameter steps taken since the last step
         kept = self._kept if self._kept is not None and self._kept.holds(self) else _plan.build(self)
         groups = [[self.param_groups[i] for i in m] for m in kept.members]
         old = [self._d_state(g, kept.plan.on_host) for g in groups]
-        grads = [[[_distributed.local(p.grad) for p in ps] for ps in d] for d in kept.stepped]  # type: ignore[arg-type]
-        reduce_stats = self._reduce_stats([p for d in kept.stepped for ps in d for p in ps])
+        local = _distributed.local if kept.dtensor else lambda g: g
+        grads = [[[local(p.grad) for p in ps] for ps in d] for d in kept.stepped]  # type: ignore[arg-type]
+        distributed = dist.is_available() and dist.is_initialized()
+        reduce_stats = self._reduce_stats([p for d in kept.stepped for ps in d for p in ps]) if distributed else None
         with _scratch.owned_by(self._scratch()):
             _, new = _engine.step(kept.plan, grads, old, reduce_stats=reduce_stats, d_ratio_cap=self.d_ratio_cap)
         for g, params, o, n in zip(groups, kept.stepped, old, new):

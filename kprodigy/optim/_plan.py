@@ -105,6 +105,8 @@ class Kept:
         flat = [p for d in stepped for ps in d for p in ps]
         self.idle = [p for g in self.groups for p in g["params"] if p.grad is None]  # no gradient then
         self.tensors = [_tensors(opt, p) for p in flat]
+        self.state = opt.state  # each param's state dict is kept by identity (``_tensors``)
+        self.dtensor = any(_distributed.is_dtensor(p) for p in flat)
 
     def holds(self, opt: Any) -> bool:
         """Whether ``opt`` still matches: the same groups, settings of the same shape, params with
@@ -124,11 +126,10 @@ class Kept:
                     self._refresh(i, hp)
         except (ValueError, RuntimeError, TypeError):
             return False  # the full step raises it, with its context
-        if any(p.grad is not None for p in self.idle):
+        if any(p.grad is not None for p in self.idle) or opt.state is not self.state:
             return False
-        state = opt.state
-        for p, layout, m, v, s, p0 in self.tensors:
-            g, st = p.grad, state.get(p, _EMPTY)
+        for p, layout, st, m, v, s, p0 in self.tensors:  # (``opt.state`` replaced wholesale by a load: above)
+            g = p.grad
             if g is None or (type(g), g.dtype, g.device, g.shape, g.is_contiguous()) != layout:
                 return False
             if st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v or st.get("s") is not s or st.get("p0") is not p0:
@@ -150,7 +151,8 @@ _EMPTY: dict[str, Any] = {}
 def _flags(group: dict[str, Any]) -> tuple[Any, ...]:
     """The group's backend flags and how D is held (compared by identity: a changed value, even
     an equal one of another type, goes through the full step's checks)."""
-    return tuple(id(group[key]) for key in ("foreach", "fused", "factored", "capturable", "fsdp_in_use", "d_frozen"))
+    g = group
+    return id(g["foreach"]), id(g["fused"]), id(g["factored"]), id(g["capturable"]), id(g["fsdp_in_use"]), id(g["d_frozen"])
 
 
 def _settings(group: dict[str, Any]) -> tuple[Any, ...]:
@@ -161,7 +163,8 @@ def _settings(group: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def _tensors(opt: Any, p: Tensor) -> tuple[Any, ...]:
-    """What a planned param must still have: itself, its gradient's type and layout, its state tensors."""
+    """What a planned param must still have: itself, its gradient's type and layout, its state
+    dict and the tensors in it."""
     g, st = p.grad, opt.state.get(p, {})
     layout = None if g is None else (type(g), g.dtype, g.device, g.shape, g.is_contiguous())
-    return (p, layout, *(st.get(key) for key in STATE_KEYS))
+    return (p, layout, st, *(st.get(key) for key in STATE_KEYS))
