@@ -280,21 +280,19 @@ def update(seg: Segment, lay: FlatGroup, grads: Sequence[Tensor], sc: StepScalar
     assert out is not None and sc.d_new is not None and sc.ok is None, "in place, with D on the host"
     fg, hp = lay, seg.hparams
     b1 = hp.betas[0]
-    decay = hp.weight_decay if hp.decouple else 0.0
     d_old, d_new, dlr = sc.weight, sc.d_new, sc.dlr
     kwargs: dict[str, Any] = dict(
         # betas[0] == 0: m = d_old * g in a zeroed scratch, and the step dlr * d_new * g / den
         lr=dlr if b1 > 0 else dlr * d_new / d_old,
         beta1=b1,
         beta2=hp.betas[1],
-        weight_decay=decay if b1 > 0 else 0.0,  # (betas[0] == 0: the lr above is not dlr)
+        weight_decay=0.0,  # (decoupled decay below: x - decay * x, as prodigyopt, not x * (1 - decay))
         eps=d_new * hp.eps,
         amsgrad=False,
         maximize=False,
         grad_scale=None,
         found_inf=None,
     )
-    keep = sc.keep if b1 <= 0 else None
     for b, gb in zip(fg.buckets, grads):
         n = b.hi - b.lo
         g = _grad(fg, b, gb, hp)
@@ -309,8 +307,8 @@ def update(seg: Segment, lay: FlatGroup, grads: Sequence[Tensor], sc: StepScalar
         if b1 <= 0:
             fg.work[:n].zero_()
             ms = b.work_views if b.grad is not None else [fg.work[:n]]
-        if keep is not None:
-            torch._foreach_mul_(b.params, keep)
+        if sc.decay:
+            torch._foreach_add_(b.params, b.params, alpha=-sc.decay)
         torch._fused_adamw_(b.params, gs, ms, b.v, [], fg.steps[: len(b.params)], **kwargs)
     return out
 

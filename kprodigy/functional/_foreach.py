@@ -97,15 +97,15 @@ def update_moments(
     """Same contract as ``_single.update_moments`` (non-finite entries of g zeroed in copies)."""
     if sc.ok is not None:  # the skip is folded into the scalars: 0 * g must be 0
         gs = _robust.sanitize(gs)
-    b1, b2 = sc.betas
+    w1, w2 = sc.gains
     k1, k2 = sc.decays
     dg = torch._foreach_mul(list(gs), sc.weight)
     new_m = None
     if exp_avgs is not None:
         new_m = _mul(exp_avgs, k1, out is not None)
-        torch._foreach_add_(new_m, dg, alpha=1 - b1)
+        torch._foreach_add_(new_m, dg, alpha=w1)
     new_v = _mul(exp_avg_sqs, k2, out is not None)
-    torch._foreach_addcmul_(new_v, dg, dg, value=1 - b2)
+    torch._foreach_addcmul_(new_v, dg, dg, value=w2)
     del dg
     if sc.beta3 is None or not gs:
         return new_m, new_v, list(ss)
@@ -140,10 +140,10 @@ def update_params(
         direction = list(exp_avgs)
     else:
         direction = list(torch._foreach_mul(list(gs) if sc.ok is None else _robust.sanitize(gs), sc.d_new))
-    if sc.keep is not None:
-        new_x = _mul(xs, sc.keep, out is not None)
-    else:
-        new_x = list(xs) if out is not None else [x.clone() for x in xs]
+    new_x = list(xs) if out is not None else [x.clone() for x in xs]
+    if sc.decay is not None:  # x - decay * x (prodigyopt's form)
+        decayed = torch._foreach_mul(list(xs), sc.decay)
+        torch._foreach_sub_(new_x, decayed)
     torch._foreach_addcdiv_(new_x, direction, den)
     return new_x
 

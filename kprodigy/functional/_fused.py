@@ -216,7 +216,7 @@ def _write_back(dst: Sequence[Tensor], idx: list[int], flat: Tensor) -> None:
     torch._foreach_copy_(targets, torch._C._nn.unflatten_dense_tensors(flat, targets))
 
 
-_SCALAR_FIELDS = ("numerator_scale", "s_scale", "beta3", "dlr", "weight", "keep", "d_new", "eps_d")
+_SCALAR_FIELDS = ("numerator_scale", "s_scale", "beta3", "dlr", "weight", "decay", "d_new", "eps_d")
 
 
 def _on_device(sc: StepScalars, like: Tensor) -> StepScalars:
@@ -231,7 +231,7 @@ def _on_device(sc: StepScalars, like: Tensor) -> StepScalars:
 
     fields = {name: dev(getattr(sc, name)) for name in _SCALAR_FIELDS}
     return replace(  # type: ignore[arg-type]
-        sc, betas=(dev(sc.betas[0]), dev(sc.betas[1])), decays=(dev(sc.decays[0]), dev(sc.decays[1])), ok=None, **fields
+        sc, gains=(dev(sc.gains[0]), dev(sc.gains[1])), decays=(dev(sc.decays[0]), dev(sc.decays[1])), ok=None, **fields
     )
 
 

@@ -96,9 +96,10 @@ class StepScalars:
     beta3: Scalar | None  # decay of s; 1 where s is kept; None: this step leaves s and D alone
     dlr: Scalar  # d * lr * bias_correction: the step size; 0 where the params stay
     weight: Scalar  # d before the update: m gets (1 - b1) * weight * g, v (1 - b2) * (weight * g)^2
-    betas: tuple[float, float]  # (b1, b2), for the EMA weights 1 - b1 and 1 - b2
+    gains: tuple[float, float]  # (1 - b1, 1 - b2): the EMA weights, computed in float64 (not 1 - b rounded)
     decays: tuple[Scalar, Scalar]  # multipliers of m and v: the betas; 1 on a skipped step
-    keep: Scalar | None  # 1 - weight_decay * dlr with decoupled weight decay (1 where the params stay), else None
+    decay: Scalar | None  # weight_decay * dlr with decoupled decay (0 where the params stay), else None:
+    # x + (-decay) * x, as prodigyopt (x * (1 - decay) would round 1 - decay to float32's spacing)
     eps: float
     d_new: Scalar | None = None  # D after the update (``finish``): the direction d_new * g when b1 == 0
     eps_d: Scalar | None = None  # d_new * eps: the floor of the denominator (``finish``)
@@ -116,7 +117,7 @@ class StepScalars:
             done = replace(
                 done,
                 dlr=ops.where(moves, self.dlr, 0.0),
-                keep=None if self.keep is None else ops.where(moves, self.keep, 1.0),
+                decay=None if self.decay is None else ops.where(moves, self.decay, 0.0),
             )
         if ok is None:
             return done
@@ -133,7 +134,7 @@ class StepScalars:
             dlr=sel(done.dlr, 0.0),
             weight=sel(self.weight, 0.0),
             decays=(sel(self.decays[0], 1.0), sel(self.decays[1], 1.0)),
-            keep=None if done.keep is None else sel(done.keep, 1.0),
+            decay=None if done.decay is None else sel(done.decay, 0.0),
         )
 
 
@@ -158,9 +159,9 @@ def step_scalars(hp: Hyperparams, ds: DState, *, update_d: bool | Tensor, beta3:
         beta3=s_beta3,
         dlr=dlr,
         weight=d,
-        betas=(b1, b2),
+        gains=(1 - b1, 1 - b2),
         decays=(b1, b2),
-        keep=1 - hp.weight_decay * dlr if hp.weight_decay > 0 and hp.decouple else None,
+        decay=hp.weight_decay * dlr if hp.weight_decay > 0 and hp.decouple else None,
         eps=hp.eps,
     )
 

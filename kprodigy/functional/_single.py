@@ -132,7 +132,7 @@ def update_moments(
     """m <- b1 m + (1 - b1) d g, v <- b2 v + (1 - b2) (d g)^2 and, where D is updated (``sc.beta3``
     not None), s <- beta3 s + s_scale g[::p]; reads g, m, v, s once. Returns the new lists
     (``out``'s, written in place, or new tensors); s is returned as given when not updated."""
-    b1, b2 = sc.betas
+    w1, w2 = sc.gains
     k1, k2 = sc.decays
     om, ov, os_ = (None, None, None) if out is None else (out.exp_avg, out.exp_avg_sq, out.s)
     new_m: list[Tensor] | None = None if exp_avgs is None else []
@@ -144,9 +144,9 @@ def update_moments(
         dg = torch.mul(g, sc.weight, out=_temp(g.shape, "a", g, sc.weight))
         if exp_avgs is not None and new_m is not None:
             o = _at(om, i)
-            new_m.append(_op("add", _op("mul", exp_avgs[i], k1, out=o), dg, alpha=1 - b1, out=o))
+            new_m.append(_op("add", _op("mul", exp_avgs[i], k1, out=o), dg, alpha=w1, out=o))
         o = _at(ov, i)
-        new_v.append(_op("addcmul", _op("mul", exp_avg_sqs[i], k2, out=o), dg, dg, value=1 - b2, out=o))
+        new_v.append(_op("addcmul", _op("mul", exp_avg_sqs[i], k2, out=o), dg, dg, value=w2, out=o))
         del dg
         if sc.beta3 is None:
             new_s.append(ss[i])
@@ -165,9 +165,9 @@ def update_params(
     sc: StepScalars,
     out: SegmentResult | None,
 ) -> list[Tensor]:
-    """x <- x * keep - dlr * m / (sqrt(v) + d_new * eps), with m, v the new moments; reads x, m, v
-    once, writes x (into ``out.params``, or a new tensor). With no exp_avg (betas[0] == 0) the
-    direction is ``d_new * g``, as in prodigyopt. ``keep``: the decoupled weight-decay factor."""
+    """x <- x - decay * x - dlr * m / (sqrt(v) + d_new * eps), with m, v the new moments; reads x,
+    m, v once, writes x (into ``out.params``, or a new tensor). With no exp_avg (betas[0] == 0)
+    the direction is ``d_new * g``, as in prodigyopt. ``decay``: wd * dlr, decoupled decay."""
     assert sc.d_new is not None and sc.eps_d is not None, "update_params needs a finished StepScalars"
     neg_dlr, own = -sc.dlr, _own_temps()
     new_x = []
@@ -182,8 +182,8 @@ def update_params(
         else:
             g = gs[i] if sc.ok is None else _robust.zero_nonfinite(gs[i], out=_temp(gs[i].shape, "g", gs[i]))
             direction = torch.mul(g, sc.d_new, out=_temp(g.shape, "b", g, sc.d_new))
-        if sc.keep is not None:
-            x = _op("mul", x, sc.keep, out=o)
+        if sc.decay is not None:
+            x = _axpy(x, x, -sc.decay, out=o)
         new_x.append(_op("addcdiv", x, direction, den, out=o))
     return new_x
 
