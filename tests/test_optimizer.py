@@ -129,7 +129,7 @@ def test_add_param_group_gets_its_own_state_and_d() -> None:
     train(model, opt, X, y, 5)
     g0, g1 = opt.param_groups
     assert g1["lr"] == 0.5 and g1["d0"] == 1e-5 and g1["k"] == 5 and g0["k"] == 10
-    assert g1["d"] >= 1e-5 * (1 - 1e-6)
+    assert g1["d"] >= 1e-5  # never below d0, also in float32 (issue 21: D arithmetic in float64)
 
 
 def test_state_dict_round_trip_resumes_bit_exactly() -> None:

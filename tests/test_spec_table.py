@@ -8,6 +8,11 @@ Two references, both independent of the code under test:
 
 Every run asserts that D grew at least 10x (so that D's arithmetic is exercised, not d0's), and
 compares relative errors of params and D; NaN never passes.
+
+Also: float32 rows (every backend against per_tensor and against prodigyopt, tolerances calibrated
+on the paths that agree today: see the comment above ``F32_TOL``), and zero-gradient rows (steps
+whose gradients are all exactly zero, where ``d_denom`` is 0) against the re-statement and
+prodigyopt, on every backend.
 """
 
 from __future__ import annotations
@@ -206,3 +211,203 @@ def test_prodigyopt_parity_float32_defaults() -> None:
     assert rel_err(flat(model), flat(pmodel)) < 1e-3
     assert rel(opt.param_groups[0]["d"], popt.param_groups[0]["d"]) < 1e-3
     assert opt.param_groups[0]["d"] > 100 * 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# float32 rows: every backend against per_tensor and against prodigyopt, 40 steps of the MLP
+#
+# Tolerances calibrated on the paths that agree today (one torch thread, 40 steps, D grows
+# 1.6e3-7.6e4x in every row). Largest errors measured against per_tensor: params 1.3e-4 of their
+# movement (slice_p, native; foreach 3.5e-5, step_parameter 9.4e-5), D 6.1e-6 relative (beta3,
+# native); against prodigyopt: params 3.9e-5 (slice_p), D 2.4e-5 (beta3). Limits: 1e-3 and 1e-4.
+# Rows where they do not agree today are left to fail (not widened): growth_rate on the native
+# path (issue 21, finding 1: 2.3e-1).
+#
+# Decoupled weight decay against prodigyopt: ours computes x * (1 - wd * dlr), prodigyopt
+# x - wd * dlr * x. In float32 1 - wd * dlr is quantized to multiples of 6e-8 while D is near d0
+# (wd * dlr ~ 5e-8: 1.7x the decay on average, prodigyopt's 1.1x), and the trajectories drift
+# apart: measured params 8.6e-3 (decoupled_wd) and 3.9e-3 (decay_split), D 8.0e-4. These two
+# rows get their own limits (5e-2, 5e-3) until that is settled (reported with issue 21's tests).
+# maximize is left out in float32: maximizing the MSE diverges (D grows 2e12x) and float32 paths
+# part by O(1).
+
+F32_STEPS = 40
+F32_TOL = dict(params=1e-3, d=1e-4)
+F32_WD_VS_PRODIGYOPT = dict(params=5e-2, d=5e-3)
+F32_CONFIGS = [name for name in CONFIGS if name != "maximize"]
+F32_BACKENDS = ["native", "foreach", "capturable", "step_parameter"]  # against per_tensor
+
+
+@functools.cache
+def run_float32(config: str, backend: str) -> tuple[Tensor, Tensor, tuple[float, ...]]:
+    """(final params, initial params, D after every step) of the float32 MLP; ``backend`` is one of
+    BACKENDS or "prodigyopt"."""
+    groups, kwargs, _ = CONFIGS[config]
+    model = make_model().float()
+    X, y = (t.float() for t in data())
+    pgs = param_groups(model, groups)
+    if backend == "prodigyopt":
+        opt: torch.optim.Optimizer = prodigyopt.Prodigy(pgs)
+    else:
+        opt = KProdigy(pgs, **BACKENDS[backend], **kwargs)
+        if backend == "step_parameter":
+            for p in model.parameters():
+                p.register_post_accumulate_grad_hook(opt.step_parameter)
+    x0 = flat(model).clone()
+    ds = []
+    for _ in range(F32_STEPS):
+        opt.zero_grad()
+        backward(model, X, y)
+        if backend == "step_parameter":
+            opt.finalize_step()  # type: ignore[attr-defined]
+        else:
+            opt.step()
+        ds.append(float(opt.param_groups[0]["d"]))
+    return flat(model), x0, tuple(ds)
+
+
+def _f32_errors(config: str, backend: str, against: str) -> tuple[float, float]:
+    x, _, ds = run_float32(config, backend)
+    ref_x, x0, ref_ds = run_float32(config, against)
+    assert torch.isfinite(x).all() and all(math.isfinite(d) for d in ds), "NaN/inf never passes"
+    assert ref_ds[-1] > 100 * ref_ds[0], "D must grow for the check to mean anything"
+    params = float((x - ref_x).norm() / (ref_x - x0).norm())
+    return params, max(rel(a, b) for a, b in zip(ds, ref_ds))
+
+
+@pytest.mark.usefixtures("one_torch_thread")  # calibrated on one thread; two spin on a loaded machine
+@pytest.mark.parametrize("backend", F32_BACKENDS)
+@pytest.mark.parametrize("config", F32_CONFIGS)
+def test_float32_backend_equals_per_tensor(config: str, backend: str) -> None:
+    params, d = _f32_errors(config, backend, "per_tensor")
+    assert params < F32_TOL["params"], f"params differ by {params:.3g} of their movement"
+    assert d < F32_TOL["d"], f"D differs by {d:.3g} (largest over the steps)"
+
+
+@pytest.mark.usefixtures("one_torch_thread")  # calibrated on one thread; two spin on a loaded machine
+@pytest.mark.parametrize("backend", ["native", "per_tensor", "foreach", "capturable"])
+@pytest.mark.parametrize("config", [c for c in PRODIGYOPT_CONFIGS if c in F32_CONFIGS])
+def test_float32_backend_equals_prodigyopt(config: str, backend: str) -> None:
+    tol = F32_WD_VS_PRODIGYOPT if config in ("decoupled_wd", "decay_split") else F32_TOL
+    params, d = _f32_errors(config, backend, "prodigyopt")
+    assert params < tol["params"], f"params differ from prodigyopt's by {params:.3g} of their movement"
+    assert d < tol["d"], f"D differs from prodigyopt's by {d:.3g} (largest over the steps)"
+
+
+# ---------------------------------------------------------------------------------------------
+# zero-gradient rows: steps whose gradients are all exactly zero
+#
+# On a step that updates D with d_denom == 0 (s all zero: the first steps, or beta3 = 0) prodigyopt
+# decays m, v and s with the zero gradient and returns: no param update (no weight decay), D keys
+# and k kept, state[p]["step"] kept. On a step that does not update D (d_update_freq) params move
+# with the D they have and k advances. (Issue 21's rules; the current code does otherwise.)
+
+# name -> (param groups' hyperparameters, optimizer-wide kwargs, the all-zero steps, prodigyopt runs it)
+ZERO_ROWS: dict[str, tuple[dict | list[dict], dict, frozenset[int], bool]] = {
+    "first_two": ({}, {}, frozenset({0, 1}), True),
+    "first_two_bias_correction": ({"use_bias_correction": True}, {}, frozenset({0, 1}), True),
+    "first_two_decoupled_wd": ({"weight_decay": 0.05}, {}, frozenset({0, 1}), True),
+    "first_two_coupled_wd": ({"weight_decay": 0.05, "decouple": False}, {}, frozenset({0, 1}), True),  # g = wd x
+    "beta3_zero_mid_run": ({"beta3": 0.0}, {}, frozenset({10}), True),
+    "beta3_zero_mid_run_split_wd": ([{"beta3": 0.0, "weight_decay": 0.1}, {"beta3": 0.0}], {}, frozenset({10, 11}), True),
+    # ours only
+    "beta3_zero_d_update_freq": ({"beta3": 0.0, "d_update_freq": 2}, {}, frozenset({10, 11, 12}), False),
+    "first_two_independent": ([{}, {"beta3": 0.0}], {"independent_d": True}, frozenset({0, 1, 15}), False),
+}
+ZERO_BACKENDS = ["native", "per_tensor", "foreach", "capturable", "step_parameter"]
+
+
+def run_zero_row(row: str, backend: str) -> tuple[torch.optim.Optimizer, torch.nn.Module, Reference | None, list[list[int]]]:
+    """Train the float64 MLP on ``row``'s script (``backend``: one of BACKENDS, or "prodigyopt")
+    and, for ours, the float64 re-statement in lockstep on the same gradients."""
+    groups, kwargs, zeros, _ = ZERO_ROWS[row]
+    model = make_model()
+    X, y = data()
+    pgs = param_groups(model, groups)
+    if backend == "prodigyopt":
+        opt: torch.optim.Optimizer = prodigyopt.Prodigy(pgs)
+        ref, d_groups = None, [list(range(len(pgs)))]
+    else:
+        opt = KProdigy(pgs, **BACKENDS[backend], **kwargs)
+        independent = kwargs.get("independent_d", False)
+        d_groups = [[i] for i in range(len(pgs))] if independent else [list(range(len(pgs)))]
+        ref = Reference([(g["params"], {k: v for k, v in g.items() if k != "params"}) for g in pgs], d_groups)
+        if backend == "step_parameter":
+            for p in model.parameters():
+                p.register_post_accumulate_grad_hook(opt.step_parameter)
+    for k in range(STEPS):
+        opt.zero_grad()
+        loss = ((model(X) - y) ** 2).mean()
+        (loss * 0.0 if k in zeros else loss).backward()  # exactly zero gradients on the zero steps
+        grads = [[p.grad.detach().clone() if p.grad is not None else None for p in g["params"]] for g in pgs]
+        if backend == "step_parameter":
+            opt.finalize_step()  # type: ignore[attr-defined]
+        else:
+            opt.step()
+        if ref is not None:
+            ref.step(grads)
+    return opt, model, ref, d_groups
+
+
+@pytest.mark.usefixtures("one_torch_thread")  # calibrated on one thread; two spin on a loaded machine
+@pytest.mark.parametrize("backend", ZERO_BACKENDS)
+@pytest.mark.parametrize("row", list(ZERO_ROWS))
+def test_zero_gradient_row_equals_float64_restatement(row: str, backend: str) -> None:
+    opt, model, ref, d_groups = run_zero_row(row, backend)
+    assert ref is not None
+    for i, group in enumerate(opt.param_groups):
+        for p, expected in zip(group["params"], ref.params(i)):
+            assert rel_err(p.detach(), expected) < 1e-9, (i, rel_err(p.detach(), expected))
+    for members, D in zip(d_groups, ref.ds):
+        group = opt.param_groups[members[0]]
+        assert float(group["d"]) > 10 * group["d0"], "D must grow for the check to mean anything"
+        assert int(group["k"]) == D.k, f"k={int(group['k'])}, re-statement {D.k}"
+        for key in D_KEYS:
+            assert rel(float(group[key]), getattr(D, key)) < 1e-9, key
+    for i, group in enumerate(opt.param_groups):
+        for p, t in zip(group["params"], ref.groups[i].tensors):
+            assert int(opt.state[p]["step"]) == t.step, "state[p]['step'] advanced on a d_denom == 0 step"
+
+
+@functools.cache
+def run_zero_row_prodigyopt(row: str) -> tuple[torch.optim.Optimizer, torch.nn.Module]:
+    theirs, model, _, _ = run_zero_row(row, "prodigyopt")
+    return theirs, model
+
+
+@pytest.mark.usefixtures("one_torch_thread")  # calibrated on one thread; two spin on a loaded machine
+@pytest.mark.parametrize("backend", ZERO_BACKENDS)
+@pytest.mark.parametrize("row", [r for r, (*_, supported) in ZERO_ROWS.items() if supported])
+def test_zero_gradient_row_equals_prodigyopt(row: str, backend: str) -> None:
+    theirs, their_model = run_zero_row_prodigyopt(row)
+    ours, our_model, _, _ = run_zero_row(row, backend)
+    assert theirs.param_groups[0]["d"] > 100 * 1e-6
+    assert rel_err(flat(our_model), flat(their_model)) < 1e-9
+    assert rel(float(ours.param_groups[0]["d"]), theirs.param_groups[0]["d"]) < 1e-9
+    assert int(ours.param_groups[0]["k"]) == theirs.param_groups[0]["k"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")  # calibrated on one thread; two spin on a loaded machine
+@pytest.mark.parametrize("row", [r for r, (*_, supported) in ZERO_ROWS.items() if supported])
+def test_zero_gradient_restatement_equals_prodigyopt(row: str) -> None:
+    """The oracle of the rows above: the float64 re-statement, fed prodigyopt's gradients in
+    lockstep, ends where prodigyopt does (params, D, k), zero steps included."""
+    groups, _, zeros, _ = ZERO_ROWS[row]
+    model = make_model()
+    X, y = data()
+    pgs = param_groups(model, groups)
+    theirs = prodigyopt.Prodigy(pgs)
+    ref = Reference([(g["params"], {k: v for k, v in g.items() if k != "params"}) for g in pgs], [list(range(len(pgs)))])
+    for k in range(STEPS):
+        theirs.zero_grad()
+        loss = ((model(X) - y) ** 2).mean()
+        (loss * 0.0 if k in zeros else loss).backward()
+        grads = [[p.grad.detach().clone() for p in g["params"]] for g in pgs]
+        theirs.step()
+        ref.step(grads)
+    assert theirs.param_groups[0]["d"] > 100 * 1e-6
+    for i, group in enumerate(theirs.param_groups):
+        for p, expected in zip(group["params"], ref.params(i)):
+            assert rel_err(p.detach(), expected) < 1e-9
+    assert rel(theirs.param_groups[0]["d"], ref.ds[0].d) < 1e-9
+    assert theirs.param_groups[0]["k"] == ref.ds[0].k
