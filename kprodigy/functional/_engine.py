@@ -65,10 +65,12 @@ class Member:
 
 @dataclass(eq=False)
 class Plan:
-    """What a step runs over: per D-group its members, and whether D is held on the host."""
+    """What a step runs over: per D-group its members, whether D is held on the host, and
+    whether the step writes new tensors (``pure``)."""
 
     d_groups: list[list[Member]]
     on_host: bool
+    pure: bool = False
 
 
 def refresh(member: Member, hp: Hyperparams) -> None:
@@ -165,7 +167,7 @@ def build(
                 seg = _merge(seg, parts)
             members.append(Member(seg, parts))
         d_groups.append(members)
-    return Plan(d_groups, on_host)
+    return Plan(d_groups, on_host, pure)
 
 
 def step(
@@ -184,15 +186,17 @@ def step(
         D; a D-group without local tensors then takes part with zero statistics (unless all
         its groups have lr == 0), so every rank keeps one D.
     d_ratio_cap: ``_scalars.cap_d_ratio`` after the step.
-    Returns per D-group its members' tensors after the step, and the new D states.
+    Returns per D-group its members' tensors after the step (for a pure plan; an in-place one
+    leaves them in the plan's tensors and returns no lists), and the new D states.
     """
     reduced = reduce_stats is not None
     pending = [_statistics(m, g, ds, reduced) for m, g, ds in zip(plan.d_groups, grads, d_states)]
     sums = _reduce(pending, plan.on_host, reduce_stats, _device(plan, d_states) if reduced else None)
-    results, new_states = [], []
+    results: list[list[SegmentResult]] = []
+    new_states: list[DState] = []
     for members, ds, p, total in zip(plan.d_groups, d_states, pending, sums):
         if p is None:  # no group with lr > 0 and gradients: nothing changes, k included
-            results.append([_unchanged(m.seg) for m in members])
+            results.append([_unchanged(m.seg) for m in members] if plan.pure else [])
             new_states.append(ds)
             continue
         hp0 = members[0].seg.hparams
@@ -202,9 +206,9 @@ def step(
         num, den = (total[0], total[1]) if p.update_d is not False else (0.0, None)
         new, moves = next_d(ds, num, den, hp0, update_d=p.update_d, ok=ok)
         if ok is False:  # skipped with D on the host: nothing is written
-            results.append([_unchanged(m.seg) for m in members])
+            results.append([_unchanged(m.seg) for m in members] if plan.pure else [])
         else:
-            results.append(_update(members, p, new.d, ok if isinstance(ok, Tensor) else None, moves))
+            results.append(_update(members, p, new.d, ok if isinstance(ok, Tensor) else None, moves, plan.pure))
         new_states.append(new)
     live = [any(m.seg.hparams.lr > 0 for m in members) for members in plan.d_groups]
     return results, cap_d_ratio(d_states, new_states, live, d_ratio_cap)
@@ -238,7 +242,7 @@ def _statistics(members: Sequence[Member], grads: Sequence[Sequence[Tensor]], ds
             g = part.backend.gradients(part.seg, part.lay, raw)
             p.grads[i].append(g)
             if p.update_d is not False:
-                p.sums += part.backend.statistics(part.seg, part.lay, g, sc)
+                p.sums += part.backend.statistics(part.seg, part.lay, g, sc.like(part.seg.params[0]))
                 p.scales.append(sc.numerator_scale)
             # where the statistics do not read every gradient element, its extremes decide the skip
             if hp0.skip_nonfinite and g and (p.update_d is not True or part.seg.hparams.slice_p > 1):
@@ -316,20 +320,23 @@ def _read(ts: Sequence[Tensor]) -> list[float]:
     return torch.cat([t.reshape(-1).to(ts[0].device if same else "cpu", torch.float64) for t in ts]).tolist()
 
 
-def _update(members: Sequence[Member], p: _Pending, d_new: Any, ok: Tensor | None, moves: Any) -> list[SegmentResult]:
+def _update(members: Sequence[Member], p: _Pending, d_new: Any, ok: Tensor | None, moves: Any, pure: bool) -> list[SegmentResult]:
     """The update of a D-group's active members (``update`` of each part), into the plan's
-    tensors or new ones; the other members keep theirs."""
+    tensors or new ones; with ``pure`` the members' tensors after it (the others keep theirs)."""
     out = []
     for i, m in enumerate(members):
-        res = _unchanged(m.seg)
+        res = _unchanged(m.seg) if pure else None
         if i in p.scalars:
             sc = p.scalars[i].finish(d_new, ok, moves)
             for part, g in zip(m.parts, p.grads[i]):
-                new = _update_part(part, g, sc)
+                new = _update_part(part, g, sc.like(part.seg.params[0]))
+                if res is None:
+                    continue
                 for mine, theirs in zip((res.params, res.exp_avg, res.exp_avg_sq, res.s), (new.params, new.exp_avg, new.exp_avg_sq, new.s)):
                     for j, t in zip(part.index, theirs or []):
                         mine[j] = t  # type: ignore[index]
-        out.append(res)
+        if res is not None:
+            out.append(res)
     return out
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -230,8 +229,8 @@ def _on_device(sc: StepScalars, like: Tensor) -> StepScalars:
         return b if b is None else _device_scalar(b, ref)
 
     fields = {name: dev(getattr(sc, name)) for name in _SCALAR_FIELDS}
-    return replace(  # type: ignore[arg-type]
-        sc, gains=(dev(sc.gains[0]), dev(sc.gains[1])), decays=(dev(sc.decays[0]), dev(sc.decays[1])), ok=None, **fields
+    return sc._replace(  # type: ignore[arg-type]
+        gains=(dev(sc.gains[0]), dev(sc.gains[1])), decays=(dev(sc.decays[0]), dev(sc.decays[1])), ok=None, **fields
     )
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -84,12 +84,12 @@ def bias_correction(hp: Hyperparams, k: Scalar) -> Scalar:
     return ops.sqrt(one_minus[1]) / one_minus[0]
 
 
-@dataclass(frozen=True)
-class StepScalars:
+class StepScalars(NamedTuple):
     """Every scalar of one param group's step: Python floats (D on the host) or 0-dim tensors (D
     on the device), built by ``step_scalars`` from the D state before the step; ``finish`` adds
     D after the update and folds in what the update must not do. A skipped step's record makes
-    the update write exactly what it read (decays 1, weights 0, step size 0)."""
+    the update write exactly what it read (decays 1, weights 0, step size 0). (A named tuple:
+    one is made per group and step.)"""
 
     numerator_scale: Scalar  # (d/d0) * dlr: weight of <g[::p], p0 - x[::p]> in d_numerator
     s_scale: Scalar  # (d/d0) * (d if safeguard_warmup else dlr): weight of g[::p] in s; 0 where s is kept
@@ -111,11 +111,10 @@ class StepScalars:
         update of m, v and s only). ``moves``: whether the params move (False on a step whose
         D statistics were all zero: m, v and s are updated, nothing else, as in prodigyopt).
         ``ok``: a device-side skip decision (False: nothing is written)."""
-        done = replace(self, d_new=d_new, eps_d=None if d_new is None else d_new * self.eps)
+        done = self._replace(d_new=d_new, eps_d=None if d_new is None else d_new * self.eps)
         if moves is not True:
             ops = _ops(moves)
-            done = replace(
-                done,
+            done = done._replace(
                 dlr=ops.where(moves, self.dlr, 0.0),
                 decay=None if self.decay is None else ops.where(moves, self.decay, 0.0),
             )
@@ -126,8 +125,7 @@ class StepScalars:
         def sel(a: Scalar, b: float) -> Tensor:  # a where ok, else b (host numbers in float64)
             return torch.where(ok, a if isinstance(a, Tensor) else torch.tensor(a, dtype=dtype, device=ok.device), b)
 
-        return replace(
-            done,
+        return done._replace(
             ok=ok,
             s_scale=sel(self.s_scale, 0.0),
             beta3=None if self.beta3 is None else sel(self.beta3, 1.0),
@@ -136,6 +134,20 @@ class StepScalars:
             decays=(sel(self.decays[0], 1.0), sel(self.decays[1], 1.0)),
             decay=None if done.decay is None else sel(done.decay, 0.0),
         )
+
+
+    def like(self, x: Tensor) -> StepScalars:
+        """This record for kernels on ``x``: inside ``torch.func`` transforms, its 0-dim tensors
+        in x's compute dtype (at least float32), so that a batched float64 D does not make the
+        kernels compute in float64 (vmap promotes a batched scalar like a tensor), as outside them."""
+        if torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(x):
+            return self
+        dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+        def cast(v: Any) -> Any:
+            return tuple(cast(u) for u in v) if isinstance(v, tuple) else v.to(dtype) if isinstance(v, Tensor) and v.dtype != torch.bool else v
+
+        return StepScalars(*(cast(v) for v in self))
 
 
 def step_scalars(hp: Hyperparams, ds: DState, *, update_d: bool | Tensor, beta3: float) -> StepScalars:
