@@ -49,8 +49,8 @@ class DState:
         """This state as Python numbers (one read of the tensors)."""
         if not isinstance(self.d, Tensor):
             return self
-        values = torch.stack([getattr(self, f).to(torch.float64) for f in D_STATE_FIELDS]).tolist()
-        return DState.of(values[:5], values[5], values[6])
+        floats = torch.stack([self.d, self.d_max, self.d_numerator, self.d_denom, self.d_hat]).tolist()
+        return DState.of(floats, self.k, self.skipped_steps)
 
     def assign(self, src: DState) -> None:
         """Write ``src``'s values into this state's tensors, in place (one host-to-device copy
@@ -67,9 +67,10 @@ class DState:
         """This state as 0-dim tensors (one host-to-device copy), floats in ``dtype``."""
         if isinstance(self.d, Tensor):
             return self
-        floats = torch.tensor([getattr(self, f) for f in D_STATE_FIELDS[:5]], dtype=dtype).to(device)
-        counts = torch.tensor([self.k, self.skipped_steps], dtype=torch.int64).to(device)
-        return DState(**dict(zip(D_STATE_FIELDS, [*floats.unbind(), *counts.unbind()])))
+        floats = torch.tensor([self.d, self.d_max, self.d_numerator, self.d_denom, self.d_hat], dtype=dtype, device=device)
+        k, skipped = torch.tensor([self.k, self.skipped_steps], dtype=torch.int64, device=device).unbind()
+        d, d_max, d_numerator, d_denom, d_hat = floats.unbind()
+        return DState(d, d_max, d_numerator, d_denom, d_hat, k, skipped)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import _engine, _state
 from ._hyperparams import Hyperparams
-from ._state import Segment, State
+from ._state import Segment, SegmentResult, State
 
 __all__ = ["init_ensemble_state", "init_state", "step", "step_"]
 
@@ -173,10 +173,11 @@ def _step_lists(
     elif plan.d_groups[0][0].seg.hparams is not hp:
         _engine.refresh(plan.d_groups[0][0], hp)
     ds = state.d.on_host() if on_host else state.d
-    ((res,),), (new_d,) = _engine.step(plan, [[grads]], [ds])
+    results, (new_d,) = _engine.step(plan, [[grads]], [ds])
     if on_host and isinstance(state.d.d, Tensor):
         new_d = new_d.on_device(state.d.d.device, state.d.d.dtype)
     laid = plan.d_groups[0][0].seg
+    res = results[0][0] if plan.pure else SegmentResult(list(laid.params), laid.exp_avg, laid.exp_avg_sq, laid.s)  # type: ignore[arg-type]
     new_m = res.exp_avg if hp.betas[0] > 0 else state.exp_avg  # (kept untouched while betas[0] == 0)
     return res.params, State(exp_avg=new_m, exp_avg_sq=res.exp_avg_sq, s=res.s, p0=list(laid.p0), d=new_d), plan
 
