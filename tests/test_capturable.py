@@ -22,7 +22,7 @@ from torch import Tensor
 
 from kprodigy import KProdigy
 
-FLOAT_KEYS = ("d", "d_max", "d_numerator", "d_denom", "d_hat", "effective_lr")
+FLOAT_KEYS = ("d", "d_max", "d_numerator", "d_denom", "d_hat", "effective_lr", "step_size")
 INT_KEYS = ("k", "skipped_steps")
 SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__")
 
@@ -180,10 +180,10 @@ def test_group_keys_are_shared_device_tensors() -> None:
     opt = KProdigy(groups, capturable=True)
     assert opt.defaults["capturable"] is True
     a, b, c = opt.param_groups
-    for key in FLOAT_KEYS[:-1] + INT_KEYS:  # bound at construction, before any step
+    for key in FLOAT_KEYS[:-2] + INT_KEYS:  # bound at construction, before any step (the step keys: per group)
         assert isinstance(a[key], Tensor) and a[key] is b[key] and a[key] is not c[key], key
     assert a["k"].dtype == torch.int64 and a["d"].dtype == torch.float64  # D in float64, as prodigyopt's Python floats
-    assert a["effective_lr"] is not b["effective_lr"]  # per group: lr differs
+    assert a["effective_lr"] is not b["effective_lr"] and a["step_size"] is not b["step_size"]  # per group
     d, address = a["d"], a["d"].data_ptr()
     for _ in range(4):
         opt.zero_grad()

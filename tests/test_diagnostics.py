@@ -70,6 +70,7 @@ def test_diagnostics_reads_the_group_keys_and_is_plain_data() -> None:
         assert record.k == group["k"] == 12 and record.skipped_steps == 0
         assert record.growth == pytest.approx(group["d"] / group["d0"])
         assert record.lrs == (group["lr"],) and record.effective_lrs == (group["effective_lr"],)
+        assert record.step_sizes == (group["step_size"],)
         assert record.status in ("growing", "settled") and not record.frozen and not record.capped
         flat = record.as_dict()
         assert all(isinstance(v, float) for v in flat.values())
@@ -185,7 +186,7 @@ def test_log_dict_key_scheme() -> None:
     logs = log_dict(opt)
     per_d = ["capped", "d", "d0", "d_denom", "d_hat", "d_max", "d_numerator", "frozen", "growth", "k", "skipped_steps"]
     expected = {f"kprodigy/dgroup{j}/{key}" for j in (0, 1) for key in per_d}
-    expected |= {f"kprodigy/group{i}/{key}" for i in (0, 1, 2) for key in ("lr", "effective_lr")}
+    expected |= {f"kprodigy/group{i}/{key}" for i in (0, 1, 2) for key in ("lr", "effective_lr", "step_size")}
     assert set(logs) == expected
     assert all(isinstance(v, float) for v in logs.values())
     assert logs["kprodigy/dgroup0/d"] == opt.param_groups[0]["d"] == opt.param_groups[1]["d"]

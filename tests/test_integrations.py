@@ -53,14 +53,15 @@ def test_averaged_model_ema_of_kprodigy_weights() -> None:
 def test_swa_lr_scheduler_and_warmup_scale_the_effective_lr() -> None:
     X, y = data()
     model = mlp()
-    opt = KProdigy(model.parameters(), use_bias_correction=False)  # effective_lr = d * lr
+    opt = KProdigy(model.parameters(), use_bias_correction=False)  # step_size = d * lr
     warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=5)
     for _ in range(8):
         opt.zero_grad()
         loss_of(model, X, y).backward()
         d, lr = opt.param_groups[0]["d"], opt.param_groups[0]["lr"]
         opt.step()
-        assert opt.get_learning_rates()[0] == pytest.approx(d * lr, rel=1e-6)
+        assert opt.get_learning_rates()[0] == pytest.approx(d * lr, rel=1e-12)
+        assert opt.param_groups[0]["effective_lr"] == lr
         warmup.step()
     swa = torch.optim.swa_utils.SWALR(opt, swa_lr=0.5, anneal_epochs=2)
     for _ in range(3):

@@ -80,7 +80,7 @@ def test_prototype_couplings_set_the_d_the_next_step_uses(coupling: str) -> None
     else:
         assert sum(ds) <= opt._pool * (1 + 1e-9) + 2 * opt.param_groups[0]["d0"]
     _steps(opt, a, b, 1)  # the rewritten D is the one the next step takes
-    assert [g["effective_lr"] for g in opt.param_groups] == pytest.approx(ds)
+    assert [g["step_size"] for g in opt.param_groups] == pytest.approx(ds)
 
 
 def test_no_coupling_is_kprodigy_and_the_weight_decay_split_is_hf_trainers() -> None:

@@ -454,5 +454,5 @@ def test_factored_state_skips_exactly() -> None:
     after = snapshot(opt, model.parameters())
     before[0]["param_groups"][0]["skipped_steps"] = 1
     for sd in (before[0], after[0]):  # the logged step size follows the current D
-        sd["param_groups"][0].pop("effective_lr")
+        sd["param_groups"][0].pop("step_size")
     assert same(after, before)

@@ -54,7 +54,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("bias_correction", [False, True])
-def test_group_keys_are_python_numbers_and_effective_lr_is_the_applied_step(bias_correction: bool) -> None:
+def test_group_keys_are_python_numbers_and_d_times_effective_lr_is_the_applied_step(bias_correction: bool) -> None:
+    """``effective_lr`` is the multiplier of D (prodigy-plus-schedule-free's key, which OneTrainer
+    and musubi-tuner multiply by ``d``); ``step_size`` the step applied."""
     model = mlp()
     X, y = data()
     head = list(model.parameters())[-2:]
@@ -66,20 +68,21 @@ def test_group_keys_are_python_numbers_and_effective_lr_is_the_applied_step(bias
         d_before = [g["d"] for g in opt.param_groups]
         train(model, opt, X, y, 1)
         for group, d in zip(opt.param_groups, d_before):
-            for key in ("d", "d_max", "d_numerator", "d_denom", "d_hat", "lr", "effective_lr"):
+            for key in ("d", "d_max", "d_numerator", "d_denom", "d_hat", "lr", "effective_lr", "step_size"):
                 assert type(group[key]) is float, key  # what trainers log (json, tensorboard)
             assert type(group["k"]) is int and group["k"] == k + 1
             bc = math.sqrt(1 - b2 ** (k + 1)) / (1 - b1 ** (k + 1)) if bias_correction else 1.0
-            # float32 statistics: 1 - b2^(k+1) loses ~1e-5 relative precision to cancellation
-            assert group["effective_lr"] == pytest.approx(d * group["lr"] * bc, rel=5e-5)
-        assert opt.get_learning_rates() == [g["effective_lr"] for g in opt.param_groups]
+            assert group["effective_lr"] == pytest.approx(group["lr"] * bc, rel=1e-12)
+            assert group["step_size"] == pytest.approx(d * group["lr"] * bc, rel=1e-12)
+            assert group["step_size"] == pytest.approx(d * group["effective_lr"], rel=1e-12)
+        assert opt.get_learning_rates() == [g["step_size"] for g in opt.param_groups]
     # read the way kohya/OneTrainer log it: d * lr per group, from the scheduler's optimizer
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     logged = [g["d"] * g["lr"] for g in sched.optimizer.param_groups]  # type: ignore[attr-defined]
     assert all(type(v) is float and v > 0 for v in logged)
 
 
-def test_effective_lr_is_the_size_of_the_first_update() -> None:
+def test_step_size_is_the_size_of_the_first_update() -> None:
     # first step, betas (0.9, 0.999), D unchanged by it (p0 - x = 0): with m = d (1 - b1) g and
     # sqrt(v) = d sqrt(1 - b2) |g|, |x1 - x0| = dlr (1 - b1) |g| / (sqrt(1 - b2) |g| + eps) exactly
     torch.manual_seed(0)
@@ -90,7 +93,7 @@ def test_effective_lr_is_the_size_of_the_first_update() -> None:
     p.grad = g.clone()
     opt.step()
     assert opt.param_groups[0]["d"] == 1e-3
-    expected = opt.param_groups[0]["effective_lr"] * 0.1 * g.abs() / (math.sqrt(0.001) * g.abs() + 1e-3)
+    expected = opt.param_groups[0]["step_size"] * 0.1 * g.abs() / (math.sqrt(0.001) * g.abs() + 1e-3)
     torch.testing.assert_close((p.detach() - p0).abs(), expected, rtol=1e-9, atol=0)
 
 
@@ -338,7 +341,7 @@ def test_step_parameter_matches_step(kwargs: dict) -> None:
         assert all(p.grad is None for p in model.parameters())
     assert rel_err(flat(model), flat(ref)) < 1e-12
     for g, gr in zip(opt.param_groups, ref_opt.param_groups):
-        for key in ("d", "d_max", "d_hat", "effective_lr"):
+        for key in ("d", "d_max", "d_hat", "effective_lr", "step_size"):
             assert g[key] == pytest.approx(gr[key], rel=1e-10, abs=0), key
         assert g["k"] == gr["k"] == 6
 

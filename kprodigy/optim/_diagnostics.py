@@ -90,24 +90,27 @@ class DGroupDiagnostics:
     frozen: bool
     capped: bool
     lrs: tuple[float, ...]  # each param group's lr (the multiplier of D), in param_groups order
-    effective_lrs: tuple[float, ...]  # each group's d * lr * bias_correction at the last step
+    effective_lrs: tuple[float, ...]  # each group's lr * bias_correction at the last step (D's multiplier)
+    step_sizes: tuple[float, ...]  # each group's d * lr * bias_correction: the step the last step applied
 
     def as_dict(self) -> dict[str, float]:
         """A flat dict of floats (``status`` and ``index`` left out; lists as ``lr/<group>``)."""
         out: dict[str, float] = {}
         for key, value in asdict(self).items():
-            if key in ("index", "status", "param_groups", "lrs", "effective_lrs"):
+            if key in ("index", "status", "param_groups", "lrs", "effective_lrs", "step_sizes"):
                 continue
             out[key] = float(value)
-        for i, lr, eff in zip(self.param_groups, self.lrs, self.effective_lrs):
+        for i, lr, eff, size in zip(self.param_groups, self.lrs, self.effective_lrs, self.step_sizes):
             out[f"lr/group{i}"] = float(lr)
             out[f"effective_lr/group{i}"] = float(eff)
+            out[f"step_size/group{i}"] = float(size)
         return out
 
     def __str__(self) -> str:
         flags = "".join((" frozen" if self.frozen else "", " capped" if self.capped else ""))
         lrs = ", ".join(
-            f"{i}: lr={lr:g} eff={eff:.3e}" for i, lr, eff in zip(self.param_groups, self.lrs, self.effective_lrs)
+            f"{i}: lr={lr:g} effective_lr={eff:.3g} step_size={size:.3e}"
+            for i, lr, eff, size in zip(self.param_groups, self.lrs, self.effective_lrs, self.step_sizes)
         )
         return (
             f"D-group {self.index} (param groups {list(self.param_groups)}): {self.status}{flags}\n"
@@ -195,6 +198,7 @@ def diagnostics(optimizer: Any) -> Diagnostics:
                 capped=capped,
                 lrs=tuple(float(g["lr"]) for g in groups),
                 effective_lrs=tuple(float(g["effective_lr"]) for g in groups),
+                step_sizes=tuple(float(g["step_size"]) for g in groups),
             )
         )
     return Diagnostics(records)
@@ -210,9 +214,10 @@ def log_dict(optimizer: Any, prefix: str = "kprodigy") -> dict[str, float]:
       ``dgroup{j}/d_max``, ``dgroup{j}/d_hat``, ``dgroup{j}/d_numerator``, ``dgroup{j}/d_denom``,
       ``dgroup{j}/growth`` (d / d0), ``dgroup{j}/k``, ``dgroup{j}/skipped_steps``,
       ``dgroup{j}/frozen`` and ``dgroup{j}/capped`` (0.0 or 1.0);
-    - per param group i: ``group{i}/lr`` (the multiplier a scheduler sets) and
-      ``group{i}/effective_lr`` (the step size ``d * lr * bias_correction`` of the last step: what
-      kohya logs as ``d*lr``).
+    - per param group i: ``group{i}/lr`` (the multiplier a scheduler sets),
+      ``group{i}/effective_lr`` (``lr * bias_correction`` of the last step, the multiplier of D)
+      and ``group{i}/step_size`` (``d * lr * bias_correction`` with the D of the last step: the
+      step it applied).
 
     Costs one read of the group keys (with ``capturable=True``, host reads of device tensors).
     """
@@ -222,9 +227,10 @@ def log_dict(optimizer: Any, prefix: str = "kprodigy") -> dict[str, float]:
         for key, value in record.as_dict().items():
             if "/" not in key:
                 out[f"{head}dgroup{record.index}/{key}"] = value
-        for i, lr, eff in zip(record.param_groups, record.lrs, record.effective_lrs):
+        for i, lr, eff, size in zip(record.param_groups, record.lrs, record.effective_lrs, record.step_sizes):
             out[f"{head}group{i}/lr"] = lr
             out[f"{head}group{i}/effective_lr"] = eff
+            out[f"{head}group{i}/step_size"] = size
     return dict(sorted(out.items(), key=lambda item: _natural(item[0])))
 
 

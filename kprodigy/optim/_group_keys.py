@@ -1,6 +1,7 @@
 """The D keys of the param groups, which trainers and loggers read (prodigyopt's: ``d``,
-``d_max``, ``d_numerator``, ``d_denom``, ``d_hat``, ``k``; ours: ``skipped_steps``,
-``effective_lr``), and their one reader and one writer (``read``, ``write``).
+``d_max``, ``d_numerator``, ``d_denom``, ``d_hat``, ``k``; ours: ``skipped_steps``; the step
+keys ``effective_lr``, the lr multiplier without D as prodigy-plus-schedule-free defines it,
+and ``step_size``, the step the last step applied), and their one reader and one writer.
 
 Default mode: Python numbers, written once per step. ``capturable``: persistent 0-dim tensors on
 the params' device (the same objects in every group of a D-group), updated in place.
@@ -17,7 +18,7 @@ from ..functional import DState, Hyperparams
 from ..functional._scalars import bias_correction
 from ..functional._state import D_STATE_FIELDS, d_dtype
 
-__all__ = ["FLOAT_D_KEYS", "bind", "fresh_d_keys", "read", "step_count", "to_numbers", "write"]
+__all__ = ["FLOAT_D_KEYS", "STEP_KEYS", "bind", "fresh_d_keys", "read", "step_count", "to_numbers", "write"]
 
 FLOAT_D_KEYS = D_STATE_FIELDS[:5]  # ("d", "d_max", "d_numerator", "d_denom", "d_hat")
 
@@ -32,29 +33,34 @@ def read(lead: dict[str, Any]) -> DState:
     return DState(lead["d"], lead["d_max"], lead["d_numerator"], lead["d_denom"], lead["d_hat"], lead["k"], lead["skipped_steps"])
 
 
+STEP_KEYS = ("effective_lr", "step_size")
+
+
 def write(groups: list[dict[str, Any]], hps: list[Hyperparams], old: DState, new: DState, stepped: bool) -> None:
-    """The new D state into every group of a D-group (in place for capturable tensors), and each
-    group's ``effective_lr`` (the step size ``d * lr * bias_correction`` the step applied, from
-    the D state before it) when the D-group ``stepped``."""
-    lrs = [old.d * (hp.lr * bias_correction(hp, old.k)) for hp in hps] if stepped else []
+    """The new D state into every group of a D-group (in place for capturable tensors) and, when
+    the D-group ``stepped``, each group's ``effective_lr = lr * bias_correction`` (the multiplier
+    of D) and ``step_size = d * effective_lr`` (the step applied, with D before the step)."""
+    effs = [hp.lr * bias_correction(hp, old.k) for hp in hps] if stepped else []
+    steps = [(eff, old.d * eff) for eff in effs]
     if isinstance(groups[0]["d"], Tensor):
         for key in D_STATE_FIELDS:
             groups[0][key].copy_(getattr(new, key))
-        for group, lr in zip(groups, lrs):
-            group["effective_lr"].copy_(lr)
+        for group, values in zip(groups, steps):
+            for key, value in zip(STEP_KEYS, values):
+                group[key].copy_(value)
         return
-    values = {key: getattr(new, key) for key in D_STATE_FIELDS}
+    new_values = {key: getattr(new, key) for key in D_STATE_FIELDS}
     for group in groups:
-        group.update(values)
-    for group, lr in zip(groups, lrs):
-        group["effective_lr"] = lr
+        group.update(new_values)
+    for group, values in zip(groups, steps):
+        group.update(zip(STEP_KEYS, values))
 
 
 def bind(groups: list[dict[str, Any]], device: torch.device, seen: set[int]) -> None:
     """Capturable: hold a D-group's D state in its groups' keys as persistent 0-dim tensors on
     ``device`` (``d_dtype``; counts int64), the same objects in every group (the first group's
     values win), never shared with another D-group (``seen``: ids already bound); and one
-    ``effective_lr`` tensor per group. Tensors already bound there are kept (no host read)."""
+    tensor per group for each step key. Tensors already bound there are kept (no host read)."""
     lead, dtype = groups[0], d_dtype(device)
 
     def bound(value: Any, dt: torch.dtype) -> bool:
@@ -66,9 +72,10 @@ def bind(groups: list[dict[str, Any]], device: torch.device, seen: set[int]) -> 
     seen.update(id(lead[key]) for key in D_STATE_FIELDS)
     for group in groups:
         group.update({key: lead[key] for key in D_STATE_FIELDS})
-        if not bound(group["effective_lr"], dtype):
-            group["effective_lr"] = torch.tensor(float(group["effective_lr"]), dtype=dtype, device=device)
-        seen.add(id(group["effective_lr"]))
+        for key in STEP_KEYS:
+            if not bound(group[key], dtype):
+                group[key] = torch.tensor(float(group[key]), dtype=dtype, device=device)
+            seen.add(id(group[key]))
 
 
 def _fields(ds: DState) -> list[Any]:
@@ -77,7 +84,7 @@ def _fields(ds: DState) -> list[Any]:
 
 def to_numbers(group: dict[str, Any]) -> None:
     """A group's D keys as Python numbers, in place (tensors are read on the host)."""
-    for key in (*FLOAT_D_KEYS, "effective_lr"):
+    for key in (*FLOAT_D_KEYS, *STEP_KEYS):
         group[key] = float(group[key])
     for key in ("k", "skipped_steps"):
         group[key] = int(group[key])

@@ -125,7 +125,7 @@ class KProdigy(torch.optim.Optimizer):
             place (fixed addresses), so that ``step()`` reads nothing on the host and can be
             captured in a CUDA graph (default False; per group, equal within a D-group). The group
             keys ``d``, ``d_max``, ``d_numerator``, ``d_denom``, ``d_hat``, ``k``, ``skipped_steps``
-            (int64) and ``effective_lr`` are then those tensors (the same objects in the groups of
+            (int64), ``effective_lr`` and ``step_size`` are then those tensors (the same objects in the groups of
             a D-group; ``float(group["d"])`` reads one), ``state[p]["step"]`` is an int64 tensor,
             and whether a step updates D (``d_update_freq``) is decided on the device.
             ``state_dict()`` returns Python numbers as in the default mode. ``lr`` and the other
@@ -141,8 +141,10 @@ class KProdigy(torch.optim.Optimizer):
 
     Group keys for logging (Python floats, or 0-dim tensors with ``capturable=True``, updated by
     every step): ``d``, ``d_max``, ``d_numerator``, ``d_denom``, ``d_hat``, ``k`` (int), ``lr``
-    and ``effective_lr`` (the step size ``d * lr * bias_correction`` the last step applied; 0.0
-    before the first step). ``get_learning_rates()`` lists ``effective_lr`` per group.
+    ``effective_lr`` (``lr * bias_correction`` of the last step: the multiplier of D, as
+    prodigy-plus-schedule-free defines it and OneTrainer and musubi-tuner log ``d * effective_lr``)
+    and ``step_size`` (``d * lr * bias_correction`` with the D of that step: the step it applied);
+    both 0.0 before the first step. ``get_learning_rates()`` lists ``step_size`` per group.
 
     ``torch.compile(opt.step)`` (PyTorch's recipe for compiling an optimizer step) is accepted and
     equals the eager step: the step is excluded from tracing (``torch.compiler.disable``), so
@@ -205,7 +207,8 @@ class KProdigy(torch.optim.Optimizer):
         hp.update(growth_rate=growth_rate, d_update_freq=d_update_freq, slice_p=slice_p, maximize=maximize)
         hp.update(skip_nonfinite=skip_nonfinite, fp32_state=fp32_state, stochastic_rounding=stochastic_rounding)
         defaults: dict[str, Any] = {**hp, "d_steps": d_steps, "foreach": foreach, "fused": fused, "factored": factored}
-        defaults.update(fsdp_in_use=fsdp_in_use, capturable=capturable, d_group=None, d_frozen=False, effective_lr=0.0)
+        defaults.update(fsdp_in_use=fsdp_in_use, capturable=capturable, d_group=None, d_frozen=False)
+        defaults.update(effective_lr=0.0, step_size=0.0)
         defaults.update(_group_keys.fresh_d_keys(d0) if isinstance(d0, (int, float)) else {})
         checked = check_settings(defaults)  # ValueError naming the setting
         defaults.update({name: getattr(checked, name) for name in Hyperparams.field_names()})
@@ -345,9 +348,14 @@ class KProdigy(torch.optim.Optimizer):
         return _diagnostics.diagnostics(self)
 
     def get_learning_rates(self) -> list[float]:
-        """The step size ``d * lr * bias_correction`` applied by the last step, per param group
-        (with ``capturable=True`` this reads the ``effective_lr`` tensors on the host)."""
-        return [float(group["effective_lr"]) for group in self.param_groups]
+        """The step size ``d * lr * bias_correction`` applied by the last step, per param group:
+        the group key ``step_size`` (with ``capturable=True`` its tensors are read on the host)."""
+        return [float(group["step_size"]) for group in self.param_groups]
+
+    def supports_fused_back_pass(self) -> bool:
+        """True: ``step_parameter(p, group, i)`` from the gradient hooks, then ``step()`` (the
+        convention of OneTrainer's fused back pass, prodigy-plus-schedule-free and adv_optm)."""
+        return True
 
     @torch.compiler.disable(reason=_NOT_TRACED)
     @torch.no_grad()
