@@ -362,6 +362,8 @@ class KProdigy(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
 
+        After ``step_parameter`` calls (a fused back pass) it finishes their step (as
+        ``finalize_step()``) and steps nothing else, whatever gradients are left in ``.grad``.
         Not traced by ``torch.compile`` (see the class docstring): ``torch.compile(opt.step)``
         runs this eager step.
         """
@@ -369,8 +371,9 @@ class KProdigy(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._pending:
-            self.finalize_step()  # per-parameter steps taken since the last step
+        if self._pending:  # per-parameter steps taken since the last step: this step finishes them
+            self.finalize_step()
+            return loss
         kept = self._kept if self._kept is not None and self._kept.holds(self) else _plan.build(self)
         groups = [[self.param_groups[i] for i in m] for m in kept.members]
         old = [self._d_state(g, kept.plan.on_host) for g in groups]
