@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> str:
         beta3=scalar(0.9995),
         dlr=scalar(1e-3),
         weight=scalar(1e-3),
-        betas=(b1, b2),  # type: ignore[arg-type]  # 0-dim tensors, as the fused path passes them
+        gains=(1 - b1, 1 - b2),  # type: ignore[arg-type]  # 0-dim tensors, as the fused path passes them
         decays=(b1, b2),
-        keep=None,
+        decay=None,
         eps=1e-8,
     ).finish(scalar(1e-3), None)
     stats, update = _fused._compiled("statistics"), _fused._compiled("update")

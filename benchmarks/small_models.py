@@ -41,6 +41,28 @@ from kprodigy import KProdigy
 BEFORE: list[Any] = []  # KProdigy classes of another version (--before)
 
 
+class Functional:
+    """``kprodigy.functional.step`` (``pure``: new tensors each step) or ``step_`` (in place) over
+    a model's params, as an optimizer with ``step()``: the params take the step's new values."""
+
+    def __init__(self, params: list[torch.nn.Parameter], pure: bool) -> None:
+        import kprodigy.functional as F
+
+        self.F, self.params, self.pure, self.hp = F, params, pure, F.Hyperparams()
+        self.xs = [p.detach() for p in params]
+        self.state = F.init_state(self.xs, self.hp)
+        self.param_groups = [{"skipped_steps": 0}]
+
+    def step(self) -> None:
+        grads = [p.grad for p in self.params]
+        if self.pure:
+            self.xs, self.state = self.F.step(self.xs, grads, self.state, self.hp)
+            for p, x in zip(self.params, self.xs):
+                p.data = x
+        else:
+            self.state = self.F.step_(self.xs, grads, self.state, self.hp)
+
+
 def shapes(name: str) -> list[tuple[int, ...]]:
     if name == "MLP 769":
         return [(64, 10), (64,), (1, 64), (1,)]
@@ -57,6 +79,8 @@ def shapes(name: str) -> list[tuple[int, ...]]:
 
 def peers() -> dict[str, Any]:
     out: dict[str, Any] = {"kprodigy": lambda ps: KProdigy(ps), "kprodigy-fused": lambda ps: KProdigy(ps, fused=True)}
+    out["functional-step"] = lambda ps: Functional(ps, pure=True)
+    out["functional-step_"] = lambda ps: Functional(ps, pure=False)
     for cls in BEFORE:
         out["kprodigy-before"] = lambda ps, cls=cls: cls(ps)
     try:
@@ -168,16 +192,19 @@ def main() -> None:
         " (a third of them, 2 steps each, on 4 x 4096x2048); first step in seconds",
         "",
         "| workload | kprodigy ms | fused=True ms | before ms | prodigyopt ms | fused AdamW ms | prodigyopt / kprodigy"
-        " | kprodigy / AdamW | first step kprodigy s | first step fused=True s | skipped |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        " | kprodigy / AdamW | functional.step / kprodigy | functional.step_ / kprodigy"
+        " | first step kprodigy s | first step fused=True s | skipped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
         big = name.startswith("4 x")
         res = bench(name, max(3, args.rounds // 3) if big else args.rounds, 2 if big else 20)
         k, f, a = res["kprodigy"], res["kprodigy-fused"], res["adamw-fused"]
         p, b = res.get("prodigyopt", float("nan")), res.get("kprodigy-before", float("nan"))
+        pure, inplace = res["functional-step"] / k, res["functional-step_"] / k
         lines.append(
             f"| {name} | {k:.3f} | {f:.3f} | {b:.3f} | {p:.3f} | {a:.3f} | {p / k:.2f}x | {k / a:.2f}x"
+            f" | {pure:.2f}x | {inplace:.2f}x"
             f" | {res['first kprodigy']:.2f} | {res['first kprodigy-fused']:.2f} | {int(res['skipped'])} |"
         )
         print(lines[-1], flush=True)
