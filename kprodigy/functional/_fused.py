@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import _compat
 from . import _scratch, _single
 from ._layout import flat_span, p0_full
 from ._scalars import StepScalars
@@ -88,15 +89,14 @@ def _compiled(name: str) -> Callable[..., Any]:
     compiled = torch.compile(kernels[name], fullgraph=True, dynamic=True)
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        cfg = torch._dynamo.config
-        before = cfg.recompile_limit
+        before = _compat.recompile_limit()
         if before >= _RECOMPILE_LIMIT:
             return compiled(*args, **kwargs)
-        cfg.recompile_limit = _RECOMPILE_LIMIT
+        _compat.set_recompile_limit(_RECOMPILE_LIMIT)
         try:
             return compiled(*args, **kwargs)
         finally:
-            cfg.recompile_limit = before
+            _compat.set_recompile_limit(before)
 
     return call
 

@@ -18,6 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from .. import _compat
 from . import _state
 from . import _step as _core_step
 from ._hyperparams import Hyperparams
@@ -97,7 +98,7 @@ def step(
 
 
 def _flatten(tree: PyTree, what: str) -> tuple[list[Tensor], pytree.TreeSpec]:
-    if not isinstance(tree, Tensor) and pytree.tree_is_leaf(tree) and hasattr(tree, "__iter__"):
+    if not isinstance(tree, Tensor) and _compat.tree_is_leaf(tree) and hasattr(tree, "__iter__"):
         tree = list(tree)  # an iterator such as model.parameters()
     path_leaves, spec = pytree.tree_flatten_with_path(tree)
     for path, leaf in path_leaves:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import _compat
 from ..functional import DState, Hyperparams, _fused, _layout, _native, _schedule, _scratch
 from ..functional._factored import init_factored_v
 from ..functional._partial import accumulate_segment, apply_segments, effective_lrs
@@ -398,7 +399,7 @@ class KProdigy(torch.optim.Optimizer):
         (with ``capturable=True`` this reads the ``effective_lr`` tensors on the host)."""
         return [float(group["effective_lr"]) for group in self.param_groups]
 
-    @torch.compiler.disable(reason=_NOT_TRACED)
+    @_compat.compiler_disable(reason=_NOT_TRACED)
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
