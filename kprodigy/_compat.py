@@ -19,18 +19,16 @@ oldest release that has the API itself (checked on the wheels of torch 2.4.1, 2.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
 __all__ = ["DTensor", "compiler_disable", "recompile_limit", "register_dataclass", "set_recompile_limit",
            "tree_is_leaf"]
-
-T = TypeVar("T")
-
 
 def register_dataclass(cls: type) -> None:
     """Register a dataclass as a pytree node whose children are its fields, in order."""
@@ -61,12 +59,26 @@ def tree_is_leaf(tree: Any) -> bool:
 _DISABLE_TAKES_REASON = "reason" in inspect.signature(torch.compiler.disable).parameters
 
 
-def compiler_disable(*, reason: str) -> Callable[[T], T]:
-    """``torch.compiler.disable(reason=reason)`` as a decorator; the reason is dropped where
-    torch does not take it."""
+def compiler_disable(*, reason: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``torch.compiler.disable(reason=reason)`` as a decorator of a function or a method.
+
+    Where torch does not take ``reason`` (before 2.8) the reason is dropped, and the disabled
+    function is called from a plain wrapper: torch 2.6 calls a disabled method reached through
+    ``torch.compile(obj.method)`` without its ``self``.
+    """
     if _DISABLE_TAKES_REASON:
         return torch.compiler.disable(reason=reason)  # type: ignore[call-arg]
-    return torch.compiler.disable()  # type: ignore[return-value]
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        disabled = torch.compiler.disable(fn)
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return disabled(*args, **kwargs)
+
+        return call
+
+    return decorate
 
 
 def _limit_name() -> str:

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The supported torch range, proven: the test suite at the oldest torch (pyproject's `torch>=`)
+# and at the newest release, each in its own virtualenv, and a report naming the versions, the
+# machine, the date and the commit.
+#
+#   bash scripts/compat.sh                      # every end below; report into benchmarks/out/
+#   bash scripts/compat.sh min max              # some ends only
+#   bash scripts/compat.sh --update-results     # report into benchmarks/results/compat.md (committed)
+#
+# Ends (name python torch): see ENDS below. PyPI's torch wheels for Linux are CUDA builds: each end
+# downloads about 3-5 GB (several minutes) the first time; then the suite takes about 8-15 min per
+# end on a 2-core CPU. So this is not part of CI (scripts/test.sh, pinned torch). The virtualenvs
+# live in $KPRODIGY_COMPAT_VENVS (default ~/.cache/kprodigy-compat) and are reused: what is already
+# installed at the right version is not installed again (scripts/_deps.py decides).
+# The test extras are pinned to releases that need Python 3.11+; on an older Python the script
+# installs the same packages unpinned (the newest that Python gets) and says so in the report.
+# Needs the python3.X interpreters named below on PATH (pyenv, deadsnakes, ...).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MIN_TORCH=$(sed -n 's/^dependencies = \["torch>=\([0-9.]*\)"\]/\1/p' pyproject.toml)
+ENDS=(
+    "min 3.11 $MIN_TORCH"     # the oldest torch pyproject.toml admits
+    "min-py310 3.10 $MIN_TORCH"  # and on the oldest Python it admits
+    "max 3.13 2.15.0"         # the newest torch release on PyPI when last run, on the newest Python tested
+)
+VENVS=${KPRODIGY_COMPAT_VENVS:-$HOME/.cache/kprodigy-compat}
+update=0
+want=()
+for a in "$@"; do
+    case "$a" in
+        --update-results) update=1 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        *) want+=("$a") ;;
+    esac
+done
+if [ $update = 1 ]; then
+    report=benchmarks/results/compat.md
+else
+    mkdir -p benchmarks/out
+    report=benchmarks/out/compat-$(date +%Y%m%d-%H%M%S).md
+fi
+rows=()
+notes=()
+total_start=$(date +%s)
+for end in "${ENDS[@]}"; do
+    read -r name py torch <<<"$end"
+    if [ ${#want[@]} -gt 0 ] && [[ ! " ${want[*]} " == *" $name "* ]]; then continue; fi
+    echo "== compat.sh: end '$name': Python $py, torch $torch"
+    interp=$(command -v "python$py" || true)
+    if [ -z "$interp" ]; then
+        echo "   python$py not found on PATH: end skipped"
+        rows+=("| $name | $py | $torch | - | not run: python$py not found | - |")
+        continue
+    fi
+    venv="$VENVS/$name-py$py-torch$torch"
+    [ -x "$venv/bin/python" ] || "$interp" -m venv "$venv"
+    vpy="$venv/bin/python"
+    mapfile -t missing < <("$vpy" scripts/_deps.py --extras test,integration --torch "$torch")
+    extras="pinned (pyproject.toml)"
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "   installing: ${missing[*]}"
+        [[ " ${missing[*]} " == *" torch==$torch "* ]] && echo "   (torch==$torch from PyPI: a CUDA build, 3-5 GB, minutes)"
+        "$vpy" -m pip install -q --disable-pip-version-check "torch==$torch"
+        if ! "$vpy" -m pip install -q --disable-pip-version-check "torch==$torch" -e ".[test,integration]"; then
+            extras="UNPINNED: the pinned extras do not install on Python $py"
+            echo "   FALLBACK: the pinned test extras do not install on Python $py; installing them unpinned"
+            mapfile -t loose < <("$vpy" - <<'PY'
+import re, sys
+sys.path.insert(0, "scripts")
+import _deps
+_, reqs = _deps.requirements(["test", "integration"])
+print("\n".join(re.split(r"[=<>!~ ;]", r, maxsplit=1)[0] for r in reqs))
+PY
+)
+            "$vpy" -m pip install -q --disable-pip-version-check "torch==$torch" "${loose[@]}"
+            "$vpy" -m pip install -q --disable-pip-version-check --no-deps -e .
+        fi
+    fi
+    got=$("$vpy" -c "import torch, platform; print(torch.__version__, platform.python_version())" 2>/dev/null | tail -1)
+    echo "   running the suite with torch/Python: $got"
+    log=$(mktemp)
+    t0=$(date +%s)
+    set +e
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$vpy" -m pytest -q -p no:cacheprovider >"$log" 2>&1
+    rc=$?
+    set -e
+    secs=$(( $(date +%s) - t0 ))
+    summary=$(grep -E "^(=+ )?[0-9]+ (passed|failed)" "$log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')
+    tail -3 "$log"
+    result="rc $rc: ${summary:-no summary line (see the log)}"
+    rows+=("| $name | ${got#* } | ${got%% *} | $extras | $result | $(( secs / 60 )) min $(( secs % 60 )) s |")
+    skips=$(grep -E "^(SKIPPED|FAILED|ERROR)" "$log" | sed 's/^/    /' || true)
+    notes+=("### $name (Python ${got#* }, torch ${got%% *})" "" "Installed test packages: $("$vpy" -m pip list --format=freeze 2>/dev/null | grep -iE '^(pytest|hypothesis|prodigyopt|transformers|accelerate|lightning|scikit-learn|matplotlib|numpy)==' | tr '\n' ' ')" "" "Skipped, failed and errored (pytest -ra):" "" "${skips:-    (none)}" "")
+    rm -f "$log"
+done
+{
+    echo "# Torch compatibility: the test suite at both ends of the supported range"
+    echo
+    echo "Generated by \`bash scripts/compat.sh$( [ $update = 1 ] && echo ' --update-results')\`; do not edit."
+    echo
+    echo "Machine: $(nproc)-core $(uname -m) CPU, $(uname -s), no GPU used (CPU-only tests; the CUDA wheels' GPU paths"
+    echo "are not exercised). Date: $(date +%Y-%m-%d). Code: kprodigy $(python3 -c 'import re; print(re.search(r"__version__ = \"(.*?)\"", open("kprodigy/__init__.py").read()).group(1))'), commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- kprodigy tests pyproject.toml || echo ' + uncommitted changes'). Wall time: $(( ($(date +%s) - total_start) / 60 )) min."
+    echo "Supported range stated in pyproject.toml: torch>=$MIN_TORCH, $(sed -n 's/^requires-python = "\(.*\)"/Python \1/p' pyproject.toml)."
+    echo
+    echo "| end | Python | torch | test extras | pytest result | suite time |"
+    echo "|---|---|---|---|---|---|"
+    printf '%s\n' "${rows[@]}"
+    echo
+    printf '%s\n' "${notes[@]}"
+} >"$report"
+echo "compat.sh: report written to $report"
