@@ -29,8 +29,9 @@ every seed). Axes:
 Reported: test loss (nats per byte, a split used for no choice) and validation loss, mean ± sd over
 seeds; the paired effect of adding ``safeguard_warmup`` to bias correction (the ratio of losses and
 on how many seeds it was lower); D at the end. Each finished run is appended to
-``lm_presets_runs.jsonl`` in the output folder as it ends (removed once the report is written), so an
-interrupted study keeps what it measured.
+``lm_presets_runs.jsonl`` as it ends (in the output folder, or a fresh ``benchmarks/out/`` folder with
+``--update-results``; removed once the report is written), so an interrupted study keeps what it
+measured.
 """
 
 from __future__ import annotations
@@ -263,10 +264,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"writes to {out or 'nothing'}", flush=True)
     t0 = time.time()
     machine, code = C.machine_description(), C.code_version()
-    jsonl = None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        jsonl = open(out / "lm_presets_runs.jsonl", "w")  # noqa: SIM115
+    jsonl, progress = None, None
+    if out is not None:  # never into the committed results: a fresh benchmarks/out/ folder then
+        progress = (_output.fresh_dir() if args.update_results else out) / "lm_presets_runs.jsonl"
+        progress.parent.mkdir(parents=True, exist_ok=True)
+        jsonl = open(progress, "w")  # noqa: SIM115
     try:
         study = run_study(c, sizes, tuple(lengths), seeds, windows, jsonl=jsonl)
     finally:
@@ -278,8 +280,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "configs": {k: cfg.__dict__ for k, cfg in sizes.items()}, "n_params": n_params, "seeds": seeds,
                "wall_seconds": time.time() - t0, "study": study}
     _output.write_report(out, "lm_presets", report(results), results)
-    if out is not None:
-        (out / "lm_presets_runs.jsonl").unlink()  # its rows are in lm_presets.json
+    if progress is not None:
+        progress.unlink()  # its rows are in lm_presets.json
     return results
 
 
