@@ -17,13 +17,13 @@ lr chosen per (size, length) over ``ADAMW_GRID`` by the validation loss of seed 
 every seed). Axes:
 
 - sizes (``SIZES``): ``S``, lm_task.py's model (2 layers, d_model 64, context 64, 0.12M
-  parameters) and ``M`` (4 layers, d_model 128, context 64, 0.83M parameters); batch 16 for both;
+  parameters) and ``M`` (3 layers, d_model 96, context 64, 0.37M parameters); batch 16 for both;
 - lengths (``LENGTHS``): separate runs of 300 and 1000 steps (the schedule spans the run; with a
   constant lr the 300-step run is the prefix of the 1000-step one, evaluated on the way);
 - lr schedules: ``constant``, ``cosine`` (to 0, no warm-up) and ``warmup+cosine`` (5% linear
   warm-up, then cosine to 0);
 - K-Prodigy presets (``PRESETS``), untuned, ``lr=1``: the defaults (prodigyopt's),
-  ``use_bias_correction=True``, and both options;
+  ``use_bias_correction=True``, and both options (size M: the last two only, ``SIZE_PRESETS``);
 - seeds 0, 1, 2.
 
 Reported: test loss (nats per byte, a split used for no choice) and validation loss, mean ± sd over
@@ -53,7 +53,7 @@ import lm_task as L  # noqa: E402
 
 SIZES: dict[str, L.LMConfig] = {
     "S": L.LMConfig(d_model=64, n_layer=2, n_head=4, context=64, batch=16),
-    "M": L.LMConfig(d_model=128, n_layer=4, n_head=4, context=64, batch=16),
+    "M": L.LMConfig(d_model=96, n_layer=3, n_head=4, context=64, batch=16),
 }
 LENGTHS = (300, 1000)
 SCHEDULES = ("constant", "cosine", "warmup+cosine")
@@ -64,6 +64,8 @@ PRESETS: dict[str, dict[str, bool]] = {
     "bias_correction": {"use_bias_correction": True},
     "bc+safeguard": {"use_bias_correction": True, "safeguard_warmup": True},
 }
+# the presets run per size (all where absent): the larger model runs only the two compared, for time
+SIZE_PRESETS: dict[str, tuple[str, ...]] = {"M": ("bias_correction", "bc+safeguard")}
 
 
 def _run(c: L.Corpus, cfg: L.LMConfig, kind: str, lr: float, kw: dict, seed: int, steps: int, schedule: str,
@@ -74,27 +76,43 @@ def _run(c: L.Corpus, cfg: L.LMConfig, kind: str, lr: float, kw: dict, seed: int
 
 
 def run_study(c: L.Corpus, sizes: dict[str, L.LMConfig], lengths: tuple[int, ...], seeds: list[int],
-              windows: int = 256, log: Any = print, jsonl: Any = None) -> dict[str, Any]:
+              windows: int = 256, log: Any = print, jsonl: Any = None,
+              previous: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Every run of the study; ``previous``: rows of an interrupted run of the same study (its
+    progress file), reused instead of training those runs again."""
     rows: list[dict[str, Any]] = []
     tuning: dict[str, dict[str, Any]] = {}
     t0 = time.time()
+    done = {(r["size"], r["optimizer"], r["schedule"], r["seed"], r["budget"]): r for r in previous or []}
 
     def add(size: str, name: str, schedule: str, lr: float, seed: int, budget: int, e: dict[str, float],
             sec: float) -> None:
         row = {"size": size, "optimizer": name, "schedule": schedule, "lr": lr, "seed": seed, "budget": budget,
-               "seconds": sec, **e}
+               "seconds": sec, **{k: e[k] for k in ("val", "test", "train_batch", "d")}}
         rows.append(row)
         if jsonl is not None:
             jsonl.write(json.dumps(row) + "\n")
             jsonl.flush()
 
+    def measure(size: str, cfg: L.LMConfig, name: str, kind: str, lr: float, kw: dict, seed: int, steps: int,
+                schedule: str, at: tuple[int, ...]) -> None:
+        """Train once (or reuse a previous run) and add a row for each step count in ``at``."""
+        old = [done.get((size, name, schedule, seed, b)) for b in at]
+        if all(old):
+            for b, row in zip(at, old):
+                add(size, name, schedule, lr, seed, b, row, row["seconds"])
+            return
+        r = _run(c, cfg, kind, lr, kw, seed, steps, schedule, eval_at=at, windows=windows)
+        for b in at:
+            add(size, name, schedule, lr, seed, b, r["evals"][b], r["seconds"] * b / steps)
+
     for size, cfg in sizes.items():
         for b in lengths:  # AdamW: the grid with the first seed, scored on validation
-            scores = {}
             for lr in ADAMW_GRID:
-                r = _run(c, cfg, "adamw", lr, {}, seeds[0], b, "warmup+cosine", windows=windows)
-                scores[lr] = r["evals"][b]["val"] if not r["diverged"] else math.inf
-                add(size, f"adamw lr={lr:g}", "warmup+cosine", lr, seeds[0], b, r["evals"][b], r["seconds"])
+                measure(size, cfg, f"adamw lr={lr:g}", "adamw", lr, {}, seeds[0], b, "warmup+cosine", (b,))
+            scores = {lr: next(r["val"] for r in rows if r["size"] == size and r["optimizer"] == f"adamw lr={lr:g}"
+                               and r["budget"] == b) for lr in ADAMW_GRID}
+            scores = {lr: v if math.isfinite(v) else math.inf for lr, v in scores.items()}
             best = min(ADAMW_GRID, key=lambda lr: scores[lr])
             tuning[f"{size}/{b}"] = {"val_loss": {f"{k:g}": v for k, v in scores.items()}, "best_lr": best,
                                      "at_edge": best in (ADAMW_GRID[0], ADAMW_GRID[-1])}
@@ -102,22 +120,17 @@ def run_study(c: L.Corpus, sizes: dict[str, L.LMConfig], lengths: tuple[int, ...
                 if s == seeds[0]:
                     e = next(r for r in rows if r["size"] == size and r["optimizer"] == f"adamw lr={best:g}"
                              and r["budget"] == b)
-                    add(size, "adamw-tuned", "warmup+cosine", best, s, b,
-                        {k: e[k] for k in ("val", "test", "train_batch", "d")}, e["seconds"])
+                    add(size, "adamw-tuned", "warmup+cosine", best, s, b, e, e["seconds"])
                     continue
-                r = _run(c, cfg, "adamw", best, {}, s, b, "warmup+cosine", windows=windows)
-                add(size, "adamw-tuned", "warmup+cosine", best, s, b, r["evals"][b], r["seconds"])
+                measure(size, cfg, "adamw-tuned", "adamw", best, {}, s, b, "warmup+cosine", (b,))
             log(f"  {size}: AdamW, {b} steps: lr {best:g} chosen on validation ({time.time() - t0:.0f} s elapsed)")
-        for name, kw in PRESETS.items():
-            for s in seeds:
-                r = _run(c, cfg, "kprodigy", 1.0, kw, s, lengths[-1], "constant", eval_at=tuple(lengths),
-                         windows=windows)
-                for b in lengths:  # constant lr: one run, evaluated at every length
-                    add(size, name, "constant", 1.0, s, b, r["evals"][b], r["seconds"] * b / lengths[-1])
+        for name in SIZE_PRESETS.get(size, tuple(PRESETS)):
+            kw = PRESETS[name]
+            for s in seeds:  # constant lr: one run, evaluated at every length
+                measure(size, cfg, name, "kprodigy", 1.0, kw, s, lengths[-1], "constant", tuple(lengths))
                 for schedule in ("cosine", "warmup+cosine"):
                     for b in lengths:
-                        r = _run(c, cfg, "kprodigy", 1.0, kw, s, b, schedule, windows=windows)
-                        add(size, name, schedule, 1.0, s, b, r["evals"][b], r["seconds"])
+                        measure(size, cfg, name, "kprodigy", 1.0, kw, s, b, schedule, (b,))
             log(f"  {size}: K-Prodigy {name}: done ({time.time() - t0:.0f} s elapsed)")
     return {"sizes": list(sizes), "lengths": list(lengths), "adamw_tuning": tuning, "rows": rows}
 
@@ -140,6 +153,8 @@ def loss_table(study: dict[str, Any], size: str, key: str) -> str:
     out = ["| optimizer | lr schedule | " + " | ".join(f"{b} steps" for b in lengths) + " |",
            "|---|---|" + "---|" * len(lengths)]
     for o, s in keys:
+        if not _sel(rows, optimizer=o, schedule=s):
+            continue  # a preset not run at this size
         cells = []
         for b in lengths:
             cell = L._cell([r[key] for r in _sel(rows, optimizer=o, schedule=s, budget=b)])
@@ -185,6 +200,8 @@ def d_table(study: dict[str, Any]) -> str:
     for size in study["sizes"]:
         for p in PRESETS:
             for s in SCHEDULES:
+                if not _sel(rows, size=size, optimizer=p, schedule=s):
+                    continue
                 ds = [_mean([r["d"] for r in _sel(rows, size=size, optimizer=p, schedule=s, budget=b)])
                       for b in lengths]
                 out.append(f"| {size} | {p} | {s} | " + " | ".join(f"{d:.3g}" for d in ds) + " |")
@@ -199,7 +216,10 @@ def report(results: dict[str, Any]) -> str:
         out += ["**SMOKE TEST (`--quick`)**: a tiny budget and model; these numbers are not results.", ""]
     out += [f"Machine: {results['machine']}. Code: {results['code']}. Date: {results.get('date', '?')}. "
             f"Wall time: {results['wall_seconds'] / 60:.1f} min.",
-            f"Command: `{results['command']}`.", "",
+            f"Command: `{results['command']}`."
+            + (" It resumed an interrupted run of the same study (same code and machine): the runs listed in "
+               "that run's progress file were reused, the others trained here." if results.get("resumed_from") else ""),
+            "",
             f"Text: {results['text']}; splits {results['split_bytes']} bytes (train, validation, test).",
             "Models: byte-level GPT (lm_task.py's), " + "; ".join(
                 f"{k}: {c['n_layer']} layers, d_model {c['d_model']}, {c['n_head']} heads, context {c['context']}, "
@@ -235,6 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke test: tiny models, budgets and text; not results")
     p.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated sizes out of {list(SIZES)}")
     p.add_argument("--text", default=None, help=f"a UTF-8 text file instead of Debian's fortunes (or ${L.TEXT_ENV})")
+    p.add_argument("--resume", default="", help="the lm_presets_runs.jsonl of an interrupted run: its runs are reused")
     _output.add_study_arguments(p)
     return p.parse_args(argv)
 
@@ -270,12 +291,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         progress.parent.mkdir(parents=True, exist_ok=True)
         jsonl = open(progress, "w")  # noqa: SIM115
     try:
-        study = run_study(c, sizes, tuple(lengths), seeds, windows, jsonl=jsonl)
+        previous = [json.loads(line) for line in open(args.resume)] if args.resume else None
+        study = run_study(c, sizes, tuple(lengths), seeds, windows, jsonl=jsonl, previous=previous)
     finally:
         if jsonl is not None:
             jsonl.close()
     results = {"machine": machine, "code": code, "quick": bool(args.quick), "date": time.strftime("%Y-%m-%d"),
                "command": "python benchmarks/lm_presets.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "resumed_from": args.resume or None,
                "text": c.note, "split_bytes": [len(c.train), len(c.val), len(c.test)],
                "configs": {k: cfg.__dict__ for k, cfg in sizes.items()}, "n_params": n_params, "seeds": seeds,
                "wall_seconds": time.time() - t0, "study": study}
