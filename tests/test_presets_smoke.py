@@ -100,10 +100,12 @@ def test_lm_presets_quick_writes_a_labelled_smoke_run(tmp_path, text_file, capsy
     assert "SMOKE TEST" in out and "SMOKE TEST" in md.read_text()
     rows = res["study"]["rows"]
     cells = {(r["size"], r["optimizer"], r["schedule"], r["budget"]) for r in rows if not r["optimizer"].startswith("adamw")}
-    assert len(cells) == len(P.SIZES) * len(P.PRESETS) * len(P.SCHEDULES) * 2  # 2 lengths in --quick
+    n_presets = sum(len(P.SIZE_PRESETS.get(size, P.PRESETS)) for size in P.SIZES)
+    assert len(cells) == n_presets * len(P.SCHEDULES) * 2  # 2 lengths in --quick
     assert all(r["val"] == r["val"] for r in rows)
     text = md.read_text()
     assert "## Adding `safeguard_warmup`" in text and "| S | cosine |" in text and "| M | warmup+cosine |" in text
+    assert "| S | defaults | cosine |" in text and "| M | defaults |" not in text  # SIZE_PRESETS
     with pytest.raises(SystemExit, match="smoke test"):
         P.main(["--quick", "--update-results", "--text", text_file])
     with pytest.raises(SystemExit, match="unknown size"):
