@@ -50,9 +50,7 @@ def main(argv: list[str] | None = None) -> str:
     stats, update = _fused._compiled("statistics"), _fused._compiled("update")
     # this script compiles the update kernel once more (static shapes): more graphs per code
     # object than dynamo's default limit, raised for this process (a script's choice)
-    from kprodigy import _compat
-
-    _compat.set_recompile_limit(max(_compat.recompile_limit(), 64))
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     ok = torch.ones((), dtype=torch.bool)  # the skip's decision: the update pass selects by it
     update_static = torch.compile(_fused._update_1d, fullgraph=True, dynamic=False)
     param = torch.nn.Parameter(x.clone())

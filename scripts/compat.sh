@@ -17,7 +17,7 @@
 # Needs the python3.X interpreters named below on PATH (pyenv, deadsnakes, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MIN_TORCH=$(sed -n 's/^dependencies = \["torch>=\([0-9.]*\)"\]/\1/p' pyproject.toml)
+MIN_TORCH=$(sed -n 's/^dependencies = \["torch>=\([0-9.]*\)"\].*/\1/p' pyproject.toml)
 ENDS=(
     "min 3.11 $MIN_TORCH"     # the oldest torch pyproject.toml admits
     "min-py310 3.10 $MIN_TORCH"  # and on the oldest Python it admits

@@ -49,9 +49,8 @@ def data(step: int, rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fsdp2_model(seed: int = 0) -> nn.Module:
-    from torch_compat import fully_shard as _fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    fully_shard = _fully_shard()
     model = make_model(seed)
     fully_shard(model[0])
     fully_shard(model[2])

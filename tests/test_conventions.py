@@ -12,7 +12,6 @@ import warnings
 
 import pytest
 import torch
-from torch_compat import fail_on_recompile
 
 from kprodigy import KProdigy
 
@@ -157,7 +156,7 @@ def test_compiled_step_equals_eager_and_does_not_recompile(capturable: bool) -> 
             compiled()
             _backward(twin, i)
             ref.step()
-        with fail_on_recompile():
+        with torch.compiler.set_stance("fail_on_recompile"):
             for i in range(2, 5):
                 for o in (opt, ref):
                     o.param_groups[0]["lr"] = 0.5 + 0.1 * i  # a scheduler

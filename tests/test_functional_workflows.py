@@ -14,7 +14,6 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, stack_module_state, vmap
-from torch_compat import fail_on_recompile
 
 import kprodigy.functional as F
 from kprodigy import KProdigy
@@ -241,7 +240,7 @@ def test_compiled_step_fullgraph_bounded_recompiles() -> None:
     both(1.0)
     both(0.5)  # the first new lr value recompiles once: dynamo then treats lr as a symbolic float
     assert counters["stats"]["unique_graphs"] == 2
-    with fail_on_recompile():
+    with torch.compiler.set_stance("fail_on_recompile"):
         for lr in (0.25, 0.75, 1.5, 2.0, 0.5, 1.0):  # further lr values and D-update / skip steps
             both(lr)
     assert counters["stats"]["unique_graphs"] == 2

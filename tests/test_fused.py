@@ -8,7 +8,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch_compat import fail_on_recompile
 
 from kprodigy.functional import Hyperparams, _fused, _step, init_state, step
 from kprodigy.optim import KProdigy
@@ -118,7 +117,7 @@ def test_shell_fused_matches_foreach_and_never_recompiles():
         opt_a.step()
         opt_b.step()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    with fail_on_recompile():
+    with torch.compiler.set_stance("fail_on_recompile"):
         for k, (lr, betas) in enumerate([(0.5, (0.8, 0.99)), (2.0, (0.95, 0.9)), (1.0, (0.9, 0.999))]):
             for opt in (opt_a, opt_b):
                 opt.param_groups[0].update(lr=lr, betas=betas)

@@ -193,10 +193,9 @@ def test_scratch_buffers_go_with_the_optimizer_and_dynamo_settings_are_left_alon
     import gc
     import weakref
 
-    from kprodigy import _compat
     from kprodigy.functional import _scratch
 
-    limit = _compat.recompile_limit()
+    limit = torch._dynamo.config.recompile_limit
     p = torch.nn.Parameter(torch.randn(512, 512))  # 1 MiB temporaries: the eager kernels reuse buffers
     opt = KProdigy([p], foreach=False, fused=False)
     for _ in range(2):
@@ -212,4 +211,4 @@ def test_scratch_buffers_go_with_the_optimizer_and_dynamo_settings_are_left_alon
     opt = KProdigy([q], fused=True)  # the compiled kernels raise dynamo's recompile limit during their calls only
     q.grad = torch.randn_like(q)
     opt.step()
-    assert _compat.recompile_limit() == limit
+    assert torch._dynamo.config.recompile_limit == limit

@@ -37,7 +37,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _compat
 from . import _scratch, _single
 from ._layout import flat_span, p0_full
 from ._scalars import StepScalars
@@ -89,14 +88,15 @@ def _compiled(name: str) -> Callable[..., Any]:
     compiled = torch.compile(kernels[name], fullgraph=True, dynamic=True)
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        before = _compat.recompile_limit()
+        cfg = torch._dynamo.config
+        before = cfg.recompile_limit
         if before >= _RECOMPILE_LIMIT:
             return compiled(*args, **kwargs)
-        _compat.set_recompile_limit(_RECOMPILE_LIMIT)
+        cfg.recompile_limit = _RECOMPILE_LIMIT
         try:
             return compiled(*args, **kwargs)
         finally:
-            _compat.set_recompile_limit(before)
+            cfg.recompile_limit = before
 
     return call
 

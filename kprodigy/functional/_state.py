@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
-from .. import _compat
 from ._hyperparams import Hyperparams
 
 __all__ = ["DState", "SegmentResult", "State", "init_state", "init_d_state", "init_tensor_state", "stat_dtype", "state_dtype"]
@@ -67,7 +67,7 @@ class State:
 
 
 for _cls in (DState, State):
-    _compat.register_dataclass(_cls)
+    pytree.register_dataclass(_cls)
 
 
 def stat_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:

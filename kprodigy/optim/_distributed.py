@@ -18,10 +18,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._compat import DTensor  # FSDP2 (fully_shard) and tensor-parallel params; None without distributed
 from ..functional import Hyperparams
 from ..functional._distributed import all_reduce_stats
 from ..functional._state import init_tensor_state, state_dtype
+
+try:  # DTensor: FSDP2 (fully_shard) and tensor-parallel params
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = None  # type: ignore[assignment,misc]
 
 __all__ = ["enclosing_zero_group", "flat_local", "init_state", "is_dtensor", "local", "stats_reduction"]
 
