@@ -1,6 +1,6 @@
 """What of pyproject.toml's requirements is not installed yet, so that the scripts install only that.
 
-    python3 scripts/_deps.py [--extras test,integration] [--torch 2.13.0] [--no-self] [--no-torch]
+    python3 scripts/_deps.py [--extras test,integration] [--torch 2.13.0] [--no-self] [--no-torch] [--unpinned]
 
 Prints one pip requirement per line for each one that is missing or at another version (nothing
 when all are satisfied) and exits 0. Checked: ``torch`` (at ``--torch`` if given, else at
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--torch", default="", help="the torch version wanted (default: pyproject's range)")
     p.add_argument("--no-self", action="store_true", help="do not check that this checkout is installed")
     p.add_argument("--no-torch", action="store_true", help="do not check torch")
+    p.add_argument("--unpinned", action="store_true", help="the extras' packages at any version (names only)")
     args = p.parse_args(argv)
     extras = [e for e in args.extras.split(",") if e]
     deps, reqs = requirements(extras)
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         missing.append(torch_req)
     if not args.no_self and not self_installed():
         missing.append("--editable=.[" + ",".join(extras) + "]" if extras else "--editable=.")
+    if args.unpinned:
+        reqs = [re.split(r"[=<>!~ ;]", r, maxsplit=1)[0] for r in reqs]
     missing += [r for r in deps + reqs if not r.startswith("torch") and not satisfied(r)]
     if missing:
         print("\n".join(missing))

@@ -14,7 +14,8 @@
 # live in $KPRODIGY_COMPAT_VENVS (default ~/.cache/kprodigy-compat) and are reused: what is already
 # installed at the right version is not installed again (scripts/_deps.py decides).
 # The test extras are pinned to releases that need Python 3.11+; on an older Python the script
-# installs the same packages unpinned (the newest that Python gets) and says so in the report.
+# installs the same packages unpinned (the newest that Python gets) and says so (FALLBACK) in its
+# output and in the report.
 # Needs the python3.X interpreters named below on PATH (pyenv, deadsnakes, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,23 +62,24 @@ for end in "${ENDS[@]}"; do
     venv="$VENVS/$name-py$py-torch$torch"
     [ -x "$venv/bin/python" ] || "$interp" -m venv "$venv"
     vpy="$venv/bin/python"
-    mapfile -t missing < <("$vpy" scripts/_deps.py --extras test,integration --torch "$torch")
+    # the extras' pins need Python 3.11+ (scikit-learn 1.9.1, matplotlib 3.11.2, ...): older Pythons get
+    # the same packages unpinned (the newest releases that Python can have), said in the report
+    unpinned=""
     extras="pinned (pyproject.toml)"
+    if ! "$vpy" -c "import sys; sys.exit(sys.version_info < (3, 11))"; then
+        unpinned="--unpinned"
+        extras="UNPINNED (the pins need Python 3.11+)"
+        echo "   FALLBACK: the pinned test extras need Python 3.11+: installing the same packages unpinned"
+    fi
+    mapfile -t missing < <("$vpy" scripts/_deps.py --extras test,integration --torch "$torch" $unpinned)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "   installing: ${missing[*]}"
         [[ " ${missing[*]} " == *" torch==$torch "* ]] && echo "   (torch==$torch from PyPI: a CUDA build, 3-5 GB, minutes)"
         "$vpy" -m pip install -q --disable-pip-version-check "torch==$torch"
-        if ! "$vpy" -m pip install -q --disable-pip-version-check "torch==$torch" -e ".[test,integration]"; then
-            extras="UNPINNED: the pinned extras do not install on Python $py"
-            echo "   FALLBACK: the pinned test extras do not install on Python $py; installing them unpinned"
-            mapfile -t loose < <("$vpy" - <<'PY'
-import re, sys
-sys.path.insert(0, "scripts")
-import _deps
-_, reqs = _deps.requirements(["test", "integration"])
-print("\n".join(re.split(r"[=<>!~ ;]", r, maxsplit=1)[0] for r in reqs))
-PY
-)
+        if [ -z "$unpinned" ]; then
+            "$vpy" -m pip install -q --disable-pip-version-check "torch==$torch" -e ".[test,integration]"
+        else
+            mapfile -t loose < <("$vpy" scripts/_deps.py --extras test,integration --torch "$torch" --unpinned --no-self)
             "$vpy" -m pip install -q --disable-pip-version-check "torch==$torch" "${loose[@]}"
             "$vpy" -m pip install -q --disable-pip-version-check --no-deps -e .
         fi
