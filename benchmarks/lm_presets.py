@@ -78,9 +78,10 @@ def _run(c: L.Corpus, cfg: L.LMConfig, kind: str, lr: float, kw: dict, seed: int
 
 def run_study(c: L.Corpus, sizes: dict[str, L.LMConfig], lengths: tuple[int, ...], seeds: list[int],
               windows: int = 256, log: Any = print, jsonl: Any = None,
-              previous: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+              previous: list[dict[str, Any]] | None = None, only: list[str] | None = None) -> dict[str, Any]:
     """Every run of the study; ``previous``: rows of an interrupted run of the same study (its
-    progress file), reused instead of training those runs again."""
+    progress file), reused instead of training those runs again; ``only``: these presets only (a
+    study split over processes, merged afterwards with ``--resume``)."""
     rows: list[dict[str, Any]] = []
     tuning: dict[str, dict[str, Any]] = {}
     t0 = time.time()
@@ -127,10 +128,12 @@ def run_study(c: L.Corpus, sizes: dict[str, L.LMConfig], lengths: tuple[int, ...
                 measure(size, cfg, "adamw-tuned", "adamw", best, {}, s, b, "warmup+cosine", (b,))
             log(f"  {size}: AdamW, {b} steps: lr {best:g} chosen on validation ({time.time() - t0:.0f} s elapsed)")
         for name in SIZE_PRESETS.get(size, tuple(PRESETS)):
+            if only and name not in only:
+                continue
             kw = PRESETS[name]
-            for s in seeds:
-                for schedule in SCHEDULES:
-                    for b in lengths:
+            for b in sorted(lengths, reverse=True):  # the longest first: the cells that matter most
+                for s in seeds:
+                    for schedule in SCHEDULES:
                         measure(size, cfg, name, "kprodigy", 1.0, kw, s, b, schedule, (b,))
             log(f"  {size}: K-Prodigy {name}: done ({time.time() - t0:.0f} s elapsed)")
     return {"sizes": list(sizes), "lengths": list(lengths), "adamw_tuning": tuning, "rows": rows}
@@ -258,6 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke test: tiny models, budgets and text; not results")
     p.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated sizes out of {list(SIZES)}")
     p.add_argument("--text", default=None, help=f"a UTF-8 text file instead of Debian's fortunes (or ${L.TEXT_ENV})")
+    p.add_argument("--presets", default="", help=f"comma-separated presets out of {list(PRESETS)} (default: all)")
     p.add_argument("--resume", default="", help="the lm_presets_runs.jsonl of an interrupted run: its runs are reused")
     _output.add_study_arguments(p)
     return p.parse_args(argv)
@@ -295,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         jsonl = open(progress, "w")  # noqa: SIM115
     try:
         previous = [json.loads(line) for line in open(args.resume)] if args.resume else None
-        study = run_study(c, sizes, tuple(lengths), seeds, windows, jsonl=jsonl, previous=previous)
+        only = [x for x in args.presets.split(",") if x] or None
+        study = run_study(c, sizes, tuple(lengths), seeds, windows, jsonl=jsonl, previous=previous, only=only)
     finally:
         if jsonl is not None:
             jsonl.close()
