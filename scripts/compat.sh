@@ -9,7 +9,7 @@
 #                                               # one file per end in benchmarks/results/compat/)
 #
 # Ends (name python torch): see ENDS below. PyPI's torch wheels for Linux are CUDA builds: each end
-# downloads about 3-5 GB (several minutes) the first time; then the suite takes about 5-8 min per
+# downloads about 3-5 GB (several minutes) the first time; then the suite takes about 5-7 min per
 # end on a 2-core CPU. So this is not part of CI (scripts/test.sh, pinned torch). The virtualenvs
 # live in $KPRODIGY_COMPAT_VENVS (default ~/.cache/kprodigy-compat) and are reused: what is already
 # installed at the right version is not installed again (scripts/_deps.py decides).
