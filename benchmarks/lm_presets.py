@@ -248,13 +248,14 @@ def report(results: dict[str, Any]) -> str:
         out += [f"## Size {size}: test loss (held out, used for no choice)", "", loss_table(study, size, "test"), "",
                 f"## Size {size}: validation loss (AdamW's lr was chosen on it)", "",
                 loss_table(study, size, "val"), ""]
+    lrs = sorted({float(lr) for t in study["adamw_tuning"].values() for lr in t["val_loss"]})
     out += ["## AdamW tuning (validation loss, seed 0)", "",
-            "| size/length | " + " | ".join(f"lr {lr:g}" for lr in ADAMW_GRID) + " | chosen |",
-            "|---|" + "---|" * (len(ADAMW_GRID) + 1)]
+            "| size/length | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |",
+            "|---|" + "---|" * (len(lrs) + 1)]
     for k, t in study["adamw_tuning"].items():
         edge = " (grid edge)" if t["at_edge"] else ""
         out.append(f"| {k} | " + " | ".join(f"{t['val_loss'][f'{lr:g}']:.4f}" if f"{lr:g}" in t["val_loss"] else "-"
-                                             for lr in ADAMW_GRID)
+                                             for lr in lrs)
                    + f" | {t['best_lr']:g}{edge} |")
     out += ["", "## D at the end of each run (mean over seeds)", "", d_table(study)]
     return "\n".join(out) + "\n"
