@@ -1,7 +1,7 @@
 """Does ``safeguard_warmup`` help a transformer LM on top of bias correction? Two model sizes, three
 lr schedules, two run lengths, 3 seeds, against AdamW tuned per budget.
 
-    python benchmarks/lm_presets.py                    # the study: about 20 min on an idle 2-core CPU
+    python benchmarks/lm_presets.py                    # the study: 150 min of training on a shared 2-core CPU
     python benchmarks/lm_presets.py --quick            # smoke test (seconds): its numbers are not results
     python benchmarks/lm_presets.py --update-results   # write benchmarks/results/presets/lm_presets.{md,json}
 
