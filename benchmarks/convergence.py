@@ -367,13 +367,35 @@ def run_configs(task: T.Task, only: list[str] | None, adamw: tuple[float, float]
     return cfgs
 
 
+def run_counts(task: T.Task, n_seeds: int, only: list[str] | None) -> tuple[int, int]:
+    """The fewest and the most training runs of ``task`` (tuning included). The two differ only on
+    convex tasks, which add one AdamW config when the lr with the lowest training loss is not the
+    validation-tuned one; the two-component task always skips the tuned grid pair it already ran."""
+    grid = adamw_grid_configs(task.two_component, task.convex)
+    tuned = (grid[0].lr, grid[0].lr * grid[0].enc_lr)  # any grid pair: the count is the same
+    fewest = len(grid) + len(run_configs(task, only, tuned, tuned[0])) * n_seeds
+    most = len(grid) + len(run_configs(task, only, tuned, -1.0)) * n_seeds
+    return fewest, most
+
+
 def plan(tasks: list[T.Task], n_seeds: int, only: list[str] | None) -> dict[str, tuple[int, float]]:
-    """Per task: (number of training runs, estimated seconds of training on the reference machine)."""
+    """Per task: (the most training runs, estimated seconds of training on the reference machine)."""
     out = {}
     for task in tasks:
-        n_tune = len(adamw_grid_configs(task.two_component, task.convex))
-        n_runs = n_tune + len(run_configs(task, only)) * n_seeds
+        n_runs = run_counts(task, n_seeds, only)[1]
         out[task.name] = (n_runs, n_runs * task.steps * SECONDS_PER_STEP.get(task.name, 5e-3))
+    return out
+
+
+def fallbacks(names: list[str]) -> list[str]:
+    """What this run will use instead of what it asks for, one sentence each (none: empty)."""
+    out = []
+    fm = [n for n in names if n.startswith("fmnist")]
+    if fm and not T.fashion_available():
+        out.append(f"Fashion-MNIST not found under {T.FASHION_DIR}: {', '.join(fm)} train on scikit-learn's digits "
+                   "(8x8 images) instead; install Debian's dataset-fashion-mnist for the real task")
+    if not kprodigy_available():
+        out.append("kprodigy is not importable: the K-Prodigy rows are skipped")
     return out
 
 
@@ -497,20 +519,27 @@ def header(names: list[str], tasks: dict[str, T.Task], seeds: list[int], scale: 
             if c.name not in opts and not c.name.startswith("adamw "):
                 opts.append(c.name)
     total = sum(e for _, e in est.values()) + SETUP_SECONDS * len(est)
+    counts = [run_counts(tasks[n], len(seeds), only) for n in names]
+    fewest, most = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    n_runs = f"{most}" if fewest == most else (
+        f"{fewest} to {most}")
     lines = ["=" * 78]
     if quick:
         lines += ["SMOKE TEST (--quick): 5% of the step budget, small data, at most 2 seeds.",
                   "It checks that every task and optimizer runs; its numbers are NOT results and no",
                   "target is judged. The full run: python benchmarks/convergence.py", "-" * 78]
-    lines += [f"Convergence benchmark: {len(names)} task(s), {sum(n for n, _ in est.values())} training runs",
+    lines += [f"Convergence benchmark: {len(names)} task(s), {n_runs} training runs"
+              + ("" if fewest == most else " (convex tasks add one AdamW row when the lr with the lowest training "
+                 "loss differs from the validation-tuned one)"),
               f"  tasks:      {', '.join(f'{n} ({tasks[n].steps} steps)' for n in names)}",
               f"  optimizers: {', '.join(opts)}; AdamW's lr tuned first on a validation split "
               "(two-component: also the other grid pairs)",
               f"  seeds:      {seeds}; step scale {scale:g}",
               f"  estimated:  {_duration(total)} on the reference machine (idle 2-core x86_64 CPU, 1 thread); "
               "longer on a loaded one",
-              f"  writes to:  {out or 'nothing (--out given as an empty string)'}",
-              "=" * 78]
+              f"  writes to:  {out or 'nothing (--out given as an empty string)'}"]
+    lines += [f"  FALLBACK:   {f}" for f in fallbacks(names)]
+    lines += ["=" * 78]
     return "\n".join(lines)
 
 
@@ -538,8 +567,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [w for w in wanted if w != "all" and not any(w in (n, all_tasks[n].group, n.split("-")[0]) for n in all_tasks)]
     if unknown or not names:
         raise SystemExit(f"unknown task(s) {unknown}; choose from {', '.join(all_tasks)}")
-    if not kprodigy_available():
-        print("WARNING: kprodigy is not importable; K-Prodigy rows are skipped", file=sys.stderr)
     seeds = list(range(n_seeds))
     only = [o for o in args.opts.split(",") if o] or None
     out = _output.output_dir(args.out, args.update_results)
@@ -548,7 +575,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.time()
     results = {"machine": machine_description(), "code": code_version(), "command": "python benchmarks/convergence.py " + " ".join(
         sys.argv[1:] if argv is None else argv), "seeds": seeds, "step_scale": scale, "quick": bool(args.quick),
-        "tasks": {}}
+        "tasks": {}, "fallbacks": fallbacks(names)}
     for name in names:
         results["tasks"][name] = run_task(all_tasks[name], seeds, scale, not args.no_progress, only, tracker)
         print(R.task_table(results["tasks"][name]), flush=True)

@@ -299,7 +299,9 @@ def summary(results: dict) -> str:
         out += [SMOKE_BANNER, ""]
     out += [f"Machine: {results['machine']}. Seeds: {results['seeds']}. "
            f"Step scale: {results['step_scale']:g}. Wall time: {results.get('wall_seconds', 0) / 60:.1f} min.",
-           f"Command: `{results['command'].strip()}` ({results.get('code', 'code version not recorded')}).", "",
+           f"Command: `{results['command'].strip()}` ({results.get('code', 'code version not recorded')}).", ""]
+    out += [f"**FALLBACK**: {f}." for f in results.get("fallbacks", [])] + ([""] if results.get("fallbacks") else [])
+    out += [
            "### Final training loss (mean ± sd over seeds; lowest of each task in bold)", "",
            grid_table(results, "train_loss"),
            "### Test accuracy % (mean ± sd over seeds; highest of each task in bold)", "",

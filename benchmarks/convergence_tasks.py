@@ -90,16 +90,25 @@ def _read_idx(path: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+def _fashion_files() -> list[str]:
+    return [os.path.join(FASHION_DIR, f) for f in (
+        "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")]
+
+
+def fashion_available() -> bool:
+    """Whether Debian's Fashion-MNIST files are there (else the fmnist tasks use digits)."""
+    return all(os.path.exists(f) for f in _fashion_files())
+
+
 @lru_cache(maxsize=2)
 def fashion_data(n_train: int = 12000, n_test: int = 10000) -> Data:
     """Fashion-MNIST from the Debian package (a fixed random subset of the training set).
 
     Falls back to scikit-learn digits (8x8 images) when the package is absent.
     """
-    files = [os.path.join(FASHION_DIR, f) for f in (
-        "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")]
-    if not all(os.path.exists(f) for f in files):
+    files = _fashion_files()
+    if not fashion_available():
         from sklearn.datasets import load_digits
 
         x, y = load_digits(return_X_y=True)

@@ -1,21 +1,18 @@
 #!/usr/bin/env bash
 # Build the documentation site (docs/ + mkdocs.yml) in strict mode: any warning (a broken link,
 # a page missing from the nav, an API name mkdocstrings cannot find) fails the build.
-# Installs the packages of the 'docs' extra of pyproject.toml first (not the package itself:
+# Installs the packages of the 'docs' extra of pyproject.toml that are missing (not the package itself:
 # mkdocstrings reads the docstrings from the source tree). Usage:
 #   bash scripts/docs.sh            # build into a temporary folder, removed afterwards (what CI runs)
 #   bash scripts/docs.sh site       # build into ./site (git-ignored) to look at it
 #   python3 -m mkdocs serve         # live preview while writing
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mapfile -t reqs < <(python3 - <<'PY'
-import re
-text = open("pyproject.toml").read()
-block = re.search(r"^docs = \[(.*?)^\]", text, re.S | re.M).group(1)
-print("\n".join(re.findall(r'"([^"]+)"', block)))
-PY
-)
-python3 -m pip install -q --disable-pip-version-check "${reqs[@]}"
+mapfile -t missing < <(python3 scripts/_deps.py --extras docs --no-self --no-torch)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "docs.sh: installing with pip: ${missing[*]}"
+    python3 -m pip install -q --disable-pip-version-check "${missing[@]}"
+fi
 if [ $# -ge 1 ]; then
     site="$1"
 else

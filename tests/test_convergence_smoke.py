@@ -83,3 +83,28 @@ def test_output_folder_rules(tmp_path) -> None:
         _output.output_dir(str(tmp_path), True)
     with pytest.raises(SystemExit, match="smoke test"):
         C.main(["--quick", "--update-results", "--tasks", "logreg-iris"])
+
+
+def test_header_states_the_run_range_and_every_fallback(monkeypatch) -> None:
+    """The header's run count is a range that holds the counter's final total, and a missing
+    Fashion-MNIST is announced in the header and in the summary, not only in a task's table."""
+    tasks = C.build_tasks(SCALE)
+    names = list(tasks)
+    counts = {n: C.run_counts(tasks[n], 2, None) for n in names}
+    for n, (fewest, most) in counts.items():
+        assert fewest <= most and (fewest == most) != tasks[n].convex, n
+        assert C.plan([tasks[n]], 2, None)[n][0] == most
+    monkeypatch.setattr(C.T, "fashion_available", lambda: False)
+    head = C.header(names, tasks, [0, 1], SCALE, True, None, "out")
+    total = f"{sum(c[0] for c in counts.values())} to {sum(c[1] for c in counts.values())} training runs"
+    assert total in head
+    assert "FALLBACK:   Fashion-MNIST not found" in head and "fmnist-mlp, fmnist-cnn" in head
+    assert C.fallbacks(["logreg-iris"]) == [] or not C.kprodigy_available()
+    import convergence_report as R
+
+    results = {"machine": "m", "seeds": [0], "step_scale": SCALE, "command": "c", "code": "k", "quick": True,
+               "tasks": {}, "fallbacks": C.fallbacks(names)}
+    monkeypatch.setattr(R, "targets", lambda res: ("", None))
+    for name in ("grid_table", "best_table", "defaults_table"):
+        monkeypatch.setattr(R, name, lambda *a, **k: "")
+    assert "**FALLBACK**: Fashion-MNIST not found" in R.summary(results)

@@ -88,6 +88,30 @@ def test_lm_quick_writes_a_labelled_smoke_run(tmp_path, text_file, capsys) -> No
     assert _committed() == before
 
 
+def test_lm_presets_quick_writes_a_labelled_smoke_run(tmp_path, text_file, capsys) -> None:
+    import lm_presets as P
+
+    before = _committed()
+    res = P.main(["--quick", "--text", text_file, "--out", str(tmp_path / "lmp")])
+    out = capsys.readouterr().out
+    md = tmp_path / "lmp" / "lm_presets.md"
+    assert md.exists() and (tmp_path / "lmp" / "lm_presets.json").exists() and _committed() == before
+    assert not (tmp_path / "lmp" / "lm_presets_runs.jsonl").exists()  # progress file removed at the end
+    assert "SMOKE TEST" in out and "SMOKE TEST" in md.read_text()
+    rows = res["study"]["rows"]
+    cells = {(r["size"], r["optimizer"], r["schedule"], r["budget"]) for r in rows if not r["optimizer"].startswith("adamw")}
+    n_presets = sum(len(P.SIZE_PRESETS.get(size, P.PRESETS)) for size in P.SIZES)
+    assert len(cells) == n_presets * len(P.SCHEDULES) * 2  # 2 lengths in --quick
+    assert all(r["val"] == r["val"] for r in rows)
+    text = md.read_text()
+    assert "## Adding `safeguard_warmup`" in text and "| S | cosine |" in text and "| M | warmup+cosine |" in text
+    assert "| S | defaults | cosine |" in text and "| M | defaults |" not in text  # SIZE_PRESETS
+    with pytest.raises(SystemExit, match="smoke test"):
+        P.main(["--quick", "--update-results", "--text", text_file])
+    with pytest.raises(SystemExit, match="unknown size"):
+        P.main(["--quick", "--sizes", "XL", "--text", text_file, "--out", ""])
+
+
 def test_bias_correction_quick_writes_a_labelled_smoke_run(tmp_path, text_file, capsys) -> None:
     import bias_correction as B
 

@@ -20,6 +20,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from .. import _compat
 from . import _engine, _state
 from ._hyperparams import Hyperparams
 from ._state import Segment, SegmentResult, State
@@ -199,7 +200,7 @@ def _check_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
 
 
 def _flatten(tree: PyTree, what: str) -> tuple[list[Tensor], pytree.TreeSpec]:
-    if not isinstance(tree, Tensor) and pytree.tree_is_leaf(tree) and hasattr(tree, "__iter__"):
+    if not isinstance(tree, Tensor) and _compat.tree_is_leaf(tree) and hasattr(tree, "__iter__"):
         tree = list(tree)  # an iterator such as model.parameters()
     leaves, spec = pytree.tree_flatten(tree)
     if not all(isinstance(leaf, Tensor) for leaf in leaves):  # name the first culprit by its path

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import _compat
 from ..functional import DState, Hyperparams, _distributed, _engine, _scratch
 from ..functional._scalars import frozen
 from ..functional._state import d_dtype, state_dtype
@@ -357,7 +358,7 @@ class KProdigy(torch.optim.Optimizer):
         convention of OneTrainer's fused back pass, prodigy-plus-schedule-free and adv_optm)."""
         return True
 
-    @torch.compiler.disable(reason=_NOT_TRACED)
+    @_compat.compiler_disable(reason=_NOT_TRACED)
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
