@@ -31,6 +31,7 @@ def _gpt(vocab: int, d: int, layers: int) -> list[tuple[int, ...]]:
 
 WORKLOADS = {"300 small": [(64, 64)] * 300, "GPT-like": _gpt(8192, 512, 8), "4 large": [(4096, 2048)] * 2}
 CONFIGS = {
+    "default": dict(),
     "eager": dict(fused=False, foreach=False),
     "foreach": dict(fused=False, foreach=True),
     "fused": dict(fused=True),
