@@ -229,7 +229,7 @@ def _on_device(sc: StepScalars, like: Tensor) -> StepScalars:
         return b if b is None else _device_scalar(b, ref)
 
     fields = {name: dev(getattr(sc, name)) for name in _SCALAR_FIELDS}
-    return sc._replace(  # type: ignore[arg-type]
+    return sc.with_(  # type: ignore[arg-type]
         gains=(dev(sc.gains[0]), dev(sc.gains[1])), decays=(dev(sc.decays[0]), dev(sc.decays[1])), ok=None, **fields
     )
 

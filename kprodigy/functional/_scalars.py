@@ -106,15 +106,25 @@ class StepScalars(NamedTuple):
     ok: Tensor | None = None  # the device-side skip decision folded in (``finish``); None: no skip
     # folded. A kernel that multiplies g by the folded zeros zeroes g's non-finite entries first
 
+    def with_(self, **changes: Any) -> StepScalars:
+        """This record with ``changes`` (``_replace``, which dynamo before torch 2.8 does not trace;
+        every field named, as dynamo 2.7 inlines no generator over ``_fields`` here)."""
+        c, s = changes.get, self
+        return StepScalars(
+            c("numerator_scale", s.numerator_scale), c("s_scale", s.s_scale), c("beta3", s.beta3), c("dlr", s.dlr),
+            c("weight", s.weight), c("gains", s.gains), c("decays", s.decays), c("decay", s.decay), c("eps", s.eps),
+            c("d_new", s.d_new), c("eps_d", s.eps_d), c("ok", s.ok),
+        )  # fmt: skip
+
     def finish(self, d_new: Scalar | None, ok: Tensor | None = None, moves: Scalar = True) -> StepScalars:
         """The record of the update pass. ``d_new``: D after this step's update (None: for an
         update of m, v and s only). ``moves``: whether the params move (False on a step whose
         D statistics were all zero: m, v and s are updated, nothing else, as in prodigyopt).
         ``ok``: a device-side skip decision (False: nothing is written)."""
-        done = self._replace(d_new=d_new, eps_d=None if d_new is None else d_new * self.eps)
+        done = self.with_(d_new=d_new, eps_d=None if d_new is None else d_new * self.eps)
         if moves is not True:
             ops = _ops(moves)
-            done = done._replace(
+            done = done.with_(
                 dlr=ops.where(moves, self.dlr, 0.0),
                 decay=None if self.decay is None else ops.where(moves, self.decay, 0.0),
             )
@@ -125,7 +135,7 @@ class StepScalars(NamedTuple):
         def sel(a: Scalar, b: float) -> Tensor:  # a where ok, else b (host numbers in float64)
             return torch.where(ok, a if isinstance(a, Tensor) else torch.tensor(a, dtype=dtype, device=ok.device), b)
 
-        return done._replace(
+        return done.with_(
             ok=ok,
             s_scale=sel(self.s_scale, 0.0),
             beta3=None if self.beta3 is None else sel(self.beta3, 1.0),

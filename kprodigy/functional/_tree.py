@@ -163,7 +163,7 @@ def _step_lists(
 ) -> tuple[list[Tensor], State, _engine.Plan]:
     """The step over lists, through the engine (one D-group of one member): new tensors
     (``pure``) or in place, on a kept ``plan`` (its hyperparameters refreshed) or a new one."""
-    on_host = bool(params) and _engine.d_on_host([*params, *grads, *(t for t in [state.d.d] if isinstance(t, Tensor))])
+    on_host = len(params) > 0 and _engine.d_on_host([*params, *grads, *(t for t in [state.d.d] if isinstance(t, Tensor))])
     if plan is None or plan.on_host != on_host:
         _check_grads(params, grads)
         exp_avg = state.exp_avg
