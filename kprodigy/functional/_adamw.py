@@ -1,29 +1,21 @@
-"""The fused-AdamW backend: torch's own fused AdamW kernel for m, v, x, and a read-only
-statistics pass, in buckets of a param group's elements (the contract of ``_single.py``; D on
-the host only: the kernel takes ``eps`` as a Python float).
+"""The fused-AdamW backend: torch's fused AdamW kernel for m, v, x after a read-only statistics
+pass, over buckets of a param group's elements (the contract of ``_single.py``; D on the host
+only: the kernel takes ``eps`` as a Python float). ``usable`` says where this is exactly the math.
 
-A group's elements are stepped in ``Bucket``s: runs of small tensors whose ``m``, ``v`` and ``s``
-lie back to back in one buffer each (the plan lays them so, ``PACKS``; the gradients and params
-are gathered into buffers of the bucket), and slices of large tensors (views, nothing gathered).
-On CPU a bucket has at most ``PACK_MAX`` / ``SLICE`` elements, so that its scratch stays in cache
-and the tensors are read from memory once per pass; a step costs a dozen ops per bucket
-whatever the number of tensors.
+A ``Bucket`` is a run of small tensors whose ``m``, ``v`` and ``s`` lie back to back in one buffer
+each (the plan lays them so, ``PACKS``; gradients and params are gathered into the bucket's
+buffers), or a slice of a large tensor (views). On CPU a bucket has at most ``PACK_MAX`` /
+``SLICE`` elements, so its scratch stays in cache and each pass reads the tensors from memory
+once; a step costs a dozen ops per bucket whatever the number of tensors.
 
-- ``gradients``: gathers the packed buckets' effective gradients (negated with ``maximize``,
-  plus ``wd * x`` with coupled decay) into their buffers; returns each bucket's flat gradient.
-- ``statistics``: READ-ONLY over the params, state and gradients (it writes only scratch):
-  ``<g[::p], p0 - x[::p]>`` and ``||beta3 * s + s_scale * g[::p]||_1`` (p = slice_p).
-- ``update``: ``s = beta3 * s + s_scale * g[::p]`` (the ops of the statistics pass: the same
-  values; not on a step without statistics), then ``torch._fused_adamw_`` with ``lr = dlr``,
-  ``eps = d_new * eps``, the gradient multiplied by ``d_old`` into scratch (the CPU kernel's
-  ``grad_scale`` would write the unscaled gradient back into ``p.grad``) and a state step of
-  1e9, where Adam's own bias corrections are exactly 1. That is DESIGN.md's update: m = b1 m +
-  (1 - b1) d g, v = b2 v + (1 - b2) d^2 g^2, x = x (1 - wd dlr) - dlr m / (sqrt(v) + d_new eps);
-  x came out bit-identical to the per-tensor kernels in float32 and float64 on CPU
-  (benchmarks/NOTES.md, "Native path"). With betas[0] == 0, ``m`` is a zeroed scratch (so m =
-  d_old g) and lr = dlr d_new / d_old: x - dlr d_new g / den.
-
-``usable`` says where this is exactly the math; everything else takes the other backends.
+``update``: ``s = beta3 * s + s_scale * g[::p]`` (the statistics pass's ops: the same values),
+then ``torch._fused_adamw_`` with ``lr = dlr``, ``eps = d_new * eps``, the gradient times ``d_old``
+in scratch (the CPU kernel's ``grad_scale`` would write the unscaled gradient back into
+``p.grad``) and a state step of 1e9, where Adam's bias corrections are exactly 1: m = b1 m +
+(1 - b1) d g, v = b2 v + (1 - b2) d^2 g^2, x = x - wd dlr x - dlr m / (sqrt(v) + d_new eps),
+bit-identical to the per-tensor kernels in float32 and float64 on CPU (benchmarks/NOTES.md,
+"Native path"). With betas[0] == 0, ``m`` is a zeroed scratch (m = d_old g) and lr = dlr d_new /
+d_old: x - dlr d_new g / den.
 """
 
 from __future__ import annotations
@@ -36,9 +28,9 @@ import torch
 from torch import Tensor
 
 from ._hyperparams import Hyperparams
-from ._layout import SMALL, flat_span, p0_full
+from ._layout import SMALL, flat_span, p0_full, views
 from ._scalars import StepScalars
-from ._state import Segment, SegmentResult
+from ._state import Segment, SegmentResult, is_wrapped
 
 __all__ = ["PACKS", "PURE", "SMALL", "Bucket", "FlatGroup", "gradients", "layout", "statistics", "update", "usable"]
 
@@ -48,15 +40,15 @@ PACKS = True  # the small params' state lies back to back (the plan lays it so)
 HUGE_STEP = 1e9  # Adam's bias corrections 1 - b^step are exactly 1 in float64
 PACK_MAX = 1 << 18  # elements of small tensors in one bucket on CPU
 SLICE = 1 << 17  # elements of a large tensor's slice on CPU (benchmarks/NOTES.md, "Native path")
+_FIXED = {"weight_decay": 0.0, "amsgrad": False, "maximize": False, "grad_scale": None, "found_inf": None}
 
 
 def usable(seg: Segment) -> bool:
-    """Whether these kernels compute exactly this segment's step: every param a plain
-    float32/float64 tensor (no DTensor, no torch.func wrapper) on CPU or CUDA, one device and
-    dtype, contiguous, with state of its own dtype and shape (not factored, no 16-bit params with
-    float32 state): ``exp_avg`` where betas[0] > 0, ``s`` and ``p0`` of ``ceil(numel /
-    slice_p)`` elements (a 0-dim ``p0`` for an all-zero param; empty placeholders once D is
-    frozen), not requiring grad while grad mode is on; no stochastic rounding."""
+    """Whether these kernels compute exactly this segment's step: plain float32/float64 params (no
+    DTensor, no torch.func wrapper, not requiring grad in grad mode) on CPU or CUDA, one device and
+    dtype, contiguous, with state of their dtype and shape (not factored): ``exp_avg`` where
+    betas[0] > 0, ``s`` and ``p0`` of ``ceil(numel / slice_p)`` elements (a 0-dim ``p0`` for an
+    all-zero param; empty once D froze); no stochastic rounding."""
     hp = seg.hparams
     if hp.stochastic_rounding or not seg.params or (hp.betas[0] > 0) != (seg.exp_avg is not None):
         return False
@@ -81,25 +73,23 @@ def usable(seg: Segment) -> bool:
             return False
         if grad_mode and x.requires_grad:
             return False
-        if torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._C._functorch.is_functorch_wrapped_tensor(g):
+        if is_wrapped(x) or is_wrapped(g):
             return False
     return True
 
 
 @dataclass(eq=False)
 class Bucket:
-    """Elements of a group stepped together; n = hi - lo its number of elements, and ``s``,
-    ``p0`` its (n_s,) statistics spans (every ``slice_p``-th element; empty when D is frozen).
+    """Elements [lo, hi) of a group stepped together; ``s``, ``p0`` their (n_s,) statistics spans
+    (every ``slice_p``-th element; empty once D froze).
 
-    Packed (``grad`` not None): consecutive small tensors ``index`` of the group; ``params``,
-    ``m``, ``v`` the tensors themselves (``m`` empty when betas[0] == 0), ``s`` and ``p0`` spans of
-    the packed state (``p0`` a copy where compact), ``grad`` (n,) the bucket's own buffer of the
-    gathered gradients (``grad_views`` shaped as the params), ``work_views`` the group's scratch
-    shaped as the params; with ``slice_p > 1`` also ``sliced`` (n_s,) its own buffer of the
-    gathered ``g[::slice_p]`` (``sliced_views``) and ``x_views`` scratch views for ``x[::slice_p]``.
-    Slice (``grad`` None): elements [lo, hi) of the one large tensor ``index[0]`` (lo a multiple
-    of ``slice_p``); ``params``, ``m``, ``v`` 1-D views of that slice.
-    """
+    Packed (``grad`` not None): the consecutive small tensors ``index``; ``params``, ``m`` (empty
+    when betas[0] == 0), ``v`` the tensors themselves; ``p0`` a copy where compact; ``grad`` (n,)
+    its buffer of the gathered gradients (``grad_views`` shaped as the params; ``work_views`` the
+    same of the group's scratch); with ``slice_p > 1``, ``sliced`` (n_s,) its buffer of the
+    gathered ``g[::slice_p]`` (``sliced_views``), ``x_views`` scratch views for ``x[::slice_p]``.
+    Slice (``grad`` None): of the large tensor ``index[0]`` (lo a multiple of ``slice_p``);
+    ``params``, ``m``, ``v`` 1-D views of it."""
 
     index: list[int]
     lo: int
@@ -119,13 +109,10 @@ class Bucket:
 
 @dataclass(eq=False)
 class FlatGroup:
-    """One param group on the native path: its buckets and their shared scratch.
-
-    ``work``, ``work2``: (largest bucket,) scratch (``p0 - x``, then ``|s_new|``; ``s_new``, then a
-    slice's ``d_old * g``; ``work`` the zeroed ``m`` when betas[0] == 0); ``work3`` a slice's
-    effective gradient (maximize, coupled weight decay; made on first use). ``steps``: the huge
-    state step of Adam's kernel (one 0-dim float32 tensor, repeated for the largest bucket's number
-    of tensors). ``slice_p``: the stride of the statistics."""
+    """A param group's buckets and their shared scratch: ``work``, ``work2`` (largest bucket,):
+    ``p0 - x`` then ``|s_new|``; ``s_new`` then a slice's ``d_old * g``; ``work`` the zeroed ``m``
+    when betas[0] == 0; ``work3`` a slice's effective gradient (made on first use). ``steps``: the
+    huge state step of Adam's kernel (one 0-dim float32 tensor, repeated per tensor)."""
 
     buckets: list[Bucket]
     work: Tensor
@@ -136,8 +123,7 @@ class FlatGroup:
 
 
 def layout(seg: Segment) -> FlatGroup:
-    """The buckets of a ``usable`` segment whose small tensors' ``exp_avg``, ``exp_avg_sq``
-    and ``s`` lie back to back in one buffer each per bucket (``_layout.pack``)."""
+    """The buckets of a ``usable`` segment laid out by ``_layout.pack_segment``."""
     p = seg.hparams.slice_p
     frozen = _frozen(seg)
     xs, vs, ss, p0s = list(seg.params), list(seg.exp_avg_sq), list(seg.s), list(seg.p0)
@@ -183,18 +169,18 @@ def layout(seg: Segment) -> FlatGroup:
             p0 = p0_span if p0_span is not None else torch.cat([p0_full(p0s[i], ss[i].numel()) for i in idx])
         grad = torch.empty(sum(x.numel() for x in params), dtype=x.dtype, device=x.device)
         m = [] if ms is None else [ms[i] for i in idx]
-        bucket = Bucket(idx, 0, grad.numel(), params, m, [vs[i] for i in idx], s, p0, grad, _views(grad, params))
+        bucket = Bucket(idx, 0, grad.numel(), params, m, [vs[i] for i in idx], s, p0, grad, views(grad, params))
         if p > 1 and not frozen:
             bucket.sliced = torch.empty_like(s)
-            bucket.sliced_views = _views(bucket.sliced, [ss[i] for i in idx])
+            bucket.sliced_views = views(bucket.sliced, [ss[i] for i in idx])
         buckets.append(bucket)
     width = max(b.hi - b.lo for b in buckets)
     work, work2 = (torch.empty(width, dtype=xs[0].dtype, device=xs[0].device) for _ in range(2))
     for b in buckets:
         if b.grad is not None:
-            b.work_views = _views(work[: b.hi - b.lo], b.params)
+            b.work_views = views(work[: b.hi - b.lo], b.params)
             if b.sliced is not None:
-                b.x_views = _views(work[: b.s.numel()], b.sliced_views)
+                b.x_views = views(work[: b.s.numel()], b.sliced_views)
     step = torch.full((), HUGE_STEP, dtype=torch.float32, device=xs[0].device)
     steps = [step] * max(len(b.params) for b in buckets)
     return FlatGroup(buckets, work, work2, steps, p)
@@ -206,10 +192,9 @@ def _frozen(seg: Segment) -> bool:
 
 
 def gradients(seg: Segment, lay: FlatGroup, grads: Sequence[Tensor]) -> list[Tensor]:
-    """Each bucket's (n,) gradient: a packed bucket's own buffer, into which its effective
-    gradients are gathered (negated if ``maximize``, plus ``wd * x`` with coupled weight decay,
-    as ``_single.effective_grads``; every slice_p-th element also into ``sliced``); a slice's
-    view of its raw gradient (made effective on the fly by ``_grad``)."""
+    """Each bucket's (n,) gradient: a packed bucket's buffer, into which its effective gradients
+    are gathered (as ``_single.effective_grads``; every slice_p-th element also into ``sliced``);
+    a slice's view of its raw gradient (made effective by ``_grad``)."""
     hp = seg.hparams
     out = []
     for b in lay.buckets:
@@ -229,8 +214,8 @@ def gradients(seg: Segment, lay: FlatGroup, grads: Sequence[Tensor]) -> list[Ten
 
 def _grad(fg: FlatGroup, b: Bucket, g: Tensor, hp: Hyperparams) -> Tensor:
     """The bucket's (n,) effective gradient from its ``gradients`` entry ``g``: a packed bucket's
-    buffer as it is; for a slice with ``maximize`` / coupled weight decay, ``-g + wd * x`` into
-    ``work3`` (from the params as they are: before ``update`` moves them)."""
+    as it is; a slice's ``-g + wd * x`` (maximize, coupled decay) into ``work3``, from the params
+    before ``update`` moves them."""
     coupled = hp.weight_decay > 0 and not hp.decouple
     if b.grad is not None or not (hp.maximize or coupled):
         return g
@@ -244,14 +229,14 @@ def _grad(fg: FlatGroup, b: Bucket, g: Tensor, hp: Hyperparams) -> Tensor:
 
 
 def _sliced(fg: FlatGroup, b: Bucket, g: Tensor) -> Tensor:
-    """The bucket's ``g[::slice_p]`` (n_s,) of its effective gradient ``g`` (``_grad``)."""
+    """The bucket's (n_s,) ``g[::slice_p]`` of its effective gradient ``g``."""
     if b.sliced is not None:
         return b.sliced
     return g if fg.slice_p == 1 else g[:: fg.slice_p]
 
 
 def statistics(seg: Segment, lay: FlatGroup, grads: Sequence[Tensor], sc: StepScalars) -> tuple[Tensor, Tensor]:
-    """Same contract as ``_single.statistics``; writes only scratch."""
+    """Writes only scratch."""
     fg, hp = lay, seg.hparams
     dots, norms = [], []
     for b, gb in zip(fg.buckets, grads):
@@ -275,24 +260,15 @@ def statistics(seg: Segment, lay: FlatGroup, grads: Sequence[Tensor], sc: StepSc
 
 
 def update(seg: Segment, lay: FlatGroup, grads: Sequence[Tensor], sc: StepScalars, out: SegmentResult | None) -> SegmentResult:
-    """Same contract as ``_single.update``, in place only (``PURE`` is False), D on the host:
-    s (where ``sc.beta3`` is not None), m, v and x of the segment."""
+    """In place only (not ``PURE``), D on the host."""
     assert out is not None and sc.d_new is not None and sc.ok is None, "in place, with D on the host"
     fg, hp = lay, seg.hparams
     b1 = hp.betas[0]
     d_old, d_new, dlr = sc.weight, sc.d_new, sc.dlr
-    kwargs: dict[str, Any] = dict(
-        # betas[0] == 0: m = d_old * g in a zeroed scratch, and the step dlr * d_new * g / den
-        lr=dlr if b1 > 0 else dlr * d_new / d_old,
-        beta1=b1,
-        beta2=hp.betas[1],
-        weight_decay=0.0,  # (decoupled decay below: x - decay * x, as prodigyopt, not x * (1 - decay))
-        eps=d_new * hp.eps,
-        amsgrad=False,
-        maximize=False,
-        grad_scale=None,
-        found_inf=None,
-    )
+    # betas[0] == 0: m = d_old * g in a zeroed scratch, and the step dlr * d_new * g / den; decoupled
+    # decay apart, below: x - decay * x as prodigyopt (not x * (1 - decay))
+    lr = dlr if b1 > 0 else dlr * d_new / d_old
+    kwargs: dict[str, Any] = {**_FIXED, "lr": lr, "beta1": b1, "beta2": hp.betas[1], "eps": d_new * hp.eps}
     for b, gb in zip(fg.buckets, grads):
         n = b.hi - b.lo
         g = _grad(fg, b, gb, hp)
@@ -311,8 +287,3 @@ def update(seg: Segment, lay: FlatGroup, grads: Sequence[Tensor], sc: StepScalar
             torch._foreach_add_(b.params, b.params, alpha=-sc.decay)
         torch._fused_adamw_(b.params, gs, ms, b.v, [], fg.steps[: len(b.params)], **kwargs)
     return out
-
-
-def _views(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
-    """Consecutive slices of ``flat`` shaped as ``like``."""
-    return list(torch._C._nn.unflatten_dense_tensors(flat, like))

@@ -12,19 +12,12 @@ from torch import Tensor
 
 from ._hyperparams import Hyperparams
 
-__all__ = [
-    "DState",
-    "Segment",
-    "SegmentResult",
-    "State",
-    "d_dtype",
-    "init_d_state",
-    "init_state",
-    "init_tensor_state",
-    "state_dtype",
-]
+__all__ = ["DState", "Segment", "SegmentResult", "State", "d_dtype", "init_d_state", "init_state", "init_tensor_state"]
+__all__ += ["STATE_KEYS", "compute_dtype", "is_wrapped", "state_dtype"]
 
 Scalar = Any  # a Python number (D held on the host) or a 0-dim tensor (D on the device)
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "s", "p0")  # the per-tensor state (``step`` apart)
+is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # a tensor inside a torch.func transform
 
 
 @dataclass(frozen=True)
@@ -49,8 +42,7 @@ class DState:
         """This state as Python numbers (one read of the tensors)."""
         if not isinstance(self.d, Tensor):
             return self
-        floats = torch.stack([self.d, self.d_max, self.d_numerator, self.d_denom, self.d_hat]).tolist()
-        return DState.of(floats, self.k, self.skipped_steps)
+        return DState.of(torch.stack([getattr(self, f) for f in D_FLOATS]).tolist(), self.k, self.skipped_steps)
 
     def assign(self, src: DState) -> None:
         """Write ``src``'s values into this state's tensors, in place (one host-to-device copy
@@ -60,17 +52,19 @@ class DState:
 
     @staticmethod
     def of(floats: Sequence[Any], k: Any, skipped_steps: Any) -> DState:
-        """A host D state from the five float fields (``D_STATE_FIELDS`` order) and the counts."""
-        return DState(**dict(zip(D_STATE_FIELDS, map(float, floats))), k=int(k), skipped_steps=int(skipped_steps))
+        """A host D state from the five float fields (``D_FLOATS`` order) and the counts."""
+        return DState(**dict(zip(D_FLOATS, map(float, floats))), k=int(k), skipped_steps=int(skipped_steps))
 
     def on_device(self, device: torch.device, dtype: torch.dtype) -> DState:
         """This state as 0-dim tensors (one host-to-device copy), floats in ``dtype``."""
         if isinstance(self.d, Tensor):
             return self
-        floats = torch.tensor([self.d, self.d_max, self.d_numerator, self.d_denom, self.d_hat], dtype=dtype, device=device)
-        k, skipped = torch.tensor([self.k, self.skipped_steps], dtype=torch.int64, device=device).unbind()
-        d, d_max, d_numerator, d_denom, d_hat = floats.unbind()
-        return DState(d, d_max, d_numerator, d_denom, d_hat, k, skipped)
+        floats = torch.tensor([getattr(self, f) for f in D_FLOATS], dtype=dtype, device=device).unbind()
+        return DState(*floats, *torch.tensor([self.k, self.skipped_steps], dtype=torch.int64, device=device).unbind())
+
+
+D_STATE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DState))
+D_FLOATS = D_STATE_FIELDS[:5]  # ("d", "d_max", "d_numerator", "d_denom", "d_hat"); then k, skipped_steps
 
 
 @dataclass(frozen=True)
@@ -131,12 +125,15 @@ def d_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16-bit floats, else ``dtype``: reductions and scalars compute in at least fp32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def state_dtype(param_dtype: torch.dtype, hparams: Hyperparams) -> torch.dtype:
-    """Dtype of exp_avg, exp_avg_sq and s for a param: float32 for 16-bit params if
-    ``hparams.fp32_state`` (the default), else the param's dtype. ``p0`` keeps the param's dtype."""
-    if hparams.fp32_state and param_dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return param_dtype
+    """Dtype of exp_avg, exp_avg_sq and s for a param: ``compute_dtype`` if ``hparams.fp32_state``
+    (the default), else the param's. ``p0`` keeps the param's dtype."""
+    return compute_dtype(param_dtype) if hparams.fp32_state else param_dtype
 
 
 def init_d_state(hparams: Hyperparams, device: torch.device | str | None = None) -> DState:
@@ -169,7 +166,7 @@ def init_tensor_state(
     else:
         state["exp_avg_sq"] = torch.zeros_like(x, dtype=dtype, memory_format=torch.preserve_format)
     state["s"] = torch.zeros_like(sliced, dtype=dtype)
-    compact = compact_p0 and not torch._C._functorch.is_functorch_wrapped_tensor(x) and not bool(x.any())
+    compact = compact_p0 and not is_wrapped(x) and not bool(x.any())
     state["p0"] = torch.zeros((), dtype=x.dtype, device=x.device) if compact else sliced.clone()
     return state
 
@@ -183,17 +180,9 @@ def init_state(params: Sequence[Tensor], hparams: Hyperparams, *, compact_p0: bo
     for i, x in enumerate(params):
         if x.device != device:
             raise ValueError(
-                f"params[{i}] is on {x.device} but params[0] is on {device}; "
-                "tensors sharing one D must be on one device"
+                f"params[{i}] is on {x.device} but params[0] is on {device}; tensors sharing one D must be on one device"
             )
     per_tensor = [init_tensor_state(x, hparams, compact_p0=compact_p0) for x in params]
-    return State(
-        exp_avg=[t["exp_avg"] for t in per_tensor] if hparams.betas[0] > 0 else None,
-        exp_avg_sq=[t["exp_avg_sq"] for t in per_tensor],
-        s=[t["s"] for t in per_tensor],
-        p0=[t["p0"] for t in per_tensor],
-        d=init_d_state(hparams, device),
-    )
+    lists = {key: [t[key] for t in per_tensor] if key in per_tensor[0] else None for key in STATE_KEYS}
+    return State(**lists, d=init_d_state(hparams, device))  # type: ignore[arg-type]
 
-
-D_STATE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DState))

@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 from ..functional import Hyperparams, _distributed, _engine
-from ..functional._layout import STATE_KEYS
-from ..functional._state import Segment, state_dtype
+from ..functional._state import STATE_KEYS, Segment, state_dtype
 from . import _group_keys
 from ._checks import check_d_group_agrees, check_grads, check_settings, hparams, one_device
 
