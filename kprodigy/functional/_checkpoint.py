@@ -1,16 +1,12 @@
 """Checkpoints of the functional state: a plain-dict form, and conversions to/from ``KProdigy``.
 
-``state_to_dict``/``state_from_dict``: a dict of dicts, lists, tuples and tensors that
-``torch.save`` writes and ``torch.load(weights_only=True)`` reads back (custom classes such as
-``State`` are refused by the safe loader).
-
-``to_optimizer_state_dict``/``from_optimizer_state_dict``: the same state in the format of
-``KProdigy.state_dict()`` (one param group; per-param keys ``exp_avg``, ``exp_avg_sq``, ``s``,
-``p0``, ``step``; group keys ``d``, ``d_max``, ``d_numerator``, ``d_denom``, ``d_hat`` as Python
-floats and ``k`` as an int), so a run can move between the functional loop and the class.
-Param order is ``torch.utils._pytree.tree_leaves(params)`` (for ``dict(model.named_parameters())``
-that is ``model.parameters()`` order). These conversions read tensors on the host: call them
-between steps, not inside a compiled or vmapped step.
+``state_to_dict``/``state_from_dict``: plain containers and tensors, which
+``torch.load(weights_only=True)`` reads back (it refuses custom classes such as ``State``).
+``to_/from_optimizer_state_dict``: the format of ``KProdigy.state_dict()`` (per-param ``exp_avg``,
+``exp_avg_sq``, ``s``, ``p0``, ``step``; the D group keys as Python numbers), params in
+``torch.utils._pytree.tree_leaves(params)`` order (for ``dict(model.named_parameters())``,
+``model.parameters()`` order), so a run moves between the functional loop and the class. They
+read tensors on the host: call them between steps, not inside a compiled or vmapped step.
 """
 
 from __future__ import annotations
@@ -23,40 +19,31 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from ._hyperparams import Hyperparams
-from ._state import D_STATE_FIELDS, DState, State, d_dtype
+from ._state import D_FLOATS, D_STATE_FIELDS, STATE_KEYS, DState, State, check_state, d_dtype
 
 __all__ = ["from_optimizer_state_dict", "state_from_dict", "state_to_dict", "to_optimizer_state_dict"]
-
-_PER_TENSOR = ("exp_avg", "exp_avg_sq", "s", "p0")
-_FLOAT_D_KEYS = ("d", "d_max", "d_numerator", "d_denom", "d_hat")
-_SAFE_CONTAINERS = (list, tuple, dict)
 
 
 def state_to_dict(state: State) -> dict[str, Any]:
     """``state`` as plain containers: ``{"exp_avg", "exp_avg_sq", "s", "p0": <params' structure>, "d": {...}}``.
 
-    The tensors are shared with ``state`` (no copy). The params' structure must be built from
-    lists, tuples and dicts (what ``torch.load(weights_only=True)`` accepts); other pytree nodes
-    raise ``TypeError``: convert such params to a dict first.
+    The tensors are shared with ``state``. The params' structure must be built from lists, tuples
+    and dicts (what ``torch.load(weights_only=True)`` accepts), else ``TypeError``: convert such
+    params to a dict first.
     """
-    if not isinstance(state, State):
-        raise TypeError(f"state must be a kprodigy.functional.State, got {type(state).__name__}")
-    out: dict[str, Any] = {}
-    for name in _PER_TENSOR:
-        value = getattr(state, name)
-        _check_plain(value, name)
-        out[name] = value
-    out["d"] = {name: getattr(state.d, name) for name in D_STATE_FIELDS}
-    return out
+    check_state(state)
+    for name in STATE_KEYS:
+        _check_plain(getattr(state, name), name)
+    return {**{name: getattr(state, name) for name in STATE_KEYS}, "d": {f: getattr(state.d, f) for f in D_STATE_FIELDS}}
 
 
 def state_from_dict(data: Mapping[str, Any]) -> State:
     """The ``State`` saved by ``state_to_dict`` (e.g. after ``torch.load``); checked, tensors shared."""
     if not isinstance(data, Mapping):
         raise TypeError(f"expected the dict written by state_to_dict, got {type(data).__name__}")
-    missing = [k for k in (*_PER_TENSOR, "d") if k not in data]
+    missing = [k for k in (*STATE_KEYS, "d") if k not in data]
     if missing:
-        raise ValueError(f"state dict lacks keys {missing}; expected the keys {[*_PER_TENSOR, 'd']}")
+        raise ValueError(f"state dict lacks keys {missing}; expected the keys {[*STATE_KEYS, 'd']}")
     d = data["d"]
     if not isinstance(d, Mapping) or sorted(d) != sorted(D_STATE_FIELDS):
         got = sorted(d) if isinstance(d, Mapping) else type(d).__name__
@@ -65,51 +52,39 @@ def state_from_dict(data: Mapping[str, Any]) -> State:
         if not isinstance(d[name], Tensor):
             raise TypeError(f"state dict 'd'[{name!r}] is a {type(d[name]).__name__}; expected a tensor")
     spec = pytree.tree_structure(data["exp_avg_sq"])
-    for name in _PER_TENSOR:
-        value = data[name]
-        if value is None and name == "exp_avg":
+    for name in STATE_KEYS:
+        if data[name] is None and name == "exp_avg":
             continue
-        leaves, fspec = pytree.tree_flatten(value)
+        leaves, fspec = pytree.tree_flatten(data[name])
         if fspec != spec:
             raise ValueError(f"state dict {name!r} has structure {fspec} but 'exp_avg_sq' has {spec}")
         if not all(isinstance(t, Tensor) for t in leaves):
             raise TypeError(f"state dict {name!r} holds a non-tensor leaf; expected tensors only")
-    return State(
-        exp_avg=data["exp_avg"],
-        exp_avg_sq=data["exp_avg_sq"],
-        s=data["s"],
-        p0=data["p0"],
-        d=DState(**{name: d[name] for name in D_STATE_FIELDS}),
-    )
+    return State(**{name: data[name] for name in STATE_KEYS}, d=DState(**{f: d[f] for f in D_STATE_FIELDS}))
 
 
 def to_optimizer_state_dict(state: State, hparams: Hyperparams) -> dict[str, Any]:
     """``state`` in the format of ``KProdigy.state_dict()``, one param group, params numbered 0..n-1.
 
     Load it with ``KProdigy(params_in_leaf_order, ...).load_state_dict(sd)``; the group takes
-    ``hparams`` (overriding the optimizer's constructor arguments). Tensors are copied; each
-    param's ``step`` is the D-group's step count ``k``.
+    ``hparams`` (overriding the optimizer's arguments). Tensors are copied; each param's ``step``
+    is the D-group's step count ``k``.
     """
-    if not isinstance(state, State):
-        raise TypeError(f"state must be a kprodigy.functional.State, got {type(state).__name__}")
-    leaves = {name: _leaves_or_none(getattr(state, name)) for name in _PER_TENSOR}
+    check_state(state)
+    leaves = {name: None if (v := getattr(state, name)) is None else pytree.tree_leaves(v) for name in STATE_KEYS}
     n = len(leaves["exp_avg_sq"] or [])
     if (leaves["exp_avg"] is None) != (hparams.betas[0] == 0):
         raise ValueError(f"state.exp_avg presence does not match betas[0]={hparams.betas[0]}")
-    scalars = torch.stack([getattr(state.d, key).detach().to("cpu", torch.float64) for key in _FLOAT_D_KEYS])
+    scalars = torch.stack([getattr(state.d, key).detach().to("cpu", torch.float64) for key in D_FLOATS])
     if scalars.dim() != 1:
         raise ValueError(
             f"state.d holds D of shape {tuple(state.d.d.shape)}; convert one ensemble member at a time "
             "(e.g. torch.utils._pytree.tree_map(lambda t: t[i], state))"
         )
     k = int(state.d.k)
-    per_param: dict[int, dict[str, Any]] = {}
-    for i in range(n):
-        entry: dict[str, Any] = {name: lst[i].detach().clone() for name, lst in leaves.items() if lst is not None}
-        entry["step"] = k
-        per_param[i] = entry
+    per_param = {i: {**{name: ts[i].detach().clone() for name, ts in leaves.items() if ts is not None}, "step": k} for i in range(n)}
     group: dict[str, Any] = {name: getattr(hparams, name) for name in Hyperparams.field_names()}
-    group.update(zip(_FLOAT_D_KEYS, scalars.tolist()))
+    group.update(zip(D_FLOATS, scalars.tolist()))
     group.update(k=k, skipped_steps=int(state.d.skipped_steps), d0=hparams.d0, params=list(range(n)))
     return {"state": per_param, "param_groups": [group]}
 
@@ -129,18 +104,13 @@ def from_optimizer_state_dict(
     Hyperparameters: ``Hyperparams.from_mapping(state_dict["param_groups"][i])``.
     """
     all_groups = list(state_dict["param_groups"])
-    if groups is None:
-        idx = list(range(len(all_groups)))
-    elif isinstance(groups, int):
-        idx = [groups]
-    else:
-        idx = list(groups)
+    idx = list(range(len(all_groups))) if groups is None else [groups] if isinstance(groups, int) else list(groups)
     if not idx or any(not 0 <= i < len(all_groups) for i in idx):
         raise ValueError(f"groups={groups!r} does not index the {len(all_groups)} param groups")
     chosen = [all_groups[i] for i in idx]
     lead = chosen[0]
     for i, g in zip(idx[1:], chosen[1:]):
-        if any(float(g[key]) != float(lead[key]) for key in _FLOAT_D_KEYS) or int(g["k"]) != int(lead["k"]):
+        if any(float(g[key]) != float(lead[key]) for key in D_FLOATS) or int(g["k"]) != int(lead["k"]):
             raise ValueError(
                 f"param groups {idx[0]} and {i} hold different D estimates (independent D); "
                 "convert one D-group at a time with groups=[...]"
@@ -150,7 +120,7 @@ def from_optimizer_state_dict(
             raise ValueError(f"the functional state has no form for a group with {why}; convert groups without it")
     has_m = Hyperparams.from_mapping(lead).betas[0] > 0
     ids = [pid for g in chosen for pid in g["params"]]
-    fields: dict[str, list[Tensor]] = {name: [] for name in _PER_TENSOR}
+    fields: dict[str, list[Tensor]] = {name: [] for name in STATE_KEYS}
     for pid in ids:
         entry = state_dict["state"].get(pid)
         if entry is None or "exp_avg_sq" not in entry:
@@ -158,7 +128,7 @@ def from_optimizer_state_dict(
                 f"param {pid} has no optimizer state (it never had a gradient); the functional state "
                 "needs every param: take one optimizer step with all gradients first"
             )
-        for name in _PER_TENSOR:
+        for name in STATE_KEYS:
             if name == "exp_avg" and not has_m:
                 continue
             if name not in entry:
@@ -167,32 +137,18 @@ def from_optimizer_state_dict(
     if not ids:
         raise ValueError(f"param groups {idx} hold no params")
     device = fields["exp_avg_sq"][0].device
-    host = DState.of([lead[key] for key in _FLOAT_D_KEYS], lead["k"], lead.get("skipped_steps", 0))
-    d = host.on_device(device, d_dtype(device))
+    host = DState.of([lead[key] for key in D_FLOATS], lead["k"], lead.get("skipped_steps", 0))
     spec = pytree.tree_structure(like) if like is not None else pytree.tree_structure(fields["exp_avg_sq"])
     if spec.num_leaves != len(ids):
         raise ValueError(f"like has {spec.num_leaves} tensors but the param groups hold {len(ids)} params")
-
-    def mirror(leaves: list[Tensor]) -> Any:
-        return pytree.tree_unflatten(leaves, spec)
-
-    return State(
-        exp_avg=mirror(fields["exp_avg"]) if has_m else None,
-        exp_avg_sq=mirror(fields["exp_avg_sq"]),
-        s=mirror(fields["s"]),
-        p0=mirror(fields["p0"]),
-        d=d,
-    )
-
-
-def _leaves_or_none(value: Any) -> list[Tensor] | None:
-    return None if value is None else pytree.tree_leaves(value)
+    mirror: dict[str, Any] = {k: pytree.tree_unflatten(ts, spec) if k != "exp_avg" or has_m else None for k, ts in fields.items()}
+    return State(**mirror, d=host.on_device(device, d_dtype(device)))
 
 
 def _check_plain(value: Any, where: str) -> None:
     if value is None or isinstance(value, Tensor):
         return
-    if type(value) not in _SAFE_CONTAINERS:
+    if type(value) not in (list, tuple, dict):
         raise TypeError(
             f"state.{where} is a {type(value).__name__}; the plain-dict form keeps lists, tuples and dicts "
             "only (what torch.load(weights_only=True) reads): build the state from params in such containers"

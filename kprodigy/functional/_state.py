@@ -13,7 +13,7 @@ from torch import Tensor
 from ._hyperparams import Hyperparams
 
 __all__ = ["DState", "Segment", "SegmentResult", "State", "d_dtype", "init_d_state", "init_state", "init_tensor_state"]
-__all__ += ["STATE_KEYS", "compute_dtype", "is_wrapped", "state_dtype"]
+__all__ += ["STATE_KEYS", "check_state", "compute_dtype", "is_wrapped", "state_dtype"]
 
 Scalar = Any  # a Python number (D held on the host) or a 0-dim tensor (D on the device)
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "s", "p0")  # the per-tensor state (``step`` apart)
@@ -117,6 +117,11 @@ class State:
 
 for _cls in (DState, State):
     pytree.register_dataclass(_cls)
+
+
+def check_state(state: Any) -> None:
+    if not isinstance(state, State):
+        raise TypeError(f"state must be a kprodigy.functional.State, got {type(state).__name__}")
 
 
 def d_dtype(device: torch.device | str) -> torch.dtype:

@@ -1,12 +1,9 @@
-"""Pytree boundary of the pure step: params as a list, a dict or any pytree of tensors.
+"""Pytree boundary of the functional step: params as a list, a dict or any pytree of tensors.
 
-The core (``_state.init_state``, ``_step.step``) works on lists. These wrappers flatten the
-params with ``torch.utils._pytree`` at the boundary and give the per-tensor state fields
-(``exp_avg``, ``exp_avg_sq``, ``s``, ``p0``) the params' own structure: for params
-``{"w": W, "b": b}`` the state holds ``exp_avg == {"w": m_W, "b": m_b}``. Mirroring (rather than
-storing a treespec) keeps the state a plain pytree that ``vmap``, ``torch.compile`` and
-``torch.save`` see through, and keeps checkpoints readable by name. A list of params gives list
-fields, exactly the core's ``State``.
+The core works on lists; these wrappers flatten the params at the boundary and give the per-tensor
+state fields the params' structure (params ``{"w": W, "b": b}``: ``exp_avg == {"w": m_W, "b":
+m_b}``). Mirroring, not storing a treespec, keeps the state a plain pytree that ``vmap``,
+``torch.compile`` and ``torch.save`` see through, and checkpoints readable by name.
 """
 
 from __future__ import annotations
@@ -22,21 +19,19 @@ from torch import Tensor
 
 from . import _engine, _state
 from ._hyperparams import Hyperparams
-from ._state import Segment, SegmentResult, State
+from ._state import STATE_KEYS, Segment, SegmentResult, State, check_state
 
 __all__ = ["init_ensemble_state", "init_state", "step", "step_"]
 
 PyTree = Any  # a tensor, or a list/tuple/dict/registered pytree node of tensors
 
-_PER_TENSOR = ("exp_avg", "exp_avg_sq", "s", "p0")
-
 
 def init_state(params: PyTree, hparams: Hyperparams, *, compact_p0: bool = True) -> State:
-    """Initial state for ``params``, a pytree of tensors sharing one D (e.g. ``dict(model.named_parameters())``).
+    """Initial state for ``params``, a pytree of tensors sharing one D (e.g.
+    ``dict(model.named_parameters())``), whose structure the per-tensor fields mirror.
 
-    The per-tensor fields of the returned ``State`` mirror the structure of ``params``.
-    compact_p0: store ``p0`` of an all-zero tensor as a 0-dim zero (default); False stores the
-        full slice. Inside ``torch.func.vmap`` the full slice is always stored.
+    compact_p0: store ``p0`` of an all-zero tensor as a 0-dim zero (default); False (and inside
+        ``torch.func.vmap``) the full slice.
     """
     leaves, spec = _flatten(params, "params")
     flat = _state.init_state(leaves, hparams, compact_p0=compact_p0)
@@ -85,14 +80,7 @@ def step(
     state: from ``init_state(params, ...)`` or a previous ``step``; not modified
     Returns (new_params, new_state), both in the structure of ``params``. No input is written to.
     """
-    leaves, spec = _flatten(params, "params")
-    gleaves, gspec = _flatten(grads, "grads")
-    if gspec != spec:
-        raise ValueError(
-            f"grads have structure {_describe(gspec)} but params have structure {_describe(spec)}; "
-            "expected one grad per param, in the same structure"
-        )
-    flat = _flatten_state(state, spec)
+    leaves, gleaves, flat, spec = _flatten_step(params, grads, state)
     new_leaves, new_flat, _ = _step_lists(leaves, gleaves, flat, hparams, foreach=foreach, fused=fused, pure=True)
     return pytree.tree_unflatten(new_leaves, spec), _unflatten_state(new_flat, spec)
 
@@ -112,11 +100,7 @@ def step_(
     that lays the small params' state flat in new buffers (as the class keeps it) or creates
     ``exp_avg`` (betas[0] raised from 0); the plan of the step is kept with that state object
     while its tensors and the settings that shape it stay. Arguments as ``step``."""
-    leaves, spec = _flatten(params, "params")
-    gleaves, gspec = _flatten(grads, "grads")
-    if gspec != spec:
-        raise ValueError(f"grads have structure {_describe(gspec)} but params have structure {_describe(spec)}")
-    flat = _flatten_state(state, spec)
+    leaves, gleaves, flat, spec = _flatten_step(params, grads, state)
     sig = _signature(leaves, gleaves, flat, hparams, foreach, fused)
     kept = _KEPT.get(id(state))
     plan = kept[1] if kept is not None and kept[0] == sig else None
@@ -138,15 +122,15 @@ _KEPT: dict[int, tuple[tuple[Any, ...], _engine.Plan]] = {}  # id(State) -> (sig
 def _signature(
     params: list[Tensor], grads: list[Tensor], state: State, hp: Hyperparams, foreach: bool | None, fused: bool | None
 ) -> tuple[Any, ...]:
-    """What a kept plan of ``step_`` was built from: the tensors, the gradients' layout, grad
-    mode, the flags and the settings that choose the backend and lay the state out."""
+    """What a kept plan of ``step_`` was built from: the tensors, the gradients' layout, grad mode,
+    the flags and the settings that choose the backend and lay the state out."""
     layout = tuple((g.dtype, g.device, g.shape, g.is_contiguous(), x.requires_grad) for x, g in zip(params, grads))
     ids = tuple(map(id, params)), tuple(map(id, _state_leaves(state)))
     return ids, layout, torch.is_grad_enabled(), foreach, fused, hp.slice_p, hp.betas[0] > 0, hp.stochastic_rounding
 
 
 def _state_leaves(state: State) -> list[Tensor]:
-    return [t for name in _PER_TENSOR for t in getattr(state, name) or []]
+    return [t for name in STATE_KEYS for t in getattr(state, name) or []]
 
 
 def _step_lists(
@@ -160,8 +144,8 @@ def _step_lists(
     pure: bool = False,
     plan: _engine.Plan | None = None,
 ) -> tuple[list[Tensor], State, _engine.Plan]:
-    """The step over lists, through the engine (one D-group of one member): new tensors
-    (``pure``) or in place, on a kept ``plan`` (its hyperparameters refreshed) or a new one."""
+    """The step over lists (one D-group of one member): new tensors (``pure``) or in place, on a
+    kept ``plan`` (its hyperparameters refreshed) or a new one."""
     on_host = bool(params) and _engine.d_on_host([*params, *grads, *(t for t in [state.d.d] if isinstance(t, Tensor))])
     if plan is None or plan.on_host != on_host:
         _check_grads(params, grads)
@@ -208,31 +192,36 @@ def _flatten(tree: PyTree, what: str) -> tuple[list[Tensor], pytree.TreeSpec]:
     return leaves, spec
 
 
-def _flatten_state(state: State, spec: pytree.TreeSpec) -> State:
-    """The core's list ``State`` from a state mirroring ``spec``; a clear error if it does not."""
-    if not isinstance(state, State):
-        raise TypeError(f"state must be a kprodigy.functional.State, got {type(state).__name__}")
+def _flatten_step(params: PyTree, grads: PyTree, state: State) -> tuple[list[Tensor], list[Tensor], State, Any]:
+    """The leaves of ``params`` and ``grads``, the core's list ``State`` of ``state``, and the
+    params' structure, which the grads and the state's fields must have (else a clear error)."""
+    leaves, spec = _flatten(params, "params")
+    gleaves, gspec = _flatten(grads, "grads")
+    if gspec != spec:
+        raise ValueError(
+            f"grads have structure {_describe(gspec)} but params have structure {_describe(spec)}; "
+            "expected one grad per param, in the same structure"
+        )
+    check_state(state)
     fields: dict[str, list[Tensor] | None] = {}
-    for name in _PER_TENSOR:
+    for name in STATE_KEYS:
         value = getattr(state, name)
-        if value is None:  # exp_avg when betas[0] == 0; the core checks that against hparams
+        if value is None:  # exp_avg where betas[0] == 0
             fields[name] = None
             continue
-        leaves, fspec = pytree.tree_flatten(value)
+        fields[name], fspec = pytree.tree_flatten(value)
         if fspec != spec:
             raise ValueError(
                 f"state.{name} has structure {_describe(fspec)} but params have structure {_describe(spec)}; "
                 "the state must come from init_state(params) of the same structure"
             )
-        fields[name] = leaves
-    return State(d=state.d, **fields)  # type: ignore[arg-type]
+    return leaves, gleaves, State(d=state.d, **fields), spec  # type: ignore[arg-type]
 
 
 def _unflatten_state(flat: State, spec: pytree.TreeSpec) -> State:
-    def mirror(leaves: list[Tensor] | None) -> Any:
-        return None if leaves is None else pytree.tree_unflatten(leaves, spec)
-
-    fields: dict[str, Any] = {name: mirror(getattr(flat, name)) for name in _PER_TENSOR}
+    fields: dict[str, Any] = {}
+    for name in STATE_KEYS:
+        fields[name] = None if (leaves := getattr(flat, name)) is None else pytree.tree_unflatten(leaves, spec)
     return State(d=flat.d, **fields)
 
 
