@@ -50,15 +50,7 @@ class Hyperparams:
             object.__setattr__(self, name, _number(name, getattr(self, name)))
         if self.beta3 is not None:
             object.__setattr__(self, "beta3", _number("beta3", self.beta3))
-        for name in (
-            "decouple",
-            "use_bias_correction",
-            "safeguard_warmup",
-            "maximize",
-            "skip_nonfinite",
-            "fp32_state",
-            "stochastic_rounding",
-        ):
+        for name in _FLAGS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Invalid {name}: {getattr(self, name)!r}; expected True or False")
         for name in ("d_update_freq", "slice_p", "d_steps"):
@@ -67,22 +59,14 @@ class Hyperparams:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Invalid {name}: {value!r}; expected {'None or ' if name == 'd_steps' else ''}an integer >= 1")
-
         b1, b2 = self.betas
-        _check("lr", self.lr, math.isfinite(self.lr) and self.lr >= 0, "a finite number >= 0")
+        _finite("lr", self.lr, strict=False)
         _check("betas[0]", b1, 0.0 <= b1 < 1.0, "a number in [0, 1)")
         _check("betas[1]", b2, 0.0 <= b2 < 1.0, "a number in [0, 1)")
         if self.beta3 is not None:
             _check("beta3", self.beta3, 0.0 <= self.beta3 < 1.0, "None or a number in [0, 1)")
-        _check("eps", self.eps, math.isfinite(self.eps) and self.eps > 0, "a finite number > 0")
-        _check(
-            "weight_decay",
-            self.weight_decay,
-            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-            "a finite number >= 0",
-        )
-        _check("d0", self.d0, math.isfinite(self.d0) and self.d0 > 0, "a finite number > 0")
-        _check("d_coef", self.d_coef, math.isfinite(self.d_coef) and self.d_coef > 0, "a finite number > 0")
+        for name in ("eps", "weight_decay", "d0", "d_coef"):
+            _finite(name, getattr(self, name), strict=name != "weight_decay")
         _check("growth_rate", self.growth_rate, self.growth_rate >= 1, "a number >= 1 (inf allowed)")
 
     @property
@@ -100,25 +84,22 @@ class Hyperparams:
         return cls(**{name: mapping[name] for name in cls.field_names() if name in mapping})
 
     def with_lr(self, lr: Any) -> Hyperparams:
-        """This instance with another ``lr``, validated as ``__post_init__`` does (the other fields
-        were validated already): what an lr schedule changes every step, without re-validating
-        the rest."""
+        """This instance with another ``lr`` (what an lr schedule changes every step), validated
+        alone: the other fields were validated already."""
         value = _number("lr", lr)
-        _check("lr", value, math.isfinite(value) and value >= 0, "a finite number >= 0")
+        _finite("lr", value, strict=False)
         new = copy.copy(self)
         object.__setattr__(new, "lr", value)
         return new
 
     def d_config(self) -> tuple[Any, ...]:
-        """The fields that must agree among groups sharing one D (``D_CONFIG`` order).
-
-        ``beta3=None`` resolves to sqrt(betas[1]) of the D-group's first group.
-        """
+        """The fields that must agree among groups sharing one D (``D_CONFIG`` order)."""
         return tuple(getattr(self, name) for name in D_CONFIG)
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(Hyperparams))
 D_CONFIG = ("beta3", "d0", "d_coef", "growth_rate", "d_update_freq", "d_steps", "skip_nonfinite")
+_FLAGS = tuple(f.name for f in fields(Hyperparams) if f.type == "bool")
 
 
 def _number(name: str, value: Any) -> float:
@@ -130,3 +111,9 @@ def _number(name: str, value: Any) -> float:
 def _check(name: str, value: float, ok: bool, expected: str) -> None:
     if not ok:
         raise ValueError(f"Invalid {name}: {value!r}; expected {expected}")
+
+
+def _finite(name: str, value: float, strict: bool) -> None:
+    """``value`` finite and > 0 (``strict``) or >= 0."""
+    ok = math.isfinite(value) and (value > 0 if strict else value >= 0)
+    _check(name, value, ok, f"a finite number {'>' if strict else '>='} 0")
