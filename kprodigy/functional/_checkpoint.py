@@ -11,17 +11,20 @@ read tensors on the host: call them between steps, not inside a compiled or vmap
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from ._distributed import is_dtensor
 from ._hyperparams import Hyperparams
 from ._state import D_FLOATS, D_STATE_FIELDS, STATE_KEYS, DState, State, check_state, d_dtype
 
-__all__ = ["from_optimizer_state_dict", "state_from_dict", "state_to_dict", "to_optimizer_state_dict"]
+__all__ = ["check_optimizer_state_dict", "from_optimizer_state_dict", "state_from_dict", "state_to_dict"]
+__all__ += ["to_optimizer_state_dict"]
 
 
 def state_to_dict(state: State) -> dict[str, Any]:
@@ -156,3 +159,100 @@ def _check_plain(value: Any, where: str) -> None:
     items = value.values() if isinstance(value, dict) else value
     for i, item in enumerate(items):
         _check_plain(item, f"{where}[{i}]")
+
+
+def check_optimizer_state_dict(state_dict: Any, param_groups: Sequence[dict[str, Any]], defaults: dict[str, Any]) -> Any:
+    """Validate a whole ``KProdigy.state_dict()`` against an optimizer's param groups before it loads:
+    ValueError naming the group, param and key (missing keys, wrong shapes, non-floating or
+    non-finite state, invalid hyperparameters or D values, another param layout). Returns the map
+    saved param id -> (param, the saved group's Hyperparams)."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("checkpoint is not an optimizer state_dict: expected a dict with 'state' and 'param_groups'")
+    saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+    if not isinstance(saved_groups, (list, tuple)) or not isinstance(saved_state, dict):
+        raise ValueError("checkpoint 'param_groups' must be a list and 'state' a dict")
+    layout = "a different param layout"
+    if len(saved_groups) != len(param_groups):
+        raise ValueError(f"checkpoint has {len(saved_groups)} param groups but the optimizer has {len(param_groups)}; {layout}")
+    id_map: dict[Any, tuple[Tensor, Hyperparams]] = {}
+    frozen: set[Any] = set()  # ids of params whose group froze D (d_steps): s and p0 were freed
+    for i, (saved, group) in enumerate(zip(saved_groups, param_groups)):
+        where = f"checkpoint param group {i}"
+        if not isinstance(saved, dict) or "params" not in saved:
+            raise ValueError(f"{where} is not a dict with a 'params' list")
+        if len(saved["params"]) != len(group["params"]):
+            n, mine = len(saved["params"]), len(group["params"])
+            raise ValueError(f"{where} has {n} params but the optimizer's has {mine}; {layout}")
+        try:
+            hp = Hyperparams.from_mapping({**defaults, **saved})
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        for key, rule, expected in _D_KEY_RULES:
+            if key in saved and not rule(saved[key]):
+                raise ValueError(f"{where}: {key}={saved[key]!r}; expected {expected}")
+        for pid, p in zip(saved["params"], group["params"]):
+            if pid in id_map:
+                raise ValueError(f"checkpoint lists param id {pid!r} in more than one place")
+            id_map[pid] = (p, hp)
+            if saved.get("d_frozen"):
+                frozen.add(pid)
+    for pid, st in saved_state.items():
+        if pid not in id_map and not isinstance(pid, int):
+            continue  # not a param index: torch keeps such entries as they are (``Optimizer.state_dict``)
+        if pid not in id_map:
+            raise ValueError(f"checkpoint has state for param id {pid!r}, which no param group lists; {layout}")
+        _check_param_state(pid, st, *id_map[pid], d_frozen=pid in frozen)
+    return id_map
+
+
+def _check_param_state(pid: Any, st: Any, p: Tensor, hp: Hyperparams, *, d_frozen: bool) -> None:
+    where = f"checkpoint state of param id {pid!r} (shape {tuple(p.shape)})"
+    if not isinstance(st, dict):
+        raise ValueError(f"{where} is a {type(st).__name__}; expected a dict")
+    if not st:
+        return  # a param that never stepped
+    required = ("exp_avg_sq",) + (() if d_frozen else ("s", "p0")) + (("exp_avg",) if hp.betas[0] > 0 else ())
+    missing = [key for key in required if key not in st]
+    if missing:
+        raise ValueError(f"{where} is missing {missing}; is it a Prodigy/KProdigy checkpoint?")
+    for key in (k for k in STATE_KEYS if k in st):
+        t = st[key]
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{where}: {key} is a {type(t).__name__}; expected a tensor")
+        if not t.is_floating_point():
+            raise ValueError(f"{where}: {key} has dtype {t.dtype}; expected a floating dtype")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: {key} holds NaN or inf")
+    if "exp_avg" in st and st["exp_avg"].shape != p.shape:
+        raise ValueError(f"{where}: exp_avg has shape {tuple(st['exp_avg'].shape)}; expected the param's shape")
+    v = st["exp_avg_sq"]
+    packed = p.dim() >= 2 and v.shape == (p.numel() // p.shape[-1] + p.shape[-1],)  # factored=True: [rows, cols]
+    if v.shape != p.shape and not packed:
+        raise ValueError(
+            f"{where}: exp_avg_sq has shape {tuple(v.shape)}; expected the param's shape "
+            "(or the packed row and column statistics of factored=True)"
+        )
+    if is_dtensor(p) or d_frozen:
+        return  # s and p0 of DTensor params may be per-rank shards; a frozen D freed them
+    n = (p.numel() + hp.slice_p - 1) // hp.slice_p
+    if st["s"].numel() != n:
+        raise ValueError(f"{where}: s has {st['s'].numel()} elements; expected {n} (the param's elements with slice_p={hp.slice_p})")
+    if st["p0"].numel() != n and st["p0"].dim() != 0:
+        raise ValueError(f"{where}: p0 has {st['p0'].numel()} elements; expected {n} or a 0-dim zero")
+
+
+def _finite_number(v: Any) -> bool:
+    if isinstance(v, Tensor):
+        return v.numel() == 1 and v.is_floating_point() and bool(torch.isfinite(v))
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v: Any) -> bool:
+    if isinstance(v, Tensor):
+        return v.numel() == 1 and not v.is_floating_point() and not v.is_complex()
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_D_KEY_RULES: list[tuple[str, Callable[[Any], bool], str]] = [(k, _finite_number, "a finite number") for k in (*D_FLOATS, "d0")]
+_D_KEY_RULES += [(k, lambda v: float(v) > 0, "a number > 0") for k in ("d", "d_max", "d0")]
+_D_KEY_RULES += [(k, lambda v: _integer(v) and int(v) >= 0, "an integer >= 0") for k in ("k", "skipped_steps")]

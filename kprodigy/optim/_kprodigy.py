@@ -1,10 +1,8 @@
-"""``KProdigy``: the ``torch.optim.Optimizer`` shell around ``kprodigy.functional``.
+"""``KProdigy``: the ``torch.optim.Optimizer`` shell around the engine (``functional._engine``).
 
-The shell does bookkeeping only: it validates settings, maps param groups to D-groups, creates
-per-tensor state lazily, keeps the plan of the step while the tensors it was built from hold
-(``_Kept``), holds the D state in the param groups (the keys prodigyopt trainers read: Python
-numbers, or with ``capturable=True`` persistent 0-dim device tensors) and calls the engine
-(``functional._engine``), which the functional step calls too. All arithmetic lives there.
+Bookkeeping only: it validates, maps param groups to D-groups, creates state lazily, keeps the
+step's plan while it holds (``_plan.Kept``), holds the D state in the group keys prodigyopt
+trainers read (``_group_keys``) and calls the engine, which holds all the arithmetic.
 """
 
 from __future__ import annotations
@@ -19,25 +17,18 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..functional import DState, Hyperparams, _distributed, _engine, _scratch
+from ..functional._checkpoint import check_optimizer_state_dict
 from ..functional._scalars import frozen
 from ..functional._state import d_dtype, state_dtype
 from . import _diagnostics, _group_keys, _per_param, _plan
-from ._checks import (
-    check_param_group,
-    check_settings,
-    check_state_dict,
-    hparams,
-    one_device,
-)
+from ._checks import check_param_group, check_settings, hparams, one_device
 
 __all__ = ["KProdigy"]
 
 
-# Why dynamo does not trace the step. It handles every torch.optim.Optimizer as its own
-# OptimizerVariable, which reads ``capturable=True`` in every group inside the trace (and writes
-# it back into groups the step mutates, so that later eager steps change mode); the D keys are
-# Python floats (read once per step on the host), so a trace would also recompile whenever D or
-# lr changes. The step's math is compiled where it pays, by ``fused`` (``_fused.py``).
+# Not traced: dynamo's OptimizerVariable reads ``capturable=True`` in every group inside the trace
+# (and writes it back into the groups the step mutates: later eager steps change mode), and the D
+# keys are host floats, so a trace would recompile whenever D or lr changes. ``fused`` compiles.
 _NOT_TRACED = "KProdigy.step keeps D on the host and is not traced; its fused path compiles its own kernels"
 
 
@@ -67,9 +58,9 @@ class KProdigy(torch.optim.Optimizer):
         x = x - dlr * m / (sqrt(v) + d * eps)          (b1 = 0: x - dlr * d * g / (sqrt(v) + d * eps))
         k = k + 1
 
-    This is prodigyopt 1.1.2's step, D kept in float64 as prodigyopt's Python floats; at the
-    defaults KProdigy gives its numbers (float rounding apart). ``dlr`` uses D before this step's update, ``eps`` and the b1 = 0 step the D after it.
-    ``p`` is ``slice_p``, ``p0`` the params at their first step. A group with ``lr=0`` is frozen.
+    This is prodigyopt 1.1.2's step (D in float64, as its Python floats): at the defaults KProdigy
+    gives its numbers, float rounding apart. ``dlr`` uses D before this step's update, ``eps`` and
+    the b1 = 0 step the D after it. ``p`` is ``slice_p``, ``p0`` the params at their first step.
 
     Args:
         params: iterable of tensors or of dicts defining param groups.
@@ -87,77 +78,67 @@ class KProdigy(torch.optim.Optimizer):
         d_update_freq: update the D statistics every this many steps (default 1).
         slice_p: D statistics use every slice_p-th element of each tensor (default 1).
         foreach: multi-tensor ops (True), per-tensor loop (False) or automatic (None, default).
-        independent_d: one D per param group (True) or one D for all param groups (False,
-            default, as prodigyopt); None is 0.5.0's automatic rule (one D per group when there
-            is more than one group), kept for old configurations.
+        independent_d: one D per param group (True) or one for all (False, default, as prodigyopt);
+            None is 0.5.0's rule (one D per group when there is more than one), for old configs.
         maximize: maximize the objective (default False).
         fsdp_in_use: force the all-reduce of the D statistics (prodigyopt's flag; default False).
-        reduce_d_stats: sum the D statistics over ranks so that every rank has the same D:
-            None (default) detects when this is needed (DTensor params from FSDP2 ``fully_shard``,
-            FSDP1 flat params, or construction inside ``ZeroRedundancyOptimizer``); True forces
-            it, False forbids it. Plain DDP (replicated params, averaged grads) needs none.
+        reduce_d_stats: sum the D statistics over ranks so that every rank has the same D: None
+            (default) detects the need (DTensor params from FSDP2 ``fully_shard``, FSDP1 flat
+            params, construction inside ``ZeroRedundancyOptimizer``); True forces it, False forbids
+            it. Plain DDP (replicated params, averaged grads) needs none.
         process_group: the group to sum over (default: the sharding mesh's group for DTensor
             params, ZeRO's group under ZeroRedundancyOptimizer, else the default group).
-        skip_nonfinite: skip a D-group's step when any of its gradients holds NaN or inf, or its
-            D statistics overflow (default True): params, moments and D stay as they were, ``k``
-            does not advance and the group key ``skipped_steps`` counts it; a warning the first
-            time. Decided on the device (no host sync); False saves one read of the gradients.
+        skip_nonfinite: skip a D-group's step when a gradient holds NaN or inf, or its D statistics
+            overflow (default True): params, moments and D stay, ``k`` does not advance, the group
+            key ``skipped_steps`` counts it; a warning the first time. Decided on the device (no
+            host sync); False saves one read of the gradients.
         fp32_state: keep exp_avg, exp_avg_sq and s of bfloat16/float16 params in float32
             (default True); False keeps them in the param dtype to save memory.
         stochastic_rounding: round the updates of bfloat16 params stochastically (unbiased), so
-            that updates smaller than the bfloat16 spacing are not lost (default False).
-        d_steps: freeze D once k reaches this (default None: never); per group, equal within
-            a D-group; it cannot be raised or removed after D froze. From then on D stays fixed, the D statistics are skipped and the ``s`` and
-            ``p0`` buffers are freed; the group key ``d_frozen`` records it.
+            that updates below the bfloat16 spacing are not lost (default False).
+        d_steps: freeze D once k reaches this (default None: never); per group, equal within a
+            D-group, never raised or removed after D froze. Then the D statistics are skipped and
+            the ``s`` and ``p0`` buffers freed; the group key ``d_frozen`` records it.
         factored: keep the second moment of each param with 2+ dims as row and column means
-            (Adafactor-style; about 1 word per param less), per group (default False; fixed at
-            a param's first step).
-        d_ratio_cap: keep the D values of the D-groups within this factor (>= 1) of the smallest
-            one after every step (default None: no cap), for a component whose D "grows forever".
-        fused: compiled kernels (torch.compile: one kernel per pass and tensor, no parameter-sized
+            (Adafactor-style; about 1 word per param less); per group, fixed at a param's first
+            step (default False).
+        d_ratio_cap: keep the D of every D-group within this factor (>= 1) of the smallest one
+            after every step (default None: no cap), for a component whose D "grows forever".
+        fused: compiled kernels (torch.compile: one kernel per pass and tensor, no param-sized
             temporaries) if True; None (default) takes torch's fused AdamW kernel and a read-only
-            statistics pass (nothing compiled) where it computes the step exactly (float32 and
-            float64 params, D on the host), except for CUDA groups of 2**20 elements or more,
-            which take the compiled kernels where torch.compile works; False uses ``foreach``. The
-            first compiled step compiles for seconds; where compiling fails the step uses foreach
-            (with a one-line warning if ``fused=True`` was asked for).
+            statistics pass where that is the step exactly (float32/float64 params, D on the
+            host), except CUDA groups of 2**20 elements or more, which are compiled where
+            torch.compile works; False uses ``foreach``. The first compiled step compiles for
+            seconds; where compiling fails the step uses foreach (a one-line warning if True).
         capturable: keep each D-group's D state as 0-dim tensors on its params' device, updated in
-            place (fixed addresses), so that ``step()`` reads nothing on the host and can be
-            captured in a CUDA graph (default False; per group, equal within a D-group). The group
-            keys ``d``, ``d_max``, ``d_numerator``, ``d_denom``, ``d_hat``, ``k``, ``skipped_steps``
-            (int64), ``effective_lr`` and ``step_size`` are then those tensors (the same objects in the groups of
-            a D-group; ``float(group["d"])`` reads one), ``state[p]["step"]`` is an int64 tensor,
-            and whether a step updates D (``d_update_freq``) is decided on the device.
-            ``state_dict()`` returns Python numbers as in the default mode. ``lr`` and the other
-            hyperparameters stay Python numbers: a captured graph keeps the values it was
-            captured with (capture again after changing them). Not supported: ``d_steps``. No
-            warning on a skipped step (read ``skipped_steps``). A param's first step creates its
-            state and reads the param once on the host (whether it is all zeros, for ``p0``):
-            take warm-up steps before capturing, as CUDA graphs need anyway.
+            place, so that ``step()`` reads nothing on the host and can be captured in a CUDA
+            graph (default False; per group, equal within a D-group). The group keys ``d``,
+            ``d_max``, ``d_numerator``, ``d_denom``, ``d_hat``, ``k``, ``skipped_steps`` (int64),
+            ``effective_lr`` and ``step_size`` are then those tensors (shared by the groups of a
+            D-group; ``float(group["d"])`` reads one), ``state[p]["step"]`` an int64 tensor, and
+            ``d_update_freq`` decided on the device; ``state_dict()`` holds Python numbers as in
+            the default mode. ``lr`` and the other hyperparameters stay Python numbers: a graph
+            keeps the values it was captured with. Not supported: ``d_steps``. No warning on a
+            skipped step (read ``skipped_steps``). A param's first step reads it once on the host
+            (whether it is all zeros, for ``p0``): take warm-up steps before capturing.
 
-    Param groups may carry ``d_group`` (any hashable; use a str or int to keep checkpoints
-    loadable with ``weights_only=True``): groups with equal ``d_group`` share one D, whatever
-    ``independent_d`` says about the groups without one.
+    Param groups may carry ``d_group`` (any hashable; a str or int keeps checkpoints loadable with
+    ``weights_only=True``): groups with equal ``d_group`` share one D, whatever ``independent_d``.
 
-    Group keys for logging (Python floats, or 0-dim tensors with ``capturable=True``, updated by
-    every step): ``d``, ``d_max``, ``d_numerator``, ``d_denom``, ``d_hat``, ``k`` (int), ``lr``
-    ``effective_lr`` (``lr * bias_correction`` of the last step: the multiplier of D, as
-    prodigy-plus-schedule-free defines it and OneTrainer and musubi-tuner log ``d * effective_lr``)
-    and ``step_size`` (``d * lr * bias_correction`` with the D of that step: the step it applied);
-    both 0.0 before the first step. ``get_learning_rates()`` lists ``step_size`` per group.
+    Group keys for logging (Python floats, or 0-dim tensors with ``capturable=True``): ``d``,
+    ``d_max``, ``d_numerator``, ``d_denom``, ``d_hat``, ``k`` (int), ``lr``, ``effective_lr``
+    (``lr * bias_correction`` of the last step: the multiplier of D, as prodigy-plus-schedule-free
+    defines it and OneTrainer and musubi-tuner log ``d * effective_lr``) and ``step_size`` (``d *
+    lr * bias_correction`` with that step's D: the step it applied); both 0.0 before the first
+    step. ``get_learning_rates()`` lists ``step_size`` per group.
 
-    ``torch.compile(opt.step)`` (PyTorch's recipe for compiling an optimizer step) is accepted and
-    equals the eager step: the step is excluded from tracing (``torch.compiler.disable``), so
-    changing ``lr`` or D never recompiles and the groups keep their flags. The elementwise math
-    is compiled by the fused path (``fused``), with or without ``torch.compile`` around the step.
-
-    Fused backward: ``step_parameter(p)`` (from ``p.register_post_accumulate_grad_hook``; also in
-    OneTrainer's form ``step_parameter(p, group, i)``) steps one param as soon as its gradient
-    is ready and ``finalize_step()`` (or ``step()``) updates D once all are in.
-
-    Distributed training: when reduced, the D statistics of all D-groups are packed into one
-    tensor and summed with ONE ``all_reduce`` per step (per device), with no host sync; steps that
-    do not update D (``d_update_freq``) communicate nothing.
+    ``torch.compile(opt.step)`` runs the eager step (excluded from tracing), so changing ``lr`` or
+    D never recompiles and the groups keep their flags; ``fused`` compiles the elementwise math.
+    Fused backward: ``step_parameter(p)`` from ``p.register_post_accumulate_grad_hook`` (or
+    OneTrainer's ``step_parameter(p, group, i)``) steps a param once its gradient is ready;
+    ``finalize_step()`` (or ``step()``) updates D once all are in. Distributed: the D statistics
+    of all D-groups are summed with ONE ``all_reduce`` per step, no host sync; steps that do not
+    update D communicate nothing.
     """
 
     def __init__(
@@ -280,7 +261,7 @@ class KProdigy(torch.optim.Optimizer):
         either mode. Per-param steps (``step_parameter``) not yet finalized are dropped: the
         checkpoint is authoritative.
         """
-        id_map = check_state_dict(state_dict, self.param_groups, self.defaults)
+        id_map = check_optimizer_state_dict(state_dict, self.param_groups, self.defaults)
         saved_groups = []
         for i, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
             saved = {**saved, "capturable": group["capturable"]}
