@@ -15,7 +15,8 @@ from ..functional import Hyperparams
 from ..functional._distributed import is_dtensor
 from ..functional._hyperparams import D_CONFIG
 
-__all__ = ["check_d_group_agrees", "check_grads", "check_param_group", "check_settings", "hparams", "one_device"]
+__all__ = ["check_d_group_agrees", "check_grads", "check_group", "check_param_group", "check_settings", "hparams"]
+__all__ += ["one_device"]
 
 
 def check_param_group(param_group: dict[str, Any], existing: Sequence[dict[str, Any]]) -> None:
@@ -129,6 +130,14 @@ def check_settings(group: dict[str, Any]) -> Hyperparams:
             "were freed, so d_steps cannot be raised or removed after that"
         )
     return hp
+
+
+def check_group(group: dict[str, Any], i: int, where: str = "param group") -> Hyperparams:
+    """``check_settings`` naming the group in its ValueError."""
+    try:
+        return check_settings(group)
+    except ValueError as e:
+        raise ValueError(f"{where} {i}: {e}") from None
 
 
 def check_d_group_agrees(groups: list[dict[str, Any]], members: list[int]) -> None:

@@ -21,7 +21,7 @@ from ..functional._checkpoint import check_optimizer_state_dict
 from ..functional._scalars import frozen
 from ..functional._state import d_dtype, state_dtype
 from . import _diagnostics, _group_keys, _per_param, _plan
-from ._checks import check_param_group, check_settings, hparams, one_device
+from ._checks import check_group, check_param_group, check_settings, hparams, one_device
 
 __all__ = ["KProdigy"]
 
@@ -219,18 +219,17 @@ class KProdigy(torch.optim.Optimizer):
             raise
 
     def __getstate__(self) -> dict[str, Any]:
-        """torch's state (defaults, state, param_groups) plus the optimizer-wide settings, so that
-        ``copy.deepcopy`` and pickling keep them (``process_group`` is not picklable: it is left out)."""
+        """torch's state plus the optimizer-wide settings, which ``copy.deepcopy`` and pickling keep
+        (``process_group``, not picklable, is left out)."""
         state = {k: v for k, v in super().__getstate__().items() if k not in ("_kept", "_pending", "_scratch_store")}
         state.update(independent_d=self.independent_d, reduce_d_stats=self.reduce_d_stats, d_ratio_cap=self.d_ratio_cap)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Fill keys missing from older or prodigyopt checkpoints; D values and steps become Python
-        numbers, or persistent device tensors in capturable groups (see ``_bind``).
-
-        torch's ``__setstate__`` adds ``differentiable`` to ``defaults``; KProdigy has no such
-        flag, so it is taken out again (else every group would get it: load -> save unstable)."""
+        numbers, or persistent device tensors in capturable groups (``_bind``). torch's
+        ``__setstate__`` adds ``differentiable`` to ``defaults``, which KProdigy has not: taken out
+        again (else every group would get it: load -> save unstable)."""
         had_differentiable = "differentiable" in state.get("defaults", self.__dict__.get("defaults", {}))
         super().__setstate__(state)
         if not had_differentiable:
@@ -251,25 +250,16 @@ class KProdigy(torch.optim.Optimizer):
         self._bind()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a checkpoint (ours, an older version's, or prodigyopt's) atomically.
-
-        The whole checkpoint is validated first (layout, keys, shapes, dtypes, finite values,
-        hyperparameters); a bad one raises ValueError and leaves the optimizer as it was. The
-        moments and ``s`` of 16-bit params are kept in float32 when ``fp32_state`` (torch's loader
-        would cast them to the param dtype). ``capturable`` is kept from this optimizer's groups
-        (it says how the D state is held, not what it is): a checkpoint of either mode loads into
-        either mode. Per-param steps (``step_parameter``) not yet finalized are dropped: the
-        checkpoint is authoritative.
-        """
+        """Load a checkpoint (ours, an older version's, or prodigyopt's) atomically: validated first
+        (layout, keys, shapes, dtypes, finite values, hyperparameters), a bad one raises ValueError
+        and changes nothing. The moments and ``s`` of 16-bit params stay float32 with ``fp32_state``
+        (torch's loader casts them to the param dtype). ``capturable`` stays this optimizer's (how D
+        is held, not what it is). Per-param steps not yet finalized are dropped."""
         id_map = check_optimizer_state_dict(state_dict, self.param_groups, self.defaults)
         saved_groups = []
         for i, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
-            saved = {**saved, "capturable": group["capturable"]}
-            try:
-                check_settings({**self.defaults, **saved})
-            except ValueError as e:
-                raise ValueError(f"checkpoint param group {i}: {e}") from None
-            saved_groups.append(saved)
+            saved_groups.append({**saved, "capturable": group["capturable"]})
+            check_group({**self.defaults, **saved_groups[-1]}, i, "checkpoint param group")
         state_dict = {**state_dict, "param_groups": saved_groups}
         before = {"state": self.state, "param_groups": self.param_groups, "_pending": self._pending}
         try:
@@ -289,11 +279,8 @@ class KProdigy(torch.optim.Optimizer):
             raise
 
     def state_dict(self) -> dict[str, Any]:
-        """As ``torch.optim.Optimizer.state_dict``, after finalizing pending per-parameter steps.
-
-        The same format in both modes (prodigyopt's): Python numbers in the D group keys and in
-        ``step``; with ``capturable=True`` their tensors are read on the host here.
-        """
+        """As ``torch.optim.Optimizer.state_dict``, after finalizing pending per-parameter steps;
+        prodigyopt's format in both modes (Python numbers in the D keys and ``step``)."""
         self.finalize_step()
         state_dict = super().state_dict()
         for group in state_dict["param_groups"]:
@@ -305,12 +292,8 @@ class KProdigy(torch.optim.Optimizer):
         return state_dict
 
     def d_groups(self) -> list[list[int]]:
-        """Indices of the param groups sharing each D estimate, ordered by their first group.
-
-        Groups with the same ``d_group`` label share one D; groups without one follow
-        ``independent_d`` (False: one D for all; True: one per group; None: one per group when
-        there is more than one group).
-        """
+        """Indices of the param groups sharing each D, ordered by their first group: equal
+        ``d_group`` labels share one; groups without a label follow ``independent_d``."""
         independent = self.independent_d if self.independent_d is not None else len(self.param_groups) > 1
         where: dict[Any, int] = {}
         out: list[list[int]] = []
@@ -342,12 +325,8 @@ class KProdigy(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
-
-        After ``step_parameter`` calls (a fused back pass) it finishes their step (as
-        ``finalize_step()``) and steps nothing else, whatever gradients are left in ``.grad``.
-        Not traced by ``torch.compile`` (see the class docstring): ``torch.compile(opt.step)``
-        runs this eager step.
-        """
+        After ``step_parameter`` calls it finishes their step (``finalize_step()``) and steps nothing
+        else, whatever gradients are left in ``.grad``. ``torch.compile(opt.step)`` runs it eagerly."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -370,7 +349,7 @@ class KProdigy(torch.optim.Optimizer):
         return loss
 
     def _d_state(self, groups: list[dict[str, Any]], on_host: bool) -> DState:
-        """A D-group's D state (``_group_keys.read``) in the plan's form: host numbers or tensors."""
+        """A D-group's D state in the plan's form: host numbers or tensors."""
         ds = _group_keys.read(groups[0])
         if on_host or isinstance(ds.d, Tensor):
             return ds
@@ -378,9 +357,8 @@ class KProdigy(torch.optim.Optimizer):
         return ds.on_device(device, d_dtype(device))
 
     def _record(self, groups: list[dict[str, Any]], params: list[Tensor], old: DState, new: DState) -> None:
-        """After a D-group's step: its group keys (``_group_keys.write``), the ``step`` of the
-        params it moved (``params``: those with gradients in groups with lr > 0), a warning on the
-        first skip, and D frozen (``d_steps``) where due."""
+        """After a D-group's step: its group keys, the ``step`` of the params it moved (with gradients,
+        in groups with lr > 0), a warning on the first skip, and D frozen (``d_steps``) where due."""
         if new is old:
             return  # nothing changed (no gradients, or every lr 0)
         lead = groups[0]
@@ -406,7 +384,7 @@ class KProdigy(torch.optim.Optimizer):
                     self.state.get(p, {}).pop("p0", None)
 
     def _bind(self) -> None:
-        """Capturable D-groups: their D keys as persistent 0-dim device tensors (``_group_keys.bind``)."""
+        """The D keys of capturable D-groups as persistent 0-dim device tensors."""
         if not any(g["capturable"] for g in self.param_groups):
             return
         seen: set[int] = set()
@@ -422,19 +400,15 @@ class KProdigy(torch.optim.Optimizer):
         return next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
 
     def _scratch(self) -> dict[Any, Tensor]:
-        """The reused CPU buffers of the eager kernels (``functional._scratch``): held here, so
-        that they go with the optimizer (not pickled or copied)."""
+        """The eager kernels' reused CPU buffers (``functional._scratch``), which go with the optimizer."""
         return self.__dict__.setdefault("_scratch_store", {})
 
     def _reduce_stats(self, params: list[Tensor]) -> Callable[[Tensor], Tensor] | None:
-        """The all-reduce of the D statistics if this step needs one (``_distributed.stats_reduction``)."""
         forced = any(g["fsdp_in_use"] for g in self.param_groups)
-        return _distributed.stats_reduction(
-            params, reduce_d_stats=self.reduce_d_stats, process_group=self.process_group, forced=forced
-        )
+        group = self.process_group
+        return _distributed.stats_reduction(params, reduce_d_stats=self.reduce_d_stats, process_group=group, forced=forced)
 
     def _warn_skip(self, members: list[int]) -> None:
-        """Warn the first time a step is skipped for non-finite gradients."""
         if self.__dict__.get("_warned_skip"):
             return
         self._warned_skip = True
@@ -451,24 +425,18 @@ class KProdigy(torch.optim.Optimizer):
         """Step one param now, with the D of this step; D is updated by ``finalize_step()``.
 
         For fused backward passes: call it from ``p.register_post_accumulate_grad_hook`` (then
-        ``p.grad`` may be freed at once), or as OneTrainer's fused back pass does,
-        ``step_parameter(p, group, i)`` (``group``: p's param group, ``i``: p's index in it), and
-        call ``finalize_step()`` (or ``step()``) after each ``backward()``; ``state_dict()``
-        finalizes too. Called outside a backward pass for a ``p`` already stepped since the last
-        finalization, it finalizes that step first; inside one it raises (params needed by that
-        backward must not move). A param without a gradient is skipped.
-
-        The moments and ``s`` of ``p`` are updated now (with ``betas[0] == 0`` its gradient is
-        kept until ``finalize_step()``, whose param update reads it); the param itself moves in
-        ``finalize_step()``, with the D of this step's update, so the result equals ``step()``'s
-        up to float rounding (the D statistics are summed in another order). These use the
-        eager kernels. A NaN/inf gradient skips the param and D updates of the whole D-group;
-        the moments of the params stepped before it in that step have moved.
+        ``p.grad`` may be freed at once) or as OneTrainer does, ``step_parameter(p, group, i)`` (p's
+        group and index in it), then ``finalize_step()`` (or ``step()``) after each ``backward()``;
+        ``state_dict()`` finalizes too. For a ``p`` already stepped since the last finalization it
+        finalizes first, or raises inside a backward pass. A param without a gradient is skipped.
+        The moments and ``s`` move now (with ``betas[0] == 0`` the gradient is kept), the param in
+        ``finalize_step()`` with the new D: ``step()``'s result up to float rounding (the statistics
+        summed in another order), on the eager kernels. A NaN/inf gradient skips the param and D
+        updates of its D-group (the moments of the params stepped before it have moved).
         """
         _per_param.step_parameter(self, p, group, i)
 
     @torch.no_grad()
     def finalize_step(self) -> None:
-        """Update D from the statistics of the params stepped by ``step_parameter``, then move those
-        params with the new D (no-op if none)."""
+        """Update D from the statistics of the params stepped by ``step_parameter``, then move them."""
         _per_param.finalize(self)

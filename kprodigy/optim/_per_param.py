@@ -13,7 +13,7 @@ from torch import Tensor
 from ..functional import _partial, _scratch
 from ..functional._scalars import cap_d_ratio
 from . import _diagnostics, _group_keys, _plan
-from ._checks import check_d_group_agrees, check_grads, check_settings, hparams
+from ._checks import check_d_group_agrees, check_grads, check_group, hparams
 
 __all__ = ["Pending", "finalize", "step_parameter"]
 
@@ -39,10 +39,7 @@ def step_parameter(opt: Any, p: Tensor, group: dict[str, Any] | None, i: int | N
     if pending is None:
         groups = [opt.param_groups[j] for j in members]
         for j, g in zip(members, groups):
-            try:
-                check_settings(g)
-            except ValueError as e:
-                raise ValueError(f"param group {j}: {e}") from None
+            check_group(g, j)
         check_d_group_agrees(groups, members)
         opt._bind()
         core = _partial.Pending.start(hparams(groups[0]), _group_keys.read(groups[0]), p.device)

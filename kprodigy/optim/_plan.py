@@ -1,7 +1,6 @@
-"""The plan of a step as the shell keeps it: the param groups' tensors gathered into the core's
-segments (per-tensor state created on first use, ``segment``), the engine's plan over them
-(``build``), and the check that a later step may reuse it (``Kept.holds``): a steady step then
-compares identities instead of validating, gathering and laying out again."""
+"""The plan of a step as the shell keeps it: the groups' tensors as the core's segments (state
+created on first use, ``segment``), the engine's plan over them (``build``), and whether a later
+step may reuse it (``Kept.holds``: identities compared instead of validating and laying out)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from torch import Tensor
 from ..functional import Hyperparams, _distributed, _engine
 from ..functional._state import STATE_KEYS, Segment, state_dtype
 from . import _group_keys
-from ._checks import check_d_group_agrees, check_grads, check_settings, hparams, one_device
+from ._checks import check_d_group_agrees, check_grads, check_group, hparams, one_device
 
 __all__ = ["Kept", "build", "segment"]
 
@@ -23,10 +22,7 @@ def build(opt: Any) -> Kept:
     the plan of this step; kept for the next steps unless a param is a DTensor."""
     opt._kept = None
     for i, group in enumerate(opt.param_groups):
-        try:
-            check_settings(group)
-        except ValueError as e:
-            raise ValueError(f"param group {i}: {e}") from None
+        check_group(group, i)
         check_grads(group, i, opt.state)
     members = opt.d_groups()
     for m in members:
@@ -61,12 +57,11 @@ def build(opt: Any) -> Kept:
 
 
 def segment(states: dict[Tensor, dict[str, Any]], group: dict[str, Any]) -> tuple[Segment, list[Tensor]]:
-    """One group's params with gradients and their state (created on first use; DTensors as
-    their local shards: the math is per rank), and those params. Once D froze
-    (``d_frozen``), ``s`` and ``p0`` are empty placeholders (freed)."""
+    """The segment of a group's params with gradients (DTensors as their local shards: the math is
+    per rank; state created on first use; ``s`` and ``p0`` empty once D froze), and those params."""
     hp = hparams(group)
     originals = [p for p in group["params"] if p.grad is not None]
-    lists: dict[str, list[Tensor]] = {key: [] for key in ("params", "grads", *STATE_KEYS)}
+    lists: dict[str, Any] = {key: [] for key in ("params", "grads", *STATE_KEYS)}
     for p in originals:
         state = states[p]
         if "exp_avg_sq" not in state:
@@ -85,9 +80,9 @@ def segment(states: dict[Tensor, dict[str, Any]], group: dict[str, Any]) -> tupl
                 lists[key].append(_distributed.flat_local(t) if key in ("s", "p0") else _distributed.local(t))
             elif key != "exp_avg":
                 lists[key].append(x.new_empty(0))
-    m = lists["exp_avg"] if hp.betas[0] > 0 else None
-    seg = Segment(lists["params"], lists["grads"], m, lists["exp_avg_sq"], lists["s"], lists["p0"], hp)
-    return seg, originals
+    if hp.betas[0] == 0:
+        lists["exp_avg"] = None
+    return Segment(**lists, hparams=hp), originals
 
 
 class Kept:
@@ -142,9 +137,6 @@ class Kept:
             for j, member in zip(m, d):
                 if j == i:
                     _engine.refresh(member, hp)
-
-
-_EMPTY: dict[str, Any] = {}
 
 
 def _flags(group: dict[str, Any]) -> tuple[Any, ...]:
