@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["Hyperparams"]
+__all__ = ["D_CONFIG", "Hyperparams", "hparams"]
 
 
 @dataclass(frozen=True)
@@ -117,3 +117,37 @@ def _finite(name: str, value: float, strict: bool) -> None:
     """``value`` finite and > 0 (``strict``) or >= 0."""
     ok = math.isfinite(value) and (value > 0 if strict else value >= 0)
     _check(name, value, ok, f"a finite number {'>' if strict else '>='} 0")
+
+
+_HPARAMS: dict[tuple[Any, ...], Hyperparams] = {}  # validated Hyperparams by their mapping's values (a
+# bounded memo of immutable values: like functools.lru_cache, it holds nothing else alive)
+_HPARAMS_MAX = 256
+
+
+def hparams(group: dict[str, Any]) -> Hyperparams:
+    """``Hyperparams.from_mapping(group)`` (an optimizer's param group), validated once per distinct
+    set of values (a scheduler changing lr gives a new key). Keys carry the types (``True == 1``
+    must not hit)."""
+    values = tuple(map(group.get, _FIELD_NAMES, _MISSING))
+    betas = values[_BETAS]
+    try:
+        key = (values, tuple(map(type, values)), tuple(map(type, betas)) if isinstance(betas, (tuple, list)) else None)
+        hp = _HPARAMS.get(key)
+    except TypeError:  # an unhashable value: validate it (and raise) without the cache
+        return Hyperparams.from_mapping(group)
+    if hp is None:
+        # an lr schedule changes only lr: derive from the same values' last Hyperparams
+        rest = key[0][:_LR] + key[0][_LR + 1 :], key[1][:_LR] + key[1][_LR + 1 :], key[2]
+        same_rest = _BY_REST.get(rest) if values[_LR] is not _MISSING[0] else None
+        hp = same_rest.with_lr(values[_LR]) if same_rest is not None else Hyperparams.from_mapping(group)
+        if len(_HPARAMS) >= _HPARAMS_MAX:
+            _HPARAMS.clear()
+            _BY_REST.clear()
+        _HPARAMS[key] = _BY_REST[rest] = hp
+    return hp
+
+
+_BETAS = _FIELD_NAMES.index("betas")
+_LR = _FIELD_NAMES.index("lr")
+_BY_REST: dict[tuple[Any, ...], Hyperparams] = {}  # the same, keyed by every value but lr
+_MISSING = (object(),) * len(_FIELD_NAMES)  # group.get's default: a missing key is not None

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..functional import Hyperparams
 from ..functional._distributed import is_dtensor
-from ..functional._hyperparams import D_CONFIG
+from ..functional._hyperparams import D_CONFIG, hparams
 
 __all__ = ["check_d_group_agrees", "check_grads", "check_group", "check_param_group", "check_settings", "hparams"]
 __all__ += ["one_device"]
@@ -169,37 +169,3 @@ def one_device(params: list[Tensor], members: list[int]) -> torch.device:
                 "put them on one device or use independent_d=True with one device per group"
             )
     return device
-
-
-_HPARAMS: dict[tuple[Any, ...], Hyperparams] = {}  # validated Hyperparams by their group's values (a
-# bounded memo of immutable values: like functools.lru_cache, it holds nothing else alive)
-_HPARAMS_MAX = 256
-
-
-def hparams(group: dict[str, Any]) -> Hyperparams:
-    """``Hyperparams.from_mapping(group)``, validated once per distinct set of values (a scheduler
-    changing lr or betas gives a new key). Keys carry the types (``True == 1`` must not hit)."""
-    values = tuple(map(group.get, _HP_FIELDS, _MISSING))
-    betas = values[_BETAS]
-    try:
-        key = (values, tuple(map(type, values)), tuple(map(type, betas)) if isinstance(betas, (tuple, list)) else None)
-        hp = _HPARAMS.get(key)
-    except TypeError:  # an unhashable value: validate it (and raise) without the cache
-        return Hyperparams.from_mapping(group)
-    if hp is None:
-        # an lr schedule changes only lr: derive from the same values' last Hyperparams
-        rest = key[0][:_LR] + key[0][_LR + 1 :], key[1][:_LR] + key[1][_LR + 1 :], key[2]
-        same_rest = _BY_REST.get(rest) if values[_LR] is not _MISSING[0] else None
-        hp = same_rest.with_lr(values[_LR]) if same_rest is not None else Hyperparams.from_mapping(group)
-        if len(_HPARAMS) >= _HPARAMS_MAX:
-            _HPARAMS.clear()
-            _BY_REST.clear()
-        _HPARAMS[key] = _BY_REST[rest] = hp
-    return hp
-
-
-_HP_FIELDS = Hyperparams.field_names()
-_BETAS = _HP_FIELDS.index("betas")
-_LR = _HP_FIELDS.index("lr")
-_BY_REST: dict[tuple[Any, ...], Hyperparams] = {}  # the same, keyed by every value but lr
-_MISSING = (object(),) * len(_HP_FIELDS)  # group.get's default: a missing key is not None
