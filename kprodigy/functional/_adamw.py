@@ -20,7 +20,6 @@ d_old: x - dlr d_new g / den.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -30,6 +29,7 @@ from torch import Tensor
 from ._hyperparams import Hyperparams
 from ._layout import SMALL, flat_span, p0_full, views
 from ._scalars import StepScalars
+from ._single import Ts
 from ._state import Segment, SegmentResult, is_wrapped
 
 __all__ = ["PACKS", "PURE", "SMALL", "Bucket", "FlatGroup", "gradients", "layout", "statistics", "update", "usable"]
@@ -153,11 +153,12 @@ def layout(seg: Segment) -> FlatGroup:
                 hi = min(lo + width, n)
                 s_lo, s_hi = (0, 0) if frozen else (lo // p, -(-hi // p))
                 m = [] if ms is None else [ms[i].view(-1)[lo:hi]]
-                bucket = Bucket([i], lo, hi, [x.view(-1)[lo:hi]], m, [vs[i].view(-1)[lo:hi]], ss[i][s_lo:s_hi], p0[s_lo:s_hi])
-                buckets.append(bucket)
+                v = [vs[i].view(-1)[lo:hi]]
+                buckets.append(Bucket([i], lo, hi, [x.view(-1)[lo:hi]], m, v, ss[i][s_lo:s_hi], p0[s_lo:s_hi]))
             continue
         params = [xs[i] for i in idx]
-        spans = [flat_span([ts[i] for i in idx]) for ts in ([] if ms is None else [ms]) + [vs] + ([] if frozen else [ss])]
+        laid = ([] if ms is None else [ms]) + [vs] + ([] if frozen else [ss])
+        spans = [flat_span([ts[i] for i in idx]) for ts in laid]
         if any(span is None for span in spans):
             raise ValueError("the state of small params is not packed (_layout.pack_segment)")
         if frozen:
@@ -191,7 +192,7 @@ def _frozen(seg: Segment) -> bool:
     return not any(s.numel() for s in seg.s) and any(x.numel() for x in seg.params)
 
 
-def gradients(seg: Segment, lay: FlatGroup, grads: Sequence[Tensor]) -> list[Tensor]:
+def gradients(seg: Segment, lay: FlatGroup, grads: Ts) -> list[Tensor]:
     """Each bucket's (n,) gradient: a packed bucket's buffer, into which its effective gradients
     are gathered (as ``_single.effective_grads``; every slice_p-th element also into ``sliced``);
     a slice's view of its raw gradient (made effective by ``_grad``)."""
@@ -235,7 +236,7 @@ def _sliced(fg: FlatGroup, b: Bucket, g: Tensor) -> Tensor:
     return g if fg.slice_p == 1 else g[:: fg.slice_p]
 
 
-def statistics(seg: Segment, lay: FlatGroup, grads: Sequence[Tensor], sc: StepScalars) -> tuple[Tensor, Tensor]:
+def statistics(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars) -> tuple[Tensor, Tensor]:
     """Writes only scratch."""
     fg, hp = lay, seg.hparams
     dots, norms = [], []
@@ -252,14 +253,14 @@ def statistics(seg: Segment, lay: FlatGroup, grads: Sequence[Tensor], sc: StepSc
             x = b.params[0][:: fg.slice_p]
         g = _sliced(fg, b, _grad(fg, b, gb, hp))
         dots.append(torch.dot(g, torch.sub(b.p0, x, out=work)))  # <g, p0 - x>
-        s_new = torch.mul(b.s, cast(float, sc.beta3), out=fg.work2[:n_s]).add_(g, alpha=sc.s_scale)  # the ops of ``update``
+        s_new = torch.mul(b.s, cast(float, sc.beta3), out=fg.work2[:n_s]).add_(g, alpha=sc.s_scale)  # as ``update``
         norms.append(torch.abs(s_new, out=work).sum())
     if len(dots) == 1:
         return dots[0], norms[0]
     return torch.stack(dots).sum(), torch.stack(norms).sum()
 
 
-def update(seg: Segment, lay: FlatGroup, grads: Sequence[Tensor], sc: StepScalars, out: SegmentResult | None) -> SegmentResult:
+def update(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars, out: SegmentResult | None) -> SegmentResult:
     """In place only (not ``PURE``), D on the host."""
     assert out is not None and sc.d_new is not None and sc.ok is None, "in place, with D on the host"
     fg, hp = lay, seg.hparams

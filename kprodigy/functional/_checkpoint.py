@@ -37,7 +37,8 @@ def state_to_dict(state: State) -> dict[str, Any]:
     check_state(state)
     for name in STATE_KEYS:
         _check_plain(getattr(state, name), name)
-    return {**{name: getattr(state, name) for name in STATE_KEYS}, "d": {f: getattr(state.d, f) for f in D_STATE_FIELDS}}
+    d = {f: getattr(state.d, f) for f in D_STATE_FIELDS}
+    return {**{name: getattr(state, name) for name in STATE_KEYS}, "d": d}
 
 
 def state_from_dict(data: Mapping[str, Any]) -> State:
@@ -85,7 +86,8 @@ def to_optimizer_state_dict(state: State, hparams: Hyperparams) -> dict[str, Any
             "(e.g. torch.utils._pytree.tree_map(lambda t: t[i], state))"
         )
     k = int(state.d.k)
-    per_param = {i: {**{name: ts[i].detach().clone() for name, ts in leaves.items() if ts is not None}, "step": k} for i in range(n)}
+    tensors = {name: ts for name, ts in leaves.items() if ts is not None}
+    per_param = {i: {**{name: ts[i].detach().clone() for name, ts in tensors.items()}, "step": k} for i in range(n)}
     group: dict[str, Any] = {name: getattr(hparams, name) for name in Hyperparams.field_names()}
     group.update(zip(D_FLOATS, scalars.tolist()))
     group.update(k=k, skipped_steps=int(state.d.skipped_steps), d0=hparams.d0, params=list(range(n)))
@@ -144,7 +146,8 @@ def from_optimizer_state_dict(
     spec = pytree.tree_structure(like) if like is not None else pytree.tree_structure(fields["exp_avg_sq"])
     if spec.num_leaves != len(ids):
         raise ValueError(f"like has {spec.num_leaves} tensors but the param groups hold {len(ids)} params")
-    mirror: dict[str, Any] = {k: pytree.tree_unflatten(ts, spec) if k != "exp_avg" or has_m else None for k, ts in fields.items()}
+    mirror: dict[str, Any] = {"exp_avg": None}
+    mirror.update((k, pytree.tree_unflatten(ts, spec)) for k, ts in fields.items() if k != "exp_avg" or has_m)
     return State(**mirror, d=host.on_device(device, d_dtype(device)))
 
 
@@ -161,7 +164,9 @@ def _check_plain(value: Any, where: str) -> None:
         _check_plain(item, f"{where}[{i}]")
 
 
-def check_optimizer_state_dict(state_dict: Any, param_groups: Sequence[dict[str, Any]], defaults: dict[str, Any]) -> Any:
+def check_optimizer_state_dict(
+    state_dict: Any, param_groups: Sequence[dict[str, Any]], defaults: dict[str, Any]
+) -> dict[Any, tuple[Tensor, Hyperparams]]:
     """Validate a whole ``KProdigy.state_dict()`` against an optimizer's param groups before it loads:
     ValueError naming the group, param and key (missing keys, wrong shapes, non-floating or
     non-finite state, invalid hyperparameters or D values, another param layout). Returns the map
@@ -173,7 +178,8 @@ def check_optimizer_state_dict(state_dict: Any, param_groups: Sequence[dict[str,
         raise ValueError("checkpoint 'param_groups' must be a list and 'state' a dict")
     layout = "a different param layout"
     if len(saved_groups) != len(param_groups):
-        raise ValueError(f"checkpoint has {len(saved_groups)} param groups but the optimizer has {len(param_groups)}; {layout}")
+        n, mine = len(saved_groups), len(param_groups)
+        raise ValueError(f"checkpoint has {n} param groups but the optimizer has {mine}; {layout}")
     id_map: dict[Any, tuple[Tensor, Hyperparams]] = {}
     frozen: set[Any] = set()  # ids of params whose group froze D (d_steps): s and p0 were freed
     for i, (saved, group) in enumerate(zip(saved_groups, param_groups)):
@@ -236,7 +242,8 @@ def _check_param_state(pid: Any, st: Any, p: Tensor, hp: Hyperparams, *, d_froze
         return  # s and p0 of DTensor params may be per-rank shards; a frozen D freed them
     n = (p.numel() + hp.slice_p - 1) // hp.slice_p
     if st["s"].numel() != n:
-        raise ValueError(f"{where}: s has {st['s'].numel()} elements; expected {n} (the param's elements with slice_p={hp.slice_p})")
+        got, sp = st["s"].numel(), hp.slice_p
+        raise ValueError(f"{where}: s has {got} elements; expected {n} (the param's elements with slice_p={sp})")
     if st["p0"].numel() != n and st["p0"].dim() != 0:
         raise ValueError(f"{where}: p0 has {st['p0'].numel()} elements; expected {n} or a 0-dim zero")
 
@@ -253,6 +260,7 @@ def _integer(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-_D_KEY_RULES: list[tuple[str, Callable[[Any], bool], str]] = [(k, _finite_number, "a finite number") for k in (*D_FLOATS, "d0")]
+_Rule = tuple[str, Callable[[Any], bool], str]  # a group key, its test, what it expects
+_D_KEY_RULES: list[_Rule] = [(k, _finite_number, "a finite number") for k in (*D_FLOATS, "d0")]
 _D_KEY_RULES += [(k, lambda v: float(v) > 0, "a number > 0") for k in ("d", "d_max", "d0")]
 _D_KEY_RULES += [(k, lambda v: _integer(v) and int(v) >= 0, "an integer >= 0") for k in ("k", "skipped_steps")]

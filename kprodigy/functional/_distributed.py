@@ -25,7 +25,8 @@ try:  # DTensor: FSDP2 (fully_shard) and tensor-parallel params
 except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = None  # type: ignore[assignment,misc]
 
-__all__ = ["all_reduce_stats", "enclosing_zero_group", "flat_local", "init_state", "is_dtensor", "local", "stats_reduction"]
+__all__ = ["all_reduce_stats", "enclosing_zero_group", "flat_local", "init_state", "is_dtensor", "local"]
+__all__ += ["stats_reduction"]
 
 
 def all_reduce_stats(group: Any = None) -> ReduceStats:

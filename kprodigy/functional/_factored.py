@@ -75,7 +75,8 @@ def update_moments(
         factored = v.shape != g.shape
         v_in = torch.zeros_like(g) if factored else v  # zero v: the kernel returns this step's (1 - b2) (d g)^2
         dest = None if out is None else SegmentResult([], _one(out.exp_avg, i), [v_in], [out.s[i]])
-        m, (v_out,), (s,) = _single.update_moments([g], _one(exp_avgs, i), [v_in], [ss[i]], sc=sc, slice_p=slice_p, out=dest)
+        moments = _single.update_moments([g], _one(exp_avgs, i), [v_in], [ss[i]], sc=sc, slice_p=slice_p, out=dest)
+        m, (v_out,), (s,) = moments
         if factored:
             g2 = v_out.reshape(_check(g, v), -1)
             o = v if out is not None else None  # (elementwise on [r, c]: the values of r and c apart)

@@ -58,7 +58,7 @@ class Hyperparams:
             if name == "d_steps" and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {name}: {value!r}; expected {'None or ' if name == 'd_steps' else ''}an integer >= 1")
+                _check(name, value, False, "None or an integer >= 1" if name == "d_steps" else "an integer >= 1")
         b1, b2 = self.betas
         _finite("lr", self.lr, strict=False)
         _check("betas[0]", b1, 0.0 <= b1 < 1.0, "a number in [0, 1)")

@@ -51,11 +51,11 @@ def stochastic_round(x: Tensor, dtype: torch.dtype) -> Tensor:
     return ((bits + noise) & -65536).view(torch.float32).to(dtype)
 
 
-def write_back(originals: Sequence[Tensor], new: Sequence[Tensor], *, out: Sequence[Tensor] | None, sr: bool) -> list[Tensor]:
+def write_back(xs: Sequence[Tensor], new: Sequence[Tensor], *, out: Sequence[Tensor] | None, sr: bool) -> list[Tensor]:
     """New params in the originals' dtype (rounded stochastically when ``sr``), written into ``out``
     if given; tensors the kernel updated in place pass through."""
     result = []
-    for i, (x, y) in enumerate(zip(originals, new)):
+    for i, (x, y) in enumerate(zip(xs, new)):
         if y is x:
             result.append(x)
             continue

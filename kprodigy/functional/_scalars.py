@@ -51,7 +51,9 @@ def frozen(hp: Hyperparams, k: Scalar) -> bool:
     if hp.d_steps is None:
         return False
     if isinstance(k, Tensor):
-        raise ValueError("d_steps needs the step count on the host; it is not supported with D on the device (capturable)")
+        raise ValueError(
+            "d_steps needs the step count on the host; it is not supported with D on the device (capturable)"
+        )
     return k >= hp.d_steps
 
 

@@ -89,10 +89,10 @@ def statistics_of(xs: Ts, gs: Ts, ss: Ts, p0s: Ts, *, sc: StepScalars, slice_p: 
 
 
 def update_of(
-    xs: Ts, gs: Ts, exp_avgs: Ts | None, exp_avg_sqs: Ts, ss: Ts, *, sc: StepScalars, slice_p: int, out: SegmentResult | None
+    xs: Ts, gs: Ts, ms: Ts | None, vs: Ts, ss: Ts, *, sc: StepScalars, slice_p: int, out: SegmentResult | None
 ) -> SegmentResult:
     """The contract's update over lists: ``update_moments``, then ``update_params`` with the new m, v."""
-    m, v, s = update_moments(gs, exp_avgs, exp_avg_sqs, ss, sc=sc, slice_p=slice_p, out=out)
+    m, v, s = update_moments(gs, ms, vs, ss, sc=sc, slice_p=slice_p, out=out)
     return SegmentResult(update_params(xs, gs, m, v, sc=sc, out=out), m, v, s)
 
 

@@ -24,8 +24,7 @@ is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # a tensor inside 
 class DState:
     """State of one D estimate (one D-group): Python numbers where D is held on the host (the
     optimizer's default mode), else 0-dim tensors on the params' device (``init_state``,
-    ``capturable``), floats in ``d_dtype`` (float64, as prodigyopt's Python floats).
-    """
+    ``capturable``), floats in ``d_dtype`` (float64, as prodigyopt's Python floats)."""
 
     d: Scalar  # current step-size scale D (>= d0, never decreases)
     d_max: Scalar  # largest D estimate seen so far
@@ -69,9 +68,8 @@ D_FLOATS = D_STATE_FIELDS[:5]  # ("d", "d_max", "d_numerator", "d_denom", "d_hat
 
 @dataclass(frozen=True)
 class Segment:
-    """The tensors of one param group in a D-group (one part of it, where a backend steps one
-    dtype), with its hyperparameters. Lists are aligned; ``exp_avg`` is None iff betas[0] == 0;
-    ``s`` and ``p0`` are empty placeholders once D is frozen (``d_steps``)."""
+    """The tensors (aligned lists) of one param group in a D-group, or of its part of one dtype, and
+    its hyperparameters; ``exp_avg`` None iff betas[0] == 0; ``s``, ``p0`` empty once D froze."""
 
     params: Sequence[Tensor]
     grads: Sequence[Tensor]
@@ -84,9 +82,7 @@ class Segment:
 
 @dataclass(frozen=True)
 class SegmentResult:
-    """The params and per-tensor state of one segment, lists aligned (exp_avg None iff betas[0]
-    == 0): what an update pass returns, and where it writes (``out``: the input lists themselves
-    for the optimizer's in-place step; None means new tensors, the pure step)."""
+    """A segment's params and per-tensor state: what an update returns, and where it writes."""
 
     params: list[Tensor]
     exp_avg: list[Tensor] | None
@@ -151,15 +147,10 @@ def init_d_state(hparams: Hyperparams, device: torch.device | str | None = None)
 def init_tensor_state(
     x: Tensor, hparams: Hyperparams, *, compact_p0: bool = True, factored: bool = False
 ) -> dict[str, Tensor]:
-    """Per-tensor state for param ``x``, keyed as in prodigyopt (``exp_avg`` only if betas[0] > 0).
-
-    Allocated detached, in the param's memory format and ``state_dtype`` (float32 for 16-bit
-    params by default). With ``compact_p0``, ``p0`` is a 0-dim zero when x is all zeros (LoRA
-    up-projections), to save memory; that check reads x once, at init only, and is skipped inside
-    torch.func transforms (``vmap``), where it cannot run: there, and with ``compact_p0=False``,
-    ``p0`` is always the full slice. ``factored`` (x with 2+ dims): ``exp_avg_sq`` holds the row
-    and column means ``[r (rows), c (x.shape[-1])]`` (``_factored.py``).
-    """
+    """Per-tensor state for param ``x``, keyed as in prodigyopt (``exp_avg`` only if betas[0] > 0),
+    detached, in x's memory format and ``state_dtype``. ``compact_p0``: ``p0`` a 0-dim zero for an
+    all-zero x (LoRA up-projections; one read of x, skipped inside torch.func transforms, where it
+    cannot run). ``factored`` (2+ dims): ``exp_avg_sq`` the packed means ``[r, c]`` (``_factored``)."""
     x = x.detach()
     sliced = x.flatten()[:: hparams.slice_p]
     dtype = state_dtype(x.dtype, hparams)
@@ -177,7 +168,7 @@ def init_tensor_state(
 
 
 def init_state(params: Sequence[Tensor], hparams: Hyperparams, *, compact_p0: bool = True) -> State:
-    """Initial state for ``params`` (a list of tensors sharing one D); ``compact_p0``: see ``init_tensor_state``."""
+    """Initial state for ``params``, a list of tensors sharing one D (``init_tensor_state``)."""
     params = list(params)
     if not params:
         raise ValueError("init_state got an empty list of params; expected at least one tensor")
@@ -185,7 +176,8 @@ def init_state(params: Sequence[Tensor], hparams: Hyperparams, *, compact_p0: bo
     for i, x in enumerate(params):
         if x.device != device:
             raise ValueError(
-                f"params[{i}] is on {x.device} but params[0] is on {device}; tensors sharing one D must be on one device"
+                f"params[{i}] is on {x.device} but params[0] is on {device}; "
+                "tensors sharing one D must be on one device"
             )
     per_tensor = [init_tensor_state(x, hparams, compact_p0=compact_p0) for x in params]
     lists = {key: [t[key] for t in per_tensor] if key in per_tensor[0] else None for key in STATE_KEYS}

@@ -9,7 +9,6 @@ m_b}``). Mirroring, not storing a treespec, keeps the state a plain pytree that 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -19,11 +18,14 @@ from torch import Tensor
 
 from . import _engine, _state
 from ._hyperparams import Hyperparams
+from ._single import Ts
 from ._state import STATE_KEYS, Segment, SegmentResult, State, check_state
 
 __all__ = ["init_ensemble_state", "init_state", "step", "step_"]
 
 PyTree = Any  # a tensor, or a list/tuple/dict/registered pytree node of tensors
+Flag = bool | None  # foreach, fused: None is automatic
+Plan = _engine.Plan | None
 
 
 def init_state(params: PyTree, hparams: Hyperparams, *, compact_p0: bool = True) -> State:
@@ -42,10 +44,10 @@ def init_ensemble_state(params: PyTree, hparams: Hyperparams, *, compact_p0: boo
     """State of an ensemble of N models, for ``torch.func.vmap(step)``: one D per member.
 
     params: pytree of stacked tensors, each ``(N, *member_shape)`` (e.g. from
-        ``torch.func.stack_module_state``). Every tensor of the returned state has the leading
-        dimension N; the D fields are ``(N,)``.
-    compact_p0: a tensor that is all zeros in every member gets ``p0`` of shape ``(N,)`` (one zero
-        per member); otherwise ``p0`` is the full ``(N, numel / slice_p)`` slice.
+        ``torch.func.stack_module_state``); every tensor of the state has the leading dimension N,
+        the D fields are ``(N,)``.
+    compact_p0: ``p0`` of shape ``(N,)`` for a tensor all zeros in every member, else ``(N, numel /
+        slice_p)``.
     """
     leaves, spec = _flatten(params, "params")
     sizes = {x.shape[0] if x.dim() > 0 else None for x in leaves}
@@ -77,8 +79,8 @@ def step(
 
     params, grads: pytrees of one structure (grads shaped like their params), e.g. the dict given
         to ``torch.func.functional_call`` and the dict ``torch.func.grad`` returns for it
-    state: from ``init_state(params, ...)`` or a previous ``step``; not modified
-    Returns (new_params, new_state), both in the structure of ``params``. No input is written to.
+    state: from ``init_state(params, ...)`` or a previous ``step``
+    Returns (new_params, new_state) in the structure of ``params``; no input is written to.
     """
     leaves, gleaves, flat, spec = _flatten_step(params, grads, state)
     new_leaves, new_flat, _ = _step_lists(leaves, gleaves, flat, hparams, foreach=foreach, fused=fused, pure=True)
@@ -94,18 +96,18 @@ def step_(
     foreach: bool | None = None,
     fused: bool | None = None,
 ) -> State:
-    """One K-Prodigy step in place, for custom loops that do not need a pure step: ``params``,
-    the per-tensor state and the D state's tensors are updated in place, at the speed of the
-    ``KProdigy`` class. Returns the state to use next: ``state`` itself, except on a first call
-    that lays the small params' state flat in new buffers (as the class keeps it) or creates
-    ``exp_avg`` (betas[0] raised from 0); the plan of the step is kept with that state object
-    while its tensors and the settings that shape it stay. Arguments as ``step``."""
+    """One K-Prodigy step in place (params, state tensors, D tensors), at the speed of the ``KProdigy``
+    class, for loops that need no pure step; arguments as ``step``. Returns the state to use next:
+    ``state`` itself, except on a first call that lays the small params' state flat (as the class
+    keeps it) or creates ``exp_avg`` (betas[0] raised from 0). The step's plan is kept with that
+    state while its tensors and the settings that shape it stay."""
     leaves, gleaves, flat, spec = _flatten_step(params, grads, state)
     sig = _signature(leaves, gleaves, flat, hparams, foreach, fused)
     kept = _KEPT.get(id(state))
     plan = kept[1] if kept is not None and kept[0] == sig else None
     _, new_flat, plan = _step_lists(leaves, gleaves, flat, hparams, foreach=foreach, fused=fused, plan=plan)
-    if any(a is not b for a, b in zip(_state_leaves(new_flat), _state_leaves(flat))) or flat.exp_avg is None and new_flat.exp_avg:
+    new_tensors = any(a is not b for a, b in zip(_state_leaves(new_flat), _state_leaves(flat)))
+    if new_tensors or flat.exp_avg is None and new_flat.exp_avg:
         return _unflatten_state(new_flat, spec)  # new state tensors: kept from the next call on
     if isinstance(state.d.d, Tensor):
         state.d.assign(new_flat.d)
@@ -119,9 +121,7 @@ def step_(
 _KEPT: dict[int, tuple[tuple[Any, ...], _engine.Plan]] = {}  # id(State) -> (signature, plan) of its in-place steps
 
 
-def _signature(
-    params: list[Tensor], grads: list[Tensor], state: State, hp: Hyperparams, foreach: bool | None, fused: bool | None
-) -> tuple[Any, ...]:
+def _signature(params: Ts, grads: Ts, state: State, hp: Hyperparams, foreach: Flag, fused: Flag) -> tuple[Any, ...]:
     """What a kept plan of ``step_`` was built from: the tensors, the gradients' layout, grad mode,
     the flags and the settings that choose the backend and lay the state out."""
     layout = tuple((g.dtype, g.device, g.shape, g.is_contiguous(), x.requires_grad) for x, g in zip(params, grads))
@@ -134,39 +134,33 @@ def _state_leaves(state: State) -> list[Tensor]:
 
 
 def _step_lists(
-    params: list[Tensor],
-    grads: list[Tensor],
-    state: State,
-    hp: Hyperparams,
-    *,
-    foreach: bool | None,
-    fused: bool | None,
-    pure: bool = False,
-    plan: _engine.Plan | None = None,
+    xs: Ts, gs: Ts, state: State, hp: Hyperparams, *, foreach: Flag, fused: Flag, pure: bool = False, plan: Plan = None
 ) -> tuple[list[Tensor], State, _engine.Plan]:
     """The step over lists (one D-group of one member): new tensors (``pure``) or in place, on a
     kept ``plan`` (its hyperparameters refreshed) or a new one."""
-    on_host = bool(params) and _engine.d_on_host([*params, *grads, *(t for t in [state.d.d] if isinstance(t, Tensor))])
+    on_host = bool(xs) and _engine.d_on_host([*xs, *gs, *(t for t in [state.d.d] if isinstance(t, Tensor))])
     if plan is None or plan.on_host != on_host:
-        _check_grads(params, grads)
+        _check_grads(xs, gs)
         exp_avg = state.exp_avg
         if hp.betas[0] > 0 and exp_avg is None:  # betas[0] raised from 0: the class's rule
-            exp_avg = [torch.zeros_like(x, dtype=v.dtype, memory_format=torch.preserve_format) for x, v in zip(params, state.exp_avg_sq)]
-        seg = Segment(params, grads, exp_avg if hp.betas[0] > 0 else None, state.exp_avg_sq, state.s, state.p0, hp)
+            like = zip(xs, state.exp_avg_sq)
+            exp_avg = [torch.zeros_like(x, dtype=v.dtype, memory_format=torch.preserve_format) for x, v in like]
+        seg = Segment(xs, gs, exp_avg if hp.betas[0] > 0 else None, state.exp_avg_sq, state.s, state.p0, hp)
         plan = _engine.build([[seg]], on_host=on_host, foreach=[foreach], fused=[fused], pure=pure)
     elif plan.d_groups[0][0].seg.hparams is not hp:
         _engine.refresh(plan.d_groups[0][0], hp)
     ds = state.d.on_host() if on_host else state.d
-    results, (new_d,) = _engine.step(plan, [[grads]], [ds])
+    results, (new_d,) = _engine.step(plan, [[gs]], [ds])
     if on_host and isinstance(state.d.d, Tensor):
         new_d = new_d.on_device(state.d.d.device, state.d.d.dtype)
     laid = plan.d_groups[0][0].seg
-    res = results[0][0] if plan.pure else SegmentResult(list(laid.params), laid.exp_avg, laid.exp_avg_sq, laid.s)  # type: ignore[arg-type]
+    m, v, s = laid.exp_avg, laid.exp_avg_sq, laid.s
+    res = results[0][0] if plan.pure else SegmentResult(list(laid.params), m, v, s)  # type: ignore[arg-type]
     new_m = res.exp_avg if hp.betas[0] > 0 else state.exp_avg  # (kept untouched while betas[0] == 0)
     return res.params, State(exp_avg=new_m, exp_avg_sq=res.exp_avg_sq, s=res.s, p0=list(laid.p0), d=new_d), plan
 
 
-def _check_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+def _check_grads(params: Ts, grads: Ts) -> None:
     if len(params) != len(grads):
         raise ValueError(f"got {len(params)} params but {len(grads)} grads; expected one grad per param")
     for i, (x, g) in enumerate(zip(params, grads)):

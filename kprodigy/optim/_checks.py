@@ -64,7 +64,8 @@ def check_param_group(param_group: dict[str, Any], existing: Sequence[dict[str, 
         for p in group["params"]:
             if id(p) in seen:
                 raise ValueError(
-                    f"param group entry {seen[id(p)]} is already in param group {j}; a parameter may be in one group only"
+                    f"param group entry {seen[id(p)]} is already in param group {j}; "
+                    "a parameter may be in one group only"
                 )
 
 

@@ -22,7 +22,8 @@ STEP_KEYS = ("effective_lr", "step_size")
 
 def fresh_d_keys(d0: float) -> dict[str, Any]:
     """The D keys of a group that has not stepped, starting from ``d0``."""
-    return {"d": d0, "d0": d0, "d_max": d0, "d_numerator": 0.0, "d_denom": 0.0, "d_hat": 0.0, "k": 0, "skipped_steps": 0}
+    floats = {"d": d0, "d0": d0, "d_max": d0, "d_numerator": 0.0, "d_denom": 0.0, "d_hat": 0.0}
+    return {**floats, "k": 0, "skipped_steps": 0}
 
 
 def read(g: dict[str, Any]) -> DState:

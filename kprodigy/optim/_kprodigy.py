@@ -405,8 +405,8 @@ class KProdigy(torch.optim.Optimizer):
 
     def _reduce_stats(self, params: list[Tensor]) -> Callable[[Tensor], Tensor] | None:
         forced = any(g["fsdp_in_use"] for g in self.param_groups)
-        group = self.process_group
-        return _distributed.stats_reduction(params, reduce_d_stats=self.reduce_d_stats, process_group=group, forced=forced)
+        rds, group = self.reduce_d_stats, self.process_group
+        return _distributed.stats_reduction(params, reduce_d_stats=rds, process_group=group, forced=forced)
 
     def _warn_skip(self, members: list[int]) -> None:
         if self.__dict__.get("_warned_skip"):

@@ -66,17 +66,16 @@ def finalize(opt: Any) -> None:
     opt._opt_called = True  # what LR schedulers check to know the optimizer stepped (as step() does)
     members = opt.d_groups()
     groups = [[opt.param_groups[i] for i in m] for m in members]
-    old = [_group_keys.read(g[0]) if tuple(m) not in pending else pending[tuple(m)].core.d_state for m, g in zip(members, groups)]
+    items = [pending.get(tuple(m)) for m in members]
+    old = [_group_keys.read(g[0]) if item is None else item.core.d_state for g, item in zip(groups, items)]
     new = list(old)
-    for j, m in enumerate(members):
-        item = pending.get(tuple(m))
+    for j, item in enumerate(items):
         if item is not None:
             reduce_stats = opt._reduce_stats(item.params) if item.core.update_d is not False else None
             with _scratch.owned_by(opt._scratch()):
                 new[j] = _partial.finish(item.core, reduce_stats)
     new = cap_d_ratio(old, new, [any(g["lr"] > 0 for g in gs) for gs in groups], opt.d_ratio_cap)
-    for m, gs, o, n in zip(members, groups, old, new):
-        item = pending.get(tuple(m))
+    for gs, item, o, n in zip(groups, items, old, new):
         opt._record(gs, item.moved if item is not None else [], o, n)
     _diagnostics.after_step(opt, [item.groups for item in pending.values()])
 

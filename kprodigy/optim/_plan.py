@@ -89,7 +89,9 @@ class Kept:
     """The plan of a step and what it was built from, so that a steady step checks identities
     instead of validating, gathering and laying out again (``holds``)."""
 
-    def __init__(self, opt: Any, plan: _engine.Plan, members: list[list[int]], stepped: list[list[list[Tensor]]]) -> None:
+    def __init__(
+        self, opt: Any, plan: _engine.Plan, members: list[list[int]], stepped: list[list[list[Tensor]]]
+    ) -> None:
         self.plan, self.members, self.stepped = plan, members, stepped
         self.groups = list(opt.param_groups)
         self.key = (opt.independent_d, [g["d_group"] for g in self.groups])
@@ -126,7 +128,9 @@ class Kept:
             g = p.grad
             if g is None or (type(g), g.dtype, g.device, g.shape, g.is_contiguous()) != layout:
                 return False
-            if st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v or st.get("s") is not s or st.get("p0") is not p0:
+            if st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v:
+                return False
+            if st.get("s") is not s or st.get("p0") is not p0:
                 return False
         return True
 
@@ -139,11 +143,11 @@ class Kept:
                     _engine.refresh(member, hp)
 
 
-def _flags(group: dict[str, Any]) -> tuple[Any, ...]:
+def _flags(g: dict[str, Any]) -> tuple[Any, ...]:
     """The group's backend flags and how D is held (compared by identity: a changed value, even
     an equal one of another type, goes through the full step's checks)."""
-    g = group
-    return id(g["foreach"]), id(g["fused"]), id(g["factored"]), id(g["capturable"]), id(g["fsdp_in_use"]), id(g["d_frozen"])
+    return (id(g["foreach"]), id(g["fused"]), id(g["factored"]),
+            id(g["capturable"]), id(g["fsdp_in_use"]), id(g["d_frozen"]))
 
 
 def _settings(group: dict[str, Any]) -> tuple[Any, ...]:
