@@ -1,21 +1,14 @@
 """The fused-AdamW backend: torch's fused AdamW kernel for m, v, x after a read-only statistics
-pass, over buckets of a param group's elements (the contract of ``_single.py``; D on the host
-only: the kernel takes ``eps`` as a Python float). ``usable`` says where this is exactly the math.
+pass (D on the host only: the kernel takes ``eps`` as a float), where ``usable`` says it is the math.
 
-A ``Bucket`` is a run of small tensors whose ``m``, ``v`` and ``s`` lie back to back in one buffer
-each (the plan lays them so, ``PACKS``; gradients and params are gathered into the bucket's
-buffers), or a slice of a large tensor (views). On CPU a bucket has at most ``PACK_MAX`` /
-``SLICE`` elements, so its scratch stays in cache and each pass reads the tensors from memory
-once; a step costs a dozen ops per bucket whatever the number of tensors.
-
-``update``: ``s = beta3 * s + s_scale * g[::p]`` (the statistics pass's ops: the same values),
-then ``torch._fused_adamw_`` with ``lr = dlr``, ``eps = d_new * eps``, the gradient times ``d_old``
-in scratch (the CPU kernel's ``grad_scale`` would write the unscaled gradient back into
-``p.grad``) and a state step of 1e9, where Adam's bias corrections are exactly 1: m = b1 m +
-(1 - b1) d g, v = b2 v + (1 - b2) d^2 g^2, x = x - wd dlr x - dlr m / (sqrt(v) + d_new eps),
-bit-identical to the per-tensor kernels in float32 and float64 on CPU (benchmarks/NOTES.md,
-"Native path"). With betas[0] == 0, ``m`` is a zeroed scratch (m = d_old g) and lr = dlr d_new /
-d_old: x - dlr d_new g / den.
+It steps ``Bucket``s: runs of small tensors whose m, v, s lie back to back (``PACKS``; gradients
+gathered into a buffer), or slices of a large tensor; on CPU at most ``PACK_MAX`` / ``SLICE``
+elements, so the scratch stays in cache: a dozen ops per bucket whatever the number of tensors.
+``update`` runs ``torch._fused_adamw_`` with ``lr = dlr``, ``eps = d_new * eps``, the gradient
+times ``d_old`` in scratch (the CPU kernel's ``grad_scale`` would write the unscaled gradient into
+``p.grad``) and a state step of 1e9 (Adam's bias corrections exactly 1): bit-identical to the
+per-tensor kernels in float32 and float64 on CPU (benchmarks/NOTES.md, "Native path"). With
+betas[0] == 0, ``m`` is a zeroed scratch (m = d_old g) and lr = dlr d_new / d_old.
 """
 
 from __future__ import annotations
@@ -44,11 +37,8 @@ _FIXED = {"weight_decay": 0.0, "amsgrad": False, "maximize": False, "grad_scale"
 
 
 def usable(seg: Segment) -> bool:
-    """Whether these kernels compute exactly this segment's step: plain float32/float64 params (no
-    DTensor, no torch.func wrapper, not requiring grad in grad mode) on CPU or CUDA, one device and
-    dtype, contiguous, with state of their dtype and shape (not factored): ``exp_avg`` where
-    betas[0] > 0, ``s`` and ``p0`` of ``ceil(numel / slice_p)`` elements (a 0-dim ``p0`` for an
-    all-zero param; empty once D froze); no stochastic rounding."""
+    """Whether these kernels compute exactly this segment's step: plain contiguous float32/float64
+    tensors on one CPU or CUDA device, state of their dtype and shape, no stochastic rounding."""
     hp = seg.hparams
     if hp.stochastic_rounding or not seg.params or (hp.betas[0] > 0) != (seg.exp_avg is not None):
         return False
@@ -80,16 +70,10 @@ def usable(seg: Segment) -> bool:
 
 @dataclass(eq=False)
 class Bucket:
-    """Elements [lo, hi) of a group stepped together; ``s``, ``p0`` their (n_s,) statistics spans
-    (every ``slice_p``-th element; empty once D froze).
-
-    Packed (``grad`` not None): the consecutive small tensors ``index``; ``params``, ``m`` (empty
-    when betas[0] == 0), ``v`` the tensors themselves; ``p0`` a copy where compact; ``grad`` (n,)
-    its buffer of the gathered gradients (``grad_views`` shaped as the params; ``work_views`` the
-    same of the group's scratch); with ``slice_p > 1``, ``sliced`` (n_s,) its buffer of the
-    gathered ``g[::slice_p]`` (``sliced_views``), ``x_views`` scratch views for ``x[::slice_p]``.
-    Slice (``grad`` None): of the large tensor ``index[0]`` (lo a multiple of ``slice_p``);
-    ``params``, ``m``, ``v`` 1-D views of it."""
+    """Elements [lo, hi) of a group stepped together, ``s``, ``p0`` their (n_s,) statistics spans.
+    Packed (``grad`` not None): the small tensors ``index``, ``grad`` (n,) its buffer of their
+    gathered gradients (``grad_views``; ``work_views`` the same of the scratch), ``sliced`` the
+    gathered ``g[::slice_p]`` (slice_p > 1). Slice (``grad`` None): 1-D views of ``index[0]``."""
 
     index: list[int]
     lo: int
@@ -193,9 +177,8 @@ def _frozen(seg: Segment) -> bool:
 
 
 def gradients(seg: Segment, lay: FlatGroup, grads: Ts) -> list[Tensor]:
-    """Each bucket's (n,) gradient: a packed bucket's buffer, into which its effective gradients
-    are gathered (as ``_single.effective_grads``; every slice_p-th element also into ``sliced``);
-    a slice's view of its raw gradient (made effective by ``_grad``)."""
+    """Each bucket's (n,) gradient: a packed one's buffer of its effective gradients (gathered), a
+    slice's view of its raw gradient (made effective by ``_grad``)."""
     hp = seg.hparams
     out = []
     for b in lay.buckets:
@@ -214,9 +197,7 @@ def gradients(seg: Segment, lay: FlatGroup, grads: Ts) -> list[Tensor]:
 
 
 def _grad(fg: FlatGroup, b: Bucket, g: Tensor, hp: Hyperparams) -> Tensor:
-    """The bucket's (n,) effective gradient from its ``gradients`` entry ``g``: a packed bucket's
-    as it is; a slice's ``-g + wd * x`` (maximize, coupled decay) into ``work3``, from the params
-    before ``update`` moves them."""
+    """A bucket's effective gradient: a slice's into ``work3``, from the params before ``update``."""
     coupled = hp.weight_decay > 0 and not hp.decouple
     if b.grad is not None or not (hp.maximize or coupled):
         return g

@@ -28,12 +28,8 @@ __all__ += ["to_optimizer_state_dict"]
 
 
 def state_to_dict(state: State) -> dict[str, Any]:
-    """``state`` as plain containers: ``{"exp_avg", "exp_avg_sq", "s", "p0": <params' structure>, "d": {...}}``.
-
-    The tensors are shared with ``state``. The params' structure must be built from lists, tuples
-    and dicts (what ``torch.load(weights_only=True)`` accepts), else ``TypeError``: convert such
-    params to a dict first.
-    """
+    """``state`` as plain containers, tensors shared: ``{"exp_avg", "exp_avg_sq", "s", "p0": <params'
+    structure>, "d": {...}}``; a structure of other than lists, tuples and dicts raises TypeError."""
     check_state(state)
     for name in STATE_KEYS:
         _check_plain(getattr(state, name), name)
@@ -68,12 +64,8 @@ def state_from_dict(data: Mapping[str, Any]) -> State:
 
 
 def to_optimizer_state_dict(state: State, hparams: Hyperparams) -> dict[str, Any]:
-    """``state`` in the format of ``KProdigy.state_dict()``, one param group, params numbered 0..n-1.
-
-    Load it with ``KProdigy(params_in_leaf_order, ...).load_state_dict(sd)``; the group takes
-    ``hparams`` (overriding the optimizer's arguments). Tensors are copied; each param's ``step``
-    is the D-group's step count ``k``.
-    """
+    """``state`` as a ``KProdigy.state_dict()`` of one param group (``hparams``), params numbered
+    0..n-1, tensors copied; load it with ``KProdigy(params_in_leaf_order).load_state_dict(sd)``."""
     check_state(state)
     leaves = {name: None if (v := getattr(state, name)) is None else pytree.tree_leaves(v) for name in STATE_KEYS}
     n = len(leaves["exp_avg_sq"] or [])
@@ -95,18 +87,14 @@ def to_optimizer_state_dict(state: State, hparams: Hyperparams) -> dict[str, Any
 
 
 def from_optimizer_state_dict(
-    state_dict: Mapping[str, Any],
-    *,
-    groups: int | Sequence[int] | None = None,
-    like: Any = None,
+    state_dict: Mapping[str, Any], *, groups: int | Sequence[int] | None = None, like: Any = None
 ) -> State:
-    """The functional ``State`` of one D-group of a ``KProdigy.state_dict()``; tensors are copied.
+    """The functional ``State`` of one D-group of a ``KProdigy.state_dict()``, tensors copied.
 
-    groups: the param group indices forming the D-group (default: all groups, which must then
-        hold one D: use ``groups=i`` per group for an optimizer with independent D).
+    groups: the indices of the D-group's param groups (default: all, which must hold one D).
     like: a pytree of params (e.g. ``dict(model.named_parameters())``) whose structure the state
-        takes, its leaves in the order of the groups' params; default: a list.
-    Hyperparameters: ``Hyperparams.from_mapping(state_dict["param_groups"][i])``.
+        takes, leaves in the groups' param order (default: a list). Hyperparameters:
+        ``Hyperparams.from_mapping(state_dict["param_groups"][i])``.
     """
     all_groups = list(state_dict["param_groups"])
     idx = list(range(len(all_groups))) if groups is None else [groups] if isinstance(groups, int) else list(groups)
@@ -123,9 +111,9 @@ def from_optimizer_state_dict(
     for key, why in (("d_frozen", "D is frozen (d_steps): s and p0 were freed"), ("factored", "factored=True")):
         if any(g.get(key) for g in chosen):
             raise ValueError(f"the functional state has no form for a group with {why}; convert groups without it")
-    has_m = Hyperparams.from_mapping(lead).betas[0] > 0
+    names = STATE_KEYS if Hyperparams.from_mapping(lead).betas[0] > 0 else STATE_KEYS[1:]  # (exp_avg if b1 > 0)
     ids = [pid for g in chosen for pid in g["params"]]
-    fields: dict[str, list[Tensor]] = {name: [] for name in STATE_KEYS}
+    fields: dict[str, list[Tensor]] = {name: [] for name in names}
     for pid in ids:
         entry = state_dict["state"].get(pid)
         if entry is None or "exp_avg_sq" not in entry:
@@ -133,9 +121,7 @@ def from_optimizer_state_dict(
                 f"param {pid} has no optimizer state (it never had a gradient); the functional state "
                 "needs every param: take one optimizer step with all gradients first"
             )
-        for name in STATE_KEYS:
-            if name == "exp_avg" and not has_m:
-                continue
+        for name in names:
             if name not in entry:
                 raise ValueError(f"param {pid} lacks state {name!r}")
             fields[name].append(entry[name].detach().clone())
@@ -146,8 +132,7 @@ def from_optimizer_state_dict(
     spec = pytree.tree_structure(like) if like is not None else pytree.tree_structure(fields["exp_avg_sq"])
     if spec.num_leaves != len(ids):
         raise ValueError(f"like has {spec.num_leaves} tensors but the param groups hold {len(ids)} params")
-    mirror: dict[str, Any] = {"exp_avg": None}
-    mirror.update((k, pytree.tree_unflatten(ts, spec)) for k, ts in fields.items() if k != "exp_avg" or has_m)
+    mirror: dict[str, Any] = {"exp_avg": None, **{k: pytree.tree_unflatten(ts, spec) for k, ts in fields.items()}}
     return State(**mirror, d=host.on_device(device, d_dtype(device)))
 
 

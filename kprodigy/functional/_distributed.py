@@ -1,9 +1,6 @@
-"""torch.distributed: DTensor params (FSDP2) and the all-reduce of the engine's reduction seam.
-
-Every rank keeps one D per D-group. The sums behind D are local where each rank holds whole
-params with the same (averaged) gradients (plain DDP), partial where ranks hold parts (DTensor
-shards, FSDP1 flat params, ``ZeroRedundancyOptimizer``'s subsets): ``stats_reduction`` then
-returns the all-reduce over the right process group.
+"""torch.distributed: DTensor params (FSDP2) and the all-reduce of the engine's reduction seam,
+needed where ranks hold parts of the sums behind D (DTensor shards, FSDP1 flat params, ZeRO's
+subsets), not where they hold whole params with averaged gradients (plain DDP).
 """
 
 from __future__ import annotations
@@ -30,9 +27,7 @@ __all__ += ["stats_reduction"]
 
 
 def all_reduce_stats(group: Any = None) -> ReduceStats:
-    """A ``reduce_stats`` hook: one ``all_reduce(SUM)`` of the packed statistics over ``group`` (None:
-    the default group), in place, on their device (no host sync). Every rank of ``group`` must
-    step as often, with the same packing."""
+    """A ``reduce_stats`` hook: one in-place ``all_reduce(SUM)`` over ``group`` (no host sync)."""
 
     def reduce(stats: Tensor) -> Tensor:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
@@ -57,12 +52,10 @@ def flat_local(t: Tensor) -> Tensor:
 
 
 def init_state(p: Tensor, hp: Hyperparams, factored: bool = False) -> dict[str, Tensor]:
-    """Per-tensor state; for a DTensor param, from its local shard (the math is per rank), as
-    DTensors laid out like it (distributed checkpoints reshard them like the param): exp_avg,
-    exp_avg_sq and, with slice_p == 1, ``s`` and ``p0`` (param-shaped, viewed 1-D by the kernels;
-    ``p0`` stored even for an all-zero param). With slice_p > 1, ``s`` and ``p0`` are this rank's
-    plain tensors, which reload only into the same sharding, not through
-    torch.distributed.checkpoint (which treats plain tensors as replicated)."""
+    """Per-tensor state; a DTensor param's from its local shard, as DTensors laid out like it (so that
+    distributed checkpoints reshard them): exp_avg, exp_avg_sq and, with slice_p == 1, ``s`` and
+    ``p0`` (param-shaped, viewed 1-D by the kernels). With slice_p > 1, ``s`` and ``p0`` are plain
+    per-rank tensors (torch.distributed.checkpoint would take them as replicated)."""
     if DTensor is None or not isinstance(p, DTensor):
         return init_tensor_state(p, hp, factored=factored)
     if factored:
@@ -129,10 +122,8 @@ def enclosing_zero_group() -> Any:
 def stats_reduction(
     params: Sequence[Tensor], *, reduce_d_stats: bool | None, process_group: Any, forced: bool
 ) -> Callable[[Tensor], Tensor] | None:
-    """The all-reduce of the D statistics if a step over ``params`` needs one, else None: for
-    DTensor params, FSDP1 flat params, an explicit (or ZeRO's) ``process_group``, or ``forced``
-    (``fsdp_in_use``) or ``reduce_d_stats`` True; never without an initialized default group or
-    with ``reduce_d_stats=False``. Replicated params (plain DDP) need none."""
+    """The all-reduce of the D statistics if a step over ``params`` needs one (DTensor or FSDP1 flat
+    params, a ``process_group``, ``forced`` or ``reduce_d_stats``), else None."""
     if reduce_d_stats is False or not (dist.is_available() and dist.is_initialized()):
         return None
     if process_group is not None:

@@ -1,13 +1,11 @@
 """The engine: one step of the D-groups of a plan, for the optimizer class and the functional step.
 
-A plan (``build``) holds per D-group and per param group in it (a member) the parts its tensors
-are stepped in: one backend each (the contract of ``_single.py``) with its ``layout``. A step, for
-every D-group at once: the scalars; each part's effective gradients and statistics; ONE reduction
-seam (``reduce_stats``) and, with D on the host, ONE host read; the D update and the skip
-(``_scalars.next_d``); each part's update (none on a skip with D on the host; folded into the
-scalars with D on the device); the cap. D is held on the host (Python numbers: the optimizer's
-default mode, the functional step on CPU) or on the device (0-dim tensors: ``capturable``, the
-functional step on an accelerator or inside ``torch.func`` and ``torch.compile``).
+A plan (``build``) holds per D-group, per param group in it (a member), the parts its tensors are
+stepped in, each by one backend (the contract of ``_single.py``). A step, for every D-group at
+once: each part's effective gradients and statistics; ONE reduction seam (``reduce_stats``) and,
+with D on the host (Python numbers; else 0-dim tensors), ONE host read; the D update and the skip
+(``_scalars.next_d``); each part's update (none on a skip with D on the host, folded into the
+scalars with D on the device); the cap.
 """
 
 from __future__ import annotations
@@ -29,9 +27,7 @@ from ._state import STATE_KEYS, DState, Segment, SegmentResult, d_dtype, is_wrap
 __all__ = ["AUTO_FUSED_MIN", "Member", "Plan", "ReduceStats", "build", "choose_backend", "d_on_host", "refresh"]
 __all__ += ["step", "use_foreach", "use_fused"]
 
-# sums the packed D statistics [numerator_0, denom_0, numerator_1, ...] (1-D, float64, one device)
-# over ranks, returning the global tensor of the same shape (distributed training)
-ReduceStats = Callable[[Tensor], Tensor]
+ReduceStats = Callable[[Tensor], Tensor]  # sums [numerator_0, denom_0, numerator_1, ...] over ranks
 
 AUTO_FUSED_MIN = 1 << 20  # fused=None compiles a CUDA param group of at least this many elements
 
@@ -39,8 +35,7 @@ AUTO_FUSED_MIN = 1 << 20  # fused=None compiles a CUDA param group of at least t
 @dataclass(eq=False)
 class Part:
     """Tensors of one member stepped by one backend call: ``seg`` (one dtype, as laid out), ``index``
-    their positions in the member, ``pure`` whether ``update`` makes new tensors, ``own`` the
-    segment's tensors as an update's destination."""
+    their positions in the member, ``own`` them as an update's destination."""
 
     backend: ModuleType
     seg: Segment
@@ -79,7 +74,7 @@ def refresh(member: Member, hp: Hyperparams) -> None:
 
 def d_on_host(tensors: Sequence[Tensor]) -> bool:
     """Whether a functional step over ``tensors`` holds D on the host: on CPU (a read costs no sync),
-    outside ``torch.compile`` and ``torch.func``, where autograd does not record it."""
+    outside ``torch.compile`` and ``torch.func``, without autograd."""
     if torch.compiler.is_compiling():
         return False
     grad_mode = torch.is_grad_enabled()
@@ -131,11 +126,10 @@ def build(
     pure: bool = False,
     pack: bool = True,
 ) -> Plan:
-    """The plan of a step over ``segments`` (per D-group, its members' segments); ``foreach``,
-    ``fused`` per D-group (None: automatic). ``pure``: the step makes new tensors (the in-place
-    backends step copies, ``_layout.copy_segment``). ``pack``: lay the small params' state flat
-    for the backends that step it so (``PACKS``); the members then hold new state tensors
-    (``Member.seg``), which the caller keeps."""
+    """The plan of a step over ``segments`` (per D-group, its members'); ``foreach``, ``fused`` per
+    D-group. ``pure``: the step makes new tensors (the in-place backends step copies). ``pack``: lay
+    the small params' state flat for the backends that step it so (``PACKS``): the members then
+    hold new state tensors (``Member.seg``), which the caller keeps."""
     n = len(segments)
     d_groups = []
     for segs, fe, fu in zip(segments, foreach or [None] * n, fused or [None] * n):
@@ -166,15 +160,11 @@ def step(
     reduce_stats: ReduceStats | None = None,
     d_ratio_cap: float | None = None,
 ) -> tuple[list[list[SegmentResult]], list[DState]]:
-    """One step of every D-group of ``plan``.
-
-    grads: per D-group, per member, the gradients of its params (aligned with ``Member.seg``).
-    d_states: per D-group its D state (host numbers if ``plan.on_host``, else 0-dim tensors).
-    reduce_stats: sums the statistics over ranks, once per step that updates D; a D-group without
-        local tensors takes part with zero statistics (unless all its lr are 0): one D per rank.
-    Returns per D-group its members' tensors after the step (a pure plan; an in-place one returns
-    no lists), and the new D states (capped by ``d_ratio_cap``).
-    """
+    """One step of every D-group of ``plan``, from ``grads`` (per D-group, per member, aligned with
+    ``Member.seg``) and ``d_states`` (host numbers if ``plan.on_host``, else 0-dim tensors). With
+    ``reduce_stats`` a D-group without local tensors takes part with zero statistics (unless all
+    its lr are 0). Returns per D-group its members' tensors after the step (for a pure plan), and
+    the new D states (capped by ``d_ratio_cap``)."""
     reduced = reduce_stats is not None
     pending = [_statistics(m, g, ds, reduced) for m, g, ds in zip(plan.d_groups, grads, d_states)]
     sums = _reduce(pending, plan.on_host, reduce_stats, _device(plan, d_states) if reduced else None)
@@ -236,9 +226,9 @@ def _statistics(members: Sequence[Member], grads: Sequence[Ts], ds: DState, redu
 def _reduce(
     pending: Sequence[_Pending | None], on_host: bool, reduce_stats: ReduceStats | None, device: torch.device | None
 ) -> list[list[Any]]:
-    """Per stepping D-group: [numerator, denom] ([] without statistics), then the extremes where
-    they decide the skip; Python floats from one read with D on the host, else 0-dim tensors.
-    ``reduce_stats`` sums the pairs over ranks, a local non-finite extreme folded in (NaN)."""
+    """Per stepping D-group: [numerator, denom] (none without statistics), then the extremes that
+    decide the skip; floats from one read with D on the host, else 0-dim tensors. ``reduce_stats``
+    sums the pairs over ranks, a local non-finite extreme folded in (NaN)."""
     out: list[list[Any]] = [[] for _ in pending]
     if reduce_stats is None and on_host:  # one read of the raw sums, combined on the host
         values, at = _read([t for p in pending if p is not None for t in p.sums]), 0
@@ -284,7 +274,7 @@ def _combine(raw: Sequence[Any], scales: Sequence[Any]) -> list[Any]:
 
 
 def _device(plan: Plan, d_states: Sequence[DState]) -> torch.device:
-    """Where a D-group without local tensors puts its zero statistics: a D state's or a param's device."""
+    """Where a D-group without local tensors puts zero statistics: a D state's or a param's device."""
     for t in [ds.d for ds in d_states] + [m.seg.params[0] for ms in plan.d_groups for m in ms if m.seg.params]:
         if isinstance(t, Tensor):
             return t.device

@@ -1,16 +1,11 @@
-"""Factored second moment (Adafactor-style row/column statistics), an explicit opt-in.
-
-For a param ``x`` with 2+ dims, seen as a ``rows x n`` matrix (``n = x.shape[-1]``), ``v`` is
-replaced by its row and column means, packed in one 1-D tensor ``[r (rows), c (n)]``::
+"""Factored second moment (Adafactor-style), an opt-in: for a param with 2+ dims, seen as a
+``rows x n`` matrix, ``exp_avg_sq`` holds the row and column means ``[r (rows), c (n)]``::
 
     r = b2 * r + mean_j((1 - b2) * d^2 * g_ij^2)     c = b2 * c + mean_i((1 - b2) * d^2 * g_ij^2)
     v_hat_ij = r_i * c_j / mean(r)                    (exact when v is rank one)
 
-and the step uses ``v_hat`` for ``v``. A param is factored exactly when its ``exp_avg_sq`` has
-that packed shape (``_state.init_tensor_state(factored=True)``). The kernels run the per-tensor
-ones of ``_single.py`` a tensor at a time: ``update_moments`` on a zero ``v`` gives this step's
-``(1 - b2) * d^2 * g^2``, whose means update ``r`` and ``c``; ``update_params`` gets ``v_hat``
-(one param-sized temporary at a time). The statistics do not read v.
+The kernels are ``_single``'s, a tensor at a time: ``update_moments`` on a zero ``v`` gives the
+step's ``(1 - b2) * d^2 * g^2``, whose means update ``r`` and ``c``; ``update_params`` gets ``v_hat``.
 """
 
 from __future__ import annotations

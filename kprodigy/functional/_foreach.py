@@ -1,9 +1,5 @@
-"""Multi-tensor kernels: the per-tensor sequence of ``_single.py`` with ``torch._foreach_*`` ops.
-
-The contract of ``_single.py``, over one device and dtype. Scalars that depend on D are Python
-floats or 0-dim tensors (the foreach ops' ``Tensor`` overloads), never read on the host. Not
-usable under ``torch.func.vmap`` (foreach ops have no batching rules). With ``out=None`` the
-first op of each chain makes new tensors and the ops after it work in place on those.
+"""Multi-tensor kernels: ``_single``'s sequence of ops with ``torch._foreach_*`` ops (which have no
+vmap rule). With ``out=None`` the first op of a chain makes new tensors, the next work in place.
 """
 
 from __future__ import annotations
@@ -57,9 +53,8 @@ _DOT_CAT_MAX = 1 << 16  # tensors below this size join one concatenated dot prod
 
 
 def _sum_of_dots(a: Ts, b: Ts) -> Tensor:
-    """sum_i <a_i, b_i> (flattened, in at least fp32; a 0-dim ``b_i``, zero p0, broadcasts): small
-    tensors in one concatenated dot (no per-tensor Python work), large ones one ``torch.dot`` each
-    (no concatenation copy)."""
+    """sum_i <a_i, b_i> in at least fp32 (a 0-dim ``b_i`` broadcasts): small tensors in one concatenated
+    dot (no per-tensor Python work), large ones a ``torch.dot`` each (no concatenation copy)."""
     small = [i for i, t in enumerate(a) if t.numel() < _DOT_CAT_MAX]
     large = [i for i, t in enumerate(a) if t.numel() >= _DOT_CAT_MAX]
     parts: list[Tensor] = []

@@ -1,21 +1,17 @@
-"""Fused kernels: the per-tensor reference (``_single.py``) compiled with ``torch.compile``.
+"""Fused kernels: ``_single``'s statistics and update on 1-D tensors inside
+``torch.compile(fullgraph=True, dynamic=True)`` (no second statement of the math), each pass one
+loop without param-sized temporaries (benchmarks/NOTES.md, changes 5 and 9): ``statistics`` reads
+4 words per element, ``update`` 9 (a skip decision is a select in the loop). Per call:
 
-No second statement of the math: ``_single``'s statistics and update run on 1-D tensors inside
-``torch.compile(fullgraph=True, dynamic=True)`` (C++/OpenMP on CPU, Triton on GPU), each pass one
-loop with no param-sized temporaries (benchmarks/NOTES.md, changes 5 and 9): ``statistics`` reads
-g, p0, x, s (4 words per element), ``update`` writes m, v, s, x (9 words; a skip decision is a
-select in the loop). Per call (one device and dtype):
+- tensors of ``FLAT_MAX`` elements or more: flat views of them, their gradients and state, when
+  all are contiguous;
+- small contiguous tensors: one call per pass, their state used in place where it lies back to
+  back (``_layout.pack``), else gathered and written back; params and gradients gathered into
+  reused CPU buffers, the params written back after the update;
+- any other layout: the eager kernels.
 
-- tensors of ``FLAT_MAX`` elements or more run the kernel on flat views of themselves, their
-  gradients and state (in place) when all are contiguous;
-- small contiguous tensors share one kernel call per pass: their state used in place where it lies
-  back to back (``_layout.pack``: the optimizer keeps it so), else gathered and written back; their
-  params and gradients gathered into reused CPU buffers, the params written back after the update;
-- any other layout (non-contiguous, a transposed gradient or state) runs the eager kernels.
-
-Shapes are dynamic, and D, lr, betas... are 0-dim tensors, so changing them does not recompile;
-graph-shaping options (``slice_p``, exp_avg, update_d, decoupled decay, the skip) and dtypes
-select among a handful of graphs, each compiled once.
+D, lr, betas... are 0-dim tensors and shapes dynamic, so only graph-shaping options (``slice_p``,
+exp_avg, update_d, decoupled decay, the skip) and dtypes select a graph, each compiled once.
 """
 
 from __future__ import annotations
@@ -48,9 +44,8 @@ def _statistics_1d(x: Tensor, g: Tensor, s: Tensor, p0: Tensor, sc: StepScalars,
 def _update_1d(
     x: Tensor, g: Tensor, m: Tensor | None, v: Tensor, s: Tensor, sc: StepScalars, slice_p: int, ok: Tensor | None
 ) -> None:
-    """``_single.update`` on one flat tensor, in place. ``ok``: the skip decision (0-dim bool; folded
-    into ``sc``, but not as ``sc.ok``): where False every tensor keeps its old value (a select in
-    the loop, so NaN never reaches the state)."""
+    """``_single.update`` on one flat tensor, in place; where ``ok`` (the skip decision) is False, a
+    select in the loop keeps the old values (NaN never reaches the state)."""
     olds = [x, v, s] + ([] if m is None else [m])
     # with a skip decision, the in-place ops on copies (values of the compiled loop, not memory),
     # then a select; the in-place ops lower to the same code as without the skip
@@ -111,9 +106,8 @@ def available(device: torch.device, warn: bool = True) -> bool:
 
 
 def _partition(xs: Ts, slice_p: int, views: Sequence[Ts | None] = ()) -> tuple[list[int], list[int], list[int]]:
-    """(packed, direct, eager) indices: small contiguous params go to flat buffers (slice_p == 1
-    only; gathered, so any strides do); others run on flat views of themselves and of ``views``
-    (lists aligned with ``xs``, or None) where all are contiguous; the rest eagerly."""
+    """(packed, direct, eager) indices: small contiguous params (slice_p == 1), params whose
+    ``views`` (lists aligned with ``xs``, or None) are all contiguous, the rest."""
     packed, direct, eager = [], [], []
     for i, x in enumerate(xs):
         if not x.is_contiguous():
@@ -140,9 +134,8 @@ def _cat_scratch(ts: Ts, slot: str) -> Tensor:
 
 
 def _gather_xg(xs: Ts, gs: Ts, packed: list[int]) -> tuple[Tensor, Tensor]:
-    """The packed params and gradients, flat (``_cat_scratch``), gathered once per optimizer step
-    (``_scratch.step_memo``): the update pass reads the statistics pass's gather (nothing changes
-    the params between the passes; it writes them back itself)."""
+    """The packed params and gradients, flat, gathered once per optimizer step (``step_memo``): the
+    update pass reads the statistics pass's gather (the params do not change between them)."""
     memo = _scratch.step_memo()
     key = ("xg", tuple(id(xs[i]) for i in packed), tuple(id(gs[i]) for i in packed))
     if memo is not None and key in memo:
@@ -172,10 +165,9 @@ _SCALAR_FIELDS = ("numerator_scale", "s_scale", "beta3", "dlr", "weight", "decay
 
 
 def _on_device(sc: StepScalars, like: Tensor) -> StepScalars:
-    """``sc`` with every scalar a 0-dim tensor on ``like``'s device in its compute dtype, without
-    ``ok`` (the compiled update takes it apart): a Python float in the graph is a constant (a new D
-    or lr would recompile). Python numbers are filled on the device (``torch.full``), not copied
-    from the host: no sync, and allowed inside CUDA-graph capture."""
+    """``sc`` with every scalar a 0-dim tensor on ``like``'s device (a float in the graph is a
+    constant: a new D or lr would recompile), filled there (no sync, allowed in CUDA-graph
+    capture), without ``ok`` (the compiled update takes it apart)."""
     dtype = compute_dtype(like.dtype)
 
     def dev(b: Any) -> Any:

@@ -125,9 +125,8 @@ _HPARAMS_MAX = 256
 
 
 def hparams(group: dict[str, Any]) -> Hyperparams:
-    """``Hyperparams.from_mapping(group)`` (an optimizer's param group), validated once per distinct
-    set of values (a scheduler changing lr gives a new key). Keys carry the types (``True == 1``
-    must not hit)."""
+    """``Hyperparams.from_mapping(group)``, validated once per distinct set of values and types
+    (``True == 1`` must not hit); a new lr alone is validated alone (``with_lr``)."""
     values = tuple(map(group.get, _FIELD_NAMES, _MISSING))
     betas = values[_BETAS]
     try:

@@ -1,8 +1,5 @@
-"""The layout of the per-tensor state: which state tensors lie back to back in one buffer.
-
-The compiled kernels (``_fused``) and the fused-AdamW backend's buckets (``_adamw``) step the
-state of a run of small params on one flat buffer per key instead of gathering copies; the state
-entries stay views of it (shaped as their params), so checkpoints and users see ordinary tensors.
+"""The layout of the per-tensor state: ``_fused`` and ``_adamw`` step the state of small params on
+one flat buffer per key, not on gathered copies; the entries stay views shaped as their params.
 """
 
 from __future__ import annotations
@@ -33,10 +30,8 @@ def _packed(ts: Sequence[Tensor], idx: list[int]) -> list[Tensor]:
 
 
 def pack_segment(seg: Segment) -> Segment:
-    """``seg`` with the state of its small contiguous params laid back to back in one new buffer
-    per key (values unchanged), unless it already is: the layout of ``_adamw``'s buckets and of
-    ``_fused``'s packed params. A compact (0-dim) ``p0`` (all-zero param, e.g. LoRA B) stays
-    compact: memory first (the kernels gather it). Tensors left as they were are the same objects."""
+    """``seg`` with the state of its small contiguous params laid back to back in one new buffer per
+    key, unless it already is; a compact (0-dim) ``p0`` stays so (memory first: the kernels gather it)."""
     small = _small(seg)
     changes: dict[str, list[Tensor]] = {}
     for key in STATE_KEYS:
@@ -54,9 +49,8 @@ def pack_segment(seg: Segment) -> Segment:
 
 
 def copy_segment(seg: Segment) -> Segment:
-    """``seg`` with copies of its params, ``exp_avg``, ``exp_avg_sq`` and ``s`` (``p0`` and the
-    gradients shared), the small ones laid flat as ``pack_segment`` lays them: what a pure step
-    writes into."""
+    """``seg`` with copies of its params, exp_avg, exp_avg_sq and s laid as ``pack_segment`` lays them,
+    which a pure step writes into."""
     small = _small(seg)
     changes: dict[str, list[Tensor]] = {}
     for key in ("params", "exp_avg", "exp_avg_sq", "s"):

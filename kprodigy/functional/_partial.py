@@ -1,12 +1,8 @@
 """Per-parameter stepping (fused backward passes): the engine's step split at the D update.
-
-``accumulate`` runs, for one segment (typically a tensor whose gradient was just accumulated),
-its statistics and the moments half of its update (``update_moments``, with the D before the
-step), so that the gradient may be freed; ``finish`` updates D from the summed statistics
-(``_scalars.next_d``) and runs each segment's x half (``update_params``) with the new D: the
-engine's step on the eager backends, the statistics summed in another order. D on the host (one
-read, in ``finish``) or the device. A non-finite gradient skips its segment's moments at once
-(decided on the device) and the x half of every segment.
+``accumulate`` runs a segment's statistics and moments (``update_moments``, the D before the step),
+so that its gradient may be freed; ``finish`` updates D (``_scalars.next_d``) and runs every
+segment's x half (``update_params``). A non-finite gradient skips its segment's moments at once
+(decided on the device) and every x half.
 """
 
 from __future__ import annotations
@@ -29,9 +25,8 @@ __all__ = ["Pending", "accumulate", "finish"]
 
 @dataclass(eq=False)
 class Pending:
-    """A D-group between its first ``accumulate`` and ``finish``: ``hp0`` its first group's settings,
-    ``d_state`` at the start of the step, ``stats`` the running [numerator, denom] (1-D,
-    ``d_dtype``; NaN after a non-finite gradient)."""
+    """A D-group between its first ``accumulate`` and ``finish``: ``stats`` the running [numerator,
+    denom] (NaN after a non-finite gradient)."""
 
     hp0: Hyperparams
     d_state: DState

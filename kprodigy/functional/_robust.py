@@ -1,8 +1,4 @@
-"""Robustness pieces of the step: the non-finite skip and low-precision parameter writes, on the
-device (nothing read on the host). With D on the device a skipped step is a no-op by
-``torch.where`` on the scalars (``StepScalars.finish``) applied to sanitized gradients (so that
-a zero weight gives an exact zero), or by a select in the compiled kernels.
-"""
+"""Robustness pieces of the step, on the device: the non-finite skip, low-precision param writes."""
 
 from __future__ import annotations
 
@@ -41,9 +37,8 @@ def zero_nonfinite(t: Tensor, out: Tensor | None = None) -> Tensor:
 
 
 def stochastic_round(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """float32 ``x`` rounded to bfloat16 stochastically (other dtypes: a cast): up with probability
-    the dropped fraction (unbiased), by adding 16 random low bits (the global torch RNG) to the
-    float32 pattern and truncating; inf and NaN stay."""
+    """float32 ``x`` rounded to bfloat16 stochastically, unbiased (else a cast): 16 random low bits
+    added to the float32 pattern, then truncated; inf and NaN stay."""
     if dtype != torch.bfloat16 or x.dtype != torch.float32:
         return x.to(dtype)
     bits = x.view(torch.int32)

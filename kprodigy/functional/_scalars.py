@@ -107,10 +107,8 @@ class StepScalars(NamedTuple):
         done = self._replace(d_new=d_new, eps_d=None if d_new is None else d_new * self.eps)
         if moves is not True:
             ops = _ops(moves)
-            done = done._replace(
-                dlr=ops.where(moves, self.dlr, 0.0),
-                decay=None if self.decay is None else ops.where(moves, self.decay, 0.0),
-            )
+            decay = None if self.decay is None else ops.where(moves, self.decay, 0.0)
+            done = done._replace(dlr=ops.where(moves, self.dlr, 0.0), decay=decay)
         if ok is None:
             return done
         dtype = self.weight.dtype if isinstance(self.weight, Tensor) else torch.float64
@@ -162,16 +160,11 @@ def step_scalars(hp: Hyperparams, ds: DState, *, update_d: bool | Tensor, beta3:
 def next_d(ds: DState, total: Any, hp: Hyperparams, *, update_d: bool | Tensor) -> tuple[DState, Scalar, Scalar]:
     """The D state after a step, whether the params move, and whether the step is taken (``ok``).
 
-    total: the D-group's statistics (summed over ranks): ``[numerator_delta, denom]`` where
-        ``update_d`` is not False (sum of (d/d0) * dlr * <g, p0 - x>, sum of ||s||_1 after this
-        step's s update), then the gradient extremes where they decide the skip; Python floats,
-        or 0-dim tensors (or a 1-D tensor). With ``hp.skip_nonfinite`` (``hp``: the D-group's
-        first group's), a non-finite one skips the step: the state stays but ``skipped_steps + 1``.
-
-    prodigyopt's rule: where ``denom > 0``, d_hat = d_coef * d_numerator / denom, d moves to
-    max(d, d_hat) on its first move, d_max to max(d_max, d_hat), and d = min(d_max, d *
-    growth_rate): d never decreases. With ``denom == 0`` (all gradients zero) only m, v and s
-    change: the D keys and k stay, and the params do not move. Otherwise k advances.
+    total: the D-group's statistics, ``[sum (d/d0) * dlr * <g, p0 - x>, sum ||s||_1]`` where
+        ``update_d`` is not False, then the gradient extremes that decide the skip (with
+        ``hp.skip_nonfinite``, a non-finite one skips the step: only ``skipped_steps`` moves).
+    prodigyopt's rule (class docstring of ``KProdigy``); where ``denom == 0`` (all gradients zero)
+    the D keys and k stay and the params do not move.
     """
     ok: Scalar = True
     if hp.skip_nonfinite and len(total):

@@ -1,10 +1,6 @@
-"""Reused CPU buffers for the step's temporaries, owned by whoever runs the step.
-
-On CPU a fresh tensor of more than a few hundred kilobytes is mapped and faulted in page by page
-on every step, which costs more than the arithmetic on it (benchmarks/NOTES.md, changes 6 and 8),
-so the in-place kernels reuse buffers from a store the caller owns (``owned_by``: the optimizer
-holds one; nothing process-wide). Elsewhere, off CPU (caching allocators) and while
-``torch.compile`` traces (a temporary should be a register) they get fresh tensors.
+"""Reused CPU buffers for the in-place step's temporaries, from a store its caller owns: a fresh
+CPU tensor of a few hundred kilobytes is faulted in page by page on every step, which costs more
+than the arithmetic on it (benchmarks/NOTES.md, changes 6 and 8).
 """
 
 from __future__ import annotations
@@ -49,9 +45,8 @@ def active() -> bool:
 
 
 def buffer(n: int, dtype: torch.dtype, device: torch.device, key: Hashable) -> Tensor | None:
-    """A 1-D tensor of ``n`` elements (arbitrary contents, valid until the next call with ``key``),
-    kept for reuse under ``key`` in the current store; None (a fresh tensor then) without a
-    store, off CPU, while compiling, or under ``MIN_BYTES`` (the heap serves those cheaply)."""
+    """A 1-D buffer of ``n`` elements reused under ``key`` (valid until the next call with it); None
+    without a store, off CPU, while compiling or under ``MIN_BYTES`` (the heap serves those cheaply)."""
     bufs: dict[Hashable, Tensor] | None = getattr(_LOCAL, "store", None)
     if bufs is None or device.type != "cpu" or n * dtype.itemsize < MIN_BYTES or torch.compiler.is_compiling():
         return None

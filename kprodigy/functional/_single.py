@@ -1,20 +1,18 @@
 """Per-tensor kernels: the specification of the step's elementwise passes, one tensor at a time.
 
-The backend contract, the same in every backend (``_foreach``, ``_fused``, ``_factored``,
-``_adamw``); ``seg`` is a ``Segment`` (one param group's tensors of one dtype), ``lay`` what
-``layout(seg)`` returned for it (kept by the plan while the tensors stay; None here):
+The backend contract, the same in every backend; ``seg`` is a ``Segment`` (one dtype), ``lay``
+what ``layout(seg)`` returned for it (kept by the plan while the tensors stay; None here):
 
 - ``gradients(seg, lay, grads)``: the effective gradients (``-g`` with ``maximize``, ``+ wd * x``
-  with coupled decay, in the state's dtype); never written into ``p.grad``;
+  with coupled decay, in the state's dtype), never written into ``p.grad``;
 - ``statistics(seg, lay, grads, sc) -> (sum <g[::p], p0 - x[::p]>, sum ||beta3 s + s_scale
   g[::p]||_1)``: writes nothing; 0-dim tensors in the params' dtype (at least float32);
-- the engine reduces them, updates D (``_scalars.next_d``) and finishes ``sc``;
 - ``update(seg, lay, grads, sc, out) -> SegmentResult``: the new m, v, s, x written into ``out``
-  (the segment's own tensors), or None for new tensors (only where ``PURE``: differentiable, safe
-  under ``torch.func.vmap``; the engine steps copies in place for the others).
+  (the segment's tensors), or new tensors for ``out=None`` (``PURE`` backends only: safe under
+  ``torch.func.vmap``); ``sc`` finished by the engine with the new D.
 
 The eager backends' ``update`` is two halves, ``update_moments`` (m, v, s) and ``update_params``
-(x), which ``_partial.py`` runs apart; both ways call the same ATen kernels in the same order.
+(x), which ``_partial.py`` runs apart: the same ATen kernels in the same order.
 """
 
 from __future__ import annotations
@@ -170,9 +168,8 @@ def _axpy(t: Tensor, g: Tensor, a: Any, out: Tensor | None) -> Tensor:
 
 
 def _own_temps() -> bool:
-    """Whether later ops may work in place on our first op's temporary: in the optimizer's step;
-    not in the pure one (differentiable: ``sqrt`` keeps its result for the backward) nor under
-    torch.compile (values, not memory)."""
+    """Whether later ops may work in place on our first op's temporary: not in the pure step (``sqrt``
+    keeps its result for the backward) nor under torch.compile (values, not memory)."""
     return _scratch.active() and not torch.compiler.is_compiling()
 
 
@@ -187,10 +184,9 @@ def _l1(t: Tensor, out: Tensor | None = None) -> Tensor:
 
 
 def _temp(shape: torch.Size, slot: str, *operands: Tensor) -> Tensor | None:
-    """Where an op on ``operands`` and the ops after it on its result write: in the optimizer's step
-    (``_scratch.active``), on CPU a buffer reused by later steps (a slot holds one temporary at a
-    time; CPU ops run in order), off CPU a new one; None (a new tensor per op, a value) for small
-    tensors (the heap serves them cheaply), in the pure step and under torch.compile."""
+    """Where an op on ``operands`` and the ops after it write in the in-place step: on CPU a reused
+    buffer (a slot holds one temporary at a time; CPU ops run in order), else a new one; None (a
+    new tensor per op) for small tensors, in the pure step and under torch.compile."""
     n = math.prod(shape)
     if n * operands[0].element_size() < _scratch.MIN_BYTES or not _scratch.active() or torch.compiler.is_compiling():
         return None
