@@ -10,15 +10,13 @@ step's ``(1 - b2) * d^2 * g^2``, whose means update ``r`` and ``c``; ``update_pa
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from . import _single
 from ._scalars import StepScalars
-from ._single import Moments, Ts, _op, gradients, layout, statistics
-from ._state import Segment, SegmentResult
+from ._single import Moments, Ts, _op, by_halves, gradients, layout, statistics
+from ._state import SegmentResult
 
 __all__ = ["PURE", "gradients", "is_factored", "layout", "statistics", "update", "update_moments", "update_params"]
 
@@ -50,11 +48,6 @@ def _v_hat(x: Tensor, v: Tensor) -> Tensor:
     r, c = v[:rows], v[rows:]
     scale = r.mean().clamp_min(torch.finfo(r.dtype).tiny)  # r == 0 (no gradient yet): v_hat = 0
     return (torch.outer(r, c) / scale).view(x.shape)
-
-
-def update(seg: Segment, lay: Any, gs: Ts, sc: StepScalars, out: SegmentResult | None) -> SegmentResult:
-    m, v, s = update_moments(gs, seg.exp_avg, seg.exp_avg_sq, seg.s, sc=sc, slice_p=seg.hparams.slice_p, out=out)
-    return SegmentResult(update_params(seg.params, gs, m, v, sc=sc, out=out), m, v, s)
 
 
 def update_moments(
@@ -91,6 +84,9 @@ def update_params(
         dest = None if out is None else SegmentResult([out.params[i]], None, [], [])
         new_x += _single.update_params([x], [gs[i]], _one(exp_avgs, i), [_v_hat(x, exp_avg_sqs[i])], sc=sc, out=dest)
     return new_x
+
+
+update = by_halves(update_moments, update_params)
 
 
 def _one(ts: Ts | None, i: int) -> list[Tensor] | None:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from . import _robust
 from ._scalars import Scalar, StepScalars
-from ._single import Moments, Ts, _axpy, _l1, _op, _temp, _up, effective_grads, layout
+from ._single import Moments, Ts, _axpy, _l1, _op, _temp, _up, by_halves, effective_grads, layout
 from ._state import Segment, SegmentResult, compute_dtype
 
 __all__ = ["PURE", "gradients", "layout", "statistics", "update", "update_moments", "update_params"]
@@ -22,11 +22,6 @@ PURE = True
 
 def gradients(seg: Segment, lay: Any, grads: Ts) -> list[Tensor]:
     return effective_grads(seg.params, grads, seg.exp_avg_sq, seg.hparams, foreach=True)
-
-
-def update(seg: Segment, lay: Any, grads: Ts, sc: StepScalars, out: SegmentResult | None) -> SegmentResult:
-    m, v, s = update_moments(grads, seg.exp_avg, seg.exp_avg_sq, seg.s, sc=sc, slice_p=seg.hparams.slice_p, out=out)
-    return SegmentResult(update_params(seg.params, grads, m, v, sc=sc, out=out), m, v, s)
 
 
 def statistics(seg: Segment, lay: Any, grads: Ts, sc: StepScalars) -> tuple[Tensor, Tensor]:
@@ -113,6 +108,9 @@ def update_params(
         torch._foreach_sub_(new_x, decayed)
     torch._foreach_addcdiv_(new_x, direction, den)
     return new_x
+
+
+update = by_halves(update_moments, update_params)
 
 
 def _mul(ts: Sequence[Tensor], a: Scalar, inplace: bool) -> list[Tensor]:

@@ -18,7 +18,7 @@ The eager backends' ``update`` is two halves, ``update_moments`` (m, v, s) and `
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -64,10 +64,6 @@ def effective_grads(xs: Ts, gs: Ts, like: Ts, hp: Hyperparams, *, foreach: bool)
 
 def statistics(seg: Segment, lay: Any, grads: Ts, sc: StepScalars) -> tuple[Tensor, Tensor]:
     return statistics_of(seg.params, grads, seg.s, seg.p0, sc=sc, slice_p=seg.hparams.slice_p)
-
-
-def update(seg: Segment, lay: Any, grads: Ts, sc: StepScalars, out: SegmentResult | None) -> SegmentResult:
-    return update_of(seg.params, grads, seg.exp_avg, seg.exp_avg_sq, seg.s, sc=sc, slice_p=seg.hparams.slice_p, out=out)
 
 
 def statistics_of(xs: Ts, gs: Ts, ss: Ts, p0s: Ts, *, sc: StepScalars, slice_p: int) -> tuple[Tensor, Tensor]:
@@ -148,6 +144,19 @@ def update_params(
             x = _axpy(x, x, -sc.decay, out=o)
         new_x.append(_op("addcdiv", x, direction, den, out=o))
     return new_x
+
+
+def by_halves(moments: Callable[..., Moments], params: Callable[..., list[Tensor]]) -> Callable[..., SegmentResult]:
+    """A backend's ``update`` from its halves: ``moments``, then ``params`` with the new m, v."""
+
+    def update(seg: Segment, lay: Any, grads: Ts, sc: StepScalars, out: SegmentResult | None) -> SegmentResult:
+        m, v, s = moments(grads, seg.exp_avg, seg.exp_avg_sq, seg.s, sc=sc, slice_p=seg.hparams.slice_p, out=out)
+        return SegmentResult(params(seg.params, grads, m, v, sc=sc, out=out), m, v, s)
+
+    return update
+
+
+update = by_halves(update_moments, update_params)
 
 
 def _op(name: str, t: Tensor, *args: Any, out: Tensor | None, **kwargs: Any) -> Tensor:
