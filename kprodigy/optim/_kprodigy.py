@@ -79,58 +79,45 @@ class KProdigy(torch.optim.Optimizer):
         slice_p: D statistics use every slice_p-th element of each tensor (default 1).
         foreach: multi-tensor ops (True), per-tensor loop (False) or automatic (None, default).
         independent_d: one D per param group (True) or one for all (False, default, as prodigyopt);
-            None is 0.5.0's rule (one D per group when there is more than one), for old configs.
+            None: one per group when there is more than one (0.5.0's rule).
         maximize: maximize the objective (default False).
         fsdp_in_use: force the all-reduce of the D statistics (prodigyopt's flag; default False).
-        reduce_d_stats: sum the D statistics over ranks so that every rank has the same D: None
-            (default) detects the need (DTensor params from FSDP2 ``fully_shard``, FSDP1 flat
-            params, construction inside ``ZeroRedundancyOptimizer``); True forces it, False forbids
-            it. Plain DDP (replicated params, averaged grads) needs none.
+        reduce_d_stats: sum the D statistics over ranks (one D on every rank): None (default) where
+            needed (DTensor params of FSDP2, FSDP1 flat params, inside ``ZeroRedundancyOptimizer``;
+            not plain DDP); True forces it, False forbids it.
         process_group: the group to sum over (default: the sharding mesh's group for DTensor
             params, ZeRO's group under ZeroRedundancyOptimizer, else the default group).
-        skip_nonfinite: skip a D-group's step when a gradient holds NaN or inf, or its D statistics
-            overflow (default True): params, moments and D stay, ``k`` does not advance, the group
-            key ``skipped_steps`` counts it; a warning the first time. Decided on the device (no
-            host sync); False saves one read of the gradients.
-        fp32_state: keep exp_avg, exp_avg_sq and s of bfloat16/float16 params in float32
-            (default True); False keeps them in the param dtype to save memory.
-        stochastic_rounding: round the updates of bfloat16 params stochastically (unbiased), so
-            that updates below the bfloat16 spacing are not lost (default False).
-        d_steps: freeze D once k reaches this (default None: never); per group, equal within a
-            D-group, never raised or removed after D froze. Then the D statistics are skipped and
-            the ``s`` and ``p0`` buffers freed; the group key ``d_frozen`` records it.
+        skip_nonfinite: skip a D-group's step (params, moments, D and ``k`` stay; the group key
+            ``skipped_steps`` counts it, a warning the first time) when a gradient holds NaN or inf
+            or its D statistics overflow (default True); decided on the device, no host sync.
+        fp32_state: keep exp_avg, exp_avg_sq and s of 16-bit params in float32 (default True).
+        stochastic_rounding: round bfloat16 param updates stochastically (unbiased), so that updates
+            below the bfloat16 spacing are not lost (default False).
+        d_steps: freeze D once k reaches this (default None: never), equal within a D-group and
+            fixed once D froze: the D statistics are skipped, ``s`` and ``p0`` freed (``d_frozen``).
         factored: keep the second moment of each param with 2+ dims as row and column means
-            (Adafactor-style; about 1 word per param less); per group, fixed at a param's first
-            step (default False).
+            (Adafactor-style; about 1 word per param less), fixed at its first step (default False).
         d_ratio_cap: keep the D of every D-group within this factor (>= 1) of the smallest one
             after every step (default None: no cap), for a component whose D "grows forever".
-        fused: compiled kernels (torch.compile: one kernel per pass and tensor, no param-sized
-            temporaries) if True; None (default) takes torch's fused AdamW kernel and a read-only
-            statistics pass where that is the step exactly (float32/float64 params, D on the
-            host), except CUDA groups of 2**20 elements or more, which are compiled where
-            torch.compile works; False uses ``foreach``. The first compiled step compiles for
-            seconds; where compiling fails the step uses foreach (a one-line warning if True).
+        fused: compiled kernels (torch.compile: one kernel per pass, no param-sized temporaries; the
+            first step compiles for seconds; foreach where compiling fails) if True; None (default)
+            torch's fused AdamW kernel where that is the step exactly (float32/float64 params, D on
+            the host), compiled kernels for CUDA groups of 2**20 elements or more; False: foreach.
         capturable: keep each D-group's D state as 0-dim tensors on its params' device, updated in
-            place, so that ``step()`` reads nothing on the host and can be captured in a CUDA
-            graph (default False; per group, equal within a D-group). The group keys ``d``,
-            ``d_max``, ``d_numerator``, ``d_denom``, ``d_hat``, ``k``, ``skipped_steps`` (int64),
-            ``effective_lr`` and ``step_size`` are then those tensors (shared by the groups of a
-            D-group; ``float(group["d"])`` reads one), ``state[p]["step"]`` an int64 tensor, and
-            ``d_update_freq`` decided on the device; ``state_dict()`` holds Python numbers as in
-            the default mode. ``lr`` and the other hyperparameters stay Python numbers: a graph
-            keeps the values it was captured with. Not supported: ``d_steps``. No warning on a
-            skipped step (read ``skipped_steps``). A param's first step reads it once on the host
-            (whether it is all zeros, for ``p0``): take warm-up steps before capturing.
+            place, so that ``step()`` reads nothing on the host and can be captured in a CUDA graph
+            (default False; equal within a D-group). The D and step group keys are then those
+            tensors (``float(group["d"])`` reads one; ``k``, ``skipped_steps`` int64), as is
+            ``state[p]["step"]``; ``state_dict()`` holds numbers as in the default mode. A graph
+            keeps the ``lr`` it was captured with. Not with ``d_steps``; no warning on a skip. A
+            param's first step reads it on the host (``p0``): warm up before capturing.
 
     Param groups may carry ``d_group`` (any hashable; a str or int keeps checkpoints loadable with
     ``weights_only=True``): groups with equal ``d_group`` share one D, whatever ``independent_d``.
 
-    Group keys for logging (Python floats, or 0-dim tensors with ``capturable=True``): ``d``,
-    ``d_max``, ``d_numerator``, ``d_denom``, ``d_hat``, ``k`` (int), ``lr``, ``effective_lr``
-    (``lr * bias_correction`` of the last step: the multiplier of D, as prodigy-plus-schedule-free
-    defines it and OneTrainer and musubi-tuner log ``d * effective_lr``) and ``step_size`` (``d *
-    lr * bias_correction`` with that step's D: the step it applied); both 0.0 before the first
-    step. ``get_learning_rates()`` lists ``step_size`` per group.
+    Group keys for logging: ``d``, ``d_max``, ``d_numerator``, ``d_denom``, ``d_hat``, ``k``, ``lr``,
+    ``effective_lr`` (``lr * bias_correction`` of the last step: the multiplier of D, as
+    prodigy-plus-schedule-free defines it; OneTrainer and musubi-tuner log ``d * effective_lr``) and
+    ``step_size`` (``d * effective_lr``: the step applied, also ``get_learning_rates()``).
 
     ``torch.compile(opt.step)`` runs the eager step (excluded from tracing), so changing ``lr`` or
     D never recompiles and the groups keep their flags; ``fused`` compiles the elementwise math.
@@ -295,16 +282,11 @@ class KProdigy(torch.optim.Optimizer):
         """Indices of the param groups sharing each D, ordered by their first group: equal
         ``d_group`` labels share one; groups without a label follow ``independent_d``."""
         independent = self.independent_d if self.independent_d is not None else len(self.param_groups) > 1
-        where: dict[Any, int] = {}
-        out: list[list[int]] = []
+        out: dict[Any, list[int]] = {}  # (ordered by first group)
         for i, group in enumerate(self.param_groups):
             label = group.get("d_group")
-            key = ("label", label) if label is not None else ("auto", i if independent else -1)
-            if key not in where:
-                where[key] = len(out)
-                out.append([])
-            out[where[key]].append(i)
-        return out
+            out.setdefault(("label", label) if label is not None else ("auto", i if independent else -1), []).append(i)
+        return list(out.values())
 
     def diagnostics(self) -> _diagnostics.Diagnostics:
         """One record per D-group (its D values, growth, step count, status, each group's lr and
