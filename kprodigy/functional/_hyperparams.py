@@ -12,14 +12,12 @@ __all__ = ["D_CONFIG", "Hyperparams", "hparams"]
 
 @dataclass(frozen=True)
 class Hyperparams:
-    """Every hyperparameter of K-Prodigy for one parameter group.
+    """Every hyperparameter of K-Prodigy for one parameter group, as plain Python numbers (a
+    scheduler builds a new instance); an invalid value raises ``ValueError`` naming the field.
 
-    Plain Python numbers (a scheduler may change ``lr`` or ``betas`` between steps by
-    building a new instance). Invalid values raise ``ValueError`` naming the field.
-
-    Fields that act on the shared D estimate (``d_config()``: ``beta3``, ``d0``, ``d_coef``,
-    ``growth_rate``, ``d_update_freq``, ``d_steps``, ``skip_nonfinite``) must be equal in all
-    groups that share one D; there ``beta3=None`` means sqrt(betas[1]) of the first group.
+    The fields that act on the shared D (``d_config()``: ``beta3``, ``d0``, ``d_coef``,
+    ``growth_rate``, ``d_update_freq``, ``d_steps``, ``skip_nonfinite``) must be equal in the
+    groups sharing one D; there ``beta3=None`` means sqrt(betas[1]) of the first group.
     """
 
     lr: float = 1.0  # multiplier of the adapted step size D; 0 freezes the group

@@ -18,11 +18,9 @@ import torch
 from torch import Tensor
 
 from ._hyperparams import Hyperparams
-from ._state import D_STATE_FIELDS, DState, compute_dtype, is_wrapped
+from ._state import D_STATE_FIELDS, DState, Scalar, compute_dtype, is_wrapped
 
 __all__ = ["StepScalars", "bias_correction", "cap_d_ratio", "frozen", "next_d", "step_scalars", "updates_d"]
-
-Scalar = Any  # a Python number or a 0-dim tensor
 
 
 @dataclass(frozen=True)

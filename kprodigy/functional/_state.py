@@ -92,10 +92,8 @@ class SegmentResult:
 
 @dataclass(frozen=True)
 class State:
-    """State of a list of tensors sharing one D. Lists are aligned with the params list.
-
-    (``kprodigy.functional.init_state`` given another pytree of params, e.g. a dict, puts that
-    pytree's structure in place of each list: see ``_tree.py``.)
+    """State of tensors sharing one D: per-tensor fields aligned with the params (lists, or the
+    params' pytree structure, e.g. a dict, from ``kprodigy.functional.init_state``).
 
     exp_avg:    like each param (stats dtype of the param), or None when betas[0] == 0
     exp_avg_sq: like each param

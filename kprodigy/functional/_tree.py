@@ -31,10 +31,7 @@ Plan = _engine.Plan | None
 def init_state(params: PyTree, hparams: Hyperparams, *, compact_p0: bool = True) -> State:
     """Initial state for ``params``, a pytree of tensors sharing one D (e.g.
     ``dict(model.named_parameters())``), whose structure the per-tensor fields mirror.
-
-    compact_p0: store ``p0`` of an all-zero tensor as a 0-dim zero (default); False (and inside
-        ``torch.func.vmap``) the full slice.
-    """
+    ``compact_p0``: ``p0`` of an all-zero tensor a 0-dim zero (not inside ``torch.func.vmap``)."""
     leaves, spec = _flatten(params, "params")
     flat = _state.init_state(leaves, hparams, compact_p0=compact_p0)
     return _unflatten_state(flat, spec)
@@ -44,10 +41,8 @@ def init_ensemble_state(params: PyTree, hparams: Hyperparams, *, compact_p0: boo
     """State of an ensemble of N models, for ``torch.func.vmap(step)``: one D per member.
 
     params: pytree of stacked tensors, each ``(N, *member_shape)`` (e.g. from
-        ``torch.func.stack_module_state``); every tensor of the state has the leading dimension N,
-        the D fields are ``(N,)``.
-    compact_p0: ``p0`` of shape ``(N,)`` for a tensor all zeros in every member, else ``(N, numel /
-        slice_p)``.
+        ``torch.func.stack_module_state``); the state's tensors lead with N, the D fields are ``(N,)``.
+    compact_p0: ``p0`` of shape ``(N,)`` for a tensor all zeros in every member.
     """
     leaves, spec = _flatten(params, "params")
     sizes = {x.shape[0] if x.dim() > 0 else None for x in leaves}

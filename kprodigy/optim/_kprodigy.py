@@ -181,8 +181,7 @@ class KProdigy(torch.optim.Optimizer):
         checked = check_settings(defaults)  # ValueError naming the setting
         defaults.update({name: getattr(checked, name) for name in Hyperparams.field_names()})
         self.d_ratio_cap = None if d_ratio_cap is None else float(d_ratio_cap)
-        self.independent_d = independent_d
-        self.reduce_d_stats = reduce_d_stats
+        self.independent_d, self.reduce_d_stats = independent_d, reduce_d_stats
         self.process_group = process_group if process_group is not None else _distributed.enclosing_zero_group()
         self._pending: dict[tuple[int, ...], _per_param.Pending] = {}  # per-param steps not yet finalized
         self._kept: _plan.Kept | None = None  # the plan of the last step, reused while it holds

@@ -1,7 +1,5 @@
-"""Per-parameter stepping (fused backward passes) for the shell: ``step_parameter`` runs the
-first half of the engine's step for one param (``functional._partial.accumulate``), ``finalize``
-the D update and the param updates of every D-group stepped so (``_partial.finish``), then the
-D cap and the group keys as ``step()`` writes them."""
+"""Per-parameter stepping (fused backward passes) for the shell, on ``functional._partial``:
+``step_parameter`` accumulates one param, ``finalize`` finishes every D-group stepped so."""
 
 from __future__ import annotations
 
@@ -19,7 +17,6 @@ __all__ = ["Pending", "finalize", "step_parameter"]
 
 
 def step_parameter(opt: Any, p: Tensor, group: dict[str, Any] | None, i: int | None) -> None:
-    """``KProdigy.step_parameter`` (its docstring says what it does)."""
     index = _group_index(opt, p, group, i)
     members = next(m for m in opt.d_groups() if index in m)
     pending = opt._pending.get(tuple(members))
@@ -58,8 +55,6 @@ def step_parameter(opt: Any, p: Tensor, group: dict[str, Any] | None, i: int | N
 
 
 def finalize(opt: Any) -> None:
-    """``KProdigy.finalize_step``: D updated from the statistics of the params stepped by
-    ``step_parameter``, then those params moved with it."""
     if not opt._pending:
         return
     pending, opt._pending = opt._pending, {}

@@ -151,15 +151,13 @@ def _flags(g: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def _settings(group: dict[str, Any]) -> tuple[Any, ...]:
-    """What shapes the plan: the D settings and the state layout of a group's Hyperparams
-    (validated), then its flags (``_flags``)."""
+    """What shapes the plan: a group's D settings and state layout (validated), and its flags."""
     hp = hparams(group)
     return ((hp.d_config(), hp.slice_p, hp.betas[0] > 0, hp.stochastic_rounding), _flags(group))
 
 
 def _tensors(opt: Any, p: Tensor) -> tuple[Any, ...]:
-    """What a planned param must still have: itself, its gradient's type and layout, its state
-    dict and the tensors in it."""
+    """What a planned param must still have: its gradient's type and layout, its state tensors."""
     g, st = p.grad, opt.state.get(p, {})
     layout = None if g is None else (type(g), g.dtype, g.device, g.shape, g.is_contiguous())
     return (p, layout, st, *(st.get(key) for key in STATE_KEYS))
