@@ -78,7 +78,10 @@ def d_on_host(tensors: Sequence[Tensor]) -> bool:
     if torch.compiler.is_compiling():
         return False
     grad_mode = torch.is_grad_enabled()
-    return not any(t.device.type != "cpu" or is_wrapped(t) or grad_mode and t.requires_grad for t in tensors)
+    for t in tensors:
+        if t.device.type != "cpu" or is_wrapped(t) or grad_mode and t.requires_grad:
+            return False
+    return True
 
 
 def use_foreach(tensors: Sequence[Tensor], foreach: bool | None) -> bool:
@@ -304,8 +307,9 @@ def _update(members: Sequence[Member], p: _Pending, d_new: Any, ok: Tensor | Non
                 if res is None:
                     continue
                 for key in ("params", "exp_avg", "exp_avg_sq", "s"):
+                    mine = getattr(res, key)
                     for j, t in zip(part.index, getattr(new, key) or []):
-                        getattr(res, key)[j] = t
+                        mine[j] = t
         if res is not None:
             out.append(res)
     return out

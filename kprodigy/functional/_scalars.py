@@ -58,11 +58,7 @@ def frozen(hp: Hyperparams, k: Scalar) -> bool:
 def updates_d(hp: Hyperparams, k: Scalar) -> bool | Tensor:
     """Whether the step from step count ``k`` updates D (``k % d_update_freq == 0``, D not frozen):
     a bool, or for a tensor ``k`` (and ``d_update_freq > 1``) a 0-dim bool tensor."""
-    if frozen(hp, k):
-        return False
-    if hp.d_update_freq == 1:
-        return True
-    return (k % hp.d_update_freq) == 0
+    return not frozen(hp, k) and (hp.d_update_freq == 1 or (k % hp.d_update_freq) == 0)
 
 
 def bias_correction(hp: Hyperparams, k: Scalar) -> Scalar:

@@ -229,10 +229,8 @@ class KProdigy(torch.optim.Optimizer):
                 group.setdefault(key, value)
             if not group["capturable"]:
                 _group_keys.to_numbers(group)
-            for p in group["params"]:
-                param_state = self.state.get(p)
-                if param_state and "step" in param_state:
-                    param_state["step"] = _group_keys.step_count(param_state["step"], p, group["capturable"])
+            for p in (p for p in group["params"] if "step" in self.state.get(p, {})):
+                self.state[p]["step"] = _group_keys.step_count(self.state[p]["step"], p, group["capturable"])
         self._bind()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
