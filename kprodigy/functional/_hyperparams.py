@@ -97,7 +97,7 @@ class Hyperparams:
 
 _FIELD_NAMES = tuple(f.name for f in fields(Hyperparams))
 D_CONFIG = ("beta3", "d0", "d_coef", "growth_rate", "d_update_freq", "d_steps", "skip_nonfinite")
-_FLAGS = tuple(f.name for f in fields(Hyperparams) if f.type == "bool")
+_FLAGS = tuple(f.name for f in fields(Hyperparams) if f.type in ("bool", bool))  # the bool fields
 
 
 def _number(name: str, value: Any) -> float:

@@ -89,7 +89,8 @@ class KProdigy(torch.optim.Optimizer):
             params, ZeRO's group under ZeroRedundancyOptimizer, else the default group).
         skip_nonfinite: skip a D-group's step (params, moments, D and ``k`` stay; the group key
             ``skipped_steps`` counts it, a warning the first time) when a gradient holds NaN or inf
-            or its D statistics overflow (default True); decided on the device, no host sync.
+            or its D statistics overflow (default True); decided on the device, no host sync (False
+            saves a read of the gradients).
         fp32_state: keep exp_avg, exp_avg_sq and s of 16-bit params in float32 (default True).
         stochastic_rounding: round bfloat16 param updates stochastically (unbiased), so that updates
             below the bfloat16 spacing are not lost (default False).
