@@ -1,34 +1,18 @@
-"""The fused-AdamW backend: torch's own fused AdamW kernel for m, v, x, and a read-only
-statistics pass, in buckets of a param group's elements (the contract of ``_single.py``; D on
-the host only: the kernel takes ``eps`` as a Python float).
+"""The fused-AdamW backend: torch's fused AdamW kernel for m, v, x after a read-only statistics
+pass (D on the host only: the kernel takes ``eps`` as a float), where ``usable`` says it is the math.
 
-A group's elements are stepped in ``Bucket``s: runs of small tensors whose ``m``, ``v`` and ``s``
-lie back to back in one buffer each (the plan lays them so, ``PACKS``; the gradients and params
-are gathered into buffers of the bucket), and slices of large tensors (views, nothing gathered).
-On CPU a bucket has at most ``PACK_MAX`` / ``SLICE`` elements, so that its scratch stays in cache
-and the tensors are read from memory once per pass; a step costs a dozen ops per bucket
-whatever the number of tensors.
-
-- ``gradients``: gathers the packed buckets' effective gradients (negated with ``maximize``,
-  plus ``wd * x`` with coupled decay) into their buffers; returns each bucket's flat gradient.
-- ``statistics``: READ-ONLY over the params, state and gradients (it writes only scratch):
-  ``<g[::p], p0 - x[::p]>`` and ``||beta3 * s + s_scale * g[::p]||_1`` (p = slice_p).
-- ``update``: ``s = beta3 * s + s_scale * g[::p]`` (the ops of the statistics pass: the same
-  values; not on a step without statistics), then ``torch._fused_adamw_`` with ``lr = dlr``,
-  ``eps = d_new * eps``, the gradient multiplied by ``d_old`` into scratch (the CPU kernel's
-  ``grad_scale`` would write the unscaled gradient back into ``p.grad``) and a state step of
-  1e9, where Adam's own bias corrections are exactly 1. That is DESIGN.md's update: m = b1 m +
-  (1 - b1) d g, v = b2 v + (1 - b2) d^2 g^2, x = x (1 - wd dlr) - dlr m / (sqrt(v) + d_new eps);
-  x came out bit-identical to the per-tensor kernels in float32 and float64 on CPU
-  (benchmarks/NOTES.md, "Native path"). With betas[0] == 0, ``m`` is a zeroed scratch (so m =
-  d_old g) and lr = dlr d_new / d_old: x - dlr d_new g / den.
-
-``usable`` says where this is exactly the math; everything else takes the other backends.
+It steps ``Bucket``s: runs of small tensors whose m, v, s lie back to back (``PACKS``; gradients
+gathered into a buffer), or slices of a large tensor; on CPU at most ``PACK_MAX`` / ``SLICE``
+elements, so the scratch stays in cache: a dozen ops per bucket whatever the number of tensors.
+``update`` runs ``torch._fused_adamw_`` with ``lr = dlr``, ``eps = d_new * eps``, the gradient
+times ``d_old`` in scratch (the CPU kernel's ``grad_scale`` would write the unscaled gradient into
+``p.grad``) and a state step of 1e9 (Adam's bias corrections exactly 1): bit-identical to the
+per-tensor kernels in float32 and float64 on CPU (benchmarks/NOTES.md, "Native path"). With
+betas[0] == 0, ``m`` is a zeroed scratch (m = d_old g) and lr = dlr d_new / d_old.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -36,9 +20,10 @@ import torch
 from torch import Tensor
 
 from ._hyperparams import Hyperparams
-from ._layout import SMALL, flat_span, p0_full
+from ._layout import SMALL, flat_span, p0_full, views
 from ._scalars import StepScalars
-from ._state import Segment, SegmentResult
+from ._single import Ts
+from ._state import Segment, SegmentResult, is_wrapped
 
 __all__ = ["PACKS", "PURE", "SMALL", "Bucket", "FlatGroup", "gradients", "layout", "statistics", "update", "usable"]
 
@@ -48,15 +33,12 @@ PACKS = True  # the small params' state lies back to back (the plan lays it so)
 HUGE_STEP = 1e9  # Adam's bias corrections 1 - b^step are exactly 1 in float64
 PACK_MAX = 1 << 18  # elements of small tensors in one bucket on CPU
 SLICE = 1 << 17  # elements of a large tensor's slice on CPU (benchmarks/NOTES.md, "Native path")
+_FIXED = {"weight_decay": 0.0, "amsgrad": False, "maximize": False, "grad_scale": None, "found_inf": None}
 
 
 def usable(seg: Segment) -> bool:
-    """Whether these kernels compute exactly this segment's step: every param a plain
-    float32/float64 tensor (no DTensor, no torch.func wrapper) on CPU or CUDA, one device and
-    dtype, contiguous, with state of its own dtype and shape (not factored, no 16-bit params with
-    float32 state): ``exp_avg`` where betas[0] > 0, ``s`` and ``p0`` of ``ceil(numel /
-    slice_p)`` elements (a 0-dim ``p0`` for an all-zero param; empty placeholders once D is
-    frozen), not requiring grad while grad mode is on; no stochastic rounding."""
+    """Whether these kernels compute exactly this segment's step: plain contiguous float32/float64
+    tensors on one CPU or CUDA device, state of their dtype and shape, no stochastic rounding."""
     hp = seg.hparams
     if hp.stochastic_rounding or not seg.params or (hp.betas[0] > 0) != (seg.exp_avg is not None):
         return False
@@ -81,25 +63,17 @@ def usable(seg: Segment) -> bool:
             return False
         if grad_mode and x.requires_grad:
             return False
-        if torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._C._functorch.is_functorch_wrapped_tensor(g):
+        if is_wrapped(x) or is_wrapped(g):
             return False
     return True
 
 
 @dataclass(eq=False)
 class Bucket:
-    """Elements of a group stepped together; n = hi - lo its number of elements, and ``s``,
-    ``p0`` its (n_s,) statistics spans (every ``slice_p``-th element; empty when D is frozen).
-
-    Packed (``grad`` not None): consecutive small tensors ``index`` of the group; ``params``,
-    ``m``, ``v`` the tensors themselves (``m`` empty when betas[0] == 0), ``s`` and ``p0`` spans of
-    the packed state (``p0`` a copy where compact), ``grad`` (n,) the bucket's own buffer of the
-    gathered gradients (``grad_views`` shaped as the params), ``work_views`` the group's scratch
-    shaped as the params; with ``slice_p > 1`` also ``sliced`` (n_s,) its own buffer of the
-    gathered ``g[::slice_p]`` (``sliced_views``) and ``x_views`` scratch views for ``x[::slice_p]``.
-    Slice (``grad`` None): elements [lo, hi) of the one large tensor ``index[0]`` (lo a multiple
-    of ``slice_p``); ``params``, ``m``, ``v`` 1-D views of that slice.
-    """
+    """Elements [lo, hi) of a group stepped together, ``s``, ``p0`` their (n_s,) statistics spans.
+    Packed (``grad`` not None): the small tensors ``index``, ``grad`` (n,) its buffer of their
+    gathered gradients (``grad_views``; ``work_views`` the same of the scratch), ``sliced`` the
+    gathered ``g[::slice_p]`` (slice_p > 1). Slice (``grad`` None): 1-D views of ``index[0]``."""
 
     index: list[int]
     lo: int
@@ -119,13 +93,10 @@ class Bucket:
 
 @dataclass(eq=False)
 class FlatGroup:
-    """One param group on the native path: its buckets and their shared scratch.
-
-    ``work``, ``work2``: (largest bucket,) scratch (``p0 - x``, then ``|s_new|``; ``s_new``, then a
-    slice's ``d_old * g``; ``work`` the zeroed ``m`` when betas[0] == 0); ``work3`` a slice's
-    effective gradient (maximize, coupled weight decay; made on first use). ``steps``: the huge
-    state step of Adam's kernel (one 0-dim float32 tensor, repeated for the largest bucket's number
-    of tensors). ``slice_p``: the stride of the statistics."""
+    """A param group's buckets and their shared scratch: ``work``, ``work2`` (largest bucket,):
+    ``p0 - x`` then ``|s_new|``; ``s_new`` then a slice's ``d_old * g``; ``work`` the zeroed ``m``
+    when betas[0] == 0; ``work3`` a slice's effective gradient (made on first use). ``steps``: the
+    huge state step of Adam's kernel (one 0-dim float32 tensor, repeated per tensor)."""
 
     buckets: list[Bucket]
     work: Tensor
@@ -136,8 +107,7 @@ class FlatGroup:
 
 
 def layout(seg: Segment) -> FlatGroup:
-    """The buckets of a ``usable`` segment whose small tensors' ``exp_avg``, ``exp_avg_sq``
-    and ``s`` lie back to back in one buffer each per bucket (``_layout.pack``)."""
+    """The buckets of a ``usable`` segment laid out by ``_layout.pack_segment``."""
     p = seg.hparams.slice_p
     frozen = _frozen(seg)
     xs, vs, ss, p0s = list(seg.params), list(seg.exp_avg_sq), list(seg.s), list(seg.p0)
@@ -167,11 +137,12 @@ def layout(seg: Segment) -> FlatGroup:
                 hi = min(lo + width, n)
                 s_lo, s_hi = (0, 0) if frozen else (lo // p, -(-hi // p))
                 m = [] if ms is None else [ms[i].view(-1)[lo:hi]]
-                bucket = Bucket([i], lo, hi, [x.view(-1)[lo:hi]], m, [vs[i].view(-1)[lo:hi]], ss[i][s_lo:s_hi], p0[s_lo:s_hi])
-                buckets.append(bucket)
+                v = [vs[i].view(-1)[lo:hi]]
+                buckets.append(Bucket([i], lo, hi, [x.view(-1)[lo:hi]], m, v, ss[i][s_lo:s_hi], p0[s_lo:s_hi]))
             continue
         params = [xs[i] for i in idx]
-        spans = [flat_span([ts[i] for i in idx]) for ts in ([] if ms is None else [ms]) + [vs] + ([] if frozen else [ss])]
+        laid = ([] if ms is None else [ms]) + [vs] + ([] if frozen else [ss])
+        spans = [flat_span([ts[i] for i in idx]) for ts in laid]
         if any(span is None for span in spans):
             raise ValueError("the state of small params is not packed (_layout.pack_segment)")
         if frozen:
@@ -183,18 +154,18 @@ def layout(seg: Segment) -> FlatGroup:
             p0 = p0_span if p0_span is not None else torch.cat([p0_full(p0s[i], ss[i].numel()) for i in idx])
         grad = torch.empty(sum(x.numel() for x in params), dtype=x.dtype, device=x.device)
         m = [] if ms is None else [ms[i] for i in idx]
-        bucket = Bucket(idx, 0, grad.numel(), params, m, [vs[i] for i in idx], s, p0, grad, _views(grad, params))
+        bucket = Bucket(idx, 0, grad.numel(), params, m, [vs[i] for i in idx], s, p0, grad, views(grad, params))
         if p > 1 and not frozen:
             bucket.sliced = torch.empty_like(s)
-            bucket.sliced_views = _views(bucket.sliced, [ss[i] for i in idx])
+            bucket.sliced_views = views(bucket.sliced, [ss[i] for i in idx])
         buckets.append(bucket)
     width = max(b.hi - b.lo for b in buckets)
     work, work2 = (torch.empty(width, dtype=xs[0].dtype, device=xs[0].device) for _ in range(2))
     for b in buckets:
         if b.grad is not None:
-            b.work_views = _views(work[: b.hi - b.lo], b.params)
+            b.work_views = views(work[: b.hi - b.lo], b.params)
             if b.sliced is not None:
-                b.x_views = _views(work[: b.s.numel()], b.sliced_views)
+                b.x_views = views(work[: b.s.numel()], b.sliced_views)
     step = torch.full((), HUGE_STEP, dtype=torch.float32, device=xs[0].device)
     steps = [step] * max(len(b.params) for b in buckets)
     return FlatGroup(buckets, work, work2, steps, p)
@@ -205,11 +176,9 @@ def _frozen(seg: Segment) -> bool:
     return not any(s.numel() for s in seg.s) and any(x.numel() for x in seg.params)
 
 
-def gradients(seg: Segment, lay: FlatGroup, grads: Sequence[Tensor]) -> list[Tensor]:
-    """Each bucket's (n,) gradient: a packed bucket's own buffer, into which its effective
-    gradients are gathered (negated if ``maximize``, plus ``wd * x`` with coupled weight decay,
-    as ``_single.effective_grads``; every slice_p-th element also into ``sliced``); a slice's
-    view of its raw gradient (made effective on the fly by ``_grad``)."""
+def gradients(seg: Segment, lay: FlatGroup, grads: Ts) -> list[Tensor]:
+    """Each bucket's (n,) gradient: a packed one's buffer of its effective gradients (gathered), a
+    slice's view of its raw gradient (made effective by ``_grad``)."""
     hp = seg.hparams
     out = []
     for b in lay.buckets:
@@ -228,9 +197,7 @@ def gradients(seg: Segment, lay: FlatGroup, grads: Sequence[Tensor]) -> list[Ten
 
 
 def _grad(fg: FlatGroup, b: Bucket, g: Tensor, hp: Hyperparams) -> Tensor:
-    """The bucket's (n,) effective gradient from its ``gradients`` entry ``g``: a packed bucket's
-    buffer as it is; for a slice with ``maximize`` / coupled weight decay, ``-g + wd * x`` into
-    ``work3`` (from the params as they are: before ``update`` moves them)."""
+    """A bucket's effective gradient: a slice's into ``work3``, from the params before ``update``."""
     coupled = hp.weight_decay > 0 and not hp.decouple
     if b.grad is not None or not (hp.maximize or coupled):
         return g
@@ -244,14 +211,14 @@ def _grad(fg: FlatGroup, b: Bucket, g: Tensor, hp: Hyperparams) -> Tensor:
 
 
 def _sliced(fg: FlatGroup, b: Bucket, g: Tensor) -> Tensor:
-    """The bucket's ``g[::slice_p]`` (n_s,) of its effective gradient ``g`` (``_grad``)."""
+    """The bucket's (n_s,) ``g[::slice_p]`` of its effective gradient ``g``."""
     if b.sliced is not None:
         return b.sliced
     return g if fg.slice_p == 1 else g[:: fg.slice_p]
 
 
-def statistics(seg: Segment, lay: FlatGroup, grads: Sequence[Tensor], sc: StepScalars) -> tuple[Tensor, Tensor]:
-    """Same contract as ``_single.statistics``; writes only scratch."""
+def statistics(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars) -> tuple[Tensor, Tensor]:
+    """Writes only scratch."""
     fg, hp = lay, seg.hparams
     dots, norms = [], []
     for b, gb in zip(fg.buckets, grads):
@@ -267,32 +234,23 @@ def statistics(seg: Segment, lay: FlatGroup, grads: Sequence[Tensor], sc: StepSc
             x = b.params[0][:: fg.slice_p]
         g = _sliced(fg, b, _grad(fg, b, gb, hp))
         dots.append(torch.dot(g, torch.sub(b.p0, x, out=work)))  # <g, p0 - x>
-        s_new = torch.mul(b.s, cast(float, sc.beta3), out=fg.work2[:n_s]).add_(g, alpha=sc.s_scale)  # the ops of ``update``
+        s_new = torch.mul(b.s, cast(float, sc.beta3), out=fg.work2[:n_s]).add_(g, alpha=sc.s_scale)  # as ``update``
         norms.append(torch.abs(s_new, out=work).sum())
     if len(dots) == 1:
         return dots[0], norms[0]
     return torch.stack(dots).sum(), torch.stack(norms).sum()
 
 
-def update(seg: Segment, lay: FlatGroup, grads: Sequence[Tensor], sc: StepScalars, out: SegmentResult | None) -> SegmentResult:
-    """Same contract as ``_single.update``, in place only (``PURE`` is False), D on the host:
-    s (where ``sc.beta3`` is not None), m, v and x of the segment."""
+def update(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars, out: SegmentResult | None) -> SegmentResult:
+    """In place only (not ``PURE``), D on the host."""
     assert out is not None and sc.d_new is not None and sc.ok is None, "in place, with D on the host"
     fg, hp = lay, seg.hparams
     b1 = hp.betas[0]
     d_old, d_new, dlr = sc.weight, sc.d_new, sc.dlr
-    kwargs: dict[str, Any] = dict(
-        # betas[0] == 0: m = d_old * g in a zeroed scratch, and the step dlr * d_new * g / den
-        lr=dlr if b1 > 0 else dlr * d_new / d_old,
-        beta1=b1,
-        beta2=hp.betas[1],
-        weight_decay=0.0,  # (decoupled decay below: x - decay * x, as prodigyopt, not x * (1 - decay))
-        eps=d_new * hp.eps,
-        amsgrad=False,
-        maximize=False,
-        grad_scale=None,
-        found_inf=None,
-    )
+    # betas[0] == 0: m = d_old * g in a zeroed scratch, and the step dlr * d_new * g / den; decoupled
+    # decay apart, below: x - decay * x as prodigyopt (not x * (1 - decay))
+    lr = dlr if b1 > 0 else dlr * d_new / d_old
+    kwargs: dict[str, Any] = {**_FIXED, "lr": lr, "beta1": b1, "beta2": hp.betas[1], "eps": d_new * hp.eps}
     for b, gb in zip(fg.buckets, grads):
         n = b.hi - b.lo
         g = _grad(fg, b, gb, hp)
@@ -311,8 +269,3 @@ def update(seg: Segment, lay: FlatGroup, grads: Sequence[Tensor], sc: StepScalar
             torch._foreach_add_(b.params, b.params, alpha=-sc.decay)
         torch._fused_adamw_(b.params, gs, ms, b.v, [], fg.steps[: len(b.params)], **kwargs)
     return out
-
-
-def _views(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
-    """Consecutive slices of ``flat`` shaped as ``like``."""
-    return list(torch._C._nn.unflatten_dense_tensors(flat, like))

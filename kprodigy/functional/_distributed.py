@@ -1,10 +1,6 @@
-"""torch.distributed: the all-reduce that plugs into the engine's reduction seam, DTensor params
-(FSDP2), and when the D statistics must be summed over ranks (which process group).
-
-Every rank keeps one D per D-group. The sums behind D are local when each rank holds whole
-params with the same (averaged) gradients (plain DDP) and partial when ranks hold parts:
-DTensor shards (FSDP2 ``fully_shard``), FSDP1 flat params, or the param subsets of
-``ZeroRedundancyOptimizer``; then ``stats_reduction`` returns the all-reduce of the seam.
+"""torch.distributed: DTensor params (FSDP2) and the all-reduce of the engine's reduction seam,
+needed where ranks hold parts of the sums behind D (DTensor shards, FSDP1 flat params, ZeRO's
+subsets), not where they hold whole params with averaged gradients (plain DDP).
 """
 
 from __future__ import annotations
@@ -26,23 +22,12 @@ try:  # DTensor: FSDP2 (fully_shard) and tensor-parallel params
 except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = None  # type: ignore[assignment,misc]
 
-__all__ = [
-    "all_reduce_stats",
-    "enclosing_zero_group",
-    "flat_local",
-    "init_state",
-    "is_dtensor",
-    "local",
-    "stats_reduction",
-]
+__all__ = ["all_reduce_stats", "enclosing_zero_group", "flat_local", "init_state", "is_dtensor", "local"]
+__all__ += ["stats_reduction"]
 
 
 def all_reduce_stats(group: Any = None) -> ReduceStats:
-    """A ``reduce_stats`` hook summing the packed D statistics over ``group`` (None: the default group).
-
-    One ``all_reduce(SUM)`` on the packed 1-D tensor, in place, on its device: no host sync.
-    Every rank of ``group`` must call the step the same number of times with the same packing.
-    """
+    """A ``reduce_stats`` hook: one in-place ``all_reduce(SUM)`` over ``group`` (no host sync)."""
 
     def reduce(stats: Tensor) -> Tensor:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
@@ -67,15 +52,10 @@ def flat_local(t: Tensor) -> Tensor:
 
 
 def init_state(p: Tensor, hp: Hyperparams, factored: bool = False) -> dict[str, Tensor]:
-    """Per-tensor state; for a DTensor param, from its local shard (the math is per rank).
-
-    For a DTensor param, exp_avg and exp_avg_sq are DTensors laid out like it, and so are ``s``
-    and ``p0`` when slice_p == 1 (param-shaped, viewed 1-D by the kernels; ``p0`` is always
-    stored, even for an all-zero param): distributed checkpoints save and reshard them like the
-    param. With slice_p > 1, ``s`` and ``p0`` are this rank's plain tensors (every slice_p-th
-    element of the local shard), which reload only into the same sharding and not through
-    torch.distributed.checkpoint (which treats plain tensors as replicated).
-    """
+    """Per-tensor state; a DTensor param's from its local shard, as DTensors laid out like it (so that
+    distributed checkpoints reshard them): exp_avg, exp_avg_sq and, with slice_p == 1, ``s`` and
+    ``p0`` (param-shaped, viewed 1-D by the kernels). With slice_p > 1, ``s`` and ``p0`` are plain
+    per-rank tensors (torch.distributed.checkpoint would take them as replicated)."""
     if DTensor is None or not isinstance(p, DTensor):
         return init_tensor_state(p, hp, factored=factored)
     if factored:
@@ -120,11 +100,8 @@ def sharding_group(dtensors: list[Tensor]) -> Any:
 
 
 def enclosing_zero_group() -> Any:
-    """ZeroRedundancyOptimizer's process group if it is constructing this optimizer, else None.
-
-    ZeRO builds one local optimizer per rank over a subset of the params from inside its own
-    methods; the caller frames are searched for that ``self`` (at construction only).
-    """
+    """ZeroRedundancyOptimizer's process group if it is constructing this optimizer (one local
+    optimizer per rank, built from its own methods: the caller frames hold that ``self``)."""
     # ZeRO can only be constructing us if its module was imported: importing it here would cost
     # every user torch.distributed.optim's import (and its deprecation warnings)
     module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
@@ -145,14 +122,8 @@ def enclosing_zero_group() -> Any:
 def stats_reduction(
     params: Sequence[Tensor], *, reduce_d_stats: bool | None, process_group: Any, forced: bool
 ) -> Callable[[Tensor], Tensor] | None:
-    """The all-reduce of the D statistics if a step over ``params`` needs one, else None.
-
-    Needed when each rank holds part of the sums: DTensor params (FSDP2), FSDP1 flat params, an
-    optimizer built by ZeroRedundancyOptimizer (its ``process_group``, taken at construction),
-    an explicit ``process_group``, or ``forced`` (``fsdp_in_use=True`` or ``reduce_d_stats=True``).
-    Replicated params (plain DDP) need none. Without an initialized default group nothing is
-    reduced; ``reduce_d_stats=False`` forbids it.
-    """
+    """The all-reduce of the D statistics if a step over ``params`` needs one (DTensor or FSDP1 flat
+    params, a ``process_group``, ``forced`` or ``reduce_d_stats``), else None."""
     if reduce_d_stats is False or not (dist.is_available() and dist.is_initialized()):
         return None
     if process_group is not None:

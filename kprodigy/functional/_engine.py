@@ -1,23 +1,17 @@
-"""The engine: one step of the D-groups of a plan, for the optimizer class and the functional
-step alike.
+"""The engine: one step of the D-groups of a plan, for the optimizer class and the functional step.
 
-A plan (``build``) holds, per D-group and per param group in it (a member), the parts its
-tensors are stepped in: one backend each (a module with the contract of ``_single.py``) with
-what it keeps between steps (``layout``). A step (``step``), for every D-group at once: the
-schedule and scalars (``_scalars``); each part's effective gradients and read-only statistics;
-ONE reduction seam (``reduce_stats``) and, with D on the host, ONE host read; the D update with
-the all-zero-gradient rule and the non-finite skip (``_scalars.next_d``); each part's update
-(nothing on a skip with D on the host; folded into the scalars with D on the device); the cap.
-
-D is held on the host (Python numbers: the optimizer's default mode, the functional step on the
-CPU) or on the device (0-dim tensors: ``capturable``, the functional step on an accelerator or
-inside ``torch.func`` and ``torch.compile``).
+A plan (``build``) holds per D-group, per param group in it (a member), the parts its tensors are
+stepped in, each by one backend (the contract of ``_single.py``). A step, for every D-group at
+once: each part's effective gradients and statistics; ONE reduction seam (``reduce_stats``) and,
+with D on the host (Python numbers; else 0-dim tensors), ONE host read; the D update and the skip
+(``_scalars.next_d``); each part's update (none on a skip with D on the host, folded into the
+scalars with D on the device); the cap.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
@@ -27,29 +21,28 @@ from torch import Tensor
 from . import _adamw, _factored, _foreach, _fused, _layout, _robust, _single
 from ._hyperparams import Hyperparams
 from ._scalars import StepScalars, cap_d_ratio, next_d, step_scalars, updates_d
-from ._state import DState, Segment, SegmentResult, d_dtype
+from ._single import Ts
+from ._state import STATE_KEYS, DState, Segment, SegmentResult, d_dtype, is_wrapped
 
-__all__ = ["AUTO_FUSED_MIN", "Member", "Plan", "ReduceStats", "build", "d_on_host", "refresh", "step", "use_foreach", "use_fused"]
+__all__ = ["AUTO_FUSED_MIN", "Member", "Plan", "ReduceStats", "build", "choose_backend", "d_on_host", "refresh"]
+__all__ += ["step", "use_foreach", "use_fused"]
 
-# Sums the packed D statistics [numerator_0, denom_0, numerator_1, ...] (1-D, float64, one
-# device) over ranks and returns the global tensor of the same shape (distributed training).
-ReduceStats = Callable[[Tensor], Tensor]
+ReduceStats = Callable[[Tensor], Tensor]  # sums [numerator_0, denom_0, numerator_1, ...] over ranks
 
 AUTO_FUSED_MIN = 1 << 20  # fused=None compiles a CUDA param group of at least this many elements
 
 
 @dataclass(eq=False)
 class Part:
-    """Tensors of one member stepped by one backend call: ``seg`` (one dtype, as laid out),
-    ``index`` their positions in the member, ``lay`` the backend's layout, ``pure`` whether
-    ``update`` makes new tensors, ``own`` the segment's tensors as an update's destination."""
+    """Tensors of one member stepped by one backend call: ``seg`` (one dtype, as laid out), ``index``
+    their positions in the member, ``own`` them as an update's destination."""
 
     backend: ModuleType
     seg: Segment
     index: list[int]
     lay: Any
     pure: bool
-    own: SegmentResult | None = None
+    own: SegmentResult = field(init=False)
 
     def __post_init__(self) -> None:
         self.own = _unchanged(self.seg)
@@ -65,8 +58,7 @@ class Member:
 
 @dataclass(eq=False)
 class Plan:
-    """What a step runs over: per D-group its members, whether D is held on the host, and
-    whether the step writes new tensors (``pure``)."""
+    """Per D-group its members; whether D is held on the host; whether the step makes new tensors."""
 
     d_groups: list[list[Member]]
     on_host: bool
@@ -74,54 +66,51 @@ class Plan:
 
 
 def refresh(member: Member, hp: Hyperparams) -> None:
-    """Take new hyperparameter values of a member (a schedule changed them) into its plan."""
+    """Take a member's new hyperparameter values (a schedule changed them) into the plan."""
     member.seg = replace(member.seg, hparams=hp)
     for part in member.parts:
         part.seg = replace(part.seg, hparams=hp)  # (the same tensors: ``own`` stays)
 
 
 def d_on_host(tensors: Sequence[Tensor]) -> bool:
-    """Whether a functional step over ``tensors`` holds D on the host: on the CPU (a read costs no
-    sync), outside ``torch.compile`` and ``torch.func``, where autograd does not record it."""
+    """Whether a functional step over ``tensors`` holds D on the host: on CPU (a read costs no sync),
+    outside ``torch.compile`` and ``torch.func``, without autograd."""
     if torch.compiler.is_compiling():
         return False
     grad_mode = torch.is_grad_enabled()
     for t in tensors:
-        if t.device.type != "cpu" or torch._C._functorch.is_functorch_wrapped_tensor(t) or grad_mode and t.requires_grad:
+        if t.device.type != "cpu" or is_wrapped(t) or grad_mode and t.requires_grad:
             return False
     return True
 
 
 def use_foreach(tensors: Sequence[Tensor], foreach: bool | None) -> bool:
-    """Resolve ``foreach=None``: multi-tensor ops off the CPU (CPU foreach ops are per-tensor loops:
-    benchmarks/NOTES.md, change 3); never for torch.func-wrapped tensors (no vmap rule), nor
-    inside ``torch.compile`` unless asked for (inductor fuses the per-tensor path)."""
+    """Resolve ``foreach=None``: multi-tensor ops off CPU (CPU foreach ops are per-tensor loops:
+    benchmarks/NOTES.md, change 3); never for torch.func-wrapped tensors (no vmap rule), nor inside
+    ``torch.compile`` unless asked for (inductor fuses the per-tensor path)."""
     if torch.compiler.is_compiling():
         return bool(foreach)
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+    if any(is_wrapped(t) for t in tensors):
         return False
     return foreach if foreach is not None else not all(t.device.type == "cpu" for t in tensors)
 
 
 def use_fused(tensors: Sequence[Tensor], fused: bool | None) -> bool:
-    """Resolve ``fused``: the compiled kernels (``_fused.py``) where asked for (True) or, for None,
-    on CUDA from ``AUTO_FUSED_MIN`` elements; never inside ``torch.compile``, for torch.func-wrapped
-    inputs or inputs that require grad in grad mode, or where compiling fails (a one-line warning
-    if ``fused=True``)."""
+    """Resolve ``fused``: the compiled kernels (``_fused.py``) if True or, for None, on CUDA from
+    ``AUTO_FUSED_MIN`` elements; never inside ``torch.compile``, for torch.func-wrapped inputs or
+    inputs that require grad in grad mode, or where compiling fails (``_fused.available``)."""
     if fused is False or not tensors or torch.compiler.is_compiling():
         return False
     if fused is None and (tensors[0].device.type != "cuda" or sum(t.numel() for t in tensors) < AUTO_FUSED_MIN):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) or any(is_wrapped(t) for t in tensors):
         return False
     return _fused.available(tensors[0].device, warn=fused is True)
 
 
-def _backend(seg: Segment, on_host: bool, foreach: bool | None, fused: bool | None, pack: bool) -> ModuleType:
-    """A member's backend: factored (a factored ``v``), compiled (``use_fused``), fused AdamW (D on
-    the host, automatic flags, state that may be laid flat, ``_adamw.usable``), foreach or per-tensor."""
+def choose_backend(seg: Segment, on_host: bool, foreach: bool | None, fused: bool | None, pack: bool) -> ModuleType:
+    """A member's backend: factored (a factored ``v``), compiled (``use_fused``), fused AdamW (D on the
+    host, automatic flags, state that may be laid flat, ``_adamw.usable``), foreach or per-tensor."""
     if _factored.is_factored(seg.params, seg.exp_avg_sq):
         return _factored
     if use_fused(seg.params, fused):
@@ -140,14 +129,10 @@ def build(
     pure: bool = False,
     pack: bool = True,
 ) -> Plan:
-    """The plan of a step over ``segments`` (per D-group, its members' segments).
-
-    foreach, fused: per D-group, the optimizer's flags (None: automatic).
-    pure: the step writes new tensors (the functional ``step``): the in-place backends step
-        copies (``_layout.copy_segment``), the ``PURE`` ones compute new tensors.
-    pack: lay the small params' state flat for the backends that step it so (``PACKS``); the
-        members then hold new state tensors (``Member.seg``), which the caller keeps.
-    """
+    """The plan of a step over ``segments`` (per D-group, its members'); ``foreach``, ``fused`` per
+    D-group. ``pure``: the step makes new tensors (the in-place backends step copies). ``pack``: lay
+    the small params' state flat for the backends that step it so (``PACKS``): the members then
+    hold new state tensors (``Member.seg``), which the caller keeps."""
     n = len(segments)
     d_groups = []
     for segs, fe, fu in zip(segments, foreach or [None] * n, fused or [None] * n):
@@ -155,7 +140,7 @@ def build(
         for seg in segs:
             parts: list[Part] = []
             if seg.params:
-                backend = _backend(seg, on_host, fe, fu, pack or pure)
+                backend = choose_backend(seg, on_host, fe, fu, pack or pure)
                 whole = backend is _adamw  # one dtype (``usable``); the others take one dtype per call
                 for index in [list(range(len(seg.params)))] if whole else _by_dtype(seg.params):
                     part = _take(seg, index)
@@ -178,17 +163,11 @@ def step(
     reduce_stats: ReduceStats | None = None,
     d_ratio_cap: float | None = None,
 ) -> tuple[list[list[SegmentResult]], list[DState]]:
-    """One step of every D-group of ``plan``.
-
-    grads: per D-group, per member, the gradients of its params (aligned with ``Member.seg``).
-    d_states: per D-group its D state (host numbers if ``plan.on_host``, else 0-dim tensors).
-    reduce_stats: sums the statistics over ranks (``ReduceStats``), once per step that updates
-        D; a D-group without local tensors then takes part with zero statistics (unless all
-        its groups have lr == 0), so every rank keeps one D.
-    d_ratio_cap: ``_scalars.cap_d_ratio`` after the step.
-    Returns per D-group its members' tensors after the step (for a pure plan; an in-place one
-    leaves them in the plan's tensors and returns no lists), and the new D states.
-    """
+    """One step of every D-group of ``plan``, from ``grads`` (per D-group, per member, aligned with
+    ``Member.seg``) and ``d_states`` (host numbers if ``plan.on_host``, else 0-dim tensors). With
+    ``reduce_stats`` a D-group without local tensors takes part with zero statistics (unless all
+    its lr are 0). Returns per D-group its members' tensors after the step (for a pure plan), and
+    the new D states (capped by ``d_ratio_cap``)."""
     reduced = reduce_stats is not None
     pending = [_statistics(m, g, ds, reduced) for m, g, ds in zip(plan.d_groups, grads, d_states)]
     sums = _reduce(pending, plan.on_host, reduce_stats, _device(plan, d_states) if reduced else None)
@@ -199,12 +178,7 @@ def step(
             results.append([_unchanged(m.seg) for m in members] if plan.pure else [])
             new_states.append(ds)
             continue
-        hp0 = members[0].seg.hparams
-        ok: Any = True
-        if hp0.skip_nonfinite and total:
-            ok = all(v == v and abs(v) != float("inf") for v in total) if plan.on_host else torch.isfinite(torch.stack(total)).all()
-        num, den = (total[0], total[1]) if p.update_d is not False else (0.0, None)
-        new, moves = next_d(ds, num, den, hp0, update_d=p.update_d, ok=ok)
+        new, moves, ok = next_d(ds, total, members[0].seg.hparams, update_d=p.update_d)
         if ok is False:  # skipped with D on the host: nothing is written
             results.append([_unchanged(m.seg) for m in members] if plan.pure else [])
         else:
@@ -226,7 +200,7 @@ class _Pending:
     n_sums: int = 0  # how many of ``sums`` are (dot, norm) entries
 
 
-def _statistics(members: Sequence[Member], grads: Sequence[Sequence[Tensor]], ds: DState, reduced: bool) -> _Pending | None:
+def _statistics(members: Sequence[Member], grads: Sequence[Ts], ds: DState, reduced: bool) -> _Pending | None:
     """Effective gradients and read-only statistics of a D-group; None when it does not step."""
     active = [i for i, m in enumerate(members) if m.seg.hparams.lr > 0 and m.parts]
     if not members or not active and not (reduced and any(m.seg.hparams.lr > 0 for m in members)):
@@ -255,9 +229,9 @@ def _statistics(members: Sequence[Member], grads: Sequence[Sequence[Tensor]], ds
 def _reduce(
     pending: Sequence[_Pending | None], on_host: bool, reduce_stats: ReduceStats | None, device: torch.device | None
 ) -> list[list[Any]]:
-    """Per stepping D-group: [numerator, denom] ([] without statistics), then the extremes where
-    they decide the skip; Python floats from one read with D on the host, else 0-dim tensors.
-    ``reduce_stats`` sums the pairs over ranks, a local non-finite extreme folded in (NaN)."""
+    """Per stepping D-group: [numerator, denom] (none without statistics), then the extremes that
+    decide the skip; floats from one read with D on the host, else 0-dim tensors. ``reduce_stats``
+    sums the pairs over ranks, a local non-finite extreme folded in (NaN)."""
     out: list[list[Any]] = [[] for _ in pending]
     if reduce_stats is None and on_host:  # one read of the raw sums, combined on the host
         values, at = _read([t for p in pending if p is not None for t in p.sums]), 0
@@ -303,7 +277,7 @@ def _combine(raw: Sequence[Any], scales: Sequence[Any]) -> list[Any]:
 
 
 def _device(plan: Plan, d_states: Sequence[DState]) -> torch.device:
-    """Where a D-group without local tensors puts its zero statistics: a D state's or a param's device."""
+    """Where a D-group without local tensors puts zero statistics: a D state's or a param's device."""
     for t in [ds.d for ds in d_states] + [m.seg.params[0] for ms in plan.d_groups for m in ms if m.seg.params]:
         if isinstance(t, Tensor):
             return t.device
@@ -320,9 +294,9 @@ def _read(ts: Sequence[Tensor]) -> list[float]:
     return torch.cat([t.reshape(-1).to(ts[0].device if same else "cpu", torch.float64) for t in ts]).tolist()
 
 
-def _update(members: Sequence[Member], p: _Pending, d_new: Any, ok: Tensor | None, moves: Any, pure: bool) -> list[SegmentResult]:
-    """The update of a D-group's active members (``update`` of each part), into the plan's
-    tensors or new ones; with ``pure`` the members' tensors after it (the others keep theirs)."""
+def _update(members: Sequence[Member], p: _Pending, d_new: Any, ok: Tensor | None, moves: Any, pure: bool) -> list[Any]:
+    """The update of a D-group's active members (each part's), into the plan's tensors or, with
+    ``pure``, new ones: then the members' tensors after it (``SegmentResult``; the others keep theirs)."""
     out = []
     for i, m in enumerate(members):
         res = _unchanged(m.seg) if pure else None
@@ -332,17 +306,18 @@ def _update(members: Sequence[Member], p: _Pending, d_new: Any, ok: Tensor | Non
                 new = _update_part(part, g, sc.like(part.seg.params[0]))
                 if res is None:
                     continue
-                for mine, theirs in zip((res.params, res.exp_avg, res.exp_avg_sq, res.s), (new.params, new.exp_avg, new.exp_avg_sq, new.s)):
-                    for j, t in zip(part.index, theirs or []):
-                        mine[j] = t  # type: ignore[index]
+                for key in ("params", "exp_avg", "exp_avg_sq", "s"):
+                    mine = getattr(res, key)
+                    for j, t in zip(part.index, getattr(new, key) or []):
+                        mine[j] = t
         if res is not None:
             out.append(res)
     return out
 
 
-def _update_part(part: Part, grads: Sequence[Tensor], sc: StepScalars) -> SegmentResult:
+def _update_part(part: Part, grads: Ts, sc: StepScalars) -> SegmentResult:
     """``update`` of one part, in place or into new tensors of the params' dtype; with stochastic
-    rounding, of float32 copies of the bfloat16 params, rounded into the params here."""
+    rounding, of float32 copies of the bfloat16 params, rounded into them here."""
     seg = part.seg
     sr = seg.hparams.stochastic_rounding and any(x.dtype == torch.bfloat16 for x in seg.params)
     if not (sr or part.pure):
@@ -359,7 +334,7 @@ def _unchanged(seg: Segment) -> SegmentResult:
     return SegmentResult(list(seg.params), m, list(seg.exp_avg_sq), list(seg.s))
 
 
-def _by_dtype(xs: Sequence[Tensor]) -> list[list[int]]:
+def _by_dtype(xs: Ts) -> list[list[int]]:
     buckets: dict[torch.dtype, list[int]] = {}
     for i, x in enumerate(xs):
         buckets.setdefault(x.dtype, []).append(i)
@@ -371,7 +346,7 @@ def _merge(seg: Segment, parts: Sequence[Part]) -> Segment:
     if len(parts) == 1 and len(parts[0].index) == len(seg.params):
         return parts[0].seg
     lists: dict[str, list[Any] | None] = {}
-    for key in ("params", "exp_avg", "exp_avg_sq", "s", "p0"):
+    for key in ("params", *STATE_KEYS):
         lists[key] = None if getattr(seg, key) is None else list(getattr(seg, key))
         for part in parts:
             for i, t in zip(part.index, getattr(part.seg, key) or []):
@@ -382,5 +357,8 @@ def _merge(seg: Segment, parts: Sequence[Part]) -> Segment:
 def _take(seg: Segment, index: list[int]) -> Segment:
     if len(index) == len(seg.params):
         return seg
-    pick = lambda ts: None if ts is None else [ts[i] for i in index]  # noqa: E731
-    return Segment(pick(seg.params), pick(seg.grads), pick(seg.exp_avg), pick(seg.exp_avg_sq), pick(seg.s), pick(seg.p0), seg.hparams)  # type: ignore[arg-type]
+    lists = {key: None if (ts := getattr(seg, key)) is None else [ts[i] for i in index] for key in _SEGMENT_LISTS}
+    return Segment(**lists, hparams=seg.hparams)  # type: ignore[arg-type]
+
+
+_SEGMENT_LISTS = ("params", "grads", *STATE_KEYS)

@@ -1,52 +1,35 @@
-"""Factored second moment (Adafactor-style row/column statistics), an explicit opt-in.
-
-For a param ``x`` with two or more dimensions, seen as a matrix of ``rows = x.numel() // n`` by
-``n = x.shape[-1]``, the second moment ``v`` (as many words as ``x``) is replaced by its row and
-column means, packed in one 1-D tensor ``[r (rows), c (n)]``::
+"""Factored second moment (Adafactor-style), an opt-in: for a param with 2+ dims, seen as a
+``rows x n`` matrix, ``exp_avg_sq`` holds the row and column means ``[r (rows), c (n)]``::
 
     r = b2 * r + mean_j((1 - b2) * d^2 * g_ij^2)     c = b2 * c + mean_i((1 - b2) * d^2 * g_ij^2)
     v_hat_ij = r_i * c_j / mean(r)                    (exact when v is rank one)
 
-and the step uses ``v_hat`` where it would use ``v``. A param is factored exactly when its
-``exp_avg_sq`` state has that packed shape (``_state.init_tensor_state(factored=True)``); other tensors keep a full ``v``.
-
-The kernels (the contract of ``_single.py``) run the per-tensor reference kernels one tensor at a
-time: the statistics do not read v; ``update_moments`` on a zero ``v`` gives this step's
-contribution ``(1 - b2) * d^2 * g^2``, whose row and column means update ``r`` and ``c``;
-``update_params`` gets ``v_hat``. So nothing of the step but
-the factoring is stated here; the price is one param-sized temporary at a time.
+The kernels are ``_single``'s, a tensor at a time: ``update_moments`` on a zero ``v`` gives the
+step's ``(1 - b2) * d^2 * g^2``, whose means update ``r`` and ``c``; ``update_params`` gets ``v_hat``.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import _single
 from ._scalars import StepScalars
-from ._state import Segment, SegmentResult
+from ._single import Moments, Ts, _op, by_halves, gradients, layout, statistics
+from ._state import SegmentResult
 
-__all__ = [
-    "PURE",
-    "gradients",
-    "is_factored",
-    "layout",
-    "statistics",
-    "update",
-    "update_moments",
-    "update_params",
-]
+__all__ = ["PURE", "gradients", "is_factored", "layout", "statistics", "update", "update_moments", "update_params"]
+
+PURE = True
 
 
-def is_factored(xs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor]) -> bool:
+def is_factored(xs: Ts, exp_avg_sqs: Ts) -> bool:
     """Whether any of these params keeps a factored (packed, not param-shaped) second moment."""
     return any(v.shape != x.shape for x, v in zip(xs, exp_avg_sqs))
 
 
-def _split(x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def _check(x: Tensor, v: Tensor) -> int:
+    """The number of rows of ``x``, whose ``v`` must be packed ``[r, c]``."""
     cols = x.shape[-1]
     rows = x.numel() // cols
     if x.dim() < 2 or v.shape != (rows + cols,):
@@ -54,42 +37,24 @@ def _split(x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
             f"exp_avg_sq of shape {tuple(v.shape)} is neither like its param {tuple(x.shape)} nor the "
             f"factored statistics ({rows + cols},) of it"
         )
-    return v[:rows], v[rows:]
+    return rows
 
 
 def _v_hat(x: Tensor, v: Tensor) -> Tensor:
     """The full second moment a packed ``[r, c]`` stands for, shaped like ``x``."""
     if v.shape == x.shape:
         return v
-    r, c = _split(x, v)
+    rows = _check(x, v)
+    r, c = v[:rows], v[rows:]
     scale = r.mean().clamp_min(torch.finfo(r.dtype).tiny)  # r == 0 (no gradient yet): v_hat = 0
     return (torch.outer(r, c) / scale).view(x.shape)
 
 
-PURE = True
-layout, gradients = _single.layout, _single.gradients
-statistics = _single.statistics  # the D statistics do not read v
-
-
-def update(seg: Segment, lay: Any, gs: Sequence[Tensor], sc: StepScalars, out: SegmentResult | None) -> SegmentResult:
-    """Same contract as ``_single.update``; factored entries of ``exp_avg_sq`` are packed ``[r, c]``."""
-    m, v, s = update_moments(gs, seg.exp_avg, seg.exp_avg_sq, seg.s, sc=sc, slice_p=seg.hparams.slice_p, out=out)
-    return SegmentResult(update_params(seg.params, gs, m, v, sc=sc, out=out), m, v, s)
-
-
 def update_moments(
-    gs: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor] | None,
-    exp_avg_sqs: Sequence[Tensor],
-    ss: Sequence[Tensor],
-    *,
-    sc: StepScalars,
-    slice_p: int,
-    out: SegmentResult | None,
-) -> tuple[list[Tensor] | None, list[Tensor], list[Tensor]]:
-    """Same contract as ``_single.update_moments``; a factored ``v`` is updated from the row and
-    column means of this step's ``(1 - b2) (d g)^2`` (the reference kernel's new v from a zero v)."""
-    b2 = sc.decays[1]
+    gs: Ts, exp_avgs: Ts | None, exp_avg_sqs: Ts, ss: Ts, *, sc: StepScalars, slice_p: int, out: SegmentResult | None
+) -> Moments:
+    """A factored ``v`` moves by the row and column means of this step's ``(1 - b2) (d g)^2`` (the
+    reference kernel's new v from a zero v)."""
     new_m: list[Tensor] | None = None if exp_avgs is None else []
     new_v: list[Tensor] = []
     new_s: list[Tensor] = []
@@ -98,18 +63,12 @@ def update_moments(
         factored = v.shape != g.shape
         v_in = torch.zeros_like(g) if factored else v  # zero v: the kernel returns this step's (1 - b2) (d g)^2
         dest = None if out is None else SegmentResult([], _one(out.exp_avg, i), [v_in], [out.s[i]])
-        m, (v_out,), (s,) = _single.update_moments(
-            [g], _one(exp_avgs, i), [v_in], [ss[i]], sc=sc, slice_p=slice_p, out=dest
-        )
+        moments = _single.update_moments([g], _one(exp_avgs, i), [v_in], [ss[i]], sc=sc, slice_p=slice_p, out=dest)
+        m, (v_out,), (s,) = moments
         if factored:
-            r, col = _split(g, v)
-            g2 = v_out.reshape(r.shape[0], col.shape[0])
-            inplace = out is not None
-            r = r.mul_(b2) if inplace else torch.mul(r, b2)
-            col = col.mul_(b2) if inplace else torch.mul(col, b2)
-            r = r.add_(g2.mean(1)) if inplace else torch.add(r, g2.mean(1))
-            col = col.add_(g2.mean(0)) if inplace else torch.add(col, g2.mean(0))
-            v_out = v if inplace else torch.cat([r, col])
+            g2 = v_out.reshape(_check(g, v), -1)
+            o = v if out is not None else None  # (elementwise on [r, c]: the values of r and c apart)
+            v_out = _op("add", _op("mul", v, sc.decays[1], out=o), torch.cat([g2.mean(1), g2.mean(0)]), out=o)
         if new_m is not None and m is not None:
             new_m.extend(m)
         new_v.append(v_out)
@@ -118,15 +77,8 @@ def update_moments(
 
 
 def update_params(
-    xs: Sequence[Tensor],
-    gs: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor] | None,
-    exp_avg_sqs: Sequence[Tensor],
-    *,
-    sc: StepScalars,
-    out: SegmentResult | None,
+    xs: Ts, gs: Ts, exp_avgs: Ts | None, exp_avg_sqs: Ts, *, sc: StepScalars, out: SegmentResult | None
 ) -> list[Tensor]:
-    """Same contract as ``_single.update_params``, with ``v_hat`` for the factored entries."""
     new_x: list[Tensor] = []
     for i, x in enumerate(xs):  # one v_hat at a time
         dest = None if out is None else SegmentResult([out.params[i]], None, [], [])
@@ -134,5 +86,8 @@ def update_params(
     return new_x
 
 
-def _one(ts: Sequence[Tensor] | None, i: int) -> list[Tensor] | None:
+update = by_halves(update_moments, update_params)
+
+
+def _one(ts: Ts | None, i: int) -> list[Tensor] | None:
     return None if ts is None else [ts[i]]

@@ -1,11 +1,5 @@
-"""Multi-tensor kernels: the per-tensor sequence of ``_single.py`` with ``torch._foreach_*`` ops.
-
-The contract of ``_single.py`` (``update`` with its halves ``update_moments``, ``update_params``),
-over one device and dtype. Scalars that depend on D are Python floats (D on the host) or 0-dim
-tensors (the ``Tensor`` overloads of the foreach ops), never device values read on the host.
-Not usable under ``torch.func.vmap`` (no batching rules for foreach ops). ``out`` is the input
-lists themselves or None: the first op of each chain makes new tensors when it is None, and
-the ops after it work in place on those.
+"""Multi-tensor kernels: ``_single``'s sequence of ops with ``torch._foreach_*`` ops (which have no
+vmap rule). With ``out=None`` the first op of a chain makes new tensors, the next work in place.
 """
 
 from __future__ import annotations
@@ -18,39 +12,25 @@ from torch import Tensor
 
 from . import _robust
 from ._scalars import Scalar, StepScalars
-from ._single import _axpy, _l1, _op, _temp, _up, _up_dtype, effective_grads
-from ._state import Segment, SegmentResult
+from ._single import Moments, Ts, _axpy, _l1, _op, _temp, _up, by_halves, effective_grads, layout
+from ._state import Segment, SegmentResult, compute_dtype
 
 __all__ = ["PURE", "gradients", "layout", "statistics", "update", "update_moments", "update_params"]
 
 PURE = True
-TensorList = list[Tensor]
 
 
-def layout(seg: Segment) -> None:
-    return None
-
-
-def gradients(seg: Segment, lay: Any, grads: Sequence[Tensor]) -> list[Tensor]:
-    """``_single.gradients`` with foreach ops."""
+def gradients(seg: Segment, lay: Any, grads: Ts) -> list[Tensor]:
     return effective_grads(seg.params, grads, seg.exp_avg_sq, seg.hparams, foreach=True)
 
 
-def update(seg: Segment, lay: Any, grads: Sequence[Tensor], sc: StepScalars, out: SegmentResult | None) -> SegmentResult:
-    """Same contract as ``_single.update``."""
-    m, v, s = update_moments(grads, seg.exp_avg, seg.exp_avg_sq, seg.s, sc=sc, slice_p=seg.hparams.slice_p, out=out)
-    return SegmentResult(update_params(seg.params, grads, m, v, sc=sc, out=out), m, v, s)
-
-
-def statistics(seg: Segment, lay: Any, grads: Sequence[Tensor], sc: StepScalars) -> tuple[Tensor, Tensor]:
-    """Same contract as ``_single.statistics``."""
-    xs, gs, ss, p0s, slice_p = seg.params, grads, seg.s, seg.p0, seg.hparams.slice_p
-    on_cpu = xs[0].device.type == "cpu"
-    g_sliced = [g.flatten()[::slice_p] for g in gs]
+def statistics(seg: Segment, lay: Any, grads: Ts, sc: StepScalars) -> tuple[Tensor, Tensor]:
+    xs, ss, p0s, slice_p = seg.params, seg.s, seg.p0, seg.hparams.slice_p
+    g_sliced = [g.flatten()[::slice_p] for g in grads]
     diffs = torch._foreach_sub(list(p0s), [x.flatten()[::slice_p] for x in xs])
     dots = _sum_of_dots(g_sliced, diffs)
     del diffs
-    if on_cpu:  # foreach ops are per-tensor loops on CPU: the passes of _single
+    if xs[0].device.type == "cpu":  # foreach ops are per-tensor loops on CPU: the passes of _single
         norms = []
         for s, g in zip(ss, g_sliced):  # the new s: one temporary at a time (``update`` writes it)
             t = _temp(s.shape, "a", s)
@@ -60,19 +40,16 @@ def statistics(seg: Segment, lay: Any, grads: Sequence[Tensor], sc: StepScalars)
         scaled = torch._foreach_mul(g_sliced, sc.s_scale)
         torch._foreach_add_(s_new, scaled)
         del scaled
-        norms = list(torch._foreach_norm(s_new, 1, dtype=_up_dtype(s_new[0].dtype)))
+        norms = list(torch._foreach_norm(s_new, 1, dtype=compute_dtype(s_new[0].dtype)))
     return dots, torch.stack(norms).sum()
 
 
 _DOT_CAT_MAX = 1 << 16  # tensors below this size join one concatenated dot product
 
 
-def _sum_of_dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """sum_i <a_i, b_i> (flattened, accumulated in at least fp32); a 0-dim tensor.
-
-    Small tensors are concatenated into one dot product (no per-tensor Python work); large ones
-    take one ``torch.dot`` each (no concatenation copy). A 0-dim ``b_i`` (zero p0) broadcasts.
-    """
+def _sum_of_dots(a: Ts, b: Ts) -> Tensor:
+    """sum_i <a_i, b_i> in at least fp32 (a 0-dim ``b_i`` broadcasts): small tensors in one concatenated
+    dot (no per-tensor Python work), large ones a ``torch.dot`` each (no concatenation copy)."""
     small = [i for i, t in enumerate(a) if t.numel() < _DOT_CAT_MAX]
     large = [i for i, t in enumerate(a) if t.numel() >= _DOT_CAT_MAX]
     parts: list[Tensor] = []
@@ -85,16 +62,8 @@ def _sum_of_dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
 
 
 def update_moments(
-    gs: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor] | None,
-    exp_avg_sqs: Sequence[Tensor],
-    ss: Sequence[Tensor],
-    *,
-    sc: StepScalars,
-    slice_p: int,
-    out: SegmentResult | None,
-) -> tuple[TensorList | None, TensorList, TensorList]:
-    """Same contract as ``_single.update_moments`` (non-finite entries of g zeroed in copies)."""
+    gs: Ts, exp_avgs: Ts | None, exp_avg_sqs: Ts, ss: Ts, *, sc: StepScalars, slice_p: int, out: SegmentResult | None
+) -> Moments:
     if sc.ok is not None:  # the skip is folded into the scalars: 0 * g must be 0
         gs = _robust.sanitize(gs)
     w1, w2 = sc.gains
@@ -121,15 +90,8 @@ def update_moments(
 
 
 def update_params(
-    xs: Sequence[Tensor],
-    gs: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor] | None,
-    exp_avg_sqs: Sequence[Tensor],
-    *,
-    sc: StepScalars,
-    out: SegmentResult | None,
-) -> TensorList:
-    """Same contract as ``_single.update_params``."""
+    xs: Ts, gs: Ts, exp_avgs: Ts | None, exp_avg_sqs: Ts, *, sc: StepScalars, out: SegmentResult | None
+) -> list[Tensor]:
     if not xs:
         return []
     assert sc.d_new is not None and sc.eps_d is not None, "update_params needs a finished StepScalars"
@@ -148,7 +110,10 @@ def update_params(
     return new_x
 
 
-def _mul(ts: Sequence[Tensor], a: Scalar, inplace: bool) -> TensorList:
+update = by_halves(update_moments, update_params)
+
+
+def _mul(ts: Sequence[Tensor], a: Scalar, inplace: bool) -> list[Tensor]:
     """a * ts, in place (the destinations are the inputs) or into new tensors."""
     ts = list(ts)
     if inplace:

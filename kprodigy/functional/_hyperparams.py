@@ -7,19 +7,17 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["Hyperparams"]
+__all__ = ["D_CONFIG", "Hyperparams", "hparams"]
 
 
 @dataclass(frozen=True)
 class Hyperparams:
-    """Every hyperparameter of K-Prodigy for one parameter group.
+    """Every hyperparameter of K-Prodigy for one parameter group, as plain Python numbers (a
+    scheduler builds a new instance); an invalid value raises ``ValueError`` naming the field.
 
-    Plain Python numbers (a scheduler may change ``lr`` or ``betas`` between steps by
-    building a new instance). Invalid values raise ``ValueError`` naming the field.
-
-    Fields that act on the shared D estimate (``d_config()``: ``beta3``, ``d0``, ``d_coef``,
-    ``growth_rate``, ``d_update_freq``, ``d_steps``, ``skip_nonfinite``) must be equal in all
-    groups that share one D; there ``beta3=None`` means sqrt(betas[1]) of the first group.
+    The fields that act on the shared D (``d_config()``: ``beta3``, ``d0``, ``d_coef``,
+    ``growth_rate``, ``d_update_freq``, ``d_steps``, ``skip_nonfinite``) must be equal in the
+    groups sharing one D; there ``beta3=None`` means sqrt(betas[1]) of the first group.
     """
 
     lr: float = 1.0  # multiplier of the adapted step size D; 0 freezes the group
@@ -50,15 +48,7 @@ class Hyperparams:
             object.__setattr__(self, name, _number(name, getattr(self, name)))
         if self.beta3 is not None:
             object.__setattr__(self, "beta3", _number("beta3", self.beta3))
-        for name in (
-            "decouple",
-            "use_bias_correction",
-            "safeguard_warmup",
-            "maximize",
-            "skip_nonfinite",
-            "fp32_state",
-            "stochastic_rounding",
-        ):
+        for name in _FLAGS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Invalid {name}: {getattr(self, name)!r}; expected True or False")
         for name in ("d_update_freq", "slice_p", "d_steps"):
@@ -66,23 +56,15 @@ class Hyperparams:
             if name == "d_steps" and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {name}: {value!r}; expected {'None or ' if name == 'd_steps' else ''}an integer >= 1")
-
+                _check(name, value, False, "None or an integer >= 1" if name == "d_steps" else "an integer >= 1")
         b1, b2 = self.betas
-        _check("lr", self.lr, math.isfinite(self.lr) and self.lr >= 0, "a finite number >= 0")
+        _finite("lr", self.lr, strict=False)
         _check("betas[0]", b1, 0.0 <= b1 < 1.0, "a number in [0, 1)")
         _check("betas[1]", b2, 0.0 <= b2 < 1.0, "a number in [0, 1)")
         if self.beta3 is not None:
             _check("beta3", self.beta3, 0.0 <= self.beta3 < 1.0, "None or a number in [0, 1)")
-        _check("eps", self.eps, math.isfinite(self.eps) and self.eps > 0, "a finite number > 0")
-        _check(
-            "weight_decay",
-            self.weight_decay,
-            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-            "a finite number >= 0",
-        )
-        _check("d0", self.d0, math.isfinite(self.d0) and self.d0 > 0, "a finite number > 0")
-        _check("d_coef", self.d_coef, math.isfinite(self.d_coef) and self.d_coef > 0, "a finite number > 0")
+        for name in ("eps", "weight_decay", "d0", "d_coef"):
+            _finite(name, getattr(self, name), strict=name != "weight_decay")
         _check("growth_rate", self.growth_rate, self.growth_rate >= 1, "a number >= 1 (inf allowed)")
 
     @property
@@ -100,25 +82,22 @@ class Hyperparams:
         return cls(**{name: mapping[name] for name in cls.field_names() if name in mapping})
 
     def with_lr(self, lr: Any) -> Hyperparams:
-        """This instance with another ``lr``, validated as ``__post_init__`` does (the other fields
-        were validated already): what an lr schedule changes every step, without re-validating
-        the rest."""
+        """This instance with another ``lr`` (what an lr schedule changes every step), validated
+        alone: the other fields were validated already."""
         value = _number("lr", lr)
-        _check("lr", value, math.isfinite(value) and value >= 0, "a finite number >= 0")
+        _finite("lr", value, strict=False)
         new = copy.copy(self)
         object.__setattr__(new, "lr", value)
         return new
 
     def d_config(self) -> tuple[Any, ...]:
-        """The fields that must agree among groups sharing one D (``D_CONFIG`` order).
-
-        ``beta3=None`` resolves to sqrt(betas[1]) of the D-group's first group.
-        """
+        """The fields that must agree among groups sharing one D (``D_CONFIG`` order)."""
         return tuple(getattr(self, name) for name in D_CONFIG)
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(Hyperparams))
 D_CONFIG = ("beta3", "d0", "d_coef", "growth_rate", "d_update_freq", "d_steps", "skip_nonfinite")
+_FLAGS = tuple(f.name for f in fields(Hyperparams) if f.type in ("bool", bool))  # the bool fields
 
 
 def _number(name: str, value: Any) -> float:
@@ -130,3 +109,42 @@ def _number(name: str, value: Any) -> float:
 def _check(name: str, value: float, ok: bool, expected: str) -> None:
     if not ok:
         raise ValueError(f"Invalid {name}: {value!r}; expected {expected}")
+
+
+def _finite(name: str, value: float, strict: bool) -> None:
+    """``value`` finite and > 0 (``strict``) or >= 0."""
+    ok = math.isfinite(value) and (value > 0 if strict else value >= 0)
+    _check(name, value, ok, f"a finite number {'>' if strict else '>='} 0")
+
+
+_HPARAMS: dict[tuple[Any, ...], Hyperparams] = {}  # validated Hyperparams by their mapping's values (a
+# bounded memo of immutable values: like functools.lru_cache, it holds nothing else alive)
+_HPARAMS_MAX = 256
+
+
+def hparams(group: dict[str, Any]) -> Hyperparams:
+    """``Hyperparams.from_mapping(group)``, validated once per distinct set of values and types
+    (``True == 1`` must not hit); a new lr alone is validated alone (``with_lr``)."""
+    values = tuple(map(group.get, _FIELD_NAMES, _MISSING))
+    betas = values[_BETAS]
+    try:
+        key = (values, tuple(map(type, values)), tuple(map(type, betas)) if isinstance(betas, (tuple, list)) else None)
+        hp = _HPARAMS.get(key)
+    except TypeError:  # an unhashable value: validate it (and raise) without the cache
+        return Hyperparams.from_mapping(group)
+    if hp is None:
+        # an lr schedule changes only lr: derive from the same values' last Hyperparams
+        rest = key[0][:_LR] + key[0][_LR + 1 :], key[1][:_LR] + key[1][_LR + 1 :], key[2]
+        same_rest = _BY_REST.get(rest) if values[_LR] is not _MISSING[0] else None
+        hp = same_rest.with_lr(values[_LR]) if same_rest is not None else Hyperparams.from_mapping(group)
+        if len(_HPARAMS) >= _HPARAMS_MAX:
+            _HPARAMS.clear()
+            _BY_REST.clear()
+        _HPARAMS[key] = _BY_REST[rest] = hp
+    return hp
+
+
+_BETAS = _FIELD_NAMES.index("betas")
+_LR = _FIELD_NAMES.index("lr")
+_BY_REST: dict[tuple[Any, ...], Hyperparams] = {}  # the same, keyed by every value but lr
+_MISSING = (object(),) * len(_FIELD_NAMES)  # group.get's default: a missing key is not None

@@ -1,14 +1,8 @@
 """Per-parameter stepping (fused backward passes): the engine's step split at the D update.
-
-``accumulate`` runs the first half of the step for one segment (typically one tensor whose
-gradient has just been accumulated): its statistics, then the moments half of its update
-(``update_moments``: m, v, s with the D before the step), so that the gradient may be freed.
-Once every segment is in, ``finish`` updates D from the summed statistics (``_scalars.next_d``,
-the engine's rule) and runs the x half (``update_params``) of each with the new D. Together they
-are the engine's step on the eager backends (whose ``update`` is exactly these two halves), with
-the statistics summed in another order. D may be held on the host (one read, in ``finish``) or
-on the device. A segment whose gradient is not finite skips its own moments at once (its own
-statistics decide, on the device); the x half is skipped for every segment.
+``accumulate`` runs a segment's statistics and moments (``update_moments``, the D before the step),
+so that its gradient may be freed; ``finish`` updates D (``_scalars.next_d``) and runs every
+segment's x half (``update_params``). A non-finite gradient skips its segment's moments at once
+(decided on the device) and every x half.
 """
 
 from __future__ import annotations
@@ -20,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _factored, _foreach, _robust, _single
-from ._engine import ReduceStats, use_foreach
+from . import _robust
+from ._engine import ReduceStats, choose_backend
 from ._hyperparams import Hyperparams
 from ._scalars import StepScalars, next_d, step_scalars, updates_d
 from ._state import DState, Segment, SegmentResult, d_dtype
@@ -31,11 +25,8 @@ __all__ = ["Pending", "accumulate", "finish"]
 
 @dataclass(eq=False)
 class Pending:
-    """A D-group between its first ``accumulate`` and ``finish``.
-
-    hp0: the D-group's settings (its first group's hyperparameters); d_state: its D state at the
-    start of the step; stats: running [numerator, denom] (1-D, ``d_dtype``; NaN after a
-    non-finite gradient)."""
+    """A D-group between its first ``accumulate`` and ``finish``: ``stats`` the running [numerator,
+    denom] (NaN after a non-finite gradient)."""
 
     hp0: Hyperparams
     d_state: DState
@@ -51,15 +42,11 @@ class Pending:
 
 def accumulate(pending: Pending, seg: Segment, foreach: bool | None = None) -> None:
     """The statistics and the new m, v, s of ``seg`` (in place) with the D of ``pending``; x waits
-    for ``finish``. A segment with lr == 0 or no tensor changes nothing. The gradients are kept
-    only when betas[0] == 0 (the x half then reads them)."""
+    for ``finish`` (which reads the gradients where betas[0] == 0). No-op for lr == 0 or no tensor."""
     hp, p = seg.hparams, pending
     if hp.lr <= 0 or not seg.params:
         return
-    if _factored.is_factored(seg.params, seg.exp_avg_sq):
-        backend: ModuleType = _factored
-    else:
-        backend = _foreach if use_foreach(seg.params, foreach) else _single
+    backend = choose_backend(seg, False, foreach, fused=False, pack=False)  # an eager one
     sc = step_scalars(hp, p.d_state, update_d=p.update_d, beta3=p.hp0.beta3_value)
     grads = backend.gradients(seg, None, seg.grads)
     ok = None
@@ -82,23 +69,15 @@ def accumulate(pending: Pending, seg: Segment, foreach: bool | None = None) -> N
 
 
 def finish(pending: Pending, reduce_stats: ReduceStats | None = None) -> DState:
-    """Update D from the summed statistics (summed over ranks by ``reduce_stats``), then move
-    the params of every accumulated segment with the new D. Returns the new D state (in the
-    form of ``pending.d_state``: host numbers or device tensors)."""
+    """Update D from the summed statistics (over ranks by ``reduce_stats``), then move every
+    accumulated segment's params with it. Returns the new D state (in ``pending.d_state``'s form)."""
     p = pending
     stats: Any = p.stats
     if p.update_d is not False and reduce_stats is not None:
         stats = reduce_stats(stats.clone())
-    on_host = not isinstance(p.d_state.d, Tensor)
-    ok: Any = True
-    if on_host:
+    if not isinstance(p.d_state.d, Tensor):  # D on the host
         stats = stats.tolist()
-        if p.hp0.skip_nonfinite:
-            ok = all(v == v and abs(v) != float("inf") for v in stats)
-    elif p.hp0.skip_nonfinite:
-        ok = torch.isfinite(stats).all()
-    num, den = (stats[0], stats[1]) if p.update_d is not False else (0.0, None)
-    new, moves = next_d(p.d_state, num, den, p.hp0, update_d=p.update_d, ok=ok)
+    new, moves, ok = next_d(p.d_state, stats, p.hp0, update_d=p.update_d)
     if ok is False:
         return new
     for backend, seg, grads, sc in p.hooked:

@@ -1,16 +1,10 @@
-"""The scalar math of the step, each rule written once for D held on the host (Python numbers:
-the optimizer's default mode, one host read per step) and on the device (0-dim tensors:
-``capturable`` and the step under ``torch.func``/``torch.compile``, no host read).
-
-- ``updates_d``, ``frozen``: the D schedule (``d_update_freq``; D frozen once ``k >= d_steps``);
-- ``bias_correction``, ``step_scalars``: every per-step scalar of a param group (``StepScalars``);
-- ``next_d``: the D update from the step's (reduced) statistics, the all-zero-gradient rule and
-  the non-finite skip folded in;
-- ``cap_d_ratio``: ``d_ratio_cap`` over the D-groups.
-
-The host and device forms differ only in the operations used (``_Ops``): a Python conditional,
-``max``, ``min`` and ``math`` against ``torch.where``, ``torch.maximum``, ``torch.minimum`` and
-torch's elementwise functions, so nothing here reads a device tensor on the host.
+"""The scalar math of the step, each rule written once for D on the host (Python numbers: the
+optimizer's default mode) and on the device (0-dim tensors: ``capturable``, ``torch.func``,
+``torch.compile``): the D schedule (``updates_d``, ``frozen``), the per-step scalars of a param
+group (``step_scalars``), the D update with the all-zero-gradient rule and the non-finite skip
+(``next_d``), ``d_ratio_cap`` (``cap_d_ratio``). The two forms differ only in the ops (``_Ops``:
+Python conditionals, ``max``, ``math`` or their torch forms), so nothing here reads a device
+tensor on the host.
 """
 
 from __future__ import annotations
@@ -24,11 +18,9 @@ import torch
 from torch import Tensor
 
 from ._hyperparams import Hyperparams
-from ._state import D_STATE_FIELDS, DState
+from ._state import D_STATE_FIELDS, DState, Scalar, compute_dtype, is_wrapped
 
 __all__ = ["StepScalars", "bias_correction", "cap_d_ratio", "frozen", "next_d", "step_scalars", "updates_d"]
-
-Scalar = Any  # a Python number or a 0-dim tensor
 
 
 @dataclass(frozen=True)
@@ -53,23 +45,20 @@ def _ops(*values: Any) -> _Ops:
 
 
 def frozen(hp: Hyperparams, k: Scalar) -> bool:
-    """Whether D no longer adapts at step count ``k`` (``d_steps`` reached; needs ``k`` on the host)."""
+    """Whether D no longer adapts at step count ``k`` (``d_steps`` reached; ``k`` on the host)."""
     if hp.d_steps is None:
         return False
     if isinstance(k, Tensor):
-        raise ValueError("d_steps needs the step count on the host; it is not supported with D on the device (capturable)")
+        raise ValueError(
+            "d_steps needs the step count on the host; it is not supported with D on the device (capturable)"
+        )
     return k >= hp.d_steps
 
 
 def updates_d(hp: Hyperparams, k: Scalar) -> bool | Tensor:
-    """Whether the step from step count ``k`` updates D: ``k % d_update_freq == 0`` and D not
-    frozen. A bool, or for a tensor ``k`` a 0-dim bool tensor decided on the device (True when
-    ``d_update_freq == 1``)."""
-    if frozen(hp, k):
-        return False
-    if hp.d_update_freq == 1:
-        return True
-    return (k % hp.d_update_freq) == 0
+    """Whether the step from step count ``k`` updates D (``k % d_update_freq == 0``, D not frozen):
+    a bool, or for a tensor ``k`` (and ``d_update_freq > 1``) a 0-dim bool tensor."""
+    return not frozen(hp, k) and (hp.d_update_freq == 1 or (k % hp.d_update_freq) == 0)
 
 
 def bias_correction(hp: Hyperparams, k: Scalar) -> Scalar:
@@ -85,11 +74,10 @@ def bias_correction(hp: Hyperparams, k: Scalar) -> Scalar:
 
 
 class StepScalars(NamedTuple):
-    """Every scalar of one param group's step: Python floats (D on the host) or 0-dim tensors (D
-    on the device), built by ``step_scalars`` from the D state before the step; ``finish`` adds
-    D after the update and folds in what the update must not do. A skipped step's record makes
-    the update write exactly what it read (decays 1, weights 0, step size 0). (A named tuple:
-    one is made per group and step.)"""
+    """Every scalar of one param group's step (a named tuple: one per group and step), Python
+    floats or 0-dim tensors, from the D state before the step (``step_scalars``); ``finish`` adds
+    the new D and folds in what the update must not do (a skipped step's record makes the update
+    write what it read: decays 1, weights 0, step size 0)."""
 
     numerator_scale: Scalar  # (d/d0) * dlr: weight of <g[::p], p0 - x[::p]> in d_numerator
     s_scale: Scalar  # (d/d0) * (d if safeguard_warmup else dlr): weight of g[::p] in s; 0 where s is kept
@@ -103,12 +91,12 @@ class StepScalars(NamedTuple):
     eps: float
     d_new: Scalar | None = None  # D after the update (``finish``): the direction d_new * g when b1 == 0
     eps_d: Scalar | None = None  # d_new * eps: the floor of the denominator (``finish``)
-    ok: Tensor | None = None  # the device-side skip decision folded in (``finish``); None: no skip
-    # folded. A kernel that multiplies g by the folded zeros zeroes g's non-finite entries first
+    ok: Tensor | None = None  # the device-side skip decision folded in (``finish``), else None; a
+    # kernel that multiplies g by the folded zeros zeroes g's non-finite entries first
 
     def with_(self, **changes: Any) -> StepScalars:
         """This record with ``changes`` (``_replace``, which dynamo before torch 2.8 does not trace;
-        every field named, as dynamo 2.7 inlines no generator over ``_fields`` here)."""
+        every field named: dynamo 2.7 inlines no generator over ``_fields`` here)."""
         c, s = changes.get, self
         return StepScalars(
             c("numerator_scale", s.numerator_scale), c("s_scale", s.s_scale), c("beta3", s.beta3), c("dlr", s.dlr),
@@ -117,17 +105,14 @@ class StepScalars(NamedTuple):
         )  # fmt: skip
 
     def finish(self, d_new: Scalar | None, ok: Tensor | None = None, moves: Scalar = True) -> StepScalars:
-        """The record of the update pass. ``d_new``: D after this step's update (None: for an
-        update of m, v and s only). ``moves``: whether the params move (False on a step whose
-        D statistics were all zero: m, v and s are updated, nothing else, as in prodigyopt).
-        ``ok``: a device-side skip decision (False: nothing is written)."""
+        """The record of the update pass: ``d_new`` the D after the update (None: m, v, s only);
+        ``moves`` False on an all-zero-statistics step (m, v, s move, nothing else, as prodigyopt);
+        ``ok`` a device-side skip decision (False: nothing is written)."""
         done = self.with_(d_new=d_new, eps_d=None if d_new is None else d_new * self.eps)
         if moves is not True:
             ops = _ops(moves)
-            done = done.with_(
-                dlr=ops.where(moves, self.dlr, 0.0),
-                decay=None if self.decay is None else ops.where(moves, self.decay, 0.0),
-            )
+            decay = None if self.decay is None else ops.where(moves, self.decay, 0.0)
+            done = done.with_(dlr=ops.where(moves, self.dlr, 0.0), decay=decay)
         if ok is None:
             return done
         dtype = self.weight.dtype if isinstance(self.weight, Tensor) else torch.float64
@@ -145,27 +130,24 @@ class StepScalars(NamedTuple):
             decay=None if done.decay is None else sel(done.decay, 0.0),
         )
 
-
     def like(self, x: Tensor) -> StepScalars:
-        """This record for kernels on ``x``: inside ``torch.func`` transforms, its 0-dim tensors
-        in x's compute dtype (at least float32), so that a batched float64 D does not make the
-        kernels compute in float64 (vmap promotes a batched scalar like a tensor), as outside them."""
-        if torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(x):
+        """This record for kernels on ``x``: inside ``torch.func`` transforms its 0-dim tensors in x's
+        ``compute_dtype``, as outside them (vmap promotes a batched float64 D like a tensor)."""
+        if torch.compiler.is_compiling() or not is_wrapped(x):
             return self
-        dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        dtype = compute_dtype(x.dtype)
 
         def cast(v: Any) -> Any:
-            return tuple(cast(u) for u in v) if isinstance(v, tuple) else v.to(dtype) if isinstance(v, Tensor) and v.dtype != torch.bool else v
+            if isinstance(v, tuple):
+                return tuple(cast(u) for u in v)
+            return v.to(dtype) if isinstance(v, Tensor) and v.dtype != torch.bool else v
 
         return StepScalars(*(cast(v) for v in self))
 
 
 def step_scalars(hp: Hyperparams, ds: DState, *, update_d: bool | Tensor, beta3: float) -> StepScalars:
-    """The step's scalars for one group, from the D state *before* this step's D update.
-
-    update_d: whether this step updates D; a 0-dim bool tensor (decided on the device) is blended
-    in: where it is False, beta3 is 1 and s_scale 0, so that s is written unchanged.
-    beta3:    the D-group's (``beta3_value`` of its first group)."""
+    """The step's scalars for one group, from the D state *before* this step's D update. ``beta3``:
+    the D-group's; ``update_d`` a 0-dim bool tensor is blended in (False: beta3 1, s_scale 0)."""
     b1, b2 = hp.betas
     d = ds.d
     dlr = d * (hp.lr * bias_correction(hp, ds.k))
@@ -175,40 +157,30 @@ def step_scalars(hp: Hyperparams, ds: DState, *, update_d: bool | Tensor, beta3:
     if isinstance(update_d, Tensor):
         s_beta3 = torch.where(update_d, torch.full_like(d, beta3), 1.0)
         s_scale = torch.where(update_d, s_scale, 0.0)
-    return StepScalars(
-        numerator_scale=numerator_scale,
-        s_scale=s_scale,
-        beta3=s_beta3,
-        dlr=dlr,
-        weight=d,
-        gains=(1 - b1, 1 - b2),
-        decays=(b1, b2),
-        decay=hp.weight_decay * dlr if hp.weight_decay > 0 and hp.decouple else None,
-        eps=hp.eps,
-    )
+    decay = hp.weight_decay * dlr if hp.weight_decay > 0 and hp.decouple else None
+    return StepScalars(numerator_scale, s_scale, s_beta3, dlr, d, (1 - b1, 1 - b2), (b1, b2), decay, hp.eps)
 
 
-def next_d(
-    ds: DState, numerator_delta: Scalar, denom: Scalar, hp: Hyperparams, *, update_d: bool | Tensor, ok: Scalar = True
-) -> tuple[DState, Scalar]:
-    """The D state after a step, and whether the step moves the params.
+def next_d(ds: DState, total: Any, hp: Hyperparams, *, update_d: bool | Tensor) -> tuple[DState, Scalar, Scalar]:
+    """The D state after a step, whether the params move, and whether the step is taken (``ok``).
 
-    numerator_delta: sum over the D-group's tensors of (d/d0) * dlr * <g, p0 - x> (summed over ranks)
-    denom:           sum of ||s||_1 after this step's s update (None where ``update_d`` is False)
-    hp:              the D-group's settings (its first group's: beta3, d0, d_coef, growth_rate)
-    update_d:        whether this step updates D (``updates_d``)
-    ok:              False: the step is skipped (non-finite gradients): the state stays, except
-                     ``skipped_steps + 1``.
-
-    prodigyopt's rule: where ``denom > 0``, d_hat = d_coef * d_numerator / denom, d moves to
-    max(d, d_hat) on its first move, d_max to max(d_max, d_hat), and d = min(d_max, d *
-    growth_rate): d never decreases. A step that updates D with ``denom == 0`` (all gradients
-    zero) changes nothing but m, v and s: the D keys and k stay, and the params do not move.
-    Otherwise k advances.
+    total: the D-group's statistics, ``[sum (d/d0) * dlr * <g, p0 - x>, sum ||s||_1]`` where
+        ``update_d`` is not False, then the gradient extremes that decide the skip (with
+        ``hp.skip_nonfinite``, a non-finite one skips the step: only ``skipped_steps`` moves).
+    prodigyopt's rule (class docstring of ``KProdigy``); where ``denom == 0`` (all gradients zero)
+    the D keys and k stay and the params do not move.
     """
+    ok: Scalar = True
+    if hp.skip_nonfinite and len(total):
+        if isinstance(total, Tensor) or isinstance(total[0], Tensor):
+            ok = torch.isfinite(total if isinstance(total, Tensor) else torch.stack(total)).all()
+        else:
+            ok = all(map(math.isfinite, total))
+    numerator_delta, denom = (total[0], total[1]) if update_d is not False else (0.0, 0.0)  # (unused then)
     ops = _ops(ds.d, numerator_delta, denom, update_d, ok)
+    moves: Scalar = True
     if update_d is False:
-        new, moves = ds.replace(k=ds.k + 1), True
+        new = ds.replace(k=ds.k + 1)
     else:
         d_numerator = hp.beta3_value * ds.d_numerator + numerator_delta
         positive = denom > 0
@@ -227,19 +199,18 @@ def next_d(
             skipped_steps=ds.skipped_steps,
         )
     if ok is True:
-        return new, moves
+        return new, moves, ok
     kept = {f: ops.where(ok, getattr(new, f), getattr(ds, f)) for f in D_STATE_FIELDS[:-1]}
-    return DState(**kept, skipped_steps=ds.skipped_steps + ops.where(ok, 0, 1)), moves
+    return DState(**kept, skipped_steps=ds.skipped_steps + ops.where(ok, 0, 1)), moves, ok
 
 
 def cap_d_ratio(
     before: Sequence[DState], states: Sequence[DState], live: Sequence[bool], ratio: float | None
 ) -> list[DState]:
-    """``d_ratio_cap``: after a step, the D of every live D-group (some group with lr > 0, stepped
-    or not) kept within ``ratio`` of the smallest live one, ``d_i <- min(d_i, ratio * min_j
-    d_j)``, but never below its D ``before`` the step (a group joining at d0 does not pull the
-    others down); the others as they are. D as Python floats or 0-dim tensors (any devices; each
-    stays on its own)."""
+    """``d_ratio_cap`` after a step: the D of each live D-group (some group with lr > 0) kept within
+    ``ratio`` of the smallest live one, ``d_i <- min(d_i, ratio * min_j d_j)``, but never below its
+    D ``before`` the step (a group joining at d0 does not pull the others down). Python floats or
+    0-dim tensors (each stays on its device)."""
     out, idx = list(states), [j for j, is_live in enumerate(live) if is_live]
     if ratio is None or len(idx) < 2:
         return out

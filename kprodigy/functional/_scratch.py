@@ -1,12 +1,6 @@
-"""Reused CPU buffers for the step's temporaries, owned by whoever runs the step.
-
-On CPU a fresh tensor of more than a few hundred kilobytes is mapped and faulted in page by page
-on every step, which costs more than the arithmetic on it (benchmarks/NOTES.md, changes 6 and
-8). The in-place kernels therefore write their temporaries into buffers reused by later steps,
-kept in a store that the caller owns (``owned_by``: the optimizer holds one, so its buffers go
-with it; nothing is kept process-wide). Outside ``owned_by``, off CPU (caching allocators) and
-while ``torch.compile`` traces (where a temporary should stay a register, not memory) the
-kernels get fresh tensors.
+"""Reused CPU buffers for the in-place step's temporaries, from a store its caller owns: a fresh
+CPU tensor of a few hundred kilobytes is faulted in page by page on every step, which costs more
+than the arithmetic on it (benchmarks/NOTES.md, changes 6 and 8).
 """
 
 from __future__ import annotations
@@ -39,26 +33,20 @@ def owned_by(store: dict[Hashable, Tensor]) -> Iterator[None]:
 
 
 def step_memo() -> dict[Hashable, Any] | None:
-    """A dict that lives for the current ``owned_by`` block (one step of the optimizer), or None
-    outside one: for values made from tensors that stay alive and unchanged between their uses
-    inside the block, keyed by those tensors' ids (the fused path's gathered params and grads,
-    made by its statistics pass and read again by its update pass)."""
+    """A dict living for the current ``owned_by`` block (one optimizer step), else None: for values
+    of tensors alive and unchanged between their uses in the block, keyed by their ids."""
     memo: dict[Hashable, Any] | None = getattr(_LOCAL, "memo", None)
     return memo
 
 
 def active() -> bool:
-    """Whether a store is set (the optimizer's step runs): the in-place kernels then keep their
-    temporaries in buffers that later ops overwrite, where the pure step makes new tensors."""
+    """Whether a store is set (the optimizer's step runs, not the pure one)."""
     return getattr(_LOCAL, "store", None) is not None
 
 
 def buffer(n: int, dtype: torch.dtype, device: torch.device, key: Hashable) -> Tensor | None:
-    """A 1-D tensor of ``n`` elements kept for reuse under ``key`` in the current store, or None
-    where temporaries should be fresh tensors (no store, off CPU, while compiling). Its contents
-    are arbitrary; it is valid until the next call with the same key in this store. Temporaries
-    under ``MIN_BYTES`` are fresh tensors too: the heap serves them without page faults, and a
-    lookup would cost more."""
+    """A 1-D buffer of ``n`` elements reused under ``key`` (valid until the next call with it); None
+    without a store, off CPU, while compiling or under ``MIN_BYTES`` (the heap serves those cheaply)."""
     bufs: dict[Hashable, Tensor] | None = getattr(_LOCAL, "store", None)
     if bufs is None or device.type != "cpu" or n * dtype.itemsize < MIN_BYTES or torch.compiler.is_compiling():
         return None

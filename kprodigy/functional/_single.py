@@ -1,32 +1,24 @@
 """Per-tensor kernels: the specification of the step's elementwise passes, one tensor at a time.
 
-The backend contract, the same in every backend (``_foreach``, ``_fused``, ``_factored``,
-``_adamw``); ``seg`` is a ``Segment`` (one param group's tensors of one dtype), ``lay`` what
-``layout`` returned for it (kept by the plan while the tensors stay the same):
+The backend contract, the same in every backend; ``seg`` is a ``Segment`` (one dtype), ``lay``
+what ``layout(seg)`` returned for it (kept by the plan while the tensors stay; None here):
 
-- ``layout(seg)``: what the backend keeps between steps (None here);
-- ``gradients(seg, lay, grads)``: the effective gradients the passes read (``-g`` with
-  ``maximize``, ``+ wd * x`` with coupled weight decay, in the state's dtype); never written
-  into ``p.grad``;
+- ``gradients(seg, lay, grads)``: the effective gradients (``-g`` with ``maximize``, ``+ wd * x``
+  with coupled decay, in the state's dtype), never written into ``p.grad``;
 - ``statistics(seg, lay, grads, sc) -> (sum <g[::p], p0 - x[::p]>, sum ||beta3 s + s_scale
-  g[::p]||_1)``: reads params, gradients, ``s`` and ``p0``, writes nothing; 0-dim tensors in
-  the params' dtype (at least float32);
-- the engine reduces them, updates D (``_scalars.next_d``) and finishes the scalars;
-- ``update(seg, lay, grads, sc, out) -> SegmentResult`` writes the new m, v, s and x into
-  ``out``: the segment's own tensors (in place), or None for new tensors (backends with
-  ``PURE = True`` only: differentiable and safe under ``torch.func.vmap``; the engine steps
-  copies in place for the others).
+  g[::p]||_1)``: writes nothing; 0-dim tensors in the params' dtype (at least float32);
+- ``update(seg, lay, grads, sc, out) -> SegmentResult``: the new m, v, s, x written into ``out``
+  (the segment's tensors), or new tensors for ``out=None`` (``PURE`` backends only: safe under
+  ``torch.func.vmap``); ``sc`` finished by the engine with the new D.
 
-``sc`` is the segment's ``StepScalars`` (finished, for ``update``). The eager backends build
-``update`` from two halves, ``update_moments`` (m, v, s) and ``update_params`` (x), which
-``_partial.py`` runs apart (m, v, s while the gradient is alive, x once D is known). Both modes
-call the same ATen kernels in the same order, so they give bit-identical results.
+The eager backends' ``update`` is two halves, ``update_moments`` (m, v, s) and ``update_params``
+(x), which ``_partial.py`` runs apart: the same ATen kernels in the same order.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,28 +27,26 @@ from torch import Tensor
 from . import _robust, _scratch
 from ._hyperparams import Hyperparams
 from ._scalars import StepScalars
-from ._state import Segment, SegmentResult
+from ._state import Segment, SegmentResult, compute_dtype
 
 __all__ = ["PURE", "gradients", "layout", "statistics", "update", "update_moments", "update_params"]
 
 PURE = True  # update(out=None) computes new tensors with out-of-place ops
+Ts = Sequence[Tensor]
+Moments = tuple[list[Tensor] | None, list[Tensor], list[Tensor]]  # new m (None without it), v, s
 
 
 def layout(seg: Segment) -> None:
     return None
 
 
-def gradients(seg: Segment, lay: Any, grads: Sequence[Tensor]) -> list[Tensor]:
-    """-g if maximize, plus wd * x if coupled weight decay, in the state's dtype; new tensors."""
+def gradients(seg: Segment, lay: Any, grads: Ts) -> list[Tensor]:
     return effective_grads(seg.params, grads, seg.exp_avg_sq, seg.hparams, foreach=False)
 
 
-def effective_grads(
-    xs: Sequence[Tensor], gs: Sequence[Tensor], like: Sequence[Tensor], hp: Hyperparams, *, foreach: bool
-) -> list[Tensor]:
-    """-g if maximize, plus wd * x if coupled weight decay (new tensors, never ``p.grad``), each
-    in the dtype of ``like[i]`` (float32 state of 16-bit params: ``d * g`` neither underflows nor
-    rounds to 8 bits), with per-tensor or ``_foreach`` ops."""
+def effective_grads(xs: Ts, gs: Ts, like: Ts, hp: Hyperparams, *, foreach: bool) -> list[Tensor]:
+    """-g if maximize, plus wd * x if coupled weight decay (new tensors), each in the dtype of
+    ``like[i]`` (float32 state of 16-bit params: ``d * g`` neither underflows nor rounds to 8 bits)."""
     out = list(gs)
     coupled = hp.weight_decay > 0 and not hp.decouple
     if foreach and out:
@@ -72,23 +62,12 @@ def effective_grads(
     return [g if g.dtype == v.dtype else g.to(v.dtype) for g, v in zip(out, like)]
 
 
-def statistics(seg: Segment, lay: Any, grads: Sequence[Tensor], sc: StepScalars) -> tuple[Tensor, Tensor]:
-    """The contract's statistics (``statistics_of`` over the segment)."""
+def statistics(seg: Segment, lay: Any, grads: Ts, sc: StepScalars) -> tuple[Tensor, Tensor]:
     return statistics_of(seg.params, grads, seg.s, seg.p0, sc=sc, slice_p=seg.hparams.slice_p)
 
 
-def update(seg: Segment, lay: Any, grads: Sequence[Tensor], sc: StepScalars, out: SegmentResult | None) -> SegmentResult:
-    """The contract's update (``update_of`` over the segment)."""
-    return update_of(seg.params, grads, seg.exp_avg, seg.exp_avg_sq, seg.s, sc=sc, slice_p=seg.hparams.slice_p, out=out)
-
-
-def statistics_of(
-    xs: Sequence[Tensor], gs: Sequence[Tensor], ss: Sequence[Tensor], p0s: Sequence[Tensor], *, sc: StepScalars, slice_p: int
-) -> tuple[Tensor, Tensor]:
-    """The D statistics of one group; reads g, x, p0, s once and writes nothing.
-
-    Returns ``sum <g[::p], p0 - x[::p]>`` and ``sum ||beta3 * s + s_scale * g[::p]||_1`` (the
-    norm of the new s), 0-dim tensors in the params' dtype (at least float32)."""
+def statistics_of(xs: Ts, gs: Ts, ss: Ts, p0s: Ts, *, sc: StepScalars, slice_p: int) -> tuple[Tensor, Tensor]:
+    """The contract's statistics over lists; reads g, x, p0, s once."""
     own = _own_temps()
     dots: list[Tensor] = []
     norms: list[Tensor] = []
@@ -104,34 +83,19 @@ def statistics_of(
 
 
 def update_of(
-    xs: Sequence[Tensor],
-    gs: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor] | None,
-    exp_avg_sqs: Sequence[Tensor],
-    ss: Sequence[Tensor],
-    *,
-    sc: StepScalars,
-    slice_p: int,
-    out: SegmentResult | None,
+    xs: Ts, gs: Ts, ms: Ts | None, vs: Ts, ss: Ts, *, sc: StepScalars, slice_p: int, out: SegmentResult | None
 ) -> SegmentResult:
-    """The update pass of one group: ``update_moments``, then ``update_params`` with the new m, v."""
-    m, v, s = update_moments(gs, exp_avgs, exp_avg_sqs, ss, sc=sc, slice_p=slice_p, out=out)
+    """The contract's update over lists: ``update_moments``, then ``update_params`` with the new m, v."""
+    m, v, s = update_moments(gs, ms, vs, ss, sc=sc, slice_p=slice_p, out=out)
     return SegmentResult(update_params(xs, gs, m, v, sc=sc, out=out), m, v, s)
 
 
 def update_moments(
-    gs: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor] | None,
-    exp_avg_sqs: Sequence[Tensor],
-    ss: Sequence[Tensor],
-    *,
-    sc: StepScalars,
-    slice_p: int,
-    out: SegmentResult | None,
-) -> tuple[list[Tensor] | None, list[Tensor], list[Tensor]]:
+    gs: Ts, exp_avgs: Ts | None, exp_avg_sqs: Ts, ss: Ts, *, sc: StepScalars, slice_p: int, out: SegmentResult | None
+) -> Moments:
     """m <- b1 m + (1 - b1) d g, v <- b2 v + (1 - b2) (d g)^2 and, where D is updated (``sc.beta3``
-    not None), s <- beta3 s + s_scale g[::p]; reads g, m, v, s once. Returns the new lists
-    (``out``'s, written in place, or new tensors); s is returned as given when not updated."""
+    not None), s <- beta3 s + s_scale g[::p]; reads g, m, v, s once. Returns the new lists (``out``'s,
+    written in place, or new tensors); s as given when not updated."""
     w1, w2 = sc.gains
     k1, k2 = sc.decays
     om, ov, os_ = (None, None, None) if out is None else (out.exp_avg, out.exp_avg_sq, out.s)
@@ -157,17 +121,11 @@ def update_moments(
 
 
 def update_params(
-    xs: Sequence[Tensor],
-    gs: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor] | None,
-    exp_avg_sqs: Sequence[Tensor],
-    *,
-    sc: StepScalars,
-    out: SegmentResult | None,
+    xs: Ts, gs: Ts, exp_avgs: Ts | None, exp_avg_sqs: Ts, *, sc: StepScalars, out: SegmentResult | None
 ) -> list[Tensor]:
-    """x <- x - decay * x - dlr * m / (sqrt(v) + d_new * eps), with m, v the new moments; reads x,
-    m, v once, writes x (into ``out.params``, or a new tensor). With no exp_avg (betas[0] == 0)
-    the direction is ``d_new * g``, as in prodigyopt. ``decay``: wd * dlr, decoupled decay."""
+    """x <- x - decay * x - dlr * m / (sqrt(v) + d_new * eps), m and v the new moments; reads x, m, v
+    once, writes x (into ``out.params``, or a new tensor). Without exp_avg (betas[0] == 0) the
+    direction is ``d_new * g``, as in prodigyopt. ``decay``: wd * dlr, decoupled decay."""
     assert sc.d_new is not None and sc.eps_d is not None, "update_params needs a finished StepScalars"
     neg_dlr, own = -sc.dlr, _own_temps()
     new_x = []
@@ -188,9 +146,22 @@ def update_params(
     return new_x
 
 
+def by_halves(moments: Callable[..., Moments], params: Callable[..., list[Tensor]]) -> Callable[..., SegmentResult]:
+    """A backend's ``update`` from its halves: ``moments``, then ``params`` with the new m, v."""
+
+    def update(seg: Segment, lay: Any, grads: Ts, sc: StepScalars, out: SegmentResult | None) -> SegmentResult:
+        m, v, s = moments(grads, seg.exp_avg, seg.exp_avg_sq, seg.s, sc=sc, slice_p=seg.hparams.slice_p, out=out)
+        return SegmentResult(params(seg.params, grads, m, v, sc=sc, out=out), m, v, s)
+
+    return update
+
+
+update = by_halves(update_moments, update_params)
+
+
 def _op(name: str, t: Tensor, *args: Any, out: Tensor | None, **kwargs: Any) -> Tensor:
-    """``torch.<name>(t, *args, **kwargs)`` written into ``out``: ``t`` itself (in place), another
-    tensor, or None (a new tensor)."""
+    """``torch.<name>(t, *args, **kwargs)`` into ``out``: ``t`` itself (in place), another tensor,
+    or None (a new tensor)."""
     if out is t:
         return getattr(t, name + "_")(*args, **kwargs)
     if out is None:
@@ -199,35 +170,32 @@ def _op(name: str, t: Tensor, *args: Any, out: Tensor | None, **kwargs: Any) -> 
 
 
 def _axpy(t: Tensor, g: Tensor, a: Any, out: Tensor | None) -> Tensor:
-    """``t + a * g`` into ``out`` (as ``_op``): ``a`` a Python number or a 0-dim tensor."""
+    """``t + a * g`` into ``out`` (as ``_op``), ``a`` a Python number or a 0-dim tensor."""
     if isinstance(a, Tensor):
         return _op("addcmul", t, g, a, out=out)
     return _op("add", t, g, alpha=a, out=out)
 
 
 def _own_temps() -> bool:
-    """Whether the ops after the first on a temporary of ours may work in place on it: in the
-    optimizer's step, not in the pure one (whose ops stay differentiable: ``sqrt`` keeps its
-    result for the backward) nor under torch.compile (values, not memory)."""
+    """Whether later ops may work in place on our first op's temporary: not in the pure step (``sqrt``
+    keeps its result for the backward) nor under torch.compile (values, not memory)."""
     return _scratch.active() and not torch.compiler.is_compiling()
 
 
-def _at(ts: Sequence[Tensor] | None, i: int) -> Tensor | None:
+def _at(ts: Ts | None, i: int) -> Tensor | None:
     return None if ts is None else ts[i]
 
 
 def _l1(t: Tensor, out: Tensor | None = None) -> Tensor:
-    """||t||_1 accumulated in at least fp32, as ``abs`` (into ``out`` if given) then ``sum``: on
-    CPU several times faster than ``torch.linalg.vector_norm(t, 1)`` (benchmarks/NOTES.md, change 3)."""
-    return torch.abs(t, out=out).sum(dtype=_up_dtype(t.dtype))
+    """||t||_1 in at least fp32, as ``abs`` (into ``out``) then ``sum``: on CPU several times faster
+    than ``torch.linalg.vector_norm(t, 1)`` (benchmarks/NOTES.md, change 3)."""
+    return torch.abs(t, out=out).sum(dtype=compute_dtype(t.dtype))
 
 
 def _temp(shape: torch.Size, slot: str, *operands: Tensor) -> Tensor | None:
-    """Where the kernels put the result of an op on ``operands`` and the ops that follow on it:
-    in the optimizer's step (``_scratch.active``) on CPU, a buffer reused by later steps (each
-    slot holds one temporary at a time; CPU ops run in order) or, off CPU, a new one; None for
-    small tensors (the heap serves them cheaply), in the pure step and under torch.compile:
-    every op then makes a new tensor (a value)."""
+    """Where an op on ``operands`` and the ops after it write in the in-place step: on CPU a reused
+    buffer (a slot holds one temporary at a time; CPU ops run in order), else a new one; None (a
+    new tensor per op) for small tensors, in the pure step and under torch.compile."""
     n = math.prod(shape)
     if n * operands[0].element_size() < _scratch.MIN_BYTES or not _scratch.active() or torch.compiler.is_compiling():
         return None
@@ -236,10 +204,5 @@ def _temp(shape: torch.Size, slot: str, *operands: Tensor) -> Tensor | None:
     return torch.empty(shape, dtype=dtype, device=operands[0].device) if buf is None else buf.view(shape)
 
 
-def _up_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for 16-bit floats, else the dtype itself: reductions accumulate in at least fp32."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _up(t: Tensor) -> Tensor:
-    return t.to(_up_dtype(t.dtype))
+    return t.to(compute_dtype(t.dtype))

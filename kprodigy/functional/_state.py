@@ -12,27 +12,19 @@ from torch import Tensor
 
 from ._hyperparams import Hyperparams
 
-__all__ = [
-    "DState",
-    "Segment",
-    "SegmentResult",
-    "State",
-    "d_dtype",
-    "init_d_state",
-    "init_state",
-    "init_tensor_state",
-    "state_dtype",
-]
+__all__ = ["DState", "Segment", "SegmentResult", "State", "d_dtype", "init_d_state", "init_state", "init_tensor_state"]
+__all__ += ["STATE_KEYS", "check_state", "compute_dtype", "is_wrapped", "state_dtype"]
 
 Scalar = Any  # a Python number (D held on the host) or a 0-dim tensor (D on the device)
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "s", "p0")  # the per-tensor state (``step`` apart)
+is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # a tensor inside a torch.func transform
 
 
 @dataclass(frozen=True)
 class DState:
     """State of one D estimate (one D-group): Python numbers where D is held on the host (the
     optimizer's default mode), else 0-dim tensors on the params' device (``init_state``,
-    ``capturable``), floats in ``d_dtype`` (float64, as prodigyopt's Python floats).
-    """
+    ``capturable``), floats in ``d_dtype`` (float64, as prodigyopt's Python floats)."""
 
     d: Scalar  # current step-size scale D (>= d0, never decreases)
     d_max: Scalar  # largest D estimate seen so far
@@ -49,8 +41,7 @@ class DState:
         """This state as Python numbers (one read of the tensors)."""
         if not isinstance(self.d, Tensor):
             return self
-        floats = torch.stack([self.d, self.d_max, self.d_numerator, self.d_denom, self.d_hat]).tolist()
-        return DState.of(floats, self.k, self.skipped_steps)
+        return DState.of(torch.stack([getattr(self, f) for f in D_FLOATS]).tolist(), self.k, self.skipped_steps)
 
     def assign(self, src: DState) -> None:
         """Write ``src``'s values into this state's tensors, in place (one host-to-device copy
@@ -60,24 +51,25 @@ class DState:
 
     @staticmethod
     def of(floats: Sequence[Any], k: Any, skipped_steps: Any) -> DState:
-        """A host D state from the five float fields (``D_STATE_FIELDS`` order) and the counts."""
-        return DState(**dict(zip(D_STATE_FIELDS, map(float, floats))), k=int(k), skipped_steps=int(skipped_steps))
+        """A host D state from the five float fields (``D_FLOATS`` order) and the counts."""
+        return DState(**dict(zip(D_FLOATS, map(float, floats))), k=int(k), skipped_steps=int(skipped_steps))
 
     def on_device(self, device: torch.device, dtype: torch.dtype) -> DState:
         """This state as 0-dim tensors (one host-to-device copy), floats in ``dtype``."""
         if isinstance(self.d, Tensor):
             return self
-        floats = torch.tensor([self.d, self.d_max, self.d_numerator, self.d_denom, self.d_hat], dtype=dtype, device=device)
-        k, skipped = torch.tensor([self.k, self.skipped_steps], dtype=torch.int64, device=device).unbind()
-        d, d_max, d_numerator, d_denom, d_hat = floats.unbind()
-        return DState(d, d_max, d_numerator, d_denom, d_hat, k, skipped)
+        floats = torch.tensor([getattr(self, f) for f in D_FLOATS], dtype=dtype, device=device).unbind()
+        return DState(*floats, *torch.tensor([self.k, self.skipped_steps], dtype=torch.int64, device=device).unbind())
+
+
+D_STATE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DState))
+D_FLOATS = D_STATE_FIELDS[:5]  # ("d", "d_max", "d_numerator", "d_denom", "d_hat"); then k, skipped_steps
 
 
 @dataclass(frozen=True)
 class Segment:
-    """The tensors of one param group in a D-group (one part of it, where a backend steps one
-    dtype), with its hyperparameters. Lists are aligned; ``exp_avg`` is None iff betas[0] == 0;
-    ``s`` and ``p0`` are empty placeholders once D is frozen (``d_steps``)."""
+    """The tensors (aligned lists) of one param group in a D-group, or of its part of one dtype, and
+    its hyperparameters; ``exp_avg`` None iff betas[0] == 0; ``s``, ``p0`` empty once D froze."""
 
     params: Sequence[Tensor]
     grads: Sequence[Tensor]
@@ -90,9 +82,7 @@ class Segment:
 
 @dataclass(frozen=True)
 class SegmentResult:
-    """The params and per-tensor state of one segment, lists aligned (exp_avg None iff betas[0]
-    == 0): what an update pass returns, and where it writes (``out``: the input lists themselves
-    for the optimizer's in-place step; None means new tensors, the pure step)."""
+    """A segment's params and per-tensor state: what an update returns, and where it writes."""
 
     params: list[Tensor]
     exp_avg: list[Tensor] | None
@@ -102,10 +92,8 @@ class SegmentResult:
 
 @dataclass(frozen=True)
 class State:
-    """State of a list of tensors sharing one D. Lists are aligned with the params list.
-
-    (``kprodigy.functional.init_state`` given another pytree of params, e.g. a dict, puts that
-    pytree's structure in place of each list: see ``_tree.py``.)
+    """State of tensors sharing one D: per-tensor fields aligned with the params (lists, or the
+    params' pytree structure, e.g. a dict, from ``kprodigy.functional.init_state``).
 
     exp_avg:    like each param (stats dtype of the param), or None when betas[0] == 0
     exp_avg_sq: like each param
@@ -125,18 +113,26 @@ for _cls in (DState, State):
     pytree.register_dataclass(_cls)
 
 
+def check_state(state: Any) -> None:
+    if not isinstance(state, State):
+        raise TypeError(f"state must be a kprodigy.functional.State, got {type(state).__name__}")
+
+
 def d_dtype(device: torch.device | str) -> torch.dtype:
     """Dtype of a D state held on ``device``: float64 (prodigyopt keeps D in Python floats), or
     float32 where the device has no float64 (MPS)."""
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16-bit floats, else ``dtype``: reductions and scalars compute in at least fp32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def state_dtype(param_dtype: torch.dtype, hparams: Hyperparams) -> torch.dtype:
-    """Dtype of exp_avg, exp_avg_sq and s for a param: float32 for 16-bit params if
-    ``hparams.fp32_state`` (the default), else the param's dtype. ``p0`` keeps the param's dtype."""
-    if hparams.fp32_state and param_dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return param_dtype
+    """Dtype of exp_avg, exp_avg_sq and s for a param: ``compute_dtype`` if ``hparams.fp32_state``
+    (the default), else the param's. ``p0`` keeps the param's dtype."""
+    return compute_dtype(param_dtype) if hparams.fp32_state else param_dtype
 
 
 def init_d_state(hparams: Hyperparams, device: torch.device | str | None = None) -> DState:
@@ -149,15 +145,10 @@ def init_d_state(hparams: Hyperparams, device: torch.device | str | None = None)
 def init_tensor_state(
     x: Tensor, hparams: Hyperparams, *, compact_p0: bool = True, factored: bool = False
 ) -> dict[str, Tensor]:
-    """Per-tensor state for param ``x``, keyed as in prodigyopt (``exp_avg`` only if betas[0] > 0).
-
-    Allocated detached, in the param's memory format and ``state_dtype`` (float32 for 16-bit
-    params by default). With ``compact_p0``, ``p0`` is a 0-dim zero when x is all zeros (LoRA
-    up-projections), to save memory; that check reads x once, at init only, and is skipped inside
-    torch.func transforms (``vmap``), where it cannot run: there, and with ``compact_p0=False``,
-    ``p0`` is always the full slice. ``factored`` (x with 2+ dims): ``exp_avg_sq`` holds the row
-    and column means ``[r (rows), c (x.shape[-1])]`` (``_factored.py``).
-    """
+    """Per-tensor state for param ``x``, keyed as in prodigyopt (``exp_avg`` only if betas[0] > 0),
+    detached, in x's memory format and ``state_dtype``. ``compact_p0``: ``p0`` a 0-dim zero for an
+    all-zero x (LoRA up-projections; one read of x, skipped inside torch.func transforms, where it
+    cannot run). ``factored`` (2+ dims): ``exp_avg_sq`` the packed means ``[r, c]`` (``_factored``)."""
     x = x.detach()
     sliced = x.flatten()[:: hparams.slice_p]
     dtype = state_dtype(x.dtype, hparams)
@@ -169,13 +160,13 @@ def init_tensor_state(
     else:
         state["exp_avg_sq"] = torch.zeros_like(x, dtype=dtype, memory_format=torch.preserve_format)
     state["s"] = torch.zeros_like(sliced, dtype=dtype)
-    compact = compact_p0 and not torch._C._functorch.is_functorch_wrapped_tensor(x) and not bool(x.any())
+    compact = compact_p0 and not is_wrapped(x) and not bool(x.any())
     state["p0"] = torch.zeros((), dtype=x.dtype, device=x.device) if compact else sliced.clone()
     return state
 
 
 def init_state(params: Sequence[Tensor], hparams: Hyperparams, *, compact_p0: bool = True) -> State:
-    """Initial state for ``params`` (a list of tensors sharing one D); ``compact_p0``: see ``init_tensor_state``."""
+    """Initial state for ``params``, a list of tensors sharing one D (``init_tensor_state``)."""
     params = list(params)
     if not params:
         raise ValueError("init_state got an empty list of params; expected at least one tensor")
@@ -187,13 +178,6 @@ def init_state(params: Sequence[Tensor], hparams: Hyperparams, *, compact_p0: bo
                 "tensors sharing one D must be on one device"
             )
     per_tensor = [init_tensor_state(x, hparams, compact_p0=compact_p0) for x in params]
-    return State(
-        exp_avg=[t["exp_avg"] for t in per_tensor] if hparams.betas[0] > 0 else None,
-        exp_avg_sq=[t["exp_avg_sq"] for t in per_tensor],
-        s=[t["s"] for t in per_tensor],
-        p0=[t["p0"] for t in per_tensor],
-        d=init_d_state(hparams, device),
-    )
+    lists = {key: [t[key] for t in per_tensor] if key in per_tensor[0] else None for key in STATE_KEYS}
+    return State(**lists, d=init_d_state(hparams, device))  # type: ignore[arg-type]
 
-
-D_STATE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DState))

@@ -1,18 +1,14 @@
-"""Pytree boundary of the pure step: params as a list, a dict or any pytree of tensors.
+"""Pytree boundary of the functional step: params as a list, a dict or any pytree of tensors.
 
-The core (``_state.init_state``, ``_step.step``) works on lists. These wrappers flatten the
-params with ``torch.utils._pytree`` at the boundary and give the per-tensor state fields
-(``exp_avg``, ``exp_avg_sq``, ``s``, ``p0``) the params' own structure: for params
-``{"w": W, "b": b}`` the state holds ``exp_avg == {"w": m_W, "b": m_b}``. Mirroring (rather than
-storing a treespec) keeps the state a plain pytree that ``vmap``, ``torch.compile`` and
-``torch.save`` see through, and keeps checkpoints readable by name. A list of params gives list
-fields, exactly the core's ``State``.
+The core works on lists; these wrappers flatten the params at the boundary and give the per-tensor
+state fields the params' structure (params ``{"w": W, "b": b}``: ``exp_avg == {"w": m_W, "b":
+m_b}``). Mirroring, not storing a treespec, keeps the state a plain pytree that ``vmap``,
+``torch.compile`` and ``torch.save`` see through, and checkpoints readable by name.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -23,22 +19,20 @@ from torch import Tensor
 from .. import _compat
 from . import _engine, _state
 from ._hyperparams import Hyperparams
-from ._state import Segment, SegmentResult, State
+from ._single import Ts
+from ._state import STATE_KEYS, Segment, SegmentResult, State, check_state
 
 __all__ = ["init_ensemble_state", "init_state", "step", "step_"]
 
 PyTree = Any  # a tensor, or a list/tuple/dict/registered pytree node of tensors
-
-_PER_TENSOR = ("exp_avg", "exp_avg_sq", "s", "p0")
+Flag = bool | None  # foreach, fused: None is automatic
+Plan = _engine.Plan | None
 
 
 def init_state(params: PyTree, hparams: Hyperparams, *, compact_p0: bool = True) -> State:
-    """Initial state for ``params``, a pytree of tensors sharing one D (e.g. ``dict(model.named_parameters())``).
-
-    The per-tensor fields of the returned ``State`` mirror the structure of ``params``.
-    compact_p0: store ``p0`` of an all-zero tensor as a 0-dim zero (default); False stores the
-        full slice. Inside ``torch.func.vmap`` the full slice is always stored.
-    """
+    """Initial state for ``params``, a pytree of tensors sharing one D (e.g.
+    ``dict(model.named_parameters())``), whose structure the per-tensor fields mirror.
+    ``compact_p0``: ``p0`` of an all-zero tensor a 0-dim zero (not inside ``torch.func.vmap``)."""
     leaves, spec = _flatten(params, "params")
     flat = _state.init_state(leaves, hparams, compact_p0=compact_p0)
     return _unflatten_state(flat, spec)
@@ -48,10 +42,8 @@ def init_ensemble_state(params: PyTree, hparams: Hyperparams, *, compact_p0: boo
     """State of an ensemble of N models, for ``torch.func.vmap(step)``: one D per member.
 
     params: pytree of stacked tensors, each ``(N, *member_shape)`` (e.g. from
-        ``torch.func.stack_module_state``). Every tensor of the returned state has the leading
-        dimension N; the D fields are ``(N,)``.
-    compact_p0: a tensor that is all zeros in every member gets ``p0`` of shape ``(N,)`` (one zero
-        per member); otherwise ``p0`` is the full ``(N, numel / slice_p)`` slice.
+        ``torch.func.stack_module_state``); the state's tensors lead with N, the D fields are ``(N,)``.
+    compact_p0: ``p0`` of shape ``(N,)`` for a tensor all zeros in every member.
     """
     leaves, spec = _flatten(params, "params")
     sizes = {x.shape[0] if x.dim() > 0 else None for x in leaves}
@@ -83,17 +75,10 @@ def step(
 
     params, grads: pytrees of one structure (grads shaped like their params), e.g. the dict given
         to ``torch.func.functional_call`` and the dict ``torch.func.grad`` returns for it
-    state: from ``init_state(params, ...)`` or a previous ``step``; not modified
-    Returns (new_params, new_state), both in the structure of ``params``. No input is written to.
+    state: from ``init_state(params, ...)`` or a previous ``step``
+    Returns (new_params, new_state) in the structure of ``params``; no input is written to.
     """
-    leaves, spec = _flatten(params, "params")
-    gleaves, gspec = _flatten(grads, "grads")
-    if gspec != spec:
-        raise ValueError(
-            f"grads have structure {_describe(gspec)} but params have structure {_describe(spec)}; "
-            "expected one grad per param, in the same structure"
-        )
-    flat = _flatten_state(state, spec)
+    leaves, gleaves, flat, spec = _flatten_step(params, grads, state)
     new_leaves, new_flat, _ = _step_lists(leaves, gleaves, flat, hparams, foreach=foreach, fused=fused, pure=True)
     return pytree.tree_unflatten(new_leaves, spec), _unflatten_state(new_flat, spec)
 
@@ -107,22 +92,18 @@ def step_(
     foreach: bool | None = None,
     fused: bool | None = None,
 ) -> State:
-    """One K-Prodigy step in place, for custom loops that do not need a pure step: ``params``,
-    the per-tensor state and the D state's tensors are updated in place, at the speed of the
-    ``KProdigy`` class. Returns the state to use next: ``state`` itself, except on a first call
-    that lays the small params' state flat in new buffers (as the class keeps it) or creates
-    ``exp_avg`` (betas[0] raised from 0); the plan of the step is kept with that state object
-    while its tensors and the settings that shape it stay. Arguments as ``step``."""
-    leaves, spec = _flatten(params, "params")
-    gleaves, gspec = _flatten(grads, "grads")
-    if gspec != spec:
-        raise ValueError(f"grads have structure {_describe(gspec)} but params have structure {_describe(spec)}")
-    flat = _flatten_state(state, spec)
+    """One K-Prodigy step in place (params, state tensors, D tensors), at the speed of the ``KProdigy``
+    class, for loops that need no pure step; arguments as ``step``. Returns the state to use next:
+    ``state`` itself, except on a first call that lays the small params' state flat (as the class
+    keeps it) or creates ``exp_avg`` (betas[0] raised from 0). The step's plan is kept with that
+    state while its tensors and the settings that shape it stay."""
+    leaves, gleaves, flat, spec = _flatten_step(params, grads, state)
     sig = _signature(leaves, gleaves, flat, hparams, foreach, fused)
     kept = _KEPT.get(id(state))
     plan = kept[1] if kept is not None and kept[0] == sig else None
     _, new_flat, plan = _step_lists(leaves, gleaves, flat, hparams, foreach=foreach, fused=fused, plan=plan)
-    if any(a is not b for a, b in zip(_state_leaves(new_flat), _state_leaves(flat))) or flat.exp_avg is None and new_flat.exp_avg:
+    new_tensors = any(a is not b for a, b in zip(_state_leaves(new_flat), _state_leaves(flat)))
+    if new_tensors or flat.exp_avg is None and new_flat.exp_avg:
         return _unflatten_state(new_flat, spec)  # new state tensors: kept from the next call on
     if isinstance(state.d.d, Tensor):
         state.d.assign(new_flat.d)
@@ -136,54 +117,46 @@ def step_(
 _KEPT: dict[int, tuple[tuple[Any, ...], _engine.Plan]] = {}  # id(State) -> (signature, plan) of its in-place steps
 
 
-def _signature(
-    params: list[Tensor], grads: list[Tensor], state: State, hp: Hyperparams, foreach: bool | None, fused: bool | None
-) -> tuple[Any, ...]:
-    """What a kept plan of ``step_`` was built from: the tensors, the gradients' layout, grad
-    mode, the flags and the settings that choose the backend and lay the state out."""
+def _signature(params: Ts, grads: Ts, state: State, hp: Hyperparams, foreach: Flag, fused: Flag) -> tuple[Any, ...]:
+    """What a kept plan of ``step_`` was built from: the tensors, the gradients' layout, grad mode,
+    the flags and the settings that choose the backend and lay the state out."""
     layout = tuple((g.dtype, g.device, g.shape, g.is_contiguous(), x.requires_grad) for x, g in zip(params, grads))
     ids = tuple(map(id, params)), tuple(map(id, _state_leaves(state)))
     return ids, layout, torch.is_grad_enabled(), foreach, fused, hp.slice_p, hp.betas[0] > 0, hp.stochastic_rounding
 
 
 def _state_leaves(state: State) -> list[Tensor]:
-    return [t for name in _PER_TENSOR for t in getattr(state, name) or []]
+    return [t for name in STATE_KEYS for t in getattr(state, name) or []]
 
 
 def _step_lists(
-    params: list[Tensor],
-    grads: list[Tensor],
-    state: State,
-    hp: Hyperparams,
-    *,
-    foreach: bool | None,
-    fused: bool | None,
-    pure: bool = False,
-    plan: _engine.Plan | None = None,
+    xs: Ts, gs: Ts, state: State, hp: Hyperparams, *, foreach: Flag, fused: Flag, pure: bool = False, plan: Plan = None
 ) -> tuple[list[Tensor], State, _engine.Plan]:
-    """The step over lists, through the engine (one D-group of one member): new tensors
-    (``pure``) or in place, on a kept ``plan`` (its hyperparameters refreshed) or a new one."""
-    on_host = len(params) > 0 and _engine.d_on_host([*params, *grads, *(t for t in [state.d.d] if isinstance(t, Tensor))])
+    """The step over lists (one D-group of one member): new tensors (``pure``) or in place, on a
+    kept ``plan`` (its hyperparameters refreshed) or a new one."""
+    on_host = len(xs) > 0 and _engine.d_on_host([*xs, *gs, *(t for t in [state.d.d] if isinstance(t, Tensor))])
     if plan is None or plan.on_host != on_host:
-        _check_grads(params, grads)
+        _check_grads(xs, gs)
         exp_avg = state.exp_avg
         if hp.betas[0] > 0 and exp_avg is None:  # betas[0] raised from 0: the class's rule
-            exp_avg = [torch.zeros_like(x, dtype=v.dtype, memory_format=torch.preserve_format) for x, v in zip(params, state.exp_avg_sq)]
-        seg = Segment(params, grads, exp_avg if hp.betas[0] > 0 else None, state.exp_avg_sq, state.s, state.p0, hp)
+            like = zip(xs, state.exp_avg_sq)
+            exp_avg = [torch.zeros_like(x, dtype=v.dtype, memory_format=torch.preserve_format) for x, v in like]
+        seg = Segment(xs, gs, exp_avg if hp.betas[0] > 0 else None, state.exp_avg_sq, state.s, state.p0, hp)
         plan = _engine.build([[seg]], on_host=on_host, foreach=[foreach], fused=[fused], pure=pure)
     elif plan.d_groups[0][0].seg.hparams is not hp:
         _engine.refresh(plan.d_groups[0][0], hp)
     ds = state.d.on_host() if on_host else state.d
-    results, (new_d,) = _engine.step(plan, [[grads]], [ds])
+    results, (new_d,) = _engine.step(plan, [[gs]], [ds])
     if on_host and isinstance(state.d.d, Tensor):
         new_d = new_d.on_device(state.d.d.device, state.d.d.dtype)
     laid = plan.d_groups[0][0].seg
-    res = results[0][0] if plan.pure else SegmentResult(list(laid.params), laid.exp_avg, laid.exp_avg_sq, laid.s)  # type: ignore[arg-type]
+    m, v, s = laid.exp_avg, laid.exp_avg_sq, laid.s
+    res = results[0][0] if plan.pure else SegmentResult(list(laid.params), m, v, s)  # type: ignore[arg-type]
     new_m = res.exp_avg if hp.betas[0] > 0 else state.exp_avg  # (kept untouched while betas[0] == 0)
     return res.params, State(exp_avg=new_m, exp_avg_sq=res.exp_avg_sq, s=res.s, p0=list(laid.p0), d=new_d), plan
 
 
-def _check_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+def _check_grads(params: Ts, grads: Ts) -> None:
     if len(params) != len(grads):
         raise ValueError(f"got {len(params)} params but {len(grads)} grads; expected one grad per param")
     for i, (x, g) in enumerate(zip(params, grads)):
@@ -209,31 +182,36 @@ def _flatten(tree: PyTree, what: str) -> tuple[list[Tensor], pytree.TreeSpec]:
     return leaves, spec
 
 
-def _flatten_state(state: State, spec: pytree.TreeSpec) -> State:
-    """The core's list ``State`` from a state mirroring ``spec``; a clear error if it does not."""
-    if not isinstance(state, State):
-        raise TypeError(f"state must be a kprodigy.functional.State, got {type(state).__name__}")
+def _flatten_step(params: PyTree, grads: PyTree, state: State) -> tuple[list[Tensor], list[Tensor], State, Any]:
+    """The leaves of ``params`` and ``grads``, the core's list ``State`` of ``state``, and the
+    params' structure, which the grads and the state's fields must have (else a clear error)."""
+    leaves, spec = _flatten(params, "params")
+    gleaves, gspec = _flatten(grads, "grads")
+    if gspec != spec:
+        raise ValueError(
+            f"grads have structure {_describe(gspec)} but params have structure {_describe(spec)}; "
+            "expected one grad per param, in the same structure"
+        )
+    check_state(state)
     fields: dict[str, list[Tensor] | None] = {}
-    for name in _PER_TENSOR:
+    for name in STATE_KEYS:
         value = getattr(state, name)
-        if value is None:  # exp_avg when betas[0] == 0; the core checks that against hparams
+        if value is None:  # exp_avg where betas[0] == 0
             fields[name] = None
             continue
-        leaves, fspec = pytree.tree_flatten(value)
+        fields[name], fspec = pytree.tree_flatten(value)
         if fspec != spec:
             raise ValueError(
                 f"state.{name} has structure {_describe(fspec)} but params have structure {_describe(spec)}; "
                 "the state must come from init_state(params) of the same structure"
             )
-        fields[name] = leaves
-    return State(d=state.d, **fields)  # type: ignore[arg-type]
+    return leaves, gleaves, State(d=state.d, **fields), spec  # type: ignore[arg-type]
 
 
 def _unflatten_state(flat: State, spec: pytree.TreeSpec) -> State:
-    def mirror(leaves: list[Tensor] | None) -> Any:
-        return None if leaves is None else pytree.tree_unflatten(leaves, spec)
-
-    fields: dict[str, Any] = {name: mirror(getattr(flat, name)) for name in _PER_TENSOR}
+    fields: dict[str, Any] = {}
+    for name in STATE_KEYS:
+        fields[name] = None if (leaves := getattr(flat, name)) is None else pytree.tree_unflatten(leaves, spec)
     return State(d=flat.d, **fields)
 
 

@@ -1,10 +1,8 @@
-"""``KProdigy``: the ``torch.optim.Optimizer`` shell around ``kprodigy.functional``.
+"""``KProdigy``: the ``torch.optim.Optimizer`` shell around the engine (``functional._engine``).
 
-The shell does bookkeeping only: it validates settings, maps param groups to D-groups, creates
-per-tensor state lazily, keeps the plan of the step while the tensors it was built from hold
-(``_Kept``), holds the D state in the param groups (the keys prodigyopt trainers read: Python
-numbers, or with ``capturable=True`` persistent 0-dim device tensors) and calls the engine
-(``functional._engine``), which the functional step calls too. All arithmetic lives there.
+Bookkeeping only: it validates, maps param groups to D-groups, creates state lazily, keeps the
+step's plan while it holds (``_plan.Kept``), holds the D state in the group keys prodigyopt
+trainers read (``_group_keys``) and calls the engine, which holds all the arithmetic.
 """
 
 from __future__ import annotations
@@ -20,25 +18,18 @@ from torch import Tensor
 
 from .. import _compat
 from ..functional import DState, Hyperparams, _distributed, _engine, _scratch
+from ..functional._checkpoint import check_optimizer_state_dict
 from ..functional._scalars import frozen
 from ..functional._state import d_dtype, state_dtype
 from . import _diagnostics, _group_keys, _per_param, _plan
-from ._checks import (
-    check_param_group,
-    check_settings,
-    check_state_dict,
-    hparams,
-    one_device,
-)
+from ._checks import check_group, check_param_group, check_settings, hparams, one_device
 
 __all__ = ["KProdigy"]
 
 
-# Why dynamo does not trace the step. It handles every torch.optim.Optimizer as its own
-# OptimizerVariable, which reads ``capturable=True`` in every group inside the trace (and writes
-# it back into groups the step mutates, so that later eager steps change mode); the D keys are
-# Python floats (read once per step on the host), so a trace would also recompile whenever D or
-# lr changes. The step's math is compiled where it pays, by ``fused`` (``_fused.py``).
+# Not traced: dynamo's OptimizerVariable reads ``capturable=True`` in every group inside the trace
+# (and writes it back into the groups the step mutates: later eager steps change mode), and the D
+# keys are host floats, so a trace would recompile whenever D or lr changes. ``fused`` compiles.
 _NOT_TRACED = "KProdigy.step keeps D on the host and is not traced; its fused path compiles its own kernels"
 
 
@@ -68,9 +59,9 @@ class KProdigy(torch.optim.Optimizer):
         x = x - dlr * m / (sqrt(v) + d * eps)          (b1 = 0: x - dlr * d * g / (sqrt(v) + d * eps))
         k = k + 1
 
-    This is prodigyopt 1.1.2's step, D kept in float64 as prodigyopt's Python floats; at the
-    defaults KProdigy gives its numbers (float rounding apart). ``dlr`` uses D before this step's update, ``eps`` and the b1 = 0 step the D after it.
-    ``p`` is ``slice_p``, ``p0`` the params at their first step. A group with ``lr=0`` is frozen.
+    This is prodigyopt 1.1.2's step (D in float64, as its Python floats): at the defaults KProdigy
+    gives its numbers, float rounding apart. ``dlr`` uses D before this step's update, ``eps`` and
+    the b1 = 0 step the D after it. ``p`` is ``slice_p``, ``p0`` the params at their first step.
 
     Args:
         params: iterable of tensors or of dicts defining param groups.
@@ -88,77 +79,55 @@ class KProdigy(torch.optim.Optimizer):
         d_update_freq: update the D statistics every this many steps (default 1).
         slice_p: D statistics use every slice_p-th element of each tensor (default 1).
         foreach: multi-tensor ops (True), per-tensor loop (False) or automatic (None, default).
-        independent_d: one D per param group (True) or one D for all param groups (False,
-            default, as prodigyopt); None is 0.5.0's automatic rule (one D per group when there
-            is more than one group), kept for old configurations.
+        independent_d: one D per param group (True) or one for all (False, default, as prodigyopt);
+            None: one per group when there is more than one (0.5.0's rule).
         maximize: maximize the objective (default False).
         fsdp_in_use: force the all-reduce of the D statistics (prodigyopt's flag; default False).
-        reduce_d_stats: sum the D statistics over ranks so that every rank has the same D:
-            None (default) detects when this is needed (DTensor params from FSDP2 ``fully_shard``,
-            FSDP1 flat params, or construction inside ``ZeroRedundancyOptimizer``); True forces
-            it, False forbids it. Plain DDP (replicated params, averaged grads) needs none.
+        reduce_d_stats: sum the D statistics over ranks (one D on every rank): None (default) where
+            needed (DTensor params of FSDP2, FSDP1 flat params, inside ``ZeroRedundancyOptimizer``;
+            not plain DDP); True forces it, False forbids it.
         process_group: the group to sum over (default: the sharding mesh's group for DTensor
             params, ZeRO's group under ZeroRedundancyOptimizer, else the default group).
-        skip_nonfinite: skip a D-group's step when any of its gradients holds NaN or inf, or its
-            D statistics overflow (default True): params, moments and D stay as they were, ``k``
-            does not advance and the group key ``skipped_steps`` counts it; a warning the first
-            time. Decided on the device (no host sync); False saves one read of the gradients.
-        fp32_state: keep exp_avg, exp_avg_sq and s of bfloat16/float16 params in float32
-            (default True); False keeps them in the param dtype to save memory.
-        stochastic_rounding: round the updates of bfloat16 params stochastically (unbiased), so
-            that updates smaller than the bfloat16 spacing are not lost (default False).
-        d_steps: freeze D once k reaches this (default None: never); per group, equal within
-            a D-group; it cannot be raised or removed after D froze. From then on D stays fixed, the D statistics are skipped and the ``s`` and
-            ``p0`` buffers are freed; the group key ``d_frozen`` records it.
+        skip_nonfinite: skip a D-group's step (params, moments, D and ``k`` stay; the group key
+            ``skipped_steps`` counts it, a warning the first time) when a gradient holds NaN or inf
+            or its D statistics overflow (default True); decided on the device, no host sync (False
+            saves a read of the gradients).
+        fp32_state: keep exp_avg, exp_avg_sq and s of 16-bit params in float32 (default True).
+        stochastic_rounding: round bfloat16 param updates stochastically (unbiased), so that updates
+            below the bfloat16 spacing are not lost (default False).
+        d_steps: freeze D once k reaches this (default None: never), equal within a D-group and
+            fixed once D froze: the D statistics are skipped, ``s`` and ``p0`` freed (``d_frozen``).
         factored: keep the second moment of each param with 2+ dims as row and column means
-            (Adafactor-style; about 1 word per param less), per group (default False; fixed at
-            a param's first step).
-        d_ratio_cap: keep the D values of the D-groups within this factor (>= 1) of the smallest
-            one after every step (default None: no cap), for a component whose D "grows forever".
-        fused: compiled kernels (torch.compile: one kernel per pass and tensor, no parameter-sized
-            temporaries) if True; None (default) takes torch's fused AdamW kernel and a read-only
-            statistics pass (nothing compiled) where it computes the step exactly (float32 and
-            float64 params, D on the host), except for CUDA groups of 2**20 elements or more,
-            which take the compiled kernels where torch.compile works; False uses ``foreach``. The
-            first compiled step compiles for seconds; where compiling fails the step uses foreach
-            (with a one-line warning if ``fused=True`` was asked for).
+            (Adafactor-style; about 1 word per param less), fixed at its first step (default False).
+        d_ratio_cap: keep the D of every D-group within this factor (>= 1) of the smallest one
+            after every step (default None: no cap), for a component whose D "grows forever".
+        fused: compiled kernels (torch.compile: one kernel per pass, no param-sized temporaries; the
+            first step compiles for seconds; foreach where compiling fails) if True; None (default)
+            torch's fused AdamW kernel where that is the step exactly (float32/float64 params, D on
+            the host), compiled kernels for CUDA groups of 2**20 elements or more; False: foreach.
         capturable: keep each D-group's D state as 0-dim tensors on its params' device, updated in
-            place (fixed addresses), so that ``step()`` reads nothing on the host and can be
-            captured in a CUDA graph (default False; per group, equal within a D-group). The group
-            keys ``d``, ``d_max``, ``d_numerator``, ``d_denom``, ``d_hat``, ``k``, ``skipped_steps``
-            (int64), ``effective_lr`` and ``step_size`` are then those tensors (the same objects in the groups of
-            a D-group; ``float(group["d"])`` reads one), ``state[p]["step"]`` is an int64 tensor,
-            and whether a step updates D (``d_update_freq``) is decided on the device.
-            ``state_dict()`` returns Python numbers as in the default mode. ``lr`` and the other
-            hyperparameters stay Python numbers: a captured graph keeps the values it was
-            captured with (capture again after changing them). Not supported: ``d_steps``. No
-            warning on a skipped step (read ``skipped_steps``). A param's first step creates its
-            state and reads the param once on the host (whether it is all zeros, for ``p0``):
-            take warm-up steps before capturing, as CUDA graphs need anyway.
+            place, so that ``step()`` reads nothing on the host and can be captured in a CUDA graph
+            (default False; equal within a D-group). The D and step group keys are then those
+            tensors (``float(group["d"])`` reads one; ``k``, ``skipped_steps`` int64), as is
+            ``state[p]["step"]``; ``state_dict()`` holds numbers as in the default mode. A graph
+            keeps the ``lr`` it was captured with. Not with ``d_steps``; no warning on a skip. A
+            param's first step reads it on the host (``p0``): warm up before capturing.
 
-    Param groups may carry ``d_group`` (any hashable; use a str or int to keep checkpoints
-    loadable with ``weights_only=True``): groups with equal ``d_group`` share one D, whatever
-    ``independent_d`` says about the groups without one.
+    Param groups may carry ``d_group`` (any hashable; a str or int keeps checkpoints loadable with
+    ``weights_only=True``): groups with equal ``d_group`` share one D, whatever ``independent_d``.
 
-    Group keys for logging (Python floats, or 0-dim tensors with ``capturable=True``, updated by
-    every step): ``d``, ``d_max``, ``d_numerator``, ``d_denom``, ``d_hat``, ``k`` (int), ``lr``
+    Group keys for logging: ``d``, ``d_max``, ``d_numerator``, ``d_denom``, ``d_hat``, ``k``, ``lr``,
     ``effective_lr`` (``lr * bias_correction`` of the last step: the multiplier of D, as
-    prodigy-plus-schedule-free defines it and OneTrainer and musubi-tuner log ``d * effective_lr``)
-    and ``step_size`` (``d * lr * bias_correction`` with the D of that step: the step it applied);
-    both 0.0 before the first step. ``get_learning_rates()`` lists ``step_size`` per group.
+    prodigy-plus-schedule-free defines it; OneTrainer and musubi-tuner log ``d * effective_lr``) and
+    ``step_size`` (``d * effective_lr``: the step applied, also ``get_learning_rates()``).
 
-    ``torch.compile(opt.step)`` (PyTorch's recipe for compiling an optimizer step) is accepted and
-    equals the eager step: the step is excluded from tracing (``torch.compiler.disable``), so
-    changing ``lr`` or D never recompiles and the groups keep their flags. The elementwise math
-    is compiled by the fused path (``fused``), with or without ``torch.compile`` around the step.
-
-    Fused backward: ``step_parameter(p)`` (from ``p.register_post_accumulate_grad_hook``; also in
-    OneTrainer's form ``step_parameter(p, group, i)``) steps one param as soon as its gradient
-    is ready and ``finalize_step()`` (or ``step()``) updates D once all are in.
-
-    Distributed training: when reduced, the D statistics of all D-groups are packed into one
-    tensor and summed with ONE ``all_reduce`` per step (per device), with no host sync; steps that
-    do not update D (``d_update_freq``) communicate nothing.
+    ``torch.compile(opt.step)`` runs the eager step (excluded from tracing), so changing ``lr`` or
+    D never recompiles and the groups keep their flags; ``fused`` compiles the elementwise math.
+    Fused backward: ``step_parameter(p)`` from ``p.register_post_accumulate_grad_hook`` (or
+    OneTrainer's ``step_parameter(p, group, i)``) steps a param once its gradient is ready;
+    ``finalize_step()`` (or ``step()``) updates D once all are in. Distributed: the D statistics
+    of all D-groups are summed with ONE ``all_reduce`` per step, no host sync; steps that do not
+    update D communicate nothing.
     """
 
     def __init__(
@@ -214,8 +183,7 @@ class KProdigy(torch.optim.Optimizer):
         checked = check_settings(defaults)  # ValueError naming the setting
         defaults.update({name: getattr(checked, name) for name in Hyperparams.field_names()})
         self.d_ratio_cap = None if d_ratio_cap is None else float(d_ratio_cap)
-        self.independent_d = independent_d
-        self.reduce_d_stats = reduce_d_stats
+        self.independent_d, self.reduce_d_stats = independent_d, reduce_d_stats
         self.process_group = process_group if process_group is not None else _distributed.enclosing_zero_group()
         self._pending: dict[tuple[int, ...], _per_param.Pending] = {}  # per-param steps not yet finalized
         self._kept: _plan.Kept | None = None  # the plan of the last step, reused while it holds
@@ -239,18 +207,17 @@ class KProdigy(torch.optim.Optimizer):
             raise
 
     def __getstate__(self) -> dict[str, Any]:
-        """torch's state (defaults, state, param_groups) plus the optimizer-wide settings, so that
-        ``copy.deepcopy`` and pickling keep them (``process_group`` is not picklable: it is left out)."""
+        """torch's state plus the optimizer-wide settings, which ``copy.deepcopy`` and pickling keep
+        (``process_group``, not picklable, is left out)."""
         state = {k: v for k, v in super().__getstate__().items() if k not in ("_kept", "_pending", "_scratch_store")}
         state.update(independent_d=self.independent_d, reduce_d_stats=self.reduce_d_stats, d_ratio_cap=self.d_ratio_cap)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Fill keys missing from older or prodigyopt checkpoints; D values and steps become Python
-        numbers, or persistent device tensors in capturable groups (see ``_bind``).
-
-        torch's ``__setstate__`` adds ``differentiable`` to ``defaults``; KProdigy has no such
-        flag, so it is taken out again (else every group would get it: load -> save unstable)."""
+        numbers, or persistent device tensors in capturable groups (``_bind``). torch's
+        ``__setstate__`` adds ``differentiable`` to ``defaults``, which KProdigy has not: taken out
+        again (else every group would get it: load -> save unstable)."""
         had_differentiable = "differentiable" in state.get("defaults", self.__dict__.get("defaults", {}))
         super().__setstate__(state)
         if not had_differentiable:
@@ -264,32 +231,21 @@ class KProdigy(torch.optim.Optimizer):
                 group.setdefault(key, value)
             if not group["capturable"]:
                 _group_keys.to_numbers(group)
-            for p in group["params"]:
-                param_state = self.state.get(p)
-                if param_state and "step" in param_state:
-                    param_state["step"] = _group_keys.step_count(param_state["step"], p, group["capturable"])
+            for p in (p for p in group["params"] if "step" in self.state.get(p, {})):
+                self.state[p]["step"] = _group_keys.step_count(self.state[p]["step"], p, group["capturable"])
         self._bind()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a checkpoint (ours, an older version's, or prodigyopt's) atomically.
-
-        The whole checkpoint is validated first (layout, keys, shapes, dtypes, finite values,
-        hyperparameters); a bad one raises ValueError and leaves the optimizer as it was. The
-        moments and ``s`` of 16-bit params are kept in float32 when ``fp32_state`` (torch's loader
-        would cast them to the param dtype). ``capturable`` is kept from this optimizer's groups
-        (it says how the D state is held, not what it is): a checkpoint of either mode loads into
-        either mode. Per-param steps (``step_parameter``) not yet finalized are dropped: the
-        checkpoint is authoritative.
-        """
-        id_map = check_state_dict(state_dict, self.param_groups, self.defaults)
+        """Load a checkpoint (ours, an older version's, or prodigyopt's) atomically: validated first
+        (layout, keys, shapes, dtypes, finite values, hyperparameters), a bad one raises ValueError
+        and changes nothing. The moments and ``s`` of 16-bit params stay float32 with ``fp32_state``
+        (torch's loader casts them to the param dtype). ``capturable`` stays this optimizer's (how D
+        is held, not what it is). Per-param steps not yet finalized are dropped."""
+        id_map = check_optimizer_state_dict(state_dict, self.param_groups, self.defaults)
         saved_groups = []
         for i, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
-            saved = {**saved, "capturable": group["capturable"]}
-            try:
-                check_settings({**self.defaults, **saved})
-            except ValueError as e:
-                raise ValueError(f"checkpoint param group {i}: {e}") from None
-            saved_groups.append(saved)
+            saved_groups.append({**saved, "capturable": group["capturable"]})
+            check_group({**self.defaults, **saved_groups[-1]}, i, "checkpoint param group")
         state_dict = {**state_dict, "param_groups": saved_groups}
         before = {"state": self.state, "param_groups": self.param_groups, "_pending": self._pending}
         try:
@@ -309,11 +265,8 @@ class KProdigy(torch.optim.Optimizer):
             raise
 
     def state_dict(self) -> dict[str, Any]:
-        """As ``torch.optim.Optimizer.state_dict``, after finalizing pending per-parameter steps.
-
-        The same format in both modes (prodigyopt's): Python numbers in the D group keys and in
-        ``step``; with ``capturable=True`` their tensors are read on the host here.
-        """
+        """As ``torch.optim.Optimizer.state_dict``, after finalizing pending per-parameter steps;
+        prodigyopt's format in both modes (Python numbers in the D keys and ``step``)."""
         self.finalize_step()
         state_dict = super().state_dict()
         for group in state_dict["param_groups"]:
@@ -325,23 +278,14 @@ class KProdigy(torch.optim.Optimizer):
         return state_dict
 
     def d_groups(self) -> list[list[int]]:
-        """Indices of the param groups sharing each D estimate, ordered by their first group.
-
-        Groups with the same ``d_group`` label share one D; groups without one follow
-        ``independent_d`` (False: one D for all; True: one per group; None: one per group when
-        there is more than one group).
-        """
+        """Indices of the param groups sharing each D, ordered by their first group: equal
+        ``d_group`` labels share one; groups without a label follow ``independent_d``."""
         independent = self.independent_d if self.independent_d is not None else len(self.param_groups) > 1
-        where: dict[Any, int] = {}
-        out: list[list[int]] = []
+        out: dict[Any, list[int]] = {}  # (ordered by first group)
         for i, group in enumerate(self.param_groups):
             label = group.get("d_group")
-            key = ("label", label) if label is not None else ("auto", i if independent else -1)
-            if key not in where:
-                where[key] = len(out)
-                out.append([])
-            out[where[key]].append(i)
-        return out
+            out.setdefault(("label", label) if label is not None else ("auto", i if independent else -1), []).append(i)
+        return list(out.values())
 
     def diagnostics(self) -> _diagnostics.Diagnostics:
         """One record per D-group (its D values, growth, step count, status, each group's lr and
@@ -362,12 +306,8 @@ class KProdigy(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
-
-        After ``step_parameter`` calls (a fused back pass) it finishes their step (as
-        ``finalize_step()``) and steps nothing else, whatever gradients are left in ``.grad``.
-        Not traced by ``torch.compile`` (see the class docstring): ``torch.compile(opt.step)``
-        runs this eager step.
-        """
+        After ``step_parameter`` calls it finishes their step (``finalize_step()``) and steps nothing
+        else, whatever gradients are left in ``.grad``. ``torch.compile(opt.step)`` runs it eagerly."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -390,7 +330,7 @@ class KProdigy(torch.optim.Optimizer):
         return loss
 
     def _d_state(self, groups: list[dict[str, Any]], on_host: bool) -> DState:
-        """A D-group's D state (``_group_keys.read``) in the plan's form: host numbers or tensors."""
+        """A D-group's D state in the plan's form: host numbers or tensors."""
         ds = _group_keys.read(groups[0])
         if on_host or isinstance(ds.d, Tensor):
             return ds
@@ -398,9 +338,8 @@ class KProdigy(torch.optim.Optimizer):
         return ds.on_device(device, d_dtype(device))
 
     def _record(self, groups: list[dict[str, Any]], params: list[Tensor], old: DState, new: DState) -> None:
-        """After a D-group's step: its group keys (``_group_keys.write``), the ``step`` of the
-        params it moved (``params``: those with gradients in groups with lr > 0), a warning on the
-        first skip, and D frozen (``d_steps``) where due."""
+        """After a D-group's step: its group keys, the ``step`` of the params it moved (with gradients,
+        in groups with lr > 0), a warning on the first skip, and D frozen (``d_steps``) where due."""
         if new is old:
             return  # nothing changed (no gradients, or every lr 0)
         lead = groups[0]
@@ -426,7 +365,7 @@ class KProdigy(torch.optim.Optimizer):
                     self.state.get(p, {}).pop("p0", None)
 
     def _bind(self) -> None:
-        """Capturable D-groups: their D keys as persistent 0-dim device tensors (``_group_keys.bind``)."""
+        """The D keys of capturable D-groups as persistent 0-dim device tensors."""
         if not any(g["capturable"] for g in self.param_groups):
             return
         seen: set[int] = set()
@@ -442,19 +381,15 @@ class KProdigy(torch.optim.Optimizer):
         return next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
 
     def _scratch(self) -> dict[Any, Tensor]:
-        """The reused CPU buffers of the eager kernels (``functional._scratch``): held here, so
-        that they go with the optimizer (not pickled or copied)."""
+        """The eager kernels' reused CPU buffers (``functional._scratch``), which go with the optimizer."""
         return self.__dict__.setdefault("_scratch_store", {})
 
     def _reduce_stats(self, params: list[Tensor]) -> Callable[[Tensor], Tensor] | None:
-        """The all-reduce of the D statistics if this step needs one (``_distributed.stats_reduction``)."""
         forced = any(g["fsdp_in_use"] for g in self.param_groups)
-        return _distributed.stats_reduction(
-            params, reduce_d_stats=self.reduce_d_stats, process_group=self.process_group, forced=forced
-        )
+        rds, group = self.reduce_d_stats, self.process_group
+        return _distributed.stats_reduction(params, reduce_d_stats=rds, process_group=group, forced=forced)
 
     def _warn_skip(self, members: list[int]) -> None:
-        """Warn the first time a step is skipped for non-finite gradients."""
         if self.__dict__.get("_warned_skip"):
             return
         self._warned_skip = True
@@ -471,24 +406,18 @@ class KProdigy(torch.optim.Optimizer):
         """Step one param now, with the D of this step; D is updated by ``finalize_step()``.
 
         For fused backward passes: call it from ``p.register_post_accumulate_grad_hook`` (then
-        ``p.grad`` may be freed at once), or as OneTrainer's fused back pass does,
-        ``step_parameter(p, group, i)`` (``group``: p's param group, ``i``: p's index in it), and
-        call ``finalize_step()`` (or ``step()``) after each ``backward()``; ``state_dict()``
-        finalizes too. Called outside a backward pass for a ``p`` already stepped since the last
-        finalization, it finalizes that step first; inside one it raises (params needed by that
-        backward must not move). A param without a gradient is skipped.
-
-        The moments and ``s`` of ``p`` are updated now (with ``betas[0] == 0`` its gradient is
-        kept until ``finalize_step()``, whose param update reads it); the param itself moves in
-        ``finalize_step()``, with the D of this step's update, so the result equals ``step()``'s
-        up to float rounding (the D statistics are summed in another order). These use the
-        eager kernels. A NaN/inf gradient skips the param and D updates of the whole D-group;
-        the moments of the params stepped before it in that step have moved.
+        ``p.grad`` may be freed at once) or as OneTrainer does, ``step_parameter(p, group, i)`` (p's
+        group and index in it), then ``finalize_step()`` (or ``step()``) after each ``backward()``;
+        ``state_dict()`` finalizes too. For a ``p`` already stepped since the last finalization it
+        finalizes first, or raises inside a backward pass. A param without a gradient is skipped.
+        The moments and ``s`` move now (with ``betas[0] == 0`` the gradient is kept), the param in
+        ``finalize_step()`` with the new D: ``step()``'s result up to float rounding (the statistics
+        summed in another order), on the eager kernels. A NaN/inf gradient skips the param and D
+        updates of its D-group (the moments of the params stepped before it have moved).
         """
         _per_param.step_parameter(self, p, group, i)
 
     @torch.no_grad()
     def finalize_step(self) -> None:
-        """Update D from the statistics of the params stepped by ``step_parameter``, then move those
-        params with the new D (no-op if none)."""
+        """Update D from the statistics of the params stepped by ``step_parameter``, then move them."""
         _per_param.finalize(self)

@@ -1,7 +1,5 @@
-"""Per-parameter stepping (fused backward passes) for the shell: ``step_parameter`` runs the
-first half of the engine's step for one param (``functional._partial.accumulate``), ``finalize``
-the D update and the param updates of every D-group stepped so (``_partial.finish``), then the
-D cap and the group keys as ``step()`` writes them."""
+"""Per-parameter stepping (fused backward passes) for the shell, on ``functional._partial``:
+``step_parameter`` accumulates one param, ``finalize`` finishes every D-group stepped so."""
 
 from __future__ import annotations
 
@@ -13,13 +11,12 @@ from torch import Tensor
 from ..functional import _partial, _scratch
 from ..functional._scalars import cap_d_ratio
 from . import _diagnostics, _group_keys, _plan
-from ._checks import check_d_group_agrees, check_grads, check_settings, hparams
+from ._checks import check_d_group_agrees, check_grads, check_group, hparams
 
 __all__ = ["Pending", "finalize", "step_parameter"]
 
 
 def step_parameter(opt: Any, p: Tensor, group: dict[str, Any] | None, i: int | None) -> None:
-    """``KProdigy.step_parameter`` (its docstring says what it does)."""
     index = _group_index(opt, p, group, i)
     members = next(m for m in opt.d_groups() if index in m)
     pending = opt._pending.get(tuple(members))
@@ -39,10 +36,7 @@ def step_parameter(opt: Any, p: Tensor, group: dict[str, Any] | None, i: int | N
     if pending is None:
         groups = [opt.param_groups[j] for j in members]
         for j, g in zip(members, groups):
-            try:
-                check_settings(g)
-            except ValueError as e:
-                raise ValueError(f"param group {j}: {e}") from None
+            check_group(g, j)
         check_d_group_agrees(groups, members)
         opt._bind()
         core = _partial.Pending.start(hparams(groups[0]), _group_keys.read(groups[0]), p.device)
@@ -61,25 +55,22 @@ def step_parameter(opt: Any, p: Tensor, group: dict[str, Any] | None, i: int | N
 
 
 def finalize(opt: Any) -> None:
-    """``KProdigy.finalize_step``: D updated from the statistics of the params stepped by
-    ``step_parameter``, then those params moved with it."""
     if not opt._pending:
         return
     pending, opt._pending = opt._pending, {}
     opt._opt_called = True  # what LR schedulers check to know the optimizer stepped (as step() does)
     members = opt.d_groups()
     groups = [[opt.param_groups[i] for i in m] for m in members]
-    old = [_group_keys.read(g[0]) if tuple(m) not in pending else pending[tuple(m)].core.d_state for m, g in zip(members, groups)]
+    items = [pending.get(tuple(m)) for m in members]
+    old = [_group_keys.read(g[0]) if item is None else item.core.d_state for g, item in zip(groups, items)]
     new = list(old)
-    for j, m in enumerate(members):
-        item = pending.get(tuple(m))
+    for j, item in enumerate(items):
         if item is not None:
             reduce_stats = opt._reduce_stats(item.params) if item.core.update_d is not False else None
             with _scratch.owned_by(opt._scratch()):
                 new[j] = _partial.finish(item.core, reduce_stats)
     new = cap_d_ratio(old, new, [any(g["lr"] > 0 for g in gs) for gs in groups], opt.d_ratio_cap)
-    for m, gs, o, n in zip(members, groups, old, new):
-        item = pending.get(tuple(m))
+    for gs, item, o, n in zip(groups, items, old, new):
         opt._record(gs, item.moved if item is not None else [], o, n)
     _diagnostics.after_step(opt, [item.groups for item in pending.values()])
 

@@ -1,7 +1,6 @@
-"""The plan of a step as the shell keeps it: the param groups' tensors gathered into the core's
-segments (per-tensor state created on first use, ``segment``), the engine's plan over them
-(``build``), and the check that a later step may reuse it (``Kept.holds``): a steady step then
-compares identities instead of validating, gathering and laying out again."""
+"""The plan of a step as the shell keeps it: the groups' tensors as the core's segments (state
+created on first use, ``segment``), the engine's plan over them (``build``), and whether a later
+step may reuse it (``Kept.holds``: identities compared instead of validating and laying out)."""
 
 from __future__ import annotations
 
@@ -11,10 +10,9 @@ import torch
 from torch import Tensor
 
 from ..functional import Hyperparams, _distributed, _engine
-from ..functional._layout import STATE_KEYS
-from ..functional._state import Segment, state_dtype
+from ..functional._state import STATE_KEYS, Segment, state_dtype
 from . import _group_keys
-from ._checks import check_d_group_agrees, check_grads, check_settings, hparams, one_device
+from ._checks import check_d_group_agrees, check_grads, check_group, hparams, one_device
 
 __all__ = ["Kept", "build", "segment"]
 
@@ -24,10 +22,7 @@ def build(opt: Any) -> Kept:
     the plan of this step; kept for the next steps unless a param is a DTensor."""
     opt._kept = None
     for i, group in enumerate(opt.param_groups):
-        try:
-            check_settings(group)
-        except ValueError as e:
-            raise ValueError(f"param group {i}: {e}") from None
+        check_group(group, i)
         check_grads(group, i, opt.state)
     members = opt.d_groups()
     for m in members:
@@ -62,12 +57,11 @@ def build(opt: Any) -> Kept:
 
 
 def segment(states: dict[Tensor, dict[str, Any]], group: dict[str, Any]) -> tuple[Segment, list[Tensor]]:
-    """One group's params with gradients and their state (created on first use; DTensors as
-    their local shards: the math is per rank), and those params. Once D froze
-    (``d_frozen``), ``s`` and ``p0`` are empty placeholders (freed)."""
+    """The segment of a group's params with gradients (DTensors as their local shards: the math is
+    per rank; state created on first use; ``s`` and ``p0`` empty once D froze), and those params."""
     hp = hparams(group)
     originals = [p for p in group["params"] if p.grad is not None]
-    lists: dict[str, list[Tensor]] = {key: [] for key in ("params", "grads", *STATE_KEYS)}
+    lists: dict[str, Any] = {key: [] for key in ("params", "grads", *STATE_KEYS)}
     for p in originals:
         state = states[p]
         if "exp_avg_sq" not in state:
@@ -86,16 +80,18 @@ def segment(states: dict[Tensor, dict[str, Any]], group: dict[str, Any]) -> tupl
                 lists[key].append(_distributed.flat_local(t) if key in ("s", "p0") else _distributed.local(t))
             elif key != "exp_avg":
                 lists[key].append(x.new_empty(0))
-    m = lists["exp_avg"] if hp.betas[0] > 0 else None
-    seg = Segment(lists["params"], lists["grads"], m, lists["exp_avg_sq"], lists["s"], lists["p0"], hp)
-    return seg, originals
+    if hp.betas[0] == 0:
+        lists["exp_avg"] = None
+    return Segment(**lists, hparams=hp), originals
 
 
 class Kept:
     """The plan of a step and what it was built from, so that a steady step checks identities
     instead of validating, gathering and laying out again (``holds``)."""
 
-    def __init__(self, opt: Any, plan: _engine.Plan, members: list[list[int]], stepped: list[list[list[Tensor]]]) -> None:
+    def __init__(
+        self, opt: Any, plan: _engine.Plan, members: list[list[int]], stepped: list[list[list[Tensor]]]
+    ) -> None:
         self.plan, self.members, self.stepped = plan, members, stepped
         self.groups = list(opt.param_groups)
         self.key = (opt.independent_d, [g["d_group"] for g in self.groups])
@@ -132,7 +128,9 @@ class Kept:
             g = p.grad
             if g is None or (type(g), g.dtype, g.device, g.shape, g.is_contiguous()) != layout:
                 return False
-            if st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v or st.get("s") is not s or st.get("p0") is not p0:
+            if st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v:
+                return False
+            if st.get("s") is not s or st.get("p0") is not p0:
                 return False
         return True
 
@@ -145,26 +143,21 @@ class Kept:
                     _engine.refresh(member, hp)
 
 
-_EMPTY: dict[str, Any] = {}
-
-
-def _flags(group: dict[str, Any]) -> tuple[Any, ...]:
+def _flags(g: dict[str, Any]) -> tuple[Any, ...]:
     """The group's backend flags and how D is held (compared by identity: a changed value, even
     an equal one of another type, goes through the full step's checks)."""
-    g = group
-    return id(g["foreach"]), id(g["fused"]), id(g["factored"]), id(g["capturable"]), id(g["fsdp_in_use"]), id(g["d_frozen"])
+    return (id(g["foreach"]), id(g["fused"]), id(g["factored"]),
+            id(g["capturable"]), id(g["fsdp_in_use"]), id(g["d_frozen"]))
 
 
 def _settings(group: dict[str, Any]) -> tuple[Any, ...]:
-    """What shapes the plan: the D settings and the state layout of a group's Hyperparams
-    (validated), then its flags (``_flags``)."""
+    """What shapes the plan: a group's D settings and state layout (validated), and its flags."""
     hp = hparams(group)
     return ((hp.d_config(), hp.slice_p, hp.betas[0] > 0, hp.stochastic_rounding), _flags(group))
 
 
 def _tensors(opt: Any, p: Tensor) -> tuple[Any, ...]:
-    """What a planned param must still have: itself, its gradient's type and layout, its state
-    dict and the tensors in it."""
+    """What a planned param must still have: its gradient's type and layout, its state tensors."""
     g, st = p.grad, opt.state.get(p, {})
     layout = None if g is None else (type(g), g.dtype, g.device, g.shape, g.is_contiguous())
     return (p, layout, st, *(st.get(key) for key in STATE_KEYS))
