@@ -358,3 +358,25 @@ def test_optimizer_state_dict_errors() -> None:
     ens = F.init_ensemble_state([torch.randn(2, 3)], Hyperparams())
     with pytest.raises(ValueError, match="one ensemble member at a time"):
         F.to_optimizer_state_dict(ens, Hyperparams())
+
+
+def test_in_place_step_keeps_one_plan_per_state_and_frees_it_with_the_state() -> None:
+    """``step_`` keeps its plan with the state object: rebuilt plans (a flag changing every call)
+    replace it without piling up finalizers, and it goes when the state goes."""
+    import gc
+    import weakref
+
+    from kprodigy.functional import _tree
+
+    xs = [torch.randn(3, 4), torch.randn(5)]
+    hp = F.Hyperparams()
+    state = F.step_(xs, [torch.ones_like(x) for x in xs], F.init_state(xs, hp), hp)  # lays the state out
+    finalizers = len(weakref.finalize._registry)  # type: ignore[attr-defined]
+    for i in range(20):
+        state = F.step_(xs, [torch.ones_like(x) for x in xs], state, hp, foreach=bool(i % 2))
+    assert len(weakref.finalize._registry) <= finalizers + 1  # type: ignore[attr-defined]
+    assert id(state) in _tree._KEPT
+    key = id(state)
+    del state
+    gc.collect()
+    assert key not in _tree._KEPT

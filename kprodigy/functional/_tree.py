@@ -107,9 +107,10 @@ def step_(
         return _unflatten_state(new_flat, spec)  # new state tensors: kept from the next call on
     if isinstance(state.d.d, Tensor):
         state.d.assign(new_flat.d)
+        if kept is None:  # one finalizer per state object, however often its plan is rebuilt
+            weakref.finalize(state, _KEPT.pop, id(state), None)
         if kept is None or kept[1] is not plan:
             _KEPT[id(state)] = (sig, plan)
-            weakref.finalize(state, _KEPT.pop, id(state), None)
         return state
     return replace(state, d=new_flat.d)
 
