@@ -25,10 +25,12 @@ from ._scalars import StepScalars
 from ._single import Ts
 from ._state import Segment, SegmentResult, is_wrapped
 
-__all__ = ["PACKS", "PURE", "SMALL", "Bucket", "FlatGroup", "gradients", "layout", "statistics", "update", "usable"]
+__all__ = ["PACKS", "PURE", "SMALL", "S_FIRST", "Bucket", "FlatGroup", "dots", "gradients", "layout", "norms"]
+__all__ += ["statistics", "update", "usable"]
 
 PURE = False  # update works in place; the engine steps copies for a pure step
 PACKS = True  # the small params' state lies back to back (the plan lays it so)
+S_FIRST = True  # ``dots`` then ``norms`` write ``s`` once per step where the engine can (``_engine``)
 
 HUGE_STEP = 1e9  # Adam's bias corrections 1 - b^step are exactly 1 in float64
 PACK_MAX = 1 << 18  # elements of small tensors in one bucket on CPU
@@ -218,27 +220,55 @@ def _sliced(fg: FlatGroup, b: Bucket, g: Tensor) -> Tensor:
 
 
 def statistics(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars) -> tuple[Tensor, Tensor]:
-    """Writes only scratch."""
-    fg, hp = lay, seg.hparams
+    """Writes only scratch: per bucket ``_dot`` and ``_norm`` (``s`` read, not written)."""
     dots, norms = [], []
-    for b, gb in zip(fg.buckets, grads):
-        n_s = b.s.numel()
-        work = fg.work[:n_s]
-        if b.grad is not None:
-            if b.sliced is not None:
-                torch._foreach_copy_(b.x_views, [x.view(-1)[:: fg.slice_p] for x in b.params])
-            else:
-                torch._foreach_copy_(b.work_views, b.params)
-            x = work
-        else:
-            x = b.params[0][:: fg.slice_p]
-        g = _sliced(fg, b, _grad(fg, b, gb, hp))
-        dots.append(torch.dot(g, torch.sub(b.p0, x, out=work)))  # <g, p0 - x>
-        s_new = torch.mul(b.s, cast(float, sc.beta3), out=fg.work2[:n_s]).add_(g, alpha=sc.s_scale)  # as ``update``
-        norms.append(torch.abs(s_new, out=work).sum())
-    if len(dots) == 1:
-        return dots[0], norms[0]
-    return torch.stack(dots).sum(), torch.stack(norms).sum()
+    for b, gb in zip(lay.buckets, grads):
+        g = _sliced(lay, b, _grad(lay, b, gb, seg.hparams))
+        dots.append(_dot(lay, b, g))
+        norms.append(_norm(lay, b, g, sc, write_s=False))
+    return _total(dots), _total(norms)
+
+
+def dots(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars) -> Tensor:
+    """The first half of ``statistics`` alone (reads only): sum <g, p0 - x>. With ``norms(...,
+    write_s=True)`` after it, the engine writes ``s`` once per step (``S_FIRST``)."""
+    return _total([_dot(lay, b, _sliced(lay, b, _grad(lay, b, gb, seg.hparams))) for b, gb in zip(lay.buckets, grads)])
+
+
+def norms(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars) -> Tensor:
+    """The second half of ``statistics``, writing this step's ``s`` in place (``update`` must then
+    leave it: ``sc.beta3`` None there): sum ||beta3 s + s_scale g||_1."""
+    out = []
+    for b, gb in zip(lay.buckets, grads):  # (one bucket at a time: ``_grad`` may reuse scratch)
+        out.append(_norm(lay, b, _sliced(lay, b, _grad(lay, b, gb, seg.hparams)), sc, write_s=True))
+    return _total(out)
+
+
+def _dot(fg: FlatGroup, b: Bucket, g: Tensor) -> Tensor:
+    """<g, p0 - x> of a bucket (``g`` its sliced effective gradient)."""
+    work = fg.work[: b.s.numel()]
+    if b.grad is None:
+        x = b.params[0][:: fg.slice_p]
+    elif b.sliced is not None:
+        torch._foreach_copy_(b.x_views, [x.view(-1)[:: fg.slice_p] for x in b.params])
+        x = work
+    else:
+        torch._foreach_copy_(b.work_views, b.params)
+        x = work
+    return torch.dot(g, torch.sub(b.p0, x, out=work))
+
+
+def _norm(fg: FlatGroup, b: Bucket, g: Tensor, sc: StepScalars, *, write_s: bool) -> Tensor:
+    """||beta3 s + s_scale g||_1 of a bucket: the new ``s`` in scratch, or written into ``s``
+    (the ops of ``update``)."""
+    n_s = b.s.numel()
+    beta3 = cast(float, sc.beta3)
+    s_new = b.s.mul_(beta3) if write_s else torch.mul(b.s, beta3, out=fg.work2[:n_s])
+    return torch.abs(s_new.add_(g, alpha=sc.s_scale), out=fg.work[:n_s]).sum()
+
+
+def _total(ts: list[Tensor]) -> Tensor:
+    return ts[0] if len(ts) == 1 else torch.stack(ts).sum()
 
 
 def update(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars, out: SegmentResult | None) -> SegmentResult:

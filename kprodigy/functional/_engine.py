@@ -10,6 +10,7 @@ scalars with D on the device); the cap.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from types import ModuleType
@@ -169,7 +170,8 @@ def step(
     its lr are 0). Returns per D-group its members' tensors after the step (for a pure plan), and
     the new D states (capped by ``d_ratio_cap``)."""
     reduced = reduce_stats is not None
-    pending = [_statistics(m, g, ds, reduced) for m, g, ds in zip(plan.d_groups, grads, d_states)]
+    pending = [_statistics(m, g, ds, reduced, plan.on_host) for m, g, ds in zip(plan.d_groups, grads, d_states)]
+    _s_first([(m, p) for m, p in zip(plan.d_groups, pending) if p is not None and p.s_first])
     sums = _reduce(pending, plan.on_host, reduce_stats, _device(plan, d_states) if reduced else None)
     results: list[list[SegmentResult]] = []
     new_states: list[DState] = []
@@ -198,15 +200,22 @@ class _Pending:
     sums: list[Tensor]  # per part (dot, norm), then the gradient extremes that decide the skip
     scales: list[Any]  # per part with statistics: the numerator scale of its dot
     n_sums: int = 0  # how many of ``sums`` are (dot, norm) entries
+    s_first: bool = False  # its statistics are ``_s_first``'s to take
+    s_written: bool = False  # they wrote this step's ``s``: the update leaves it
 
 
-def _statistics(members: Sequence[Member], grads: Sequence[Ts], ds: DState, reduced: bool) -> _Pending | None:
-    """Effective gradients and read-only statistics of a D-group; None when it does not step."""
+def _statistics(
+    members: Sequence[Member], grads: Sequence[Ts], ds: DState, reduced: bool, on_host: bool
+) -> _Pending | None:
+    """Effective gradients and statistics of a D-group; None when it does not step. The statistics
+    read only, except where ``_s_first`` writes ``s`` (after a check that decides the skip)."""
     active = [i for i, m in enumerate(members) if m.seg.hparams.lr > 0 and m.parts]
     if not members or not active and not (reduced and any(m.seg.hparams.lr > 0 for m in members)):
         return None
     hp0 = members[0].seg.hparams
     p = _Pending(updates_d(hp0, ds.k), {}, {}, [], [])
+    parts = [part for i in active for part in members[i].parts]
+    p.s_first = on_host and not reduced and p.update_d is True and all(_writes_s_first(part) for part in parts)
     checks: list[Tensor] = []
     for i in active:
         sc = p.scalars[i] = step_scalars(members[i].seg.hparams, ds, update_d=p.update_d, beta3=hp0.beta3_value)
@@ -215,15 +224,43 @@ def _statistics(members: Sequence[Member], grads: Sequence[Ts], ds: DState, redu
             raw = grads[i] if len(part.index) == len(grads[i]) else [grads[i][j] for j in part.index]
             g = part.backend.gradients(part.seg, part.lay, raw)
             p.grads[i].append(g)
-            if p.update_d is not False:
+            if p.update_d is not False and not p.s_first:
                 p.sums += part.backend.statistics(part.seg, part.lay, g, sc.like(part.seg.params[0]))
                 p.scales.append(sc.numerator_scale)
             # where the statistics do not read every gradient element, its extremes decide the skip
             if hp0.skip_nonfinite and g and (p.update_d is not True or part.seg.hparams.slice_p > 1):
                 checks += _robust.extremes(g, d_dtype(g[0].device))
-    p.n_sums = len(p.sums)
+    p.n_sums = len(p.sums)  # (``_s_first`` adds its sums; it leaves ``checks`` empty)
     p.sums += checks
     return p
+
+
+def _writes_s_first(part: Part) -> bool:
+    """Whether a part can have ``s`` written in its statistics (``_s_first``): its backend can
+    (``S_FIRST``), on CPU (the extra host read costs no device sync), and its dots read every
+    gradient element (slice_p 1: a non-finite one makes them non-finite)."""
+    x = part.seg.params[0]
+    return getattr(part.backend, "S_FIRST", False) and x.device.type == "cpu" and part.seg.hparams.slice_p == 1
+
+
+def _s_first(groups: Sequence[tuple[Sequence[Member], _Pending]]) -> None:
+    """The statistics of these D-groups with ``s`` written once per step: every part's dots (reads
+    only), ONE host read of them deciding each D-group's skip before anything is written, then the
+    norms writing ``s`` (the update leaves it; a skipped D-group keeps its dot as norm). Saves the
+    update's pass over ``s`` (benchmarks/NOTES.md, "s written once")."""
+    parts = [
+        [(p.scalars[i], part, g) for i in p.scalars for part, g in zip(ms[i].parts, p.grads[i])] for ms, p in groups
+    ]
+    dots = [[part.backend.dots(part.seg, part.lay, g, sc) for sc, part, g in mine] for mine in parts]
+    values = iter(_read([t for mine in dots for t in mine]))
+    for (ms, p), mine, ds in zip(groups, parts, dots):
+        finite = all([math.isfinite(next(values)) for _ in ds])
+        p.s_written = finite or not ms[0].seg.hparams.skip_nonfinite
+        for (sc, part, g), dot in zip(mine, ds):
+            norm = part.backend.norms(part.seg, part.lay, g, sc) if p.s_written else dot
+            p.sums += [dot, norm]
+            p.scales.append(sc.numerator_scale)
+        p.n_sums = len(p.sums)
 
 
 def _reduce(
@@ -302,6 +339,7 @@ def _update(members: Sequence[Member], p: _Pending, d_new: Any, ok: Tensor | Non
         res = _unchanged(m.seg) if pure else None
         if i in p.scalars:
             sc = p.scalars[i].finish(d_new, ok, moves)
+            sc = sc.with_(beta3=None) if p.s_written else sc
             for part, g in zip(m.parts, p.grads[i]):
                 new = _update_part(part, g, sc.like(part.seg.params[0]))
                 if res is None:
