@@ -315,3 +315,56 @@ def test_kept_plan_raises_when_d_steps_is_raised_after_d_froze() -> None:
     with pytest.raises(ValueError, match="Invalid d_steps: 100.*cannot be raised"):
         opt.step()
     assert torch.equal(p.detach(), before) and opt.param_groups[0]["k"] == 4
+
+
+def _snapshot(opt: KProdigy, ps: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [t.clone() for p in ps for t in (p.detach(), *opt.state[p].values()) if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("independent_d", [False, True])
+def test_s_written_once_skips_exactly_when_the_last_part_is_non_finite(independent_d: bool) -> None:
+    """``s`` is written in the statistics (``_engine._s_first``) only after every part's dots
+    decided the skip: a NaN in the LAST group's gradient leaves every group of its D-group as it
+    was (s included), and with one D per group the other D-group steps as without the NaN."""
+
+    def run(nan: bool) -> tuple[KProdigy, list[torch.nn.Parameter], list[torch.Tensor]]:
+        ps = _params(torch.float32)
+        opt = KProdigy([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.5}], independent_d=independent_d)
+        for k in range(4):
+            for p, g in zip(ps, _grads(ps, k)):
+                p.grad = g
+            if k == 3 and nan:
+                ps[3].grad[0, 6] = float("nan")
+                before = _snapshot(opt, ps)
+            opt.step()
+        return opt, ps, before if nan else []
+
+    opt, ps, before = run(nan=True)
+    ref_opt, ref_ps, _ = run(nan=False)
+    after = _snapshot(opt, ps)
+    n_first = len(_snapshot(opt, ps[:2]))
+    skipped = after[n_first:] if independent_d else after
+    assert all(torch.equal(a, b) for a, b in zip(skipped, before[len(after) - len(skipped) :]))
+    assert opt.param_groups[1]["skipped_steps"] == 1
+    if independent_d:  # the first D-group stepped as in the run without the NaN
+        assert opt.param_groups[0]["skipped_steps"] == 0
+        assert all(torch.equal(a, b) for a, b in zip(after[:n_first], _snapshot(ref_opt, ref_ps[:2])))
+    else:
+        assert not any(torch.equal(a, b) for a, b in zip(after[:1], _snapshot(ref_opt, ref_ps)[:1]))
+
+
+def test_an_overflowing_s_scale_raises_with_nothing_written() -> None:
+    """float32 params and a D so large that the ``s`` step's scale overflows float32: torch raises
+    (as in prodigyopt), and the state is as it was (the skip check and the overflow check come
+    before ``s`` is written)."""
+    ps = _params(torch.float32)
+    opt = KProdigy(ps)
+    for k in range(2):
+        for p, g in zip(ps, _grads(ps, k)):
+            p.grad = g
+        opt.step()
+    opt.param_groups[0].update(d=1e30, d_max=1e30)
+    before = _snapshot(opt, ps)
+    with pytest.raises(RuntimeError, match="overflow"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(_snapshot(opt, ps), before))

@@ -246,7 +246,8 @@ def _writes_s_first(part: Part) -> bool:
 def _s_first(groups: Sequence[tuple[Sequence[Member], _Pending]]) -> None:
     """The statistics of these D-groups with ``s`` written once per step: every part's dots (reads
     only), ONE host read of them deciding each D-group's skip before anything is written, then the
-    norms writing ``s`` (the update leaves it; a skipped D-group keeps its dot as norm). Saves the
+    norms writing ``s`` (the update leaves it). A skipped D-group, or one whose ``s_scale`` overflows
+    its dtype (the kernels raise), takes the read-only statistics: nothing written. Saves the
     update's pass over ``s`` (benchmarks/NOTES.md, "s written once")."""
     parts = [
         [(p.scalars[i], part, g) for i in p.scalars for part, g in zip(ms[i].parts, p.grads[i])] for ms, p in groups
@@ -255,10 +256,13 @@ def _s_first(groups: Sequence[tuple[Sequence[Member], _Pending]]) -> None:
     values = iter(_read([t for mine in dots for t in mine]))
     for (ms, p), mine, ds in zip(groups, parts, dots):
         finite = all([math.isfinite(next(values)) for _ in ds])
-        p.s_written = finite or not ms[0].seg.hparams.skip_nonfinite
+        fits = all(abs(sc.s_scale) <= torch.finfo(part.seg.params[0].dtype).max for sc, part, _ in mine)
+        p.s_written = fits and (finite or not ms[0].seg.hparams.skip_nonfinite)
         for (sc, part, g), dot in zip(mine, ds):
-            norm = part.backend.norms(part.seg, part.lay, g, sc) if p.s_written else dot
-            p.sums += [dot, norm]
+            if p.s_written:
+                p.sums += [dot, part.backend.norms(part.seg, part.lay, g, sc)]
+            else:
+                p.sums += part.backend.statistics(part.seg, part.lay, g, sc)
             p.scales.append(sc.numerator_scale)
         p.n_sums = len(p.sums)
 
