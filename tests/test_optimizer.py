@@ -306,7 +306,8 @@ def test_mixed_dtypes_in_one_group() -> None:
 def test_functional_step_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     """With D on the device (inside torch.func transforms, torch.compile, off the CPU) the step
     reads no tensor value on the host: .item(), bool(), .tolist() are forbidden. On the CPU it
-    keeps D on the host as the class does: at most two reads a step (D, then the statistics)."""
+    keeps D on the host as the class does: at most three reads a step (D; on the native path the
+    dots that decide the skip before ``s`` is written; the statistics), none a device sync there."""
     xs = [torch.randn(5, 4), torch.randn(7)]
     hp = Hyperparams(use_bias_correction=True, d_update_freq=2, weight_decay=0.1)
     reads = []
@@ -322,7 +323,7 @@ def test_functional_step_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
         for k in range(4):
             before = len(reads)
             params, state = step(params, [torch.ones_like(x) for x in xs], state, hp)
-            assert len(reads) - before <= 2, k
+            assert len(reads) - before <= 3, k
 
     def forbidden(*args, **kwargs):
         raise AssertionError("host synchronisation inside the step")
