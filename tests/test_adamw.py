@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kprodigy import KProdigy
-from kprodigy.functional import _adamw
+from kprodigy.functional import _adamw, _engine
 
 SHAPES = [(300, 256), (64, 32), (32,), (1, 7)]  # one tensor above _adamw.SMALL (a slice), small ones (packed)
 
@@ -322,10 +322,16 @@ def _snapshot(opt: KProdigy, ps: list[torch.nn.Parameter]) -> list[torch.Tensor]
 
 
 @pytest.mark.parametrize("independent_d", [False, True])
-def test_s_written_once_skips_exactly_when_the_last_part_is_non_finite(independent_d: bool) -> None:
+def test_s_written_once_skips_exactly_when_the_last_part_is_non_finite(
+    independent_d: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``s`` is written in the statistics (``_engine._s_first``) only after every part's dots
     decided the skip: a NaN in the LAST group's gradient leaves every group of its D-group as it
     was (s included), and with one D per group the other D-group steps as without the NaN."""
+    monkeypatch.setattr(_engine, "S_FIRST_MIN", 0)  # (the second group alone is small)
+    norms = []
+    original = _adamw.norms
+    monkeypatch.setattr(_adamw, "norms", lambda *a: norms.append(1) or original(*a))
 
     def run(nan: bool) -> tuple[KProdigy, list[torch.nn.Parameter], list[torch.Tensor]]:
         ps = _params(torch.float32)
@@ -340,6 +346,7 @@ def test_s_written_once_skips_exactly_when_the_last_part_is_non_finite(independe
         return opt, ps, before if nan else []
 
     opt, ps, before = run(nan=True)
+    assert len(norms) == (4 + 3 if independent_d else 2 * 3)  # one call per part and step, none on the NaN step
     ref_opt, ref_ps, _ = run(nan=False)
     after = _snapshot(opt, ps)
     n_first = len(_snapshot(opt, ps[:2]))
@@ -358,6 +365,7 @@ def test_an_overflowing_s_scale_raises_with_nothing_written() -> None:
     (as in prodigyopt), and the state is as it was (the skip check and the overflow check come
     before ``s`` is written)."""
     ps = _params(torch.float32)
+    assert sum(p.numel() for p in ps) >= _engine.S_FIRST_MIN
     opt = KProdigy(ps)
     for k in range(2):
         for p, g in zip(ps, _grads(ps, k)):

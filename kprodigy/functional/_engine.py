@@ -25,12 +25,13 @@ from ._scalars import StepScalars, cap_d_ratio, next_d, step_scalars, updates_d
 from ._single import Ts
 from ._state import STATE_KEYS, DState, Segment, SegmentResult, d_dtype, is_wrapped
 
-__all__ = ["AUTO_FUSED_MIN", "Member", "Plan", "ReduceStats", "build", "choose_backend", "d_on_host", "refresh"]
-__all__ += ["step", "use_foreach", "use_fused"]
+__all__ = ["AUTO_FUSED_MIN", "S_FIRST_MIN", "Member", "Plan", "ReduceStats", "build", "choose_backend"]
+__all__ += ["d_on_host", "refresh", "step", "use_foreach", "use_fused"]
 
 ReduceStats = Callable[[Tensor], Tensor]  # sums [numerator_0, denom_0, numerator_1, ...] over ranks
 
 AUTO_FUSED_MIN = 1 << 20  # fused=None compiles a CUDA param group of at least this many elements
+S_FIRST_MIN = 1 << 16  # elements of a D-group from which ``_s_first`` pays for its extra read (NOTES)
 
 
 @dataclass(eq=False)
@@ -44,9 +45,11 @@ class Part:
     lay: Any
     pure: bool
     own: SegmentResult = field(init=False)
+    numel: int = field(init=False)  # elements of its params
 
     def __post_init__(self) -> None:
         self.own = _unchanged(self.seg)
+        self.numel = sum(x.numel() for x in self.seg.params)
 
 
 @dataclass(eq=False)
@@ -171,7 +174,8 @@ def step(
     the new D states (capped by ``d_ratio_cap``)."""
     reduced = reduce_stats is not None
     pending = [_statistics(m, g, ds, reduced, plan.on_host) for m, g, ds in zip(plan.d_groups, grads, d_states)]
-    _s_first([(m, p) for m, p in zip(plan.d_groups, pending) if p is not None and p.s_first])
+    if any(p is not None and p.s_first for p in pending):
+        _s_first([(m, p) for m, p in zip(plan.d_groups, pending) if p is not None and p.s_first])
     sums = _reduce(pending, plan.on_host, reduce_stats, _device(plan, d_states) if reduced else None)
     results: list[list[SegmentResult]] = []
     new_states: list[DState] = []
@@ -214,8 +218,9 @@ def _statistics(
         return None
     hp0 = members[0].seg.hparams
     p = _Pending(updates_d(hp0, ds.k), {}, {}, [], [])
-    parts = [part for i in active for part in members[i].parts]
-    p.s_first = on_host and not reduced and p.update_d is True and all(_writes_s_first(part) for part in parts)
+    if on_host and not reduced and p.update_d is True:
+        parts = [part for i in active for part in members[i].parts]
+        p.s_first = sum(part.numel for part in parts) >= S_FIRST_MIN and all(map(_writes_s_first, parts))
     checks: list[Tensor] = []
     for i in active:
         sc = p.scalars[i] = step_scalars(members[i].seg.hparams, ds, update_d=p.update_d, beta3=hp0.beta3_value)
