@@ -113,7 +113,7 @@ def update_params(
 update = by_halves(update_moments, update_params)
 
 
-def _add_(ts: list[Tensor], a: Scalar) -> None:
+def _add_(ts: list[Tensor] | tuple[Tensor, ...], a: Scalar) -> None:
     """ts += a in place; a 0-dim tensor ``a`` through the Tensor overload (given ``a`` alone, the
     binding takes the Scalar one, which reads ``a`` on the host: a device sync)."""
     if isinstance(a, Tensor):
