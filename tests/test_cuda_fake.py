@@ -258,6 +258,28 @@ def test_capturable_step_reads_nothing(monkeypatch: pytest.MonkeyPatch, name: st
         _assert_on_device(opt, capturable=True)
 
 
+@pytest.mark.parametrize("flags", [{}, {"capturable": True}, {"slice_p": 2, "foreach": False}], ids=str)
+def test_step_parameter_reads_the_host_once(monkeypatch: pytest.MonkeyPatch, flags: dict[str, Any]) -> None:
+    """``step_parameter`` per param (a fused backward pass), then ``finalize_step``, with three
+    D-groups: one host read per step for all of them (none with ``capturable``), no copy."""
+    with fake_cuda(monkeypatch) as watch:
+        ps, groups = _model()
+        opt = KProdigy(groups, independent_d=True, **flags)
+        counts = []
+        for _ in range(3):
+            before = watch.reads, len(watch.hidden), len(watch.copies)
+            for p in ps:
+                p.grad = torch.randn_like(p)
+                opt.step_parameter(p)
+                p.grad = None
+            opt.finalize_step()
+            counts.append((watch.reads - before[0], watch.hidden[before[1] :], watch.copies[before[2] :]))
+        assert counts[1:] == [(0 if flags.get("capturable") else 1, [], [])] * 2
+        _assert_on_device(opt, capturable=bool(flags.get("capturable")))
+        if not flags.get("capturable"):
+            assert [g["k"] for g in opt.param_groups] == [3] * 3
+
+
 @pytest.mark.parametrize("flags", [{}, {"foreach": True}, {"foreach": False}, {"slice_p": 3}], ids=str)
 def test_nonfinite_step_is_skipped(monkeypatch: pytest.MonkeyPatch, flags: dict[str, Any]) -> None:
     """Default mode, the host read answering NaN (a non-finite gradient): every D-group skips
