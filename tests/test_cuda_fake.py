@@ -20,6 +20,14 @@ The harness (``fake_cuda``), for what FakeTensorMode on torch 2.13 CPU does not 
   ``_Watch`` does, as the CUDA kernels do (a 0-dim CPU tensor is allowed where a kernel allows it).
 - ``FakeTensor`` is a tensor subclass, which the native backend's ``_adamw.usable`` rejects (right
   for DTensor and the like): the tests let it pass for FakeTensor.
+
+Not run here: the compiled backend (``fused=True``, or ``fused=None`` on a CUDA group of
+``AUTO_FUSED_MIN`` elements with a compiler). torch 2.13 compiles nothing under a dispatch mode:
+"torch.compile with fullgraph=True found no compiled frames. Skipped frames: - _statistics_1d
+(kprodigy/functional/_fused.py:40): non-infra torch dispatch mode present, this is not supported
+today in torch.compile"; and trying leaves dynamo unable to trace a later test's compiled step
+even after ``torch._dynamo.reset()``. benchmarks/gpu_check.sh runs it on a GPU. What the tests
+check of it: without a compiler it is never chosen, and ``fused=True`` says so.
 """
 
 from __future__ import annotations
@@ -338,9 +346,10 @@ def test_fused_none_without_a_compiler_steps_eagerly(monkeypatch: pytest.MonkeyP
         monkeypatch.setattr(torch, "compile", _no_compiler)
         ps = [torch.nn.Parameter(torch.randn(BIG, device="cuda")), torch.nn.Parameter(torch.randn(30, device="cuda"))]
         opt = KProdigy(ps)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
             counts = _steps(opt, ps, watch, 3)
+        assert not [str(w.message) for w in record if "FakeTensor" not in str(w.message)]
         assert counts[1:] == [(1, [], [])] * 2
         assert _backends(opt) == {_adamw}
         assert "triton" in str(_fused._STATUS["cuda"])
