@@ -330,6 +330,23 @@ def test_functional_step(monkeypatch: pytest.MonkeyPatch, in_place: bool, flags:
         assert all(isinstance(x, Tensor) and x.device.type == "cuda" and x.dim() == 0 for x in d), d
 
 
+@pytest.mark.parametrize("flags", [{}, {"capturable": True}, {"factored": True, "slice_p": 3}], ids=str)
+def test_cpu_checkpoint_loads_onto_cuda(monkeypatch: pytest.MonkeyPatch, flags: dict[str, Any]) -> None:
+    """A checkpoint saved on CPU, loaded into an optimizer of CUDA params: the state moves to the
+    device, the steps after it read the host as a steady step does (none with ``capturable``)."""
+    with fake_cuda(monkeypatch) as watch:
+        cpu = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+        saved = KProdigy([{"params": cpu[:2]}, {"params": cpu[2:]}], **flags)
+        _steps(saved, cpu, watch, 2)
+        ps = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in SHAPES]
+        opt = KProdigy([{"params": ps[:2]}, {"params": ps[2:]}], **flags)
+        opt.load_state_dict(saved.state_dict())
+        _assert_on_device(opt, capturable=bool(flags.get("capturable")))
+        counts = _steps(opt, ps, watch, 2)
+        assert counts == [(0 if flags.get("capturable") else 1, [], [])] * 2
+        _assert_on_device(opt, capturable=bool(flags.get("capturable")))
+
+
 BIG = (_engine.AUTO_FUSED_MIN // 1024, 1024)  # one group of AUTO_FUSED_MIN elements: fused=None compiles
 
 
