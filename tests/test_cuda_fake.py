@@ -14,10 +14,10 @@ The harness (``fake_cuda``), for what FakeTensorMode on torch 2.13 CPU does not 
   guard); ``_Bindings`` runs them as the aten ops they call (basic indexing: ints and slices).
 - A host read raises ``DataDependentOutputException``; reads through ``item``, ``tolist``,
   ``__bool__``, ``__float__``, ``__int__`` are counted and answered with ``Watch.value`` (NaN: a
-  non-finite step), one per outermost call; a read inside C++ (``aten._local_scalar_dense``, e.g. a
+  non-finite step), one per call; a read inside C++ (``aten._local_scalar_dense``, e.g. a
   0-dim tensor given where an op takes a ``Scalar``) is counted as hidden.
 - Device propagation of ``_foreach_*``/``_fused_*`` ops does not compare the lists' devices;
-  ``_Watch`` does, as the CUDA kernels do (a 0-dim CPU tensor is allowed where a kernel allows it).
+  ``Watch`` does, as the CUDA kernels do (a 0-dim CPU tensor is allowed where a kernel allows it).
 - ``FakeTensor`` is a tensor subclass, which the native backend's ``_adamw.usable`` rejects (right
   for DTensor and the like): the tests let it pass for FakeTensor.
 
@@ -101,7 +101,9 @@ class Watch(TorchDispatchMode):
 
     def __init__(self, value: float = 1.0) -> None:
         super().__init__()
-        self.value, self.reads, self.hidden, self.copies = value, 0, [], []  # type: ignore[var-annotated]
+        self.value, self.reads = value, 0
+        self.hidden: list[str] = []
+        self.copies: list[str] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -129,8 +131,7 @@ class Watch(TorchDispatchMode):
 
     @contextlib.contextmanager
     def counting(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-        """Python host reads of fake tensors counted and answered (outermost calls only)."""
-        depth = [0]
+        """Python host reads of fake tensors counted and answered."""
         with monkeypatch.context() as patch:
             for name in READS:
                 original = getattr(Tensor, name)
@@ -138,7 +139,7 @@ class Watch(TorchDispatchMode):
                 def read(t: Tensor, *args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
                     if not isinstance(t, FakeTensor):
                         return _original(t, *args, **kwargs)
-                    self.reads += depth[0] == 0
+                    self.reads += 1
                     v = self.value
                     if _name == "tolist":
                         return _nested(list(t.shape), v)
