@@ -8,6 +8,7 @@ invalid values; and, on a CUDA machine only, one step captured in a CUDA graph a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
@@ -19,6 +20,7 @@ import prodigyopt
 import pytest
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kprodigy import KProdigy
 
@@ -37,20 +39,36 @@ def model_and_data(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module,
 
 
 def _step_without_host_reads(
-    monkeypatch: pytest.MonkeyPatch, opt: KProdigy, params: list[Tensor], grads: list[list[Tensor]]
+    monkeypatch: pytest.MonkeyPatch,
+    opt: KProdigy,
+    params: list[Tensor],
+    grads: list[list[Tensor]],
+    in_cpp: bool = True,
 ) -> None:
-    """One ``opt.step()`` per gradient list, with every host read of a tensor value raising."""
+    """One ``opt.step()`` per gradient list, with every host read of a tensor value raising; with
+    ``in_cpp`` those inside C++ too (``_NoScalarReads``: not around compiled kernels, which
+    torch.compile does not run under a dispatch mode)."""
 
     def forbidden(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("host synchronisation inside KProdigy.step with capturable=True")
 
-    with monkeypatch.context() as patch:
+    with monkeypatch.context() as patch, _NoScalarReads() if in_cpp else contextlib.nullcontext():
         for name in SYNCS:
             patch.setattr(Tensor, name, forbidden)
         for gs in grads:
             for p, g in zip(params, gs):
                 p.grad = g
             opt.step()
+
+
+class _NoScalarReads(TorchDispatchMode):
+    """Raises at a tensor read inside C++ (``aten._local_scalar_dense``: e.g. a 0-dim tensor given
+    where an op takes a ``Scalar``), which the patched Python methods above do not see."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise AssertionError("host read inside C++ in KProdigy.step with capturable=True")
+        return func(*args, **(kwargs or {}))
 
 
 def one_group(model: torch.nn.Module) -> Any:
@@ -428,5 +446,5 @@ def test_fused_step_reads_nothing_on_the_host(monkeypatch: pytest.MonkeyPatch) -
         opt.step()
     grads = [[g * (1 + i) for g in (p.grad for p in params)] for i in range(3)]
     grads[1][0][0, 0] = math.nan  # a skipped step inside the checked region
-    _step_without_host_reads(monkeypatch, opt, params, grads)
+    _step_without_host_reads(monkeypatch, opt, params, grads, in_cpp=False)
     assert opt.param_groups[0]["k"].item() == 4 and opt.param_groups[0]["skipped_steps"].item() == 1

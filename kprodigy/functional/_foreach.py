@@ -96,7 +96,7 @@ def update_params(
         return []
     assert sc.d_new is not None and sc.eps_d is not None, "update_params needs a finished StepScalars"
     den = torch._foreach_sqrt(list(exp_avg_sqs))
-    torch._foreach_add_(den, sc.eps_d)  # sqrt(v) + d_new * eps
+    _add_(den, sc.eps_d)  # sqrt(v) + d_new * eps
     torch._foreach_div_(den, -sc.dlr)  # den / (-dlr): the step below is one addcdiv
     if exp_avgs is not None:
         direction = list(exp_avgs)
@@ -111,6 +111,15 @@ def update_params(
 
 
 update = by_halves(update_moments, update_params)
+
+
+def _add_(ts: list[Tensor] | tuple[Tensor, ...], a: Scalar) -> None:
+    """ts += a in place; a 0-dim tensor ``a`` through the Tensor overload (given ``a`` alone, the
+    binding takes the Scalar one, which reads ``a`` on the host: a device sync)."""
+    if isinstance(a, Tensor):
+        torch._foreach_add_(ts, a, alpha=1)
+    else:
+        torch._foreach_add_(ts, a)
 
 
 def _mul(ts: Sequence[Tensor], a: Scalar, inplace: bool) -> list[Tensor]:

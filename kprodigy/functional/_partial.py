@@ -7,6 +7,7 @@ segment's x half (``update_params``). A non-finite gradient skips its segment's 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -20,7 +21,7 @@ from ._hyperparams import Hyperparams
 from ._scalars import StepScalars, next_d, step_scalars, updates_d
 from ._state import DState, Segment, SegmentResult, d_dtype
 
-__all__ = ["Pending", "accumulate", "finish"]
+__all__ = ["Pending", "accumulate", "finish", "read_stats"]
 
 
 @dataclass(eq=False)
@@ -68,15 +69,26 @@ def accumulate(pending: Pending, seg: Segment, foreach: bool | None = None) -> N
     p.hooked.append((backend, moved, grads if hp.betas[0] == 0 else [None] * len(grads), sc))  # type: ignore[list-item]
 
 
-def finish(pending: Pending, reduce_stats: ReduceStats | None = None) -> DState:
-    """Update D from the summed statistics (over ranks by ``reduce_stats``), then move every
-    accumulated segment's params with it. Returns the new D state (in ``pending.d_state``'s form)."""
+def read_stats(pendings: Sequence[Pending]) -> list[list[float]]:
+    """The statistics of these D-groups in one host read where they share a device and dtype (for
+    ``finish``'s ``stats``)."""
+    ts = [p.stats for p in pendings]
+    if ts and all(t.device == ts[0].device and t.dtype == ts[0].dtype for t in ts):
+        return torch.stack(ts).tolist()  # type: ignore[no-any-return]
+    return [t.tolist() for t in ts]
+
+
+def finish(pending: Pending, reduce_stats: ReduceStats | None = None, stats: Any = None) -> DState:
+    """Update D from the summed statistics (over ranks by ``reduce_stats``; ``stats``: already read
+    on the host, ``read_stats``), then move every accumulated segment's params with it. Returns the
+    new D state (in ``pending.d_state``'s form)."""
     p = pending
-    stats: Any = p.stats
-    if p.update_d is not False and reduce_stats is not None:
-        stats = reduce_stats(stats.clone())
-    if not isinstance(p.d_state.d, Tensor):  # D on the host
-        stats = stats.tolist()
+    if stats is None:
+        stats = p.stats
+        if p.update_d is not False and reduce_stats is not None:
+            stats = reduce_stats(stats.clone())
+        if not isinstance(p.d_state.d, Tensor):  # D on the host
+            stats = stats.tolist()
     new, moves, ok = next_d(p.d_state, stats, p.hp0, update_d=p.update_d)
     if ok is False:
         return new

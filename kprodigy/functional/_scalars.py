@@ -117,8 +117,9 @@ class StepScalars(NamedTuple):
             return done
         dtype = self.weight.dtype if isinstance(self.weight, Tensor) else torch.float64
 
-        def sel(a: Scalar, b: float) -> Tensor:  # a where ok, else b (host numbers in float64)
-            return torch.where(ok, a if isinstance(a, Tensor) else torch.tensor(a, dtype=dtype, device=ok.device), b)
+        def sel(a: Scalar, b: float) -> Tensor:  # a where ok, else b (host numbers in float64, filled
+            # on the device: torch.tensor(a, device=) copies from the host, a sync)
+            return torch.where(ok, a if isinstance(a, Tensor) else torch.full((), a, dtype=dtype, device=ok.device), b)
 
         return done.with_(
             ok=ok,

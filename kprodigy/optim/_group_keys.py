@@ -43,7 +43,8 @@ def write(groups: list[dict[str, Any]], hps: list[Hyperparams], old: DState, new
             groups[0][key].copy_(getattr(new, key))
         for group, values in zip(groups, steps):
             for key, value in zip(STEP_KEYS, values):
-                group[key].copy_(value)
+                # (a host number filled in: copy_ would copy it from the host, a sync)
+                group[key].copy_(value) if isinstance(value, Tensor) else group[key].fill_(value)
         return
     new_values = {key: getattr(new, key) for key in D_STATE_FIELDS}
     for group in groups:

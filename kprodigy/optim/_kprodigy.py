@@ -350,7 +350,8 @@ class KProdigy(torch.optim.Optimizer):
         _group_keys.write(groups, hps, old, new, stepped=bool(params) and any(hp.lr > 0 for hp in hps))
         if lead["capturable"]:
             if params:
-                torch._foreach_add_([self.state[p]["step"] for p in params], advanced)
+                # alpha: the Tensor overload (without it, the Scalar one reads ``advanced`` on the host)
+                torch._foreach_add_([self.state[p]["step"] for p in params], advanced, alpha=1)
             return
         for p in params:
             self.state[p]["step"] += advanced

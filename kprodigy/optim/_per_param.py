@@ -64,11 +64,15 @@ def finalize(opt: Any) -> None:
     items = [pending.get(tuple(m)) for m in members]
     old = [_group_keys.read(g[0]) if item is None else item.core.d_state for g, item in zip(groups, items)]
     new = list(old)
+    reduces = [None if item is None or item.core.update_d is False else opt._reduce_stats(item.params) for item in items]
+    # D on the host and no reduction over ranks: the statistics of all those D-groups in one host read
+    cores = {j: item.core for j, item in enumerate(items) if item is not None and reduces[j] is None}
+    local = [j for j, core in cores.items() if not isinstance(core.d_state.d, Tensor)]
+    read = dict(zip(local, _partial.read_stats([cores[j] for j in local])))
     for j, item in enumerate(items):
         if item is not None:
-            reduce_stats = opt._reduce_stats(item.params) if item.core.update_d is not False else None
             with _scratch.owned_by(opt._scratch()):
-                new[j] = _partial.finish(item.core, reduce_stats)
+                new[j] = _partial.finish(item.core, reduces[j], read.get(j))
     new = cap_d_ratio(old, new, [any(g["lr"] > 0 for g in gs) for gs in groups], opt.d_ratio_cap)
     for gs, item, o, n in zip(groups, items, old, new):
         opt._record(gs, item.moved if item is not None else [], o, n)
