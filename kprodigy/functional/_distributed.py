@@ -63,7 +63,7 @@ def init_state(p: Tensor, hp: Hyperparams, factored: bool = False) -> dict[str, 
     shard = p.to_local()
     state = init_tensor_state(shard, hp)
     if hp.slice_p == 1:
-        state["s"], state["p0"] = torch.zeros_like(shard, dtype=state_dtype(shard.dtype, hp)), shard.clone()
+        state["s"], state["p0"] = torch.zeros_like(shard, dtype=state_dtype(shard.dtype, hp, "s")), shard.clone()
     for key in ("exp_avg", "exp_avg_sq") + (("s", "p0") if hp.slice_p == 1 else ()):
         if key in state:
             state[key] = DTensor.from_local(

@@ -1,0 +1,445 @@
+"""``state_precision`` (issue 22): float32, bfloat16 (stochastic rounding) and int8 state, the
+"auto" default, bytes per parameter, checkpoints across precisions, prodigyopt's state dict, the
+deprecated ``fp32_state`` alias, validation and the non-finite skip with compact state."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import warnings
+
+import prodigyopt
+import pytest
+import torch
+from reference import Reference
+
+from kprodigy import KProdigy
+from kprodigy.functional import Hyperparams, _formats, init_state, step
+
+BF16_SPACING = 2.0**-8  # relative spacing of bfloat16 (8 significant bits)
+
+
+def mlp(dtype: torch.dtype, seed: int = 0, width: int = 32) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.Tanh(), torch.nn.Linear(width, 4)).to(dtype)
+
+
+def data(seed: int = 1, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(64, 16, generator=gen)
+    return X.to(dtype), torch.sin(X[:, :4] * 2).to(dtype)
+
+
+def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 1) -> list[float]:
+    X, y = data(seed, next(model.parameters()).dtype)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((model(X).float() - y.float()) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of the storages behind the optimizer's state tensors (each storage once)."""
+    seen: dict[int, int] = {}
+    for st in opt.state.values():
+        for t in st.values():
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def bytes_per_param(opt: torch.optim.Optimizer, model: torch.nn.Module) -> float:
+    return state_bytes(opt) / sum(p.numel() for p in model.parameters())
+
+
+def dtypes(opt: torch.optim.Optimizer, p: torch.Tensor) -> dict[str, torch.dtype]:
+    return {k: t.dtype for k, t in opt.state[p].items() if isinstance(t, torch.Tensor) and k != "step"}
+
+
+# ---------------------------------------------------------------------------------------------
+# what "auto" and each precision store
+
+
+@pytest.mark.parametrize(
+    "param, precision, moments, s",
+    [
+        (torch.float32, "auto", torch.float32, torch.float32),
+        (torch.float64, "auto", torch.float64, torch.float64),
+        (torch.bfloat16, "auto", torch.bfloat16, torch.bfloat16),
+        (torch.float16, "auto", torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, "float32", torch.float32, torch.float32),
+        (torch.float32, "bfloat16", torch.bfloat16, torch.bfloat16),
+        (torch.float32, "int8", torch.uint8, torch.bfloat16),
+        (torch.bfloat16, "int8", torch.uint8, torch.bfloat16),
+    ],
+)
+def test_state_dtypes(param: torch.dtype, precision: str, moments: torch.dtype, s: torch.dtype) -> None:
+    model = mlp(param, width=512)  # the first weight has 8192 elements: int8 blocks under "int8"
+    opt = KProdigy(model.parameters(), state_precision=precision, d0=1e-3)
+    train(model, opt, 3)
+    w = model[0].weight
+    assert dtypes(opt, w) == {"exp_avg": moments, "exp_avg_sq": moments, "s": s, "p0": param}
+    assert opt.param_groups[0]["state_precision"] == precision
+    if precision == "int8":  # a bias under 4096 elements keeps bfloat16 moments
+        assert opt.state[model[0].bias]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_float32_state_is_the_old_default_bit_for_bit() -> None:
+    """float32 params: "auto", "float32" and the deprecated fp32_state=True are one code path
+    (the float32 kernels, never the compact backend): identical trajectories."""
+    runs = []
+    for kw in ({}, {"state_precision": "float32"}, {"fp32_state": True}):
+        model = mlp(torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            opt = KProdigy(model.parameters(), d0=1e-4, **kw)
+        train(model, opt, 12)
+        runs.append([p.detach().clone() for p in model.parameters()])
+        assert opt.param_groups[0]["d"] > 1e-4
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+
+
+def test_fp32_state_alias_warns_and_maps() -> None:
+    model = mlp(torch.bfloat16)
+    with pytest.warns(DeprecationWarning, match="state_precision='float32'"):
+        opt = KProdigy(model.parameters(), fp32_state=True)
+    assert opt.param_groups[0]["state_precision"] == "float32" and "fp32_state" not in opt.param_groups[0]
+    train(model, opt, 2)
+    assert dtypes(opt, model[0].weight)["exp_avg"] == torch.float32
+    with pytest.warns(DeprecationWarning):
+        assert Hyperparams(fp32_state=False).state_precision == "auto"
+    with pytest.raises(ValueError, match="fp32_state"):
+        KProdigy(model.parameters(), fp32_state=True, state_precision="bfloat16")
+
+
+# ---------------------------------------------------------------------------------------------
+# bytes per parameter, counted from the storages
+
+
+def test_bf16_params_at_the_defaults_keep_no_more_state_than_prodigyopt() -> None:
+    ours, theirs = mlp(torch.bfloat16, width=256), mlp(torch.bfloat16, width=256)
+    opt = KProdigy(ours.parameters())
+    ref = prodigyopt.Prodigy(theirs.parameters())
+    train(ours, opt, 2)
+    train(theirs, ref, 2)
+    assert bytes_per_param(opt, ours) <= bytes_per_param(ref, theirs)
+    assert bytes_per_param(opt, ours) == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("param, limit", [(torch.float32, 3.0), (torch.bfloat16, 2.5)])
+def test_int8_with_slice_p_11_meets_the_targets(param: torch.dtype, limit: float) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256)).to(param)
+    opt = KProdigy(model.parameters(), state_precision="int8", slice_p=11)
+    x = torch.randn(8, 256, dtype=param)
+    model(x).float().square().mean().backward()
+    opt.step()
+    assert bytes_per_param(opt, model) <= limit
+
+
+# ---------------------------------------------------------------------------------------------
+# numerics
+
+
+def quadratic_run(steps: int, precision: str, **kw: object) -> tuple[list[torch.Tensor], list[torch.Tensor], float, float]:
+    """A problem where D grows by orders of magnitude (from d0 = 1e-6): KProdigy with
+    ``precision`` state on float64 params against the float64 re-statement on the same gradients
+    (each computed from the re-statement's own params, so that errors do not feed back)."""
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(40, 30, generator=gen), torch.randn(300, generator=gen)]
+    targets = [torch.randn(p.shape, generator=gen) * 3 for p in params]
+    params = [p.double() for p in params]
+    ours = [p.clone() for p in params]
+    hp = dict(d0=1e-6, slice_p=int(kw.get("slice_p", 1)))  # type: ignore[call-overload]
+    opt = KProdigy(ours, state_precision=precision, **kw)
+    ref = Reference([(params, hp)], [[0]])
+    torch.manual_seed(0)
+    for _ in range(steps):
+        grads = [2 * (x - t) for x, t in zip(ref.params(0), targets)]
+        for p, g in zip(ours, grads):
+            p.grad = g.clone()
+        opt.step()
+        ref.step([grads])
+    return ours, ref.params(0), opt.param_groups[0]["d"], ref.ds[0].d
+
+
+def movement_error(ours: list[torch.Tensor], ref: list[torch.Tensor], start: list[torch.Tensor]) -> float:
+    num = sum(float((a.double() - b).norm() ** 2) for a, b in zip(ours, ref))
+    den = sum(float((b - s.double()).norm() ** 2) for b, s in zip(ref, start))
+    return math.sqrt(num / den)
+
+
+@pytest.mark.parametrize("kw", [{}, {"slice_p": 7}])
+def test_bf16_state_tracks_the_float64_restatement(kw: dict) -> None:
+    """bfloat16 state (stochastic rounding) of float64 params against the float64 re-statement, 25
+    steps in which D grows from 1e-6 to about 1: the params' movement within 2% and D within
+    1e-3 (measured: 1.0% and 8e-5; each write rounds m, v and s by up to 2^-8 relative, without
+    bias), while float64 state ("float32" keeps float64 params' state in float64) is exact to 1e-10."""
+    gen = torch.Generator().manual_seed(3)
+    start = [torch.randn(40, 30, generator=gen).double(), torch.randn(300, generator=gen).double()]
+    ours, ref, d, d_ref = quadratic_run(25, "bfloat16", **kw)
+    assert d_ref > 0.5  # D grew by more than five orders of magnitude
+    err = movement_error(ours, ref, start)
+    assert 1e-4 < err < 2e-2  # (bfloat16 rounding shows, within its bound)
+    assert abs(d - d_ref) <= 1e-3 * d_ref
+    ours64, ref64, d64, _ = quadratic_run(25, "float32", **kw)
+    assert movement_error(ours64, ref64, start) < 1e-10
+    assert abs(d64 - d_ref) <= 1e-12 * d_ref
+
+
+def test_bf16_state_writes_round_stochastically_without_bias() -> None:
+    """A value between two bfloat16 neighbours, written 20000 times: the mean of the stored values
+    is the value (within 4 standard errors), where round-to-nearest is off by a quarter spacing."""
+    value = 1.0 + 0.25 * BF16_SPACING * 2  # a quarter of the way from 1 to the next bfloat16 above
+    n = 20000
+    t = torch.zeros(n, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    _formats.encode(t, "exp_avg", 0, n, torch.full((n,), value))
+    stored = t.float()
+    assert set(stored.unique().tolist()) == {1.0, 1.0 + 2 * BF16_SPACING}
+    spacing = 2 * BF16_SPACING
+    stderr = spacing / 2 / math.sqrt(n)
+    assert abs(float(stored.double().mean()) - value) < 4 * stderr
+    assert abs(float(torch.tensor(value).bfloat16().float()) - value) > 50 * stderr  # nearest: biased
+
+
+def test_bf16_params_auto_trains_as_well_as_float32_state() -> None:
+    """bfloat16 params: the default (bfloat16 state) ends within 5% (+ a small absolute slack) of
+    float32 state's loss on a small regression, 3 seeds, and D agrees within 10%."""
+    for seed in range(3):
+        results = {}
+        for precision in ("auto", "float32"):
+            model = mlp(torch.bfloat16, seed=seed)
+            opt = KProdigy(model.parameters(), state_precision=precision, d0=1e-4)
+            torch.manual_seed(seed)
+            losses = train(model, opt, 150, seed=seed + 1)
+            results[precision] = (losses[-1], opt.param_groups[0]["d"], losses[0])
+        (auto, d_auto, first), (fp32, d_fp32, _) = results["auto"], results["float32"]
+        assert fp32 < 0.5 * first
+        assert auto <= 1.05 * fp32 + 0.01 * first
+        assert abs(d_auto - d_fp32) <= 0.1 * d_fp32
+
+
+CONFIGS = [
+    {},
+    {"slice_p": 5},
+    {"factored": True},
+    {"d_steps": 6},
+    {"independent_d": True},
+    {"foreach": True},
+    {"betas": (0.0, 0.999)},
+    {"weight_decay": 0.01, "decouple": False},
+    {"stochastic_rounding": True},
+    {"capturable": True},
+]
+
+
+@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: ",".join(kw) or "defaults")
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_every_path_with_compact_state_tracks_float32_state(kw: dict, precision: str) -> None:
+    """Two param groups (so that independent_d has two D-groups) of bfloat16 params, one weight
+    large enough for int8 blocks: compact state stays compact and ends close to float32 state."""
+    results = {}
+    for prec in (precision, "float32"):
+        model = mlp(torch.bfloat16, width=320)
+        groups = [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}]
+        opt = KProdigy(groups, state_precision=prec, d0=1e-3, **kw)
+        torch.manual_seed(0)
+        losses = train(model, opt, 12)
+        results[prec] = (losses, float(opt.param_groups[0]["d"]))
+        w = model[0].weight
+        want = {"bfloat16": torch.bfloat16, "int8": torch.uint8, "float32": torch.float32}[prec]
+        assert opt.state[w]["exp_avg_sq"].dtype == (torch.bfloat16 if kw.get("factored") and want != torch.float32 else want)
+    (compact, d_c), (fp32, d_32) = results[precision], results["float32"]
+    assert all(math.isfinite(v) for v in compact)
+    assert compact[-1] < compact[0]
+    assert abs(compact[-1] - fp32[-1]) <= 0.1 * fp32[0]
+    assert abs(d_c - d_32) <= 0.15 * d_32
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_step_parameter_with_compact_state(precision: str) -> None:
+    """The fused back pass (step_parameter then finalize_step) on compact state tracks step()."""
+    results = {}
+    for per_param in (False, True):
+        model = mlp(torch.float32, width=320)
+        opt = KProdigy(model.parameters(), state_precision=precision, d0=1e-3)
+        X, y = data()
+        torch.manual_seed(0)
+        for _ in range(10):
+            opt.zero_grad()
+            ((model(X) - y) ** 2).mean().backward()
+            if per_param:
+                for p in model.parameters():
+                    opt.step_parameter(p)
+                opt.finalize_step()
+            else:
+                opt.step()
+        results[per_param] = ([p.detach().clone() for p in model.parameters()], opt.param_groups[0]["d"])
+        assert opt.state[model[0].weight]["exp_avg"].dtype == (torch.uint8 if precision == "int8" else torch.bfloat16)
+    (a, da), (b, db) = results[False], results[True]
+    assert abs(da - db) <= 0.02 * da
+    moved = sum(float((p - q).norm()) for p, q in zip(a, [t.detach() for t in mlp(torch.float32, width=320).parameters()]))
+    assert sum(float((p - q).norm()) for p, q in zip(a, b)) <= 0.05 * moved
+
+
+def test_functional_step_with_bf16_state() -> None:
+    """The functional (pure) step: state made compact by init_state, stepped without changing the
+    inputs, close to float32 state."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(64, 70, generator=gen), torch.randn(70, generator=gen)]
+    targets = [torch.randn(p.shape, generator=gen) for p in params]
+    out = {}
+    for precision in ("bfloat16", "float32"):
+        hp = Hyperparams(state_precision=precision, d0=1e-4)
+        state = init_state(params, hp)
+        assert state.exp_avg_sq[0].dtype == (torch.bfloat16 if precision == "bfloat16" else torch.float32)
+        xs = [p.clone() for p in params]
+        torch.manual_seed(0)
+        for _ in range(30):
+            grads = [2 * (x - t) for x, t in zip(xs, targets)]
+            before = copy.deepcopy(state)
+            new_xs, new_state = step(xs, grads, state, hp)
+            assert all(torch.equal(a, b) for a, b in zip(before.exp_avg_sq + before.s, state.exp_avg_sq + state.s))
+            xs, state = new_xs, new_state
+        out[precision] = (xs, float(state.d.d))
+        assert state.exp_avg[0].dtype == (torch.bfloat16 if precision == "bfloat16" else torch.float32)
+    (xb, db), (xf, df) = out["bfloat16"], out["float32"]
+    assert abs(db - df) <= 0.03 * df
+    moved = sum(float((x - p).norm()) for x, p in zip(xf, params))
+    assert sum(float((a - b).norm()) for a, b in zip(xb, xf)) <= 0.03 * moved
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+@pytest.mark.parametrize("param", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("precision", ["auto", "bfloat16", "int8"])
+def test_checkpoint_round_trip_gives_the_identical_next_steps(param: torch.dtype, precision: str) -> None:
+    model = mlp(param, width=320)
+    opt = KProdigy(model.parameters(), state_precision=precision, d0=1e-3)
+    train(model, opt, 4)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    torch.manual_seed(7)  # stochastic rounding draws from the global generator
+    train(model, opt, 3)
+    expected = [p.detach().clone() for p in model.parameters()]
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model2 = mlp(param, seed=9, width=320)
+    model2.load_state_dict(saved["model"])
+    opt2 = KProdigy(model2.parameters(), state_precision=precision, d0=1e-3)
+    opt2.load_state_dict(saved["opt"])
+    assert dtypes(opt2, model2[0].weight) == dtypes(opt, model[0].weight)
+    torch.manual_seed(7)
+    train(model2, opt2, 3)
+    assert all(torch.equal(a, b) for a, b in zip(model2.parameters(), expected))
+
+
+def test_load_across_precisions_converts_the_state() -> None:
+    """float32 state of bfloat16 params loads into a bfloat16-state optimizer (each value rounded
+    to a bfloat16 neighbour) and back (exactly: bfloat16 is a subset of float32); int8 state loads
+    into a float32-state optimizer as its decoded values. The next steps train on."""
+    model = mlp(torch.bfloat16, width=320)
+    opt = KProdigy(model.parameters(), state_precision="float32", d0=1e-3)
+    train(model, opt, 5)
+    sd32 = copy.deepcopy(opt.state_dict())
+    w = model[0].weight
+    opt_bf = KProdigy(model.parameters(), d0=1e-3)  # auto: bfloat16 state for bfloat16 params
+    opt_bf.load_state_dict(copy.deepcopy(sd32))
+    for key in ("exp_avg", "exp_avg_sq", "s"):
+        src, got = opt.state[w][key], opt_bf.state[w][key]
+        assert got.dtype == torch.bfloat16
+        lo, hi = src.bfloat16().float(), src.bfloat16().float()  # neighbours of each value
+        lo = torch.where(lo > src, torch.nextafter(lo.bfloat16(), torch.tensor(-math.inf).bfloat16()).float(), lo)
+        hi = torch.where(hi < src, torch.nextafter(hi.bfloat16(), torch.tensor(math.inf).bfloat16()).float(), hi)
+        assert bool(((got.float() >= lo) & (got.float() <= hi)).all()), key
+    sd_bf = copy.deepcopy(opt_bf.state_dict())
+    opt_back = KProdigy(model.parameters(), state_precision="float32", d0=1e-3)
+    opt_back.load_state_dict(sd_bf)
+    for key in ("exp_avg", "exp_avg_sq", "s"):
+        assert opt_back.state[w][key].dtype == torch.float32
+        assert torch.equal(opt_back.state[w][key], opt_bf.state[w][key].float())
+    opt_int8 = KProdigy(model.parameters(), state_precision="int8", d0=1e-3)
+    opt_int8.load_state_dict(copy.deepcopy(sd32))
+    assert opt_int8.state[w]["exp_avg"].dtype == torch.uint8
+    opt_f = KProdigy(model.parameters(), state_precision="float32", d0=1e-3)
+    opt_f.load_state_dict(copy.deepcopy(opt_int8.state_dict()))
+    m = opt_f.state[w]["exp_avg"]
+    assert m.dtype == torch.float32 and m.shape == w.shape
+    ref = opt.state[w]["exp_avg"]
+    assert float((m - ref).norm()) <= 0.1 * float(ref.norm())
+    assert all(math.isfinite(v) for v in train(model, opt_f, 3))
+
+
+@pytest.mark.parametrize("param, precision", [(torch.bfloat16, "auto"), (torch.float32, "int8"), (torch.float32, "bfloat16")])
+def test_prodigyopt_state_dict_loads(param: torch.dtype, precision: str) -> None:
+    theirs, ours = mlp(param, width=320), mlp(param, width=320)
+    ref = prodigyopt.Prodigy(theirs.parameters(), d0=1e-3)
+    train(theirs, ref, 4)
+    ours.load_state_dict(theirs.state_dict())
+    opt = KProdigy(ours.parameters(), state_precision=precision, d0=1e-3)
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+    assert opt.param_groups[0]["d"] == ref.param_groups[0]["d"]
+    w = ours[0].weight
+    want = _formats.storage_dtype(param, precision, "exp_avg", w.numel())
+    assert opt.state[w]["exp_avg"].dtype == want
+    if want == param:  # prodigyopt keeps the param dtype: loaded as it is
+        assert torch.equal(opt.state[w]["exp_avg"], ref.state[theirs[0].weight]["exp_avg"])
+    losses = train(ours, opt, 5)
+    assert all(math.isfinite(v) for v in losses)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation and the skip
+
+
+@pytest.mark.parametrize("bad", ["fp8", "Float32", None, 16, "int4"])
+def test_bad_state_precision_raises_naming_it_and_changes_nothing(bad: object) -> None:
+    model = mlp(torch.float32)
+    with pytest.raises(ValueError, match="state_precision"):
+        KProdigy(model.parameters(), state_precision=bad)
+    opt = KProdigy(model.parameters(), state_precision="bfloat16")
+    train(model, opt, 2)
+    before = (copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in model.parameters()])
+    opt.param_groups[0]["state_precision"] = bad  # as a scheduler might set it
+    opt.zero_grad()
+    model(data()[0]).square().mean().backward()
+    with pytest.raises(ValueError, match="state_precision"):
+        opt.step()
+    opt.param_groups[0]["state_precision"] = "bfloat16"
+    after = (opt.state_dict(), [p.detach() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(before[1], after[1]))
+    for pid, st in before[0]["state"].items():
+        for key, t in st.items():
+            assert torch.equal(torch.as_tensor(t), torch.as_tensor(after[0]["state"][pid][key])), key
+    with pytest.raises(ValueError, match="state_precision"):
+        Hyperparams(state_precision=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+@pytest.mark.parametrize("kw", [{}, {"slice_p": 3}, {"foreach": True}], ids=["defaults", "slice_p", "foreach"])
+def test_nan_gradient_skips_the_step_exactly_with_compact_state(precision: str, kw: dict) -> None:
+    model = mlp(torch.bfloat16, width=320)
+    opt = KProdigy(model.parameters(), state_precision=precision, d0=1e-3, **kw)
+    train(model, opt, 3)
+    before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    model(data(dtype=torch.bfloat16)[0]).float().square().mean().backward()
+    model[2].bias.grad[0] = math.nan
+    with pytest.warns(UserWarning, match="skipped"):
+        opt.step()
+    assert opt.param_groups[0]["skipped_steps"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before[1], model.parameters()))
+    after = opt.state_dict()
+    for pid, st in before[0]["state"].items():
+        for key, t in st.items():
+            assert torch.equal(torch.as_tensor(t), torch.as_tensor(after["state"][pid][key])), key
+    assert all(math.isfinite(v) for v in train(model, opt, 2))
