@@ -60,6 +60,11 @@ def init_state(p: Tensor, hp: Hyperparams, factored: bool = False) -> dict[str, 
         return init_tensor_state(p, hp, factored=factored)
     if factored:
         raise RuntimeError("factored=True does not support DTensor (FSDP2) params yet; use factored=False")
+    if hp.state_precision == "int8":
+        raise RuntimeError(
+            "state_precision='int8' does not support DTensor (FSDP2) params yet (its blocks are not "
+            "param-shaped); use state_precision='bfloat16'"
+        )
     shard = p.to_local()
     state = init_tensor_state(shard, hp)
     if hp.slice_p == 1:
