@@ -218,7 +218,7 @@ def test_bf16_params_auto_trains_as_well_as_float32_state() -> None:
             model = mlp(torch.bfloat16, seed=seed)
             opt = KProdigy(model.parameters(), state_precision=precision, d0=1e-4)
             torch.manual_seed(seed)
-            losses = train(model, opt, 150, seed=seed + 1)
+            losses = train(model, opt, 100, seed=seed + 1)
             results[precision] = (losses[-1], opt.param_groups[0]["d"], losses[0])
         (auto, d_auto, first), (fp32, d_fp32, _) = results["auto"], results["float32"]
         assert fp32 < 0.5 * first
@@ -424,9 +424,15 @@ def test_bad_state_precision_raises_naming_it_and_changes_nothing(bad: object) -
         Hyperparams(state_precision=bad)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
-@pytest.mark.parametrize("kw", [{}, {"slice_p": 3}, {"foreach": True}], ids=["defaults", "slice_p", "foreach"])
+SKIP_CASES = [(p, kw) for p in ("bfloat16", "int8") for kw in ({}, {"slice_p": 3}, {"foreach": True})]
+
+
+@pytest.mark.parametrize("precision, kw", [*SKIP_CASES, ("bfloat16", {"capturable": True})], ids=str)
 def test_nan_gradient_skips_the_step_exactly_with_compact_state(precision: str, kw: dict) -> None:
+    """With D on the host nothing is written; with ``capturable`` (D on the device) the skip is
+    folded into the step's coefficients and bfloat16 state is re-encoded unchanged (a bfloat16
+    value rounds to itself). int8 blocks re-encoded may move their largest entry down a level
+    (probability 1e-4 per block, ``Int8Codec.encode``): not asserted exact there."""
     model = mlp(torch.bfloat16, width=320)
     opt = KProdigy(model.parameters(), state_precision=precision, d0=1e-3, **kw)
     train(model, opt, 3)
@@ -434,9 +440,12 @@ def test_nan_gradient_skips_the_step_exactly_with_compact_state(precision: str, 
     opt.zero_grad()
     model(data(dtype=torch.bfloat16)[0]).float().square().mean().backward()
     model[2].bias.grad[0] = math.nan
-    with pytest.warns(UserWarning, match="skipped"):
-        opt.step()
-    assert opt.param_groups[0]["skipped_steps"] == 1
+    if kw.get("capturable"):
+        opt.step()  # (no warning without a host read)
+    else:
+        with pytest.warns(UserWarning, match="skipped"):
+            opt.step()
+    assert int(opt.param_groups[0]["skipped_steps"]) == 1
     assert all(torch.equal(a, b) for a, b in zip(before[1], model.parameters()))
     after = opt.state_dict()
     for pid, st in before[0]["state"].items():
@@ -510,7 +519,7 @@ def test_int8_codes_round_stochastically_without_bias(key: str, value: float) ->
 
 @pytest.mark.parametrize("param", [torch.float32, torch.bfloat16])
 def test_int8_state_trains_as_well_as_float32_state(param: torch.dtype) -> None:
-    """int8 state (most elements in int8 blocks) on a small regression, 3 seeds, 150 steps: final
+    """int8 state (most elements in int8 blocks) on a small regression, 3 seeds, 100 steps: final
     loss within 10% (+ 1% of the initial loss) of float32 state's, and D within 10%."""
     for seed in range(3):
         results = {}
@@ -518,7 +527,7 @@ def test_int8_state_trains_as_well_as_float32_state(param: torch.dtype) -> None:
             model = mlp(param, seed=seed, width=320)
             opt = KProdigy(model.parameters(), state_precision=precision, d0=1e-4)
             torch.manual_seed(seed)
-            losses = train(model, opt, 150, seed=seed + 1)
+            losses = train(model, opt, 100, seed=seed + 1)
             results[precision] = (losses[-1], opt.param_groups[0]["d"], losses[0])
         assert opt.state[model[0].weight]["exp_avg"].dtype == torch.float32
         (q, d_q, first), (f, d_f, _) = results["int8"], results["float32"]
