@@ -209,6 +209,26 @@ def test_bf16_state_writes_round_stochastically_without_bias() -> None:
     assert abs(float(torch.tensor(value).bfloat16().float()) - value) > 50 * stderr  # nearest: biased
 
 
+@pytest.mark.filterwarnings("ignore:KProdigy. D of param groups")  # (D stays at d0 here: not the point)
+def test_bf16_state_lets_v_decay() -> None:
+    """After one large gradient and 300 tiny ones, v is the large one's contribution times
+    0.999^300 (within 2%): each ``v <- 0.999 v`` moves v by less than bfloat16's spacing, so a
+    rounding to nearest would keep v where it was (prodigyopt's bfloat16 state does)."""
+    x = torch.zeros(4096, dtype=torch.bfloat16)
+    x += 1
+    opt = KProdigy([x], d0=1e-3)
+    torch.manual_seed(0)
+    x.grad = torch.ones_like(x)
+    opt.step()
+    v1 = opt.state[x]["exp_avg_sq"].double().mean()
+    for _ in range(300):
+        x.grad = torch.full_like(x, 1e-9)
+        opt.step()
+    assert opt.state[x]["exp_avg_sq"].dtype == torch.bfloat16
+    ratio = float(opt.state[x]["exp_avg_sq"].double().mean() / v1)
+    assert abs(ratio - 0.999**300) <= 0.02 * 0.999**300
+
+
 def test_bf16_params_auto_trains_as_well_as_float32_state() -> None:
     """bfloat16 params: the default (bfloat16 state) ends within 5% (+ a small absolute slack) of
     float32 state's loss on a small regression, 3 seeds, and D agrees within 10%."""
