@@ -97,8 +97,9 @@ class KProdigy(torch.optim.Optimizer):
             float32/float64 params; for 16-bit params bfloat16 written with unbiased stochastic
             rounding, no more state than prodigyopt keeps), "float32", "bfloat16" or "int8" (m and
             v as int8 codes with a float32 scale per 256 elements, s bfloat16; params under 4096
-            elements keep bfloat16). ``p0`` keeps the param's dtype. A loaded checkpoint's state is
-            converted to this optimizer's precision (docs/memory.md).
+            elements keep bfloat16). ``p0`` keeps the param's dtype. Compact state is stepped by its
+            own chunked kernels (``foreach`` and ``fused`` do not apply to it). A loaded
+            checkpoint's state is converted to this optimizer's precision (docs/memory.md).
         fp32_state: deprecated alias: True is ``state_precision="float32"`` (the default before
             0.7), False ``"auto"``; DeprecationWarning.
         stochastic_rounding: round bfloat16 param updates stochastically (unbiased), so that updates
