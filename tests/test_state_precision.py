@@ -623,3 +623,54 @@ def test_layouts_and_settings_with_compact_state_track_float32_state(precision: 
     for name, a, b in zip(LAYOUT_CASES, moved, moved32):
         assert float(b.norm()) > 0, name
         assert float((a - b).norm()) <= 0.08 * float(b.norm()), name
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_distributed_d_with_compact_state_is_the_one_process_d(precision: str) -> None:
+    """State is per rank, D is global: two "ranks" holding one tensor each, whose statistics are
+    summed by ``reduce_stats`` (the all-reduce's seam), reach the D of one process holding both."""
+    from kprodigy.functional import _engine
+    from kprodigy.functional._state import Segment
+
+    hp = Hyperparams(d0=1e-3, state_precision=precision)
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(5000, generator=gen), torch.randn(3000, generator=gen)]
+    st = init_state(xs, hp)
+    assert st.exp_avg_sq[0].dtype == (torch.uint8 if precision == "int8" else torch.bfloat16)
+    moves = [0.1 * torch.randn(x.shape, generator=gen) for x in xs]
+    xs = [x + dx for x, dx in zip(xs, moves)]  # moved away from p0, and the gradients point back: D grows
+    gs = [-dx + 0.05 * torch.randn(x.shape, generator=gen) for x, dx in zip(xs, moves)]
+
+    def seg(idx: list[int]) -> Segment:
+        pick = lambda ts: [ts[i] for i in idx]  # noqa: E731
+        return Segment(pick(xs), pick(gs), pick(st.exp_avg), pick(st.exp_avg_sq), pick(st.s), pick(st.p0), hp)
+
+    def run(s: Segment, hook):  # type: ignore[no-untyped-def]
+        plan = _engine.build([[s]], on_host=False, pure=True)
+        (_, (new,)) = _engine.step(plan, [[list(s.grads)]], [st.d], reduce_stats=hook)
+        return new
+
+    local: dict[int, torch.Tensor] = {}
+    for rank in (0, 1):
+        run(seg([rank]), lambda stats, r=rank: local.setdefault(r, stats.clone()))
+    total = local[0] + local[1]
+    d_ranks = [float(run(seg([rank]), lambda stats: total.to(stats.dtype)).d) for rank in (0, 1)]
+    d_one = float(run(seg([0, 1]), None).d)
+    assert d_one > 1e-3  # D moved
+    assert d_ranks[0] == d_ranks[1]
+    assert d_ranks[0] == pytest.approx(d_one, rel=1e-6)
+
+
+def test_pure_functional_step_keeps_int8_beside_bfloat16_moments() -> None:
+    """The pure step copies small params' state into one buffer per key: int8 blocks (a param of
+    4096+ elements) beside bfloat16 moments (a smaller one) must not be concatenated (torch.cat
+    would promote the int8 bytes to bfloat16 numbers)."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(5000, generator=gen), torch.randn(3000, generator=gen)]
+    hp = Hyperparams(state_precision="int8", d0=1e-3)
+    state = init_state(params, hp)
+    for _ in range(3):
+        params, state = step(params, [torch.randn(5000, generator=gen), torch.randn(3000, generator=gen)], state, hp)
+    assert [t.dtype for t in state.exp_avg_sq] == [torch.uint8, torch.bfloat16]
+    assert state.exp_avg_sq[0].shape == (_formats.int8_nbytes(5000),)
+    assert all(bool(torch.isfinite(p).all()) for p in params)

@@ -57,7 +57,9 @@ def copy_segment(seg: Segment) -> Segment:
         ts = getattr(seg, key)
         if ts is None:
             continue
-        packed = small if len(small) > 1 and all(ts[i].is_contiguous() for i in small) else []
+        sub = [ts[i] for i in small]
+        same = all(t.is_contiguous() and t.dtype == sub[0].dtype for t in sub)  # (int8 beside bfloat16 moments)
+        packed = small if len(small) > 1 and same else []
         done = set(packed)
         changes[key] = [t if i in done else t.clone() for i, t in enumerate(_packed(ts, packed))]
     return replace(seg, **changes)  # type: ignore[arg-type]
