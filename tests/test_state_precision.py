@@ -674,3 +674,27 @@ def test_pure_functional_step_keeps_int8_beside_bfloat16_moments() -> None:
     assert [t.dtype for t in state.exp_avg_sq] == [torch.uint8, torch.bfloat16]
     assert state.exp_avg_sq[0].shape == (_formats.int8_nbytes(5000),)
     assert all(bool(torch.isfinite(p).all()) for p in params)
+
+
+def test_torch_func_transforms_keep_float32_state_or_say_why_not() -> None:
+    """vmap ensembles of bfloat16 params at "auto" keep float32 state (the compact kernels work in
+    place on chunks, which torch.func cannot batch); an explicit compact precision there, or
+    compact state met inside a transform, raises a ValueError naming state_precision."""
+    from torch.func import grad, vmap
+
+    from kprodigy.functional import init_ensemble_state
+
+    xs = {"w": torch.randn(3, 70, 80).bfloat16(), "b": torch.randn(3, 8).bfloat16()}
+    gs = {k: torch.randn_like(v) for k, v in xs.items()}
+    hp = Hyperparams(d0=1e-3)
+    st = init_ensemble_state(xs, hp)
+    assert st.exp_avg["w"].dtype == torch.float32
+    new_x, new_st = vmap(lambda x, g, s: step(x, g, s, hp))(xs, gs, st)
+    assert new_x["w"].dtype == torch.bfloat16 and not torch.equal(new_x["w"], xs["w"])
+    for precision in ("bfloat16", "int8"):
+        with pytest.raises(ValueError, match="state_precision"):
+            init_ensemble_state(xs, Hyperparams(state_precision=precision))
+    x = torch.randn(70, 80).bfloat16()
+    state = init_state([x], hp)  # bfloat16 state: "auto" outside a transform
+    with pytest.raises(ValueError, match="state_precision"):
+        grad(lambda p: step([p], [torch.ones_like(p)], state, hp)[0][0].float().sum())(x)

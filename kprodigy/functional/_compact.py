@@ -24,7 +24,7 @@ from . import _factored, _formats, _fused, _robust, _scratch, _single
 from ._layout import SMALL, flat_span, p0_full
 from ._scalars import StepScalars
 from ._single import Moments, Ts
-from ._state import Segment, SegmentResult, compute_dtype
+from ._state import Segment, SegmentResult, compute_dtype, is_wrapped
 
 __all__ = ["CHUNK", "PACKS", "PURE", "WRITES_PARAMS", "applies", "gradients", "layout", "statistics", "update"]
 __all__ += ["update_moments", "update_params"]
@@ -35,10 +35,21 @@ WRITES_PARAMS = True  # rounds 16-bit params itself, chunk by chunk (the engine 
 CHUNK = 1 << 16  # elements per chunk: a multiple of _formats.BLOCK
 
 
+UNDER_TRANSFORMS = (
+    "Invalid state_precision: {!r} state does not run under torch.func transforms (vmap, grad): its kernels "
+    "work in place on chunks; use state_precision='float32' there"
+)
+
+
 def applies(seg: Segment) -> bool:
-    """Whether any state of ``seg`` is stored compactly (then this backend steps it all)."""
+    """Whether any state of ``seg`` is stored compactly (then this backend steps it all); a
+    ValueError for compact state under ``torch.func`` transforms."""
     keys = [*(seg.exp_avg or []), *seg.exp_avg_sq, *seg.s]
-    return any(_formats.is_compact(t) for t in keys)
+    if not any(_formats.is_compact(t) for t in keys):
+        return False
+    if any(is_wrapped(t) for t in [*seg.params, *keys]):
+        raise ValueError(UNDER_TRANSFORMS.format("int8" if any(_formats.is_int8(t) for t in keys) else "bfloat16"))
+    return True
 
 
 @dataclass(frozen=True)

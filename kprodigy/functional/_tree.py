@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from .. import _compat
-from . import _engine, _formats, _state
+from . import _compact, _engine, _formats, _state
 from ._hyperparams import Hyperparams
 from ._single import Ts
 from ._state import STATE_KEYS, Segment, SegmentResult, State, check_state
@@ -44,7 +44,11 @@ def init_ensemble_state(params: PyTree, hparams: Hyperparams, *, compact_p0: boo
     params: pytree of stacked tensors, each ``(N, *member_shape)`` (e.g. from
         ``torch.func.stack_module_state``); the state's tensors lead with N, the D fields are ``(N,)``.
     compact_p0: ``p0`` of shape ``(N,)`` for a tensor all zeros in every member.
+    State is float32 ("auto" included: the compact formats do not run under ``vmap``).
     """
+    if hparams.state_precision not in ("auto", "float32"):
+        raise ValueError(_compact.UNDER_TRANSFORMS.format(hparams.state_precision))
+    hparams = replace(hparams, state_precision="float32")
     leaves, spec = _flatten(params, "params")
     sizes = {x.shape[0] if x.dim() > 0 else None for x in leaves}
     if len(sizes) != 1 or None in sizes:
