@@ -698,3 +698,30 @@ def test_torch_func_transforms_keep_float32_state_or_say_why_not() -> None:
     state = init_state([x], hp)  # bfloat16 state: "auto" outside a transform
     with pytest.raises(ValueError, match="state_precision"):
         grad(lambda p: step([p], [torch.ones_like(p)], state, hp)[0][0].float().sum())(x)
+
+
+def test_compiled_functional_step_with_bf16_state() -> None:
+    """torch.compile of the functional step with bfloat16 params at "auto" (bfloat16 state) runs
+    (graph breaks around the compact kernels) and tracks the eager step; with fullgraph=True it
+    raises naming state_precision (the compact kernels cannot be one graph)."""
+    gen = torch.Generator().manual_seed(0)
+    xs0 = [torch.randn(70, 80, generator=gen).bfloat16(), torch.randn(5000, generator=gen).bfloat16()]
+    targets = [torch.randn(x.shape, generator=gen).bfloat16() for x in xs0]
+    hp = Hyperparams(d0=1e-2)
+    out = {}
+    for mode in ("eager", "compiled"):
+        run = step if mode == "eager" else torch.compile(lambda x, g, s: step(x, g, s, hp))
+        xs, state = [x.clone() for x in xs0], init_state(xs0, hp)
+        assert state.exp_avg[0].dtype == torch.bfloat16
+        for _ in range(6):
+            grads = [(x.float() - t.float()).bfloat16() for x, t in zip(xs, targets)]
+            xs, state = step(xs, grads, state, hp) if mode == "eager" else run(xs, grads, state)
+        out[mode] = ([x.float() - x0.float() for x, x0 in zip(xs, xs0)], float(state.d.d))
+        assert state.exp_avg[0].dtype == torch.bfloat16
+    (moved, d), (moved_c, d_c) = out["eager"], out["compiled"]
+    assert d > 1e-2 and abs(d_c - d) <= 0.05 * d
+    for a, b in zip(moved_c, moved):
+        assert float((a - b).norm()) <= 0.05 * float(b.norm())
+    full = torch.compile(lambda x, g, s: step(x, g, s, hp), fullgraph=True)
+    with pytest.raises(Exception, match="state_precision"):
+        full([x.clone() for x in xs0], [torch.ones_like(x) for x in xs0], init_state(xs0, hp))

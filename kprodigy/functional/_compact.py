@@ -36,18 +36,20 @@ CHUNK = 1 << 16  # elements per chunk: a multiple of _formats.BLOCK
 
 
 UNDER_TRANSFORMS = (
-    "Invalid state_precision: {!r} state does not run under torch.func transforms (vmap, grad): its kernels "
-    "work in place on chunks; use state_precision='float32' there"
+    "Invalid state_precision: {!r} state does not run under torch.func transforms (vmap, grad) nor as one "
+    "graph (torch.compile with fullgraph=True): its kernels work in place on chunks (without fullgraph they "
+    "run between graphs); use state_precision='float32' for the state of such a functional step"
 )
 
 
 def applies(seg: Segment) -> bool:
     """Whether any state of ``seg`` is stored compactly (then this backend steps it all); a
-    ValueError for compact state under ``torch.func`` transforms."""
+    ValueError for compact state under ``torch.func`` transforms or traced by ``torch.compile``
+    (a full graph; otherwise dynamo breaks the graph before the compact kernels)."""
     keys = [*(seg.exp_avg or []), *seg.exp_avg_sq, *seg.s]
     if not any(_formats.is_compact(t) for t in keys):
         return False
-    if any(is_wrapped(t) for t in [*seg.params, *keys]):
+    if torch.compiler.is_compiling() or any(is_wrapped(t) for t in [*seg.params, *keys]):
         raise ValueError(UNDER_TRANSFORMS.format("int8" if any(_formats.is_int8(t) for t in keys) else "bfloat16"))
     return True
 

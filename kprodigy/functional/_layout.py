@@ -50,7 +50,8 @@ def pack_segment(seg: Segment) -> Segment:
 
 def copy_segment(seg: Segment) -> Segment:
     """``seg`` with copies of its params, exp_avg, exp_avg_sq and s laid as ``pack_segment`` lays them,
-    which a pure step writes into."""
+    which a pure step writes into (each copied apart under ``torch.compile``, whose fake tensors
+    ``unflatten_dense_tensors`` does not take)."""
     small = _small(seg)
     changes: dict[str, list[Tensor]] = {}
     for key in ("params", "exp_avg", "exp_avg_sq", "s"):
@@ -59,7 +60,7 @@ def copy_segment(seg: Segment) -> Segment:
             continue
         sub = [ts[i] for i in small]
         same = all(t.is_contiguous() and t.dtype == sub[0].dtype for t in sub)  # (int8 beside bfloat16 moments)
-        packed = small if len(small) > 1 and same else []
+        packed = small if len(small) > 1 and same and not torch.compiler.is_compiling() else []
         done = set(packed)
         changes[key] = [t if i in done else t.clone() for i, t in enumerate(_packed(ts, packed))]
     return replace(seg, **changes)  # type: ignore[arg-type]
