@@ -2,7 +2,8 @@
 (``_formats``: bfloat16 written with stochastic rounding, int8 blocks), the backend contract of
 ``_single.py``.
 
-Each pass walks every tensor in chunks of ``CHUNK`` elements: ``decode`` the chunk's m, v, s to
+Each pass walks every tensor in chunks (``CHUNK`` elements on CPU, ``CHUNK_ACCELERATOR`` on
+CUDA, where each chunk costs a few dozen kernel launches): ``decode`` the chunk's m, v, s to
 float32 (x and g too for 16-bit params), run the specification's ops on the chunk, ``encode`` the
 new m, v, s and write x (rounded stochastically for bfloat16 params with ``stochastic_rounding``).
 The extra memory of a step is one chunk's float32 working set, never a float32 copy of the state.
@@ -26,13 +27,14 @@ from ._scalars import StepScalars
 from ._single import Moments, Ts
 from ._state import Segment, SegmentResult, compute_dtype, is_wrapped
 
-__all__ = ["CHUNK", "PACKS", "PURE", "WRITES_PARAMS", "applies", "gradients", "layout", "statistics", "update"]
+__all__ = ["CHUNK", "CHUNK_ACCELERATOR", "PACKS", "PURE", "WRITES_PARAMS", "applies", "gradients", "layout", "statistics", "update"]
 __all__ += ["update_moments", "update_params"]
 
 PURE = False  # writes in place; the engine steps copies for a pure step
 PACKS = True  # the small params' bfloat16 state lies back to back (the plan lays it so)
 WRITES_PARAMS = True  # rounds 16-bit params itself, chunk by chunk (the engine must not)
-CHUNK = 1 << 16  # elements per chunk: a multiple of _formats.BLOCK
+CHUNK = 1 << 16  # elements per chunk on CPU (cache-sized): a multiple of _formats.BLOCK
+CHUNK_ACCELERATOR = 1 << 22  # elsewhere (CUDA): fewer kernel launches; ~100 MB of float32 working set
 
 
 UNDER_TRANSFORMS = (
@@ -151,7 +153,7 @@ def statistics(seg: Segment, lay: Any, grads: Ts, sc: StepScalars) -> tuple[Tens
     ]
     for span in spans:
         dtype = compute_dtype(span.x.dtype)
-        for lo, hi, s_lo, s_hi in _chunks(span.x.numel(), p):
+        for lo, hi, s_lo, s_hi in _chunks(span.x, p):
             s = _formats.decode(span.s, "s", s_lo, s_hi, dtype)
             p0 = span.p0 if span.p0.numel() == 1 and span.s.numel() != 1 else span.p0[s_lo:s_hi]
             dot, norm = _single.statistics_of([span.x[lo:hi]], [span.g[lo:hi]], [s], [p0], sc=sc, slice_p=p)
@@ -180,11 +182,14 @@ def _update(seg: Segment, lay: Any, grads: Ts, sc: StepScalars, *, moments: bool
     return res
 
 
-def _chunks(n: int, slice_p: int) -> list[tuple[int, int, int, int]]:
-    """(lo, hi, s_lo, s_hi) of each chunk of ``n`` elements: ``lo`` a multiple of ``slice_p`` and of
-    the int8 block, so that the chunk's ``s`` is ``s[s_lo:s_hi]`` and its blocks are whole."""
+def _chunks(x: Tensor, slice_p: int) -> list[tuple[int, int, int, int]]:
+    """(lo, hi, s_lo, s_hi) of each chunk of the elements of ``x`` (``CHUNK`` on CPU, else
+    ``CHUNK_ACCELERATOR``): ``lo`` a multiple of ``slice_p`` and of the int8 block, so that the
+    chunk's ``s`` is ``s[s_lo:s_hi]`` and its blocks are whole."""
+    n = x.numel()
     unit = _formats.BLOCK * slice_p
-    width = max(unit, CHUNK // unit * unit)
+    chunk = CHUNK if x.device.type == "cpu" else CHUNK_ACCELERATOR
+    width = max(unit, chunk // unit * unit)
     return [(lo, min(lo + width, n), lo // slice_p, -(-min(lo + width, n) // slice_p)) for lo in range(0, n, width)]
 
 
@@ -193,7 +198,7 @@ def _step_span(span: _Span, sc: StepScalars, slice_p: int, *, moments: bool, par
     chunk, encode (m, v, s with ``moments``; x with ``params``)."""
     dtype = compute_dtype(span.x.dtype)
     update_s = moments and sc.beta3 is not None and span.s.numel() > 0
-    for lo, hi, s_lo, s_hi in _chunks(span.x.numel(), slice_p):
+    for lo, hi, s_lo, s_hi in _chunks(span.x, slice_p):
         xc = span.x[lo:hi]
         x = xc if xc.dtype == dtype else _work(xc, dtype, "x")
         g = span.g[lo:hi]
