@@ -58,10 +58,10 @@ def main() -> None:
     ref_loss, ref_d, ref_w = mlp_run(torch.float32)
     print(f"  {'float32':<46s} loss {ref_loss:.5f}  D {ref_d:.4e}")
     for name, dtype, kwargs in (
-        ("bfloat16, float32 state (default)", torch.bfloat16, {}),
-        ("bfloat16, float32 state, stochastic rounding", torch.bfloat16, dict(stochastic_rounding=True)),
-        ("bfloat16, bfloat16 state (fp32_state=False)", torch.bfloat16, dict(fp32_state=False)),
-        ("float16, float32 state (default)", torch.float16, {}),
+        ("bfloat16, float32 state", torch.bfloat16, dict(state_precision="float32")),
+        ("bfloat16, float32 state, stochastic rounding", torch.bfloat16, dict(state_precision="float32", stochastic_rounding=True)),
+        ("bfloat16, bfloat16 state (default)", torch.bfloat16, {}),
+        ("float16, float32 state", torch.float16, dict(state_precision="float32")),
     ):
         loss, d, w = mlp_run(dtype, **kwargs)
         dist = ((w - ref_w).norm() / ref_w.norm()).item()

@@ -41,11 +41,11 @@ CONFIGS = {
     "fp32 for-loop, skip_nonfinite": (torch.float32, dict(foreach=False, skip_nonfinite=True)),
     "fp32 foreach, d_update_freq=4, no check": (torch.float32, dict(d_update_freq=4, skip_nonfinite=False)),
     "fp32 foreach, d_update_freq=4, skip_nonfinite": (torch.float32, dict(d_update_freq=4, skip_nonfinite=True)),
-    "bf16 foreach, bf16 state": (torch.bfloat16, dict(fp32_state=False, skip_nonfinite=False)),
-    "bf16 foreach, fp32 state": (torch.bfloat16, dict(skip_nonfinite=False)),
+    "bf16 foreach, bf16 state": (torch.bfloat16, dict(state_precision="bfloat16", skip_nonfinite=False)),
+    "bf16 foreach, fp32 state": (torch.bfloat16, dict(state_precision="float32", skip_nonfinite=False)),
     "bf16 foreach, fp32 state + stochastic rounding": (
         torch.bfloat16,
-        dict(skip_nonfinite=False, stochastic_rounding=True),
+        dict(state_precision="float32", skip_nonfinite=False, stochastic_rounding=True),
     ),
 }
 BASELINE = {  # each configuration is reported relative to this one

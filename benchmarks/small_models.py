@@ -139,8 +139,8 @@ SETTINGS: list[tuple[str, dict[str, Any], dict[str, Any] | None, torch.dtype]] =
         {"use_bias_correction": True, "safeguard_warmup": True},
         torch.float32,
     ),
-    ("bfloat16 params (fp32 state)", {}, {}, torch.bfloat16),
-    ("bfloat16 params, fp32_state=False", {"fp32_state": False}, {}, torch.bfloat16),
+    ("bfloat16 params, fp32 state", {"state_precision": "float32"}, {}, torch.bfloat16),
+    ("bfloat16 params (bf16 state, the default)", {}, {}, torch.bfloat16),
     ("ours: d_update_freq=5", {"d_update_freq": 5}, None, torch.float32),
     ("ours: d_steps=2 (D frozen)", {"d_steps": 2}, None, torch.float32),
 ]

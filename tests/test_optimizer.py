@@ -288,7 +288,7 @@ def test_dtypes_train(dtype: torch.dtype, foreach: bool) -> None:
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.7 * losses[0]
     assert all(p.dtype == dtype for p in model.parameters())
-    state_dtype = torch.float32 if dtype == torch.bfloat16 else dtype  # fp32_state=True by default
+    state_dtype = dtype  # state_precision="auto": bfloat16 state for bfloat16 params
     assert all(opt.state[p]["exp_avg_sq"].dtype == state_dtype for p in model.parameters())
 
 

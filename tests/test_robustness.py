@@ -301,18 +301,20 @@ def test_checkpoint_of_an_older_version_loads_with_defaults() -> None:
     model, opt, X, y = trained()
     saved = copy.deepcopy(opt.state_dict())
     for group in saved["param_groups"]:
-        for key in ("skipped_steps", "skip_nonfinite", "fp32_state", "stochastic_rounding"):
+        for key in ("skipped_steps", "skip_nonfinite", "state_precision", "stochastic_rounding"):
             del group[key]
+        group["fp32_state"] = True  # what 0.6 wrote (deprecated: the state takes the optimizer's state_precision)
     opt2 = KProdigy(model.parameters())
     opt2.load_state_dict(saved)
     g = opt2.param_groups[0]
-    assert g["skipped_steps"] == 0 and g["skip_nonfinite"] is True and g["fp32_state"] is True
+    assert g["skipped_steps"] == 0 and g["skip_nonfinite"] is True and g["state_precision"] == "auto"
+    assert "fp32_state" not in g
     assert all(math.isfinite(v) for v in train(model, opt2, X, y, 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fp32_state_of_16_bit_params_survives_a_round_trip(dtype: torch.dtype) -> None:
-    model, opt, X, y = trained(dtype=dtype, d0=1e-2)
+    model, opt, X, y = trained(dtype=dtype, d0=1e-2, state_precision="float32")
     assert all(opt.state[p]["exp_avg"].dtype == torch.float32 for p in model.parameters())
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
@@ -322,7 +324,7 @@ def test_fp32_state_of_16_bit_params_survives_a_round_trip(dtype: torch.dtype) -
     saved = torch.load(buffer)
     model2, _, _ = model_and_data(seed=5, dtype=dtype)
     model2.load_state_dict(saved["model"])
-    opt2 = KProdigy(model2.parameters(), d0=1e-2)
+    opt2 = KProdigy(model2.parameters(), d0=1e-2, state_precision="float32")
     opt2.load_state_dict(saved["opt"])
     for p in model2.parameters():
         for key in ("exp_avg", "exp_avg_sq", "s"):
@@ -333,7 +335,8 @@ def test_fp32_state_of_16_bit_params_survives_a_round_trip(dtype: torch.dtype) -
 
 
 def test_param_dtype_state_when_asked() -> None:
-    model, opt, _, _ = trained(dtype=torch.bfloat16, d0=1e-2, fp32_state=False)
+    with pytest.warns(DeprecationWarning, match="fp32_state"):  # the deprecated alias: False is "auto"
+        model, opt, _, _ = trained(dtype=torch.bfloat16, d0=1e-2, fp32_state=False)
     assert all(opt.state[p][k].dtype == torch.bfloat16 for p in model.parameters() for k in ("exp_avg", "s"))
 
 
@@ -346,7 +349,7 @@ def test_bf16_run_tracks_the_fp32_run() -> None:
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         model, X, y = model_and_data(dtype=dtype)
-        opt = KProdigy(model.parameters(), d0=1e-3, use_bias_correction=False)
+        opt = KProdigy(model.parameters(), d0=1e-3, use_bias_correction=False, state_precision="float32")
         losses = train(model, opt, X, y, 60)
         results[dtype] = (losses, opt.param_groups[0]["d"])
     (l32, d32), (l16, d16) = results[torch.float32], results[torch.bfloat16]

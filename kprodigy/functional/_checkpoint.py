@@ -19,6 +19,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from . import _formats
 from ._distributed import is_dtensor
 from ._hyperparams import Hyperparams
 from ._state import D_FLOATS, D_STATE_FIELDS, STATE_KEYS, DState, State, check_state, d_dtype
@@ -210,15 +211,19 @@ def _check_param_state(pid: Any, st: Any, p: Tensor, hp: Hyperparams, *, d_froze
         t = st[key]
         if not isinstance(t, Tensor):
             raise ValueError(f"{where}: {key} is a {type(t).__name__}; expected a tensor")
-        if not t.is_floating_point():
-            raise ValueError(f"{where}: {key} has dtype {t.dtype}; expected a floating dtype")
-        if not bool(torch.isfinite(t).all()):
+        int8 = key in _formats.MOMENTS and t.dtype == torch.uint8  # int8 blocks (``_formats``)
+        if int8 and t.shape != (_formats.int8_nbytes(p.numel()),):
+            want = _formats.int8_nbytes(p.numel())
+            raise ValueError(f"{where}: {key} holds {t.numel()} bytes of int8 blocks; expected {want}")
+        if not t.is_floating_point() and not int8:
+            raise ValueError(f"{where}: {key} has dtype {t.dtype}; expected a floating dtype (or int8 blocks)")
+        if not int8 and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{where}: {key} holds NaN or inf")
-    if "exp_avg" in st and st["exp_avg"].shape != p.shape:
+    if "exp_avg" in st and st["exp_avg"].shape != p.shape and st["exp_avg"].dtype != torch.uint8:
         raise ValueError(f"{where}: exp_avg has shape {tuple(st['exp_avg'].shape)}; expected the param's shape")
     v = st["exp_avg_sq"]
     packed = p.dim() >= 2 and v.shape == (p.numel() // p.shape[-1] + p.shape[-1],)  # factored=True: [rows, cols]
-    if v.shape != p.shape and not packed:
+    if v.shape != p.shape and not packed and v.dtype != torch.uint8:
         raise ValueError(
             f"{where}: exp_avg_sq has shape {tuple(v.shape)}; expected the param's shape "
             "(or the packed row and column statistics of factored=True)"

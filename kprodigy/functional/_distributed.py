@@ -60,10 +60,15 @@ def init_state(p: Tensor, hp: Hyperparams, factored: bool = False) -> dict[str, 
         return init_tensor_state(p, hp, factored=factored)
     if factored:
         raise RuntimeError("factored=True does not support DTensor (FSDP2) params yet; use factored=False")
+    if hp.state_precision == "int8":
+        raise RuntimeError(
+            "state_precision='int8' does not support DTensor (FSDP2) params yet (its blocks are not "
+            "param-shaped); use state_precision='bfloat16'"
+        )
     shard = p.to_local()
     state = init_tensor_state(shard, hp)
     if hp.slice_p == 1:
-        state["s"], state["p0"] = torch.zeros_like(shard, dtype=state_dtype(shard.dtype, hp)), shard.clone()
+        state["s"], state["p0"] = torch.zeros_like(shard, dtype=state_dtype(shard.dtype, hp, "s")), shard.clone()
     for key in ("exp_avg", "exp_avg_sq") + (("s", "p0") if hp.slice_p == 1 else ()):
         if key in state:
             state[key] = DTensor.from_local(

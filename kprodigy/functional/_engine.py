@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _adamw, _factored, _foreach, _fused, _layout, _robust, _single
+from . import _adamw, _compact, _factored, _foreach, _fused, _layout, _robust, _single
 from ._hyperparams import Hyperparams
 from ._scalars import StepScalars, cap_d_ratio, next_d, step_scalars, updates_d
 from ._single import Ts
@@ -113,8 +113,11 @@ def use_fused(tensors: Sequence[Tensor], fused: bool | None) -> bool:
 
 
 def choose_backend(seg: Segment, on_host: bool, foreach: bool | None, fused: bool | None, pack: bool) -> ModuleType:
-    """A member's backend: factored (a factored ``v``), compiled (``use_fused``), fused AdamW (D on the
-    host, automatic flags, state that may be laid flat, ``_adamw.usable``), foreach or per-tensor."""
+    """A member's backend: compact (state stored in bfloat16 or int8, ``_formats``), factored (a
+    factored ``v``), compiled (``use_fused``), fused AdamW (D on the host, automatic flags, state
+    that may be laid flat, ``_adamw.usable``), foreach or per-tensor."""
+    if _compact.applies(seg):
+        return _compact
     if _factored.is_factored(seg.params, seg.exp_avg_sq):
         return _factored
     if use_fused(seg.params, fused):
@@ -367,6 +370,7 @@ def _update_part(part: Part, grads: Ts, sc: StepScalars) -> SegmentResult:
     rounding, of float32 copies of the bfloat16 params, rounded into them here."""
     seg = part.seg
     sr = seg.hparams.stochastic_rounding and any(x.dtype == torch.bfloat16 for x in seg.params)
+    sr = sr and not getattr(part.backend, "WRITES_PARAMS", False)  # (_compact rounds per chunk)
     if not (sr or part.pure):
         return part.backend.update(seg, part.lay, grads, sc, part.own)  # type: ignore[no-any-return]
     if sr:

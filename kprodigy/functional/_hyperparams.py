@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["D_CONFIG", "Hyperparams", "hparams"]
+__all__ = ["D_CONFIG", "STATE_PRECISIONS", "Hyperparams", "hparams"]
+
+STATE_PRECISIONS = ("auto", "float32", "bfloat16", "int8")  # the values of ``state_precision``
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,9 @@ class Hyperparams:
     slice_p: int = 1  # D statistics use every slice_p-th entry of each tensor
     maximize: bool = False
     skip_nonfinite: bool = True  # skip the D-group's step when a gradient holds NaN/inf (on device, no sync)
-    fp32_state: bool = True  # keep exp_avg, exp_avg_sq and s of 16-bit params in float32
     stochastic_rounding: bool = False  # round bfloat16 param updates stochastically (unbiased)
+    state_precision: str = "auto"  # how m, v, s are stored: one of STATE_PRECISIONS (``_formats``)
+    fp32_state: bool | None = None  # deprecated alias: True is state_precision="float32", False "auto"
 
     def __post_init__(self) -> None:
         betas = self.betas
@@ -51,6 +55,11 @@ class Hyperparams:
         for name in _FLAGS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Invalid {name}: {getattr(self, name)!r}; expected True or False")
+        if self.state_precision not in STATE_PRECISIONS:
+            expected = " or ".join(map(repr, STATE_PRECISIONS))
+            _check("state_precision", self.state_precision, False, expected)  # type: ignore[arg-type]
+        if self.fp32_state is not None:
+            object.__setattr__(self, "state_precision", _from_fp32_state(self.fp32_state, self.state_precision))
         for name in ("d_update_freq", "slice_p", "d_steps"):
             value = getattr(self, name)
             if name == "d_steps" and value is None:
@@ -98,6 +107,26 @@ class Hyperparams:
 _FIELD_NAMES = tuple(f.name for f in fields(Hyperparams))
 D_CONFIG = ("beta3", "d0", "d_coef", "growth_rate", "d_update_freq", "d_steps", "skip_nonfinite")
 _FLAGS = tuple(f.name for f in fields(Hyperparams) if f.type in ("bool", bool))  # the bool fields
+
+
+def _from_fp32_state(fp32_state: Any, precision: str, stacklevel: int = 4) -> str:
+    """``state_precision`` for the deprecated ``fp32_state`` (DeprecationWarning): True is
+    "float32", False "auto" (at most prodigyopt's state); another explicit precision conflicts."""
+    if not isinstance(fp32_state, bool):
+        raise ValueError(f"Invalid fp32_state: {fp32_state!r}; expected None, True or False (deprecated)")
+    mapped = "float32" if fp32_state else "auto"
+    if precision not in ("auto", mapped):
+        raise ValueError(
+            f"Invalid fp32_state: {fp32_state!r} conflicts with state_precision={precision!r}; "
+            "drop fp32_state (deprecated) and keep state_precision"
+        )
+    warnings.warn(
+        f"fp32_state is deprecated; use state_precision={mapped!r} instead (state_precision='auto', the default, "
+        "keeps float32 state for float32 params and bfloat16 state for 16-bit params)",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+    return mapped
 
 
 def _number(name: str, value: Any) -> float:

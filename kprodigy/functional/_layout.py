@@ -39,10 +39,10 @@ def pack_segment(seg: Segment) -> Segment:
         if len(small) < 2 or ts is None:
             continue
         sub = [ts[i] for i in small]
-        if key == "p0" and any(t.dim() == 0 for t in sub) or key == "exp_avg_sq" and any(
+        if key == "p0" and any(t.dim() == 0 for t in sub) or key in ("exp_avg", "exp_avg_sq") and any(
             t.shape != seg.params[i].shape for t, i in zip(sub, small)
         ):
-            continue  # compact p0, factored v: not laid flat
+            continue  # compact p0, factored v, int8 moments (_formats): not laid flat
         if flat_span(sub) is None:
             changes[key] = _packed(ts, small)
     return replace(seg, **changes) if changes else seg  # type: ignore[arg-type]
@@ -50,14 +50,17 @@ def pack_segment(seg: Segment) -> Segment:
 
 def copy_segment(seg: Segment) -> Segment:
     """``seg`` with copies of its params, exp_avg, exp_avg_sq and s laid as ``pack_segment`` lays them,
-    which a pure step writes into."""
+    which a pure step writes into (each copied apart under ``torch.compile``, whose fake tensors
+    ``unflatten_dense_tensors`` does not take)."""
     small = _small(seg)
     changes: dict[str, list[Tensor]] = {}
     for key in ("params", "exp_avg", "exp_avg_sq", "s"):
         ts = getattr(seg, key)
         if ts is None:
             continue
-        packed = small if len(small) > 1 and all(ts[i].is_contiguous() for i in small) else []
+        sub = [ts[i] for i in small]
+        same = all(t.is_contiguous() and t.dtype == sub[0].dtype for t in sub)  # (int8 beside bfloat16 moments)
+        packed = small if len(small) > 1 and same and not torch.compiler.is_compiling() else []
         done = set(packed)
         changes[key] = [t if i in done else t.clone() for i, t in enumerate(_packed(ts, packed))]
     return replace(seg, **changes)  # type: ignore[arg-type]

@@ -129,10 +129,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def state_dtype(param_dtype: torch.dtype, hparams: Hyperparams) -> torch.dtype:
-    """Dtype of exp_avg, exp_avg_sq and s for a param: ``compute_dtype`` if ``hparams.fp32_state``
-    (the default), else the param's. ``p0`` keeps the param's dtype."""
-    return compute_dtype(param_dtype) if hparams.fp32_state else param_dtype
+def state_dtype(param_dtype: torch.dtype, hparams: Hyperparams, key: str = "s", numel: int = 0) -> torch.dtype:
+    """Storage dtype of state ``key`` (exp_avg, exp_avg_sq, s) of a param of ``numel`` elements
+    under ``hparams.state_precision`` (``_formats.storage_dtype``; uint8 for int8 blocks). ``p0``
+    keeps the param's dtype."""
+    from . import _formats
+
+    return _formats.storage_dtype(param_dtype, hparams.state_precision, key, numel)
 
 
 def init_d_state(hparams: Hyperparams, device: torch.device | str | None = None) -> DState:
@@ -146,20 +149,23 @@ def init_tensor_state(
     x: Tensor, hparams: Hyperparams, *, compact_p0: bool = True, factored: bool = False
 ) -> dict[str, Tensor]:
     """Per-tensor state for param ``x``, keyed as in prodigyopt (``exp_avg`` only if betas[0] > 0),
-    detached, in x's memory format and ``state_dtype``. ``compact_p0``: ``p0`` a 0-dim zero for an
-    all-zero x (LoRA up-projections; one read of x, skipped inside torch.func transforms, where it
-    cannot run). ``factored`` (2+ dims): ``exp_avg_sq`` the packed means ``[r, c]`` (``_factored``)."""
+    detached, in x's memory format and the storage of ``hparams.state_precision`` (``_formats``).
+    ``compact_p0``: ``p0`` a 0-dim zero for an all-zero x (LoRA up-projections; one read of x,
+    skipped inside torch.func transforms, where it cannot run). ``factored`` (2+ dims):
+    ``exp_avg_sq`` the packed means ``[r, c]`` (``_factored``)."""
+    from . import _formats
+
     x = x.detach()
     sliced = x.flatten()[:: hparams.slice_p]
-    dtype = state_dtype(x.dtype, hparams)
+    precision = hparams.state_precision
     state: dict[str, Tensor] = {}
     if hparams.betas[0] > 0:
-        state["exp_avg"] = torch.zeros_like(x, dtype=dtype, memory_format=torch.preserve_format)
-    if factored and x.dim() >= 2:
-        state["exp_avg_sq"] = x.new_zeros(x.numel() // x.shape[-1] + x.shape[-1], dtype=dtype)
+        state["exp_avg"] = _formats.zeros(x, "exp_avg", precision)
+    if factored and x.dim() >= 2:  # row and column means: kept as ``s`` is (never int8)
+        state["exp_avg_sq"] = x.new_zeros(x.numel() // x.shape[-1] + x.shape[-1], dtype=state_dtype(x.dtype, hparams))
     else:
-        state["exp_avg_sq"] = torch.zeros_like(x, dtype=dtype, memory_format=torch.preserve_format)
-    state["s"] = torch.zeros_like(sliced, dtype=dtype)
+        state["exp_avg_sq"] = _formats.zeros(x, "exp_avg_sq", precision)
+    state["s"] = torch.zeros_like(sliced, dtype=state_dtype(x.dtype, hparams))
     compact = compact_p0 and not is_wrapped(x) and not bool(x.any())
     state["p0"] = torch.zeros((), dtype=x.dtype, device=x.device) if compact else sliced.clone()
     return state

@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from .. import _compat
-from . import _engine, _state
+from . import _compact, _engine, _formats, _state
 from ._hyperparams import Hyperparams
 from ._single import Ts
 from ._state import STATE_KEYS, Segment, SegmentResult, State, check_state
@@ -44,7 +44,11 @@ def init_ensemble_state(params: PyTree, hparams: Hyperparams, *, compact_p0: boo
     params: pytree of stacked tensors, each ``(N, *member_shape)`` (e.g. from
         ``torch.func.stack_module_state``); the state's tensors lead with N, the D fields are ``(N,)``.
     compact_p0: ``p0`` of shape ``(N,)`` for a tensor all zeros in every member.
+    State is float32 ("auto" included: the compact formats do not run under ``vmap``).
     """
+    if hparams.state_precision not in ("auto", "float32"):
+        raise ValueError(_compact.UNDER_TRANSFORMS.format(hparams.state_precision))
+    hparams = replace(hparams, state_precision="float32")
     leaves, spec = _flatten(params, "params")
     sizes = {x.shape[0] if x.dim() > 0 else None for x in leaves}
     if len(sizes) != 1 or None in sizes:
@@ -140,8 +144,7 @@ def _step_lists(
         _check_grads(xs, gs)
         exp_avg = state.exp_avg
         if hp.betas[0] > 0 and exp_avg is None:  # betas[0] raised from 0: the class's rule
-            like = zip(xs, state.exp_avg_sq)
-            exp_avg = [torch.zeros_like(x, dtype=v.dtype, memory_format=torch.preserve_format) for x, v in like]
+            exp_avg = [_formats.zeros(x, "exp_avg", hp.state_precision) for x in xs]
         seg = Segment(xs, gs, exp_avg if hp.betas[0] > 0 else None, state.exp_avg_sq, state.s, state.p0, hp)
         plan = _engine.build([[seg]], on_host=on_host, foreach=[foreach], fused=[fused], pure=pure)
     elif plan.d_groups[0][0].seg.hparams is not hp:

@@ -17,10 +17,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _compat
-from ..functional import DState, Hyperparams, _distributed, _engine, _scratch
+from ..functional import DState, Hyperparams, _distributed, _engine, _formats, _scratch
 from ..functional._checkpoint import check_optimizer_state_dict
+from ..functional._hyperparams import _from_fp32_state
 from ..functional._scalars import frozen
-from ..functional._state import d_dtype, state_dtype
+from ..functional._state import d_dtype
 from . import _diagnostics, _group_keys, _per_param, _plan
 from ._checks import check_group, check_param_group, check_settings, hparams, one_device
 
@@ -92,7 +93,15 @@ class KProdigy(torch.optim.Optimizer):
             ``skipped_steps`` counts it, a warning the first time) when a gradient holds NaN or inf
             or its D statistics overflow (default True); decided on the device, no host sync (False
             saves a read of the gradients).
-        fp32_state: keep exp_avg, exp_avg_sq and s of 16-bit params in float32 (default True).
+        state_precision: how exp_avg, exp_avg_sq and s are stored: "auto" (default: float32 for
+            float32/float64 params; for 16-bit params bfloat16 written with unbiased stochastic
+            rounding, no more state than prodigyopt keeps), "float32", "bfloat16" or "int8" (m and
+            v as int8 codes with a float32 scale per 256 elements, s bfloat16; params under 4096
+            elements keep bfloat16). ``p0`` keeps the param's dtype. Compact state is stepped by its
+            own chunked kernels (``foreach`` and ``fused`` do not apply to it). A loaded
+            checkpoint's state is converted to this optimizer's precision (docs/memory.md).
+        fp32_state: deprecated alias: True is ``state_precision="float32"`` (the default before
+            0.7), False ``"auto"``; DeprecationWarning.
         stochastic_rounding: round bfloat16 param updates stochastically (unbiased), so that updates
             below the bfloat16 spacing are not lost (default False).
         d_steps: freeze D once k reaches this (default None: never), equal within a D-group and
@@ -156,11 +165,14 @@ class KProdigy(torch.optim.Optimizer):
         d_ratio_cap: float | None = None,
         factored: bool = False,
         skip_nonfinite: bool = True,
-        fp32_state: bool = True,
         stochastic_rounding: bool = False,
         fused: bool | None = None,
         capturable: bool = False,
+        state_precision: str = "auto",
+        fp32_state: bool | None = None,
     ) -> None:
+        if fp32_state is not None:  # the deprecated alias (ValueError for a bad value, or a conflict)
+            state_precision = _from_fp32_state(fp32_state, state_precision, stacklevel=3)
         for name, value in (("independent_d", independent_d), ("reduce_d_stats", reduce_d_stats)):
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"Invalid {name}: {value!r}; expected None, True or False")
@@ -175,13 +187,14 @@ class KProdigy(torch.optim.Optimizer):
         hp = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, decouple=decouple)
         hp.update(use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup, d0=d0, d_coef=d_coef)
         hp.update(growth_rate=growth_rate, d_update_freq=d_update_freq, slice_p=slice_p, maximize=maximize)
-        hp.update(skip_nonfinite=skip_nonfinite, fp32_state=fp32_state, stochastic_rounding=stochastic_rounding)
+        hp.update(skip_nonfinite=skip_nonfinite, stochastic_rounding=stochastic_rounding)
+        hp.update(state_precision=state_precision)
         defaults: dict[str, Any] = {**hp, "d_steps": d_steps, "foreach": foreach, "fused": fused, "factored": factored}
         defaults.update(fsdp_in_use=fsdp_in_use, capturable=capturable, d_group=None, d_frozen=False)
         defaults.update(effective_lr=0.0, step_size=0.0)
         defaults.update(_group_keys.fresh_d_keys(d0) if isinstance(d0, (int, float)) else {})
         checked = check_settings(defaults)  # ValueError naming the setting
-        defaults.update({name: getattr(checked, name) for name in Hyperparams.field_names()})
+        defaults.update({name: getattr(checked, name) for name in Hyperparams.field_names() if name != "fp32_state"})
         self.d_ratio_cap = None if d_ratio_cap is None else float(d_ratio_cap)
         self.independent_d, self.reduce_d_stats = independent_d, reduce_d_stats
         self.process_group = process_group if process_group is not None else _distributed.enclosing_zero_group()
@@ -238,28 +251,32 @@ class KProdigy(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint (ours, an older version's, or prodigyopt's) atomically: validated first
         (layout, keys, shapes, dtypes, finite values, hyperparameters), a bad one raises ValueError
-        and changes nothing. The moments and ``s`` of 16-bit params stay float32 with ``fp32_state``
-        (torch's loader casts them to the param dtype). ``capturable`` stays this optimizer's (how D
-        is held, not what it is). Per-param steps not yet finalized are dropped."""
+        and changes nothing. ``state_precision`` and ``capturable`` stay this optimizer's: the
+        moments and ``s`` are converted to its state format (``_formats.convert``, chunk by chunk;
+        torch's loader would cast them to the param dtype), D is held as it holds it. Per-param
+        steps not yet finalized are dropped."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if isinstance(groups, (list, tuple)):  # this optimizer's state_precision and capturable
+            mine = [{"capturable": g["capturable"], "state_precision": g["state_precision"]} for g in self.param_groups]
+            groups = [_own_keys(saved, m) if isinstance(saved, dict) else saved for saved, m in zip(groups, mine)]
+            state_dict = {**state_dict, "param_groups": groups + list(state_dict["param_groups"][len(groups) :])}
         id_map = check_optimizer_state_dict(state_dict, self.param_groups, self.defaults)
-        saved_groups = []
-        for i, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
-            saved_groups.append({**saved, "capturable": group["capturable"]})
-            check_group({**self.defaults, **saved_groups[-1]}, i, "checkpoint param group")
-        state_dict = {**state_dict, "param_groups": saved_groups}
+        for i, saved in enumerate(state_dict["param_groups"]):
+            check_group({**self.defaults, **saved}, i, "checkpoint param group")
         before = {"state": self.state, "param_groups": self.param_groups, "_pending": self._pending}
         try:
             super().load_state_dict(state_dict)
             self._pending, self._kept = {}, None  # the checkpoint replaces what they changed
+            precisions = {id(q): g["state_precision"] for g in self.param_groups for q in g["params"]}
             for pid, saved in state_dict["state"].items():
                 if pid not in id_map:
                     continue  # an entry that is not a param's (kept as it is)
-                p, hp = id_map[pid]
+                p = id_map[pid][0]
+                precision = precisions[id(p)]
                 for key in ("exp_avg", "exp_avg_sq", "s"):
-                    if key in saved and key in self.state[p]:
-                        dtype = state_dtype(p.dtype, hp) if saved[key].is_floating_point() else saved[key].dtype
-                        if self.state[p][key].dtype != dtype:  # torch cast it to the param dtype: redo from the source
-                            self.state[p][key] = saved[key].to(device=self.state[p][key].device, dtype=dtype)
+                    if key in saved and key in self.state[p]:  # from the source: torch cast it to the param dtype
+                        source = saved[key].to(device=self.state[p][key].device)
+                        self.state[p][key] = _formats.convert(source, key, p, precision)
         except Exception:
             self.__dict__.update(before)
             raise
@@ -422,3 +439,9 @@ class KProdigy(torch.optim.Optimizer):
     def finalize_step(self) -> None:
         """Update D from the statistics of the params stepped by ``step_parameter``, then move them."""
         _per_param.finalize(self)
+
+
+def _own_keys(saved: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's param group with this optimizer's ``mine`` keys, without the deprecated
+    ``fp32_state`` (older checkpoints: the state is converted to ``state_precision`` instead)."""
+    return {**{k: v for k, v in saved.items() if k != "fp32_state"}, **mine}

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from ..functional import Hyperparams, _distributed, _engine
-from ..functional._state import STATE_KEYS, Segment, state_dtype
+from ..functional import Hyperparams, _distributed, _engine, _formats
+from ..functional._state import STATE_KEYS, Segment
 from . import _group_keys
 from ._checks import check_d_group_agrees, check_grads, check_group, hparams, one_device
 
@@ -70,7 +69,7 @@ def segment(states: dict[Tensor, dict[str, Any]], group: dict[str, Any]) -> tupl
             if group["d_frozen"]:
                 del state["s"], state["p0"]
         if hp.betas[0] > 0 and "exp_avg" not in state:  # betas[0] raised from 0 mid-training
-            state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p.dtype, hp), memory_format=torch.preserve_format)
+            state["exp_avg"] = _formats.zeros(p, "exp_avg", hp.state_precision)
         x = _distributed.local(p)
         lists["params"].append(x)
         lists["grads"].append(_distributed.local(p.grad))  # type: ignore[arg-type]
