@@ -172,6 +172,7 @@ def test_native_buckets_equal_per_tensor() -> None:
         {"independent_d": True, "d_ratio_cap": 1.5},
         {"weight_decay": 0.05, "decouple": False},
         {"maximize": True, "weight_decay": 0.05, "decouple": False, "slice_p": 3},
+        {"maximize": True, "weight_decay": 0.05, "decouple": False},
     ],
     ids=[
         "defaults",
@@ -184,6 +185,7 @@ def test_native_buckets_equal_per_tensor() -> None:
         "d_ratio_cap",
         "coupled_wd",
         "maximize_coupled_slice_p3",
+        "maximize_coupled",  # (slice_p 1: s written once, the effective gradient made three times)
     ],
 )
 def test_native_settings_equal_per_tensor(settings: dict) -> None:
