@@ -17,6 +17,9 @@
 # installs the same packages unpinned (the newest that Python gets) and says so (FALLBACK) in its
 # output and in the report.
 # Needs the python3.X interpreters named below on PATH (pyenv, deadsnakes, ...).
+# If pip answers ResolutionImpossible for a torch pin, a pip constraints file may cap torch on this
+# machine (`pip config list`: global.constraint); `PIP_CONSTRAINT=/dev/null bash scripts/compat.sh`
+# lifts it for one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MIN_TORCH=$(sed -n 's/^dependencies = \["torch>=\([0-9.]*\)"\].*/\1/p' pyproject.toml)
