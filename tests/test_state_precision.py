@@ -725,3 +725,22 @@ def test_compiled_functional_step_with_bf16_state() -> None:
     full = torch.compile(lambda x, g, s: step(x, g, s, hp), fullgraph=True)
     with pytest.raises(Exception, match="state_precision"):
         full([x.clone() for x in xs0], [torch.ones_like(x) for x in xs0], init_state(xs0, hp))
+
+
+def test_one_rounding_draw_serves_m_v_and_s_of_a_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bfloat16 params at the default: each chunk's m, v and s are rounded with ONE draw of random
+    bits (``_compact._shared_noise``; ``random_`` was a third of the step), and the result still
+    trains: D grows and the params move towards the target."""
+    from kprodigy.functional import _robust
+
+    draws: list[int] = []
+    original = _robust.rounding_noise
+    monkeypatch.setattr(_robust, "rounding_noise", lambda n, device: draws.append(n) or original(n, device))
+    p = torch.nn.Parameter(torch.full((300,), 2.0, dtype=torch.bfloat16))
+    opt = KProdigy([p], d0=1e-2)  # (steps above bfloat16's spacing at 2.0: the params move)
+    for _ in range(30):
+        p.grad = (p.detach().float() - 1.0).bfloat16()
+        opt.step()
+    assert draws == [300] * 30  # one draw per step for the one chunk (3 without sharing)
+    assert opt.param_groups[0]["d"] > 2 * opt.param_groups[0]["d0"]
+    assert (p.detach().float() - 1.0).abs().max() < 0.9

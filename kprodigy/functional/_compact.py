@@ -209,16 +209,27 @@ def _step_span(span: _Span, sc: StepScalars, slice_p: int, *, moments: bool, par
             s = _formats.decode(span.s, "s", s_lo, s_hi, dtype) if update_s else span.s
             dest = SegmentResult([x], None if m is None else [m], [v], [s])
             _single.update_moments([g], None if m is None else [m], [v], [s], sc=sc, slice_p=slice_p, out=dest)
+            noise = _shared_noise(span, hi - lo, update_s)
             if m is not None:
-                _formats.encode(span.m, "exp_avg", lo, hi, m)  # type: ignore[arg-type]
-            _formats.encode(span.v, "exp_avg_sq", lo, hi, v)
+                _formats.encode(span.m, "exp_avg", lo, hi, m, noise)  # type: ignore[arg-type]
+            _formats.encode(span.v, "exp_avg_sq", lo, hi, v, noise)
             if update_s:
-                _formats.encode(span.s, "s", s_lo, s_hi, s)
+                _formats.encode(span.s, "s", s_lo, s_hi, s, noise)
         if params:
             dest = SegmentResult([x], None, [], [])
             _single.update_params([x], [g], None if m is None else [m], [v], sc=sc, out=dest)
             if x is not xc:
                 xc.copy_(_robust.stochastic_round(x, xc.dtype) if sr else x)
+
+
+def _shared_noise(span: _Span, n: int, update_s: bool) -> Tensor | None:
+    """One draw of rounding bits for a chunk's bfloat16 m, v and s (each rounding unbiased; a
+    third of the draws: ``random_`` was a third of the bfloat16 step, benchmarks/NOTES.md), or
+    None where fewer than two of them are bfloat16."""
+    keys = [t for t in (span.m, span.v, span.s if update_s else None) if t is not None]
+    if sum(t.dtype == torch.bfloat16 for t in keys) < 2:
+        return None
+    return _robust.rounding_noise(n, span.x.device)
 
 
 def _step_whole(seg: Segment, i: int, g: Tensor, sc: StepScalars, *, moments: bool, params: bool, sr: bool) -> None:

@@ -152,9 +152,10 @@ def decode(t: Tensor, key: str, lo: int, hi: int, dtype: torch.dtype = torch.flo
     return flat if flat.dtype == dtype else flat.to(dtype)
 
 
-def encode(t: Tensor, key: str, lo: int, hi: int, values: Tensor) -> None:
+def encode(t: Tensor, key: str, lo: int, hi: int, values: Tensor, noise: Tensor | None = None) -> None:
     """Store float ``values`` as elements [lo, hi) of state ``t``: int8 codes (a block is whole
-    unless it ends the tensor), bfloat16 stochastically rounded, float copied (a no-op for the
+    unless it ends the tensor), bfloat16 stochastically rounded (with ``noise``, ``_robust.
+    rounding_noise`` of at least ``hi - lo`` elements, if given), float copied (a no-op for the
     view ``decode`` gave)."""
     if is_int8(t):
         b0, b1 = lo // BLOCK, -(-hi // BLOCK)
@@ -169,7 +170,7 @@ def encode(t: Tensor, key: str, lo: int, hi: int, values: Tensor) -> None:
     if flat.data_ptr() == values.data_ptr() and flat.dtype == values.dtype:
         return
     if flat.dtype == torch.bfloat16:  # (float64 values: to float32 first, 2^-24 relative, then unbiased)
-        values = _robust.stochastic_round(values.to(torch.float32), flat.dtype)
+        values = _robust.stochastic_round(values.to(torch.float32), flat.dtype, noise)
     flat.copy_(values)
 
 

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ._state import is_wrapped
 
-__all__ = ["extremes", "sanitize", "stochastic_round", "write_back", "zero_nonfinite"]
+__all__ = ["extremes", "rounding_noise", "sanitize", "stochastic_round", "write_back", "zero_nonfinite"]
 
 
 def extremes(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
@@ -36,14 +36,25 @@ def zero_nonfinite(t: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0, out=out)
 
 
-def stochastic_round(x: Tensor, dtype: torch.dtype) -> Tensor:
+def stochastic_round(x: Tensor, dtype: torch.dtype, noise: Tensor | None = None) -> Tensor:
     """float32 ``x`` rounded to bfloat16 stochastically, unbiased (else a cast): 16 random low bits
-    added to the float32 pattern, then truncated; inf and NaN stay."""
+    added to the float32 pattern, then truncated; inf and NaN stay. ``noise``: those bits for the
+    first ``x.numel()`` elements (``rounding_noise``; read, not written), else drawn here."""
     if dtype != torch.bfloat16 or x.dtype != torch.float32:
         return x.to(dtype)
     bits = x.view(torch.int32)
-    noise = torch.empty_like(bits).random_().bitwise_and_(0xFFFF)  # (1.7x faster than randint_like on CPU)
-    return noise.add_(bits).bitwise_and_(-65536).view(torch.float32).to(dtype)
+    if noise is None:
+        total = rounding_noise(bits.numel(), bits.device).view_as(bits).add_(bits)
+    else:
+        total = torch.add(bits, noise[: bits.numel()].view_as(bits))
+    return total.bitwise_and_(-65536).view(torch.float32).to(dtype)
+
+
+def rounding_noise(n: int, device: torch.device) -> Tensor:
+    """(n,) int32 uniform in [0, 2^16): the random low bits of ``stochastic_round`` (``random_``:
+    1.7x faster than ``randint_like`` on CPU). One draw may serve the m, v and s of the same
+    elements in one step (``_compact``): each rounding stays unbiased; a third of the draws."""
+    return torch.empty(n, dtype=torch.int32, device=device).random_().bitwise_and_(0xFFFF)
 
 
 def write_back(xs: Sequence[Tensor], new: Sequence[Tensor], *, out: Sequence[Tensor] | None, sr: bool) -> list[Tensor]:
