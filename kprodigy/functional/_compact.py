@@ -27,7 +27,18 @@ from ._scalars import StepScalars
 from ._single import Moments, Ts
 from ._state import Segment, SegmentResult, compute_dtype, is_wrapped
 
-__all__ = ["CHUNK", "CHUNK_ACCELERATOR", "PACKS", "PURE", "WRITES_PARAMS", "applies", "gradients", "layout", "statistics", "update"]
+__all__ = [
+    "CHUNK",
+    "CHUNK_ACCELERATOR",
+    "PACKS",
+    "PURE",
+    "WRITES_PARAMS",
+    "applies",
+    "gradients",
+    "layout",
+    "statistics",
+    "update",
+]
 __all__ += ["update_moments", "update_params"]
 
 PURE = False  # writes in place; the engine steps copies for a pure step

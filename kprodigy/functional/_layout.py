@@ -39,8 +39,11 @@ def pack_segment(seg: Segment) -> Segment:
         if len(small) < 2 or ts is None:
             continue
         sub = [ts[i] for i in small]
-        if key == "p0" and any(t.dim() == 0 for t in sub) or key in ("exp_avg", "exp_avg_sq") and any(
-            t.shape != seg.params[i].shape for t, i in zip(sub, small)
+        if (
+            key == "p0"
+            and any(t.dim() == 0 for t in sub)
+            or key in ("exp_avg", "exp_avg_sq")
+            and any(t.shape != seg.params[i].shape for t, i in zip(sub, small))
         ):
             continue  # compact p0, factored v, int8 moments (_formats): not laid flat
         if flat_span(sub) is None:

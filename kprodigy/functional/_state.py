@@ -186,4 +186,3 @@ def init_state(params: Sequence[Tensor], hparams: Hyperparams, *, compact_p0: bo
     per_tensor = [init_tensor_state(x, hparams, compact_p0=compact_p0) for x in params]
     lists = {key: [t[key] for t in per_tensor] if key in per_tensor[0] else None for key in STATE_KEYS}
     return State(**lists, d=init_d_state(hparams, device))  # type: ignore[arg-type]
-

@@ -64,7 +64,9 @@ def finalize(opt: Any) -> None:
     items = [pending.get(tuple(m)) for m in members]
     old = [_group_keys.read(g[0]) if item is None else item.core.d_state for g, item in zip(groups, items)]
     new = list(old)
-    reduces = [None if item is None or item.core.update_d is False else opt._reduce_stats(item.params) for item in items]
+    reduces = [
+        None if item is None or item.core.update_d is False else opt._reduce_stats(item.params) for item in items
+    ]
     # D on the host and no reduction over ranks: the statistics of all those D-groups in one host read
     cores = {j: item.core for j, item in enumerate(items) if item is not None and reduces[j] is None}
     local = [j for j, core in cores.items() if not isinstance(core.d_state.d, Tensor)]

@@ -145,8 +145,14 @@ class Kept:
 def _flags(g: dict[str, Any]) -> tuple[Any, ...]:
     """The group's backend flags and how D is held (compared by identity: a changed value, even
     an equal one of another type, goes through the full step's checks)."""
-    return (id(g["foreach"]), id(g["fused"]), id(g["factored"]),
-            id(g["capturable"]), id(g["fsdp_in_use"]), id(g["d_frozen"]))
+    return (
+        id(g["foreach"]),
+        id(g["fused"]),
+        id(g["factored"]),
+        id(g["capturable"]),
+        id(g["fsdp_in_use"]),
+        id(g["d_frozen"]),
+    )
 
 
 def _settings(group: dict[str, Any]) -> tuple[Any, ...]:
