@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import prodigyopt
 import pytest
@@ -102,6 +103,21 @@ def backward(model: torch.nn.Module, X: Tensor, y: Tensor) -> None:
     ((model(X) - y) ** 2).mean().backward()
 
 
+def ours_and_reference(
+    model: torch.nn.Module, pgs: list[dict], backend: str, kwargs: dict, **flags: Any
+) -> tuple[KProdigy, Reference, list[list[int]]]:
+    """KProdigy over ``pgs`` with ``backend``'s flags (its hooks on ``model`` for
+    "step_parameter"), the float64 re-statement over the same D-groups, and those D-groups."""
+    opt = KProdigy(pgs, **flags, **BACKENDS[backend], **kwargs)
+    independent = kwargs.get("independent_d", False)
+    d_groups = [[i] for i in range(len(pgs))] if independent else [list(range(len(pgs)))]
+    ref = Reference([(g["params"], {k: v for k, v in g.items() if k != "params"}) for g in pgs], d_groups)
+    if backend == "step_parameter":
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(opt.step_parameter)
+    return opt, ref, d_groups
+
+
 def run_ours(config: str, backend: str, *, skip: bool, nan_at: int | None) -> tuple[KProdigy, Reference, list[list[int]]]:
     """Train the MLP with KProdigy and, in lockstep on the same gradients, the float64 reference.
 
@@ -112,13 +128,7 @@ def run_ours(config: str, backend: str, *, skip: bool, nan_at: int | None) -> tu
     model = make_model()
     X, y = data()
     pgs = param_groups(model, groups)
-    opt = KProdigy(pgs, skip_nonfinite=skip, **BACKENDS[backend], **kwargs)
-    independent = kwargs.get("independent_d", False)
-    d_groups = [[i] for i in range(len(pgs))] if independent else [list(range(len(pgs)))]
-    ref = Reference([(g["params"], {k: v for k, v in g.items() if k != "params"}) for g in pgs], d_groups)
-    if backend == "step_parameter":
-        for p in model.parameters():
-            p.register_post_accumulate_grad_hook(opt.step_parameter)
+    opt, ref, d_groups = ours_and_reference(model, pgs, backend, kwargs, skip_nonfinite=skip)
     for k in range(STEPS):
         opt.zero_grad()
         backward(model, X, y)
@@ -324,13 +334,7 @@ def run_zero_row(row: str, backend: str) -> tuple[torch.optim.Optimizer, torch.n
         opt: torch.optim.Optimizer = prodigyopt.Prodigy(pgs)
         ref, d_groups = None, [list(range(len(pgs)))]
     else:
-        opt = KProdigy(pgs, **BACKENDS[backend], **kwargs)
-        independent = kwargs.get("independent_d", False)
-        d_groups = [[i] for i in range(len(pgs))] if independent else [list(range(len(pgs)))]
-        ref = Reference([(g["params"], {k: v for k, v in g.items() if k != "params"}) for g in pgs], d_groups)
-        if backend == "step_parameter":
-            for p in model.parameters():
-                p.register_post_accumulate_grad_hook(opt.step_parameter)
+        opt, ref, d_groups = ours_and_reference(model, pgs, backend, kwargs)
     for k in range(STEPS):
         opt.zero_grad()
         loss = ((model(X) - y) ** 2).mean()
