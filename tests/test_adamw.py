@@ -156,7 +156,10 @@ def test_native_buckets_equal_per_tensor() -> None:
     for p, q in zip(ours, ref):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)
         for key in ("exp_avg", "exp_avg_sq", "s"):
-            torch.testing.assert_close(opt.state[p][key], ropt.state[q][key], rtol=1e-10, atol=1e-300)
+            # (the default path keeps m, v, s scaled: an entry where b1 m and (1 - b1) d g cancel
+            # rounds apart relative to itself, not to the tensor's scale)
+            b = ropt.state[q][key]
+            torch.testing.assert_close(opt.state[p][key], b, rtol=1e-10, atol=1e-12 * float(b.abs().max()))
 
 
 @pytest.mark.parametrize(
@@ -341,11 +344,12 @@ def test_s_written_once_skips_exactly_when_the_last_part_is_non_finite(
         for k in range(4):
             for p, g in zip(ps, _grads(ps, k)):
                 p.grad = g
-            if k == 3 and nan:
-                ps[3].grad[0, 6] = float("nan")
+            if k == 3:  # (in both runs: reading the state normalizes it, which rounds)
+                if nan:
+                    ps[3].grad[0, 6] = float("nan")
                 before = _snapshot(opt, ps)
             opt.step()
-        return opt, ps, before if nan else []
+        return opt, ps, before
 
     opt, ps, before = run(nan=True)
     assert len(norms) == (4 + 3 if independent_d else 2 * 3)  # one call per part and step, none on the NaN step

@@ -138,8 +138,10 @@ def test_schedule_free_wrapper() -> None:
     ref_model, ref_base = train(lambda ps: prodigyopt.Prodigy(ps, betas=(0.0, 0.999)))
     assert base.param_groups[0]["d"] > 1000 * 1e-6  # the wrapper weights its average by lr * d
     assert math.isclose(base.param_groups[0]["d"], ref_base.param_groups[0]["d"], rel_tol=1e-9)
+    # (the wrapper reads the base's state every step: each read normalizes the scaled moments,
+    # and the chaotic betas[0] == 0 steps amplify that rounding to ~5e-11 of the params)
     for p, q in zip(model.parameters(), ref_model.parameters()):
-        assert torch.allclose(p, q, rtol=1e-9, atol=1e-12)
+        assert float((p - q).norm()) <= 1e-9 * float(q.norm())
     # the wrapper also writes group["k"] += 1 after our step (schedulefree 1.4.1): k advances twice
     # per step, which the README documents (no bias correction, d_update_freq and d_steps doubled)
     assert base.param_groups[0]["k"] == 60

@@ -198,6 +198,7 @@ def test_functional_step_equals_class_bit_for_bit() -> None:
             assert torch.equal(leaf.detach(), p)
         assert float(state.d.d) == opt.param_groups[0]["d"]
         assert int(state.d.k) == opt.param_groups[0]["k"] == k + 1
+    # (the class keeps m and v scaled between steps, m = A M: read back, A M rounds once)
     for leaf, m, v in zip(leaves, state.exp_avg, state.exp_avg_sq):
-        assert torch.equal(opt.state[leaf]["exp_avg"], m)
-        assert torch.equal(opt.state[leaf]["exp_avg_sq"], v)
+        for ours, ref in ((opt.state[leaf]["exp_avg"], m), (opt.state[leaf]["exp_avg_sq"], v)):
+            torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))

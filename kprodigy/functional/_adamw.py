@@ -4,15 +4,26 @@ pass (D on the host only: the kernel takes ``eps`` as a float), where ``usable``
 It steps ``Bucket``s: runs of small tensors whose m, v, s lie back to back (``PACKS``; gradients
 gathered into a buffer), or slices of a large tensor; on CPU at most ``PACK_MAX`` / ``SLICE``
 elements, so the scratch stays in cache: a dozen ops per bucket whatever the number of tensors.
-``update`` runs ``torch._fused_adamw_`` with ``lr = dlr``, ``eps = d_new * eps``, the gradient
-times ``d_old`` in scratch (the CPU kernel's ``grad_scale`` would write the unscaled gradient into
-``p.grad``) and a state step of 1e9 (Adam's bias corrections exactly 1): bit-identical to the
-per-tensor kernels in float32 and float64 on CPU (benchmarks/NOTES.md, "Native path"). With
-betas[0] == 0, ``m`` is a zeroed scratch (m = d_old g) and lr = dlr d_new / d_old.
-"""
+``update`` runs ``torch._fused_adamw_`` with a state step of 1e9 (Adam's bias corrections exactly 1).
 
+Scaled state (``FlatGroup.scaled``: the optimizer's kept plans). The tensors hold M = m / A,
+V = v / B and T = s / C, with A, B the EMAs of d and d^2 (A <- b1 A + (1 - b1) d, B likewise with
+b2 and d^2) and C the product of the beta3s. Prodigy's m <- b1 m + (1 - b1) d g is then Adam's
+M <- b1' M + (1 - b1') g with b1' = b1 A_old / A, v's likewise, and its step is Adam's with
+lr' = dlr A / sqrt(B), eps' = d_new eps / sqrt(B): the kernel takes the raw gradient, no
+``d * g`` pass. ``s`` moves by one axpy, T <- T + (s_scale / C) g (``_s_rule``; rescaled to
+C = 1 before C underflows). ``normalize`` multiplies the scales back in; the optimizer does so
+before anything reads its state (``KProdigy.state``). Equal to the per-tensor kernels up to
+float rounding (benchmarks/NOTES.md, "Scaled state").
+
+Unscaled (the functional steps): the gradient times ``d_old`` in scratch (the CPU kernel's
+``grad_scale`` would write the unscaled gradient into ``p.grad``), lr = dlr, eps = d_new eps:
+bit-identical to the per-tensor kernels in float32 and float64 on CPU. With betas[0] == 0,
+``m`` is a zeroed scratch (m = d_old g, scaled: m = g) and the step takes d_new instead of A.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -26,7 +37,7 @@ from ._single import Ts
 from ._state import Segment, SegmentResult, is_wrapped
 
 __all__ = ["PACKS", "PURE", "SMALL", "S_FIRST", "Bucket", "FlatGroup", "dots", "gradients", "layout", "norms"]
-__all__ += ["statistics", "update", "usable"]
+__all__ += ["normalize", "statistics", "update", "usable"]
 
 PURE = False  # update works in place; the engine steps copies for a pure step
 PACKS = True  # the small params' state lies back to back (the plan lays it so)
@@ -98,7 +109,11 @@ class FlatGroup:
     """A param group's buckets and their shared scratch: ``work``, ``work2`` (largest bucket,):
     ``p0 - x`` then ``|s_new|``; ``s_new`` then a slice's ``d_old * g``; ``work`` the zeroed ``m``
     when betas[0] == 0; ``work3`` a slice's effective gradient (made on first use). ``steps``: the
-    huge state step of Adam's kernel (one 0-dim float32 tensor, repeated per tensor)."""
+    huge state step of Adam's kernel (one 0-dim float32 tensor, repeated per tensor).
+
+    ``scaled``: the state tensors hold m / A, v / B, s / C with ``scales`` = [A, B, C] (host
+    floats; ``normalize`` multiplies them back in). Then Adam's kernel takes the raw gradients
+    and ``s`` one axpy per step (module docstring); else the scales stay 1."""
 
     buckets: list[Bucket]
     work: Tensor
@@ -106,6 +121,9 @@ class FlatGroup:
     steps: list[Tensor]
     slice_p: int = 1
     work3: Tensor | None = None
+    scaled: bool = False
+    scales: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    anchored: bool = False  # A, B are set from d (``update``), not 1 (after ``normalize``)
 
 
 def layout(seg: Segment) -> FlatGroup:
@@ -222,11 +240,12 @@ def _sliced(fg: FlatGroup, b: Bucket, g: Tensor) -> Tensor:
 def statistics(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars) -> tuple[Tensor, Tensor]:
     """Writes only scratch: per bucket ``_dot`` and ``_norm`` (``s`` read, not written)."""
     dots, norms = [], []
+    rule = _s_rule(lay, sc)
     for b, gb in zip(lay.buckets, grads):
         g = _sliced(lay, b, _grad(lay, b, gb, seg.hparams))
         dots.append(_dot(lay, b, g))
-        norms.append(_norm(lay, b, g, sc, write_s=False))
-    return _total(dots), _total(norms)
+        norms.append(_norm(lay, b, g, rule, write_s=False))
+    return _total(dots), _scaled_total(norms, rule)
 
 
 def dots(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars) -> Tensor:
@@ -239,9 +258,11 @@ def norms(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars) -> Tensor:
     """The second half of ``statistics``, writing this step's ``s`` in place (``update`` must then
     leave it: ``sc.beta3`` None there): sum ||beta3 s + s_scale g||_1."""
     out = []
+    rule = _s_rule(lay, sc)
     for b, gb in zip(lay.buckets, grads):  # (one bucket at a time: ``_grad`` may reuse scratch)
-        out.append(_norm(lay, b, _sliced(lay, b, _grad(lay, b, gb, seg.hparams)), sc, write_s=True))
-    return _total(out)
+        out.append(_norm(lay, b, _sliced(lay, b, _grad(lay, b, gb, seg.hparams)), rule, write_s=True))
+    lay.scales[2] = rule[2]
+    return _scaled_total(out, rule)
 
 
 def _dot(fg: FlatGroup, b: Bucket, g: Tensor) -> Tensor:
@@ -258,44 +279,112 @@ def _dot(fg: FlatGroup, b: Bucket, g: Tensor) -> Tensor:
     return torch.dot(g, torch.sub(b.p0, x, out=work))
 
 
-def _norm(fg: FlatGroup, b: Bucket, g: Tensor, sc: StepScalars, *, write_s: bool) -> Tensor:
-    """||beta3 s + s_scale g||_1 of a bucket: the new ``s`` in scratch, or written into ``s``
+S_FLOOR = 2.0**-20  # the s scale C below which ``s`` is rescaled to C = 1 as it is written
+
+
+def _s_rule(fg: FlatGroup, sc: StepScalars) -> tuple[float | None, float, float]:
+    """How this step writes the stored ``s`` (s / C) of a part: (decay, alpha, C after). Scaled,
+    while C beta3 >= ``S_FLOOR``: s / C <- s / C + (s_scale / (C beta3)) g, one axpy, C <- C beta3
+    (decay None). Else s <- (C beta3) (s / C) + s_scale g and C <- 1, prodigyopt's ops."""
+    c = fg.scales[2] * cast(float, sc.beta3)
+    if fg.scaled and c >= S_FLOOR:
+        return None, sc.s_scale / c, c
+    return c, sc.s_scale, 1.0
+
+
+def _norm(fg: FlatGroup, b: Bucket, g: Tensor, rule: tuple[float | None, float, float], *, write_s: bool) -> Tensor:
+    """||s_new / C||_1 of a bucket (``_s_rule``): the new ``s`` in scratch, or written into ``s``
     (the ops of ``update``)."""
     n_s = b.s.numel()
-    beta3 = cast(float, sc.beta3)
-    s_new = b.s.mul_(beta3) if write_s else torch.mul(b.s, beta3, out=fg.work2[:n_s])
-    return torch.abs(s_new.add_(g, alpha=sc.s_scale), out=fg.work[:n_s]).sum()
+    s_new = _s_write(b.s, g, rule, None if write_s else fg.work2[:n_s])
+    return torch.abs(s_new, out=fg.work[:n_s]).sum()
+
+
+def _s_write(s: Tensor, g: Tensor, rule: tuple[float | None, float, float], out: Tensor | None) -> Tensor:
+    """The new stored ``s`` of a bucket (``_s_rule``): in place, or into ``out``."""
+    decay, alpha, _ = rule
+    if decay is None:
+        return s.add_(g, alpha=alpha) if out is None else torch.add(s, g, alpha=alpha, out=out)
+    return (s.mul_(decay) if out is None else torch.mul(s, decay, out=out)).add_(g, alpha=alpha)
 
 
 def _total(ts: list[Tensor]) -> Tensor:
     return ts[0] if len(ts) == 1 else torch.stack(ts).sum()
 
 
+def _scaled_total(ts: list[Tensor], rule: tuple[float | None, float, float]) -> Tensor:
+    """The sum of the buckets' ||s / C||_1 times C: sum ||s||_1."""
+    total = _total(ts)
+    return total if rule[2] == 1.0 else total * rule[2]
+
+
 def update(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars, out: SegmentResult | None) -> SegmentResult:
     """In place only (not ``PURE``), D on the host."""
     assert out is not None and sc.d_new is not None and sc.ok is None, "in place, with D on the host"
     fg, hp = lay, seg.hparams
-    b1 = hp.betas[0]
+    (b1, b2), (a, b) = hp.betas, fg.scales[:2]
     d_old, d_new, dlr = sc.weight, sc.d_new, sc.dlr
-    # betas[0] == 0: m = d_old * g in a zeroed scratch, and the step dlr * d_new * g / den; decoupled
-    # decay apart, below: x - decay * x as prodigyopt (not x * (1 - decay))
-    lr = dlr if b1 > 0 else dlr * d_new / d_old
-    kwargs: dict[str, Any] = {**_FIXED, "lr": lr, "beta1": b1, "beta2": hp.betas[1], "eps": d_new * hp.eps}
-    for b, gb in zip(fg.buckets, grads):
-        n = b.hi - b.lo
-        g = _grad(fg, b, gb, hp)
-        if sc.beta3 is not None:
-            b.s.mul_(sc.beta3).add_(_sliced(fg, b, g), alpha=sc.s_scale)
-        if b.grad is not None:
-            gs = b.grad_views
-            b.grad.mul_(d_old)
+    if fg.scaled and not fg.anchored:  # A, B of this d: then b1' <= b1, b2' <= b2 (d never decreases)
+        _multiply(fg, [a / d_old, b / (d_old * d_old), 1.0])
+        fg.scales[:2] = a, b = d_old, d_old * d_old
+        fg.anchored = True
+    if fg.scaled:  # m = A M, v = B V: Adam's update of M, V on the raw gradient (module docstring)
+        a_new, beta1 = _ema(b1, sc.gains[0], a, d_old) if b1 > 0 else (1.0, b1)
+        b_new, beta2 = _ema(b2, sc.gains[1], b, d_old * d_old)
+        root, factor = math.sqrt(b_new), None  # (sqrt(fl(d * d)) == d: lr == dlr while d stays)
+        lr, eps = (dlr * a_new if b1 > 0 else dlr * d_new) / root, d_new * hp.eps / root
+    else:  # the gradient times d_old in scratch; betas[0] == 0: m = d_old * g in a zeroed scratch
+        beta1, beta2, factor = b1, b2, d_old
+        lr, eps = (dlr if b1 > 0 else dlr * d_new / d_old), d_new * hp.eps
+    # (betas[0] == 0: the step dlr * d_new * g / den; decoupled decay apart, below: x - decay * x as
+    # prodigyopt, not x * (1 - decay))
+    kwargs: dict[str, Any] = {**_FIXED, "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps}
+    rule = _s_rule(fg, sc) if sc.beta3 is not None else None
+    for bk, gb in zip(fg.buckets, grads):
+        n = bk.hi - bk.lo
+        g = _grad(fg, bk, gb, hp)
+        if rule is not None:
+            _s_write(bk.s, _sliced(fg, bk, g), rule, None)
+        if bk.grad is not None:
+            gs = bk.grad_views
+            if factor is not None:
+                bk.grad.mul_(factor)
         else:
-            gs = [torch.mul(g, d_old, out=fg.work2[:n])]
-        ms = b.m
+            gs = [g if factor is None else torch.mul(g, factor, out=fg.work2[:n])]
+        ms = bk.m
         if b1 <= 0:
             fg.work[:n].zero_()
-            ms = b.work_views if b.grad is not None else [fg.work[:n]]
+            ms = bk.work_views if bk.grad is not None else [fg.work[:n]]
         if sc.decay:
-            torch._foreach_add_(b.params, b.params, alpha=-sc.decay)
-        torch._fused_adamw_(b.params, gs, ms, b.v, [], fg.steps[: len(b.params)], **kwargs)
+            torch._foreach_add_(bk.params, bk.params, alpha=-sc.decay)
+        torch._fused_adamw_(bk.params, gs, ms, bk.v, [], fg.steps[: len(bk.params)], **kwargs)
+    if fg.scaled:
+        fg.scales[:2] = [a_new, b_new]
+    if rule is not None:
+        fg.scales[2] = rule[2]
     return out
+
+
+def _ema(beta: float, gain: float, old: float, value: float) -> tuple[float, float]:
+    """A scale's EMA step and Adam's beta for it: (beta old + gain value, beta old / new); while
+    the scale equals ``value`` (d unchanged), exactly (old, beta), so that 1 - beta loses nothing."""
+    if old == value:
+        return old, beta
+    new = beta * old + gain * value
+    return new, beta * old / new
+
+
+def normalize(lay: FlatGroup) -> None:
+    """Multiply the scales into the stored m, v, s (``FlatGroup``): they hold prodigyopt's values
+    again, and the scales are 1 (the next ``update`` sets A, B from d again)."""
+    _multiply(lay, lay.scales)
+    lay.scales[:] = [1.0, 1.0, 1.0]
+    lay.anchored = False
+
+
+def _multiply(lay: FlatGroup, factors: list[float]) -> None:
+    """The stored m, v, s times ``factors`` (one each; 1 leaves it)."""
+    for key, factor in zip(("m", "v", "s"), factors):
+        ts = [t for b in lay.buckets for t in ([b.s] if key == "s" else getattr(b, key)) if t.numel()]
+        if ts and factor != 1.0:
+            torch._foreach_mul_(ts, factor)

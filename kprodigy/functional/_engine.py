@@ -26,7 +26,7 @@ from ._single import Ts
 from ._state import STATE_KEYS, DState, Segment, SegmentResult, d_dtype, is_wrapped
 
 __all__ = ["AUTO_FUSED_MIN", "S_FIRST_MIN", "Member", "Plan", "ReduceStats", "build", "choose_backend"]
-__all__ += ["d_on_host", "refresh", "step", "use_foreach", "use_fused"]
+__all__ += ["d_on_host", "normalize", "refresh", "step", "use_foreach", "use_fused"]
 
 ReduceStats = Callable[[Tensor], Tensor]  # sums [numerator_0, denom_0, numerator_1, ...] over ranks
 
@@ -46,10 +46,16 @@ class Part:
     pure: bool
     own: SegmentResult = field(init=False)
     numel: int = field(init=False)  # elements of its params
+    rounds: bool = field(init=False)  # the engine rounds its bfloat16 params (``_update_part``)
+    wrapped: bool = field(init=False)  # torch.func-wrapped params: scalars cast for them (``StepScalars.like``)
 
     def __post_init__(self) -> None:
         self.own = _unchanged(self.seg)
         self.numel = sum(x.numel() for x in self.seg.params)
+        sr = self.seg.hparams.stochastic_rounding and any(x.dtype == torch.bfloat16 for x in self.seg.params)
+        self.rounds = sr and not getattr(self.backend, "WRITES_PARAMS", False)  # (_compact rounds per chunk)
+        xs = self.seg.params  # (``like`` leaves the scalars alone inside torch.compile)
+        self.wrapped = not torch.compiler.is_compiling() and bool(xs) and is_wrapped(xs[0])
 
 
 @dataclass(eq=False)
@@ -58,6 +64,10 @@ class Member:
 
     seg: Segment
     parts: list[Part]
+    numel: int = field(init=False)  # elements of its parts' params
+
+    def __post_init__(self) -> None:
+        self.numel = sum(part.numel for part in self.parts)
 
 
 @dataclass(eq=False)
@@ -67,6 +77,16 @@ class Plan:
     d_groups: list[list[Member]]
     on_host: bool
     pure: bool = False
+
+
+def normalize(plan: Plan) -> None:
+    """Multiply a scaled plan's scales into its state (``_adamw.normalize``): the tensors then hold
+    the moments and ``s`` themselves (prodigyopt's values), and the plan stays usable."""
+    for members in plan.d_groups:
+        for member in members:
+            for part in member.parts:
+                if part.backend is _adamw:
+                    _adamw.normalize(part.lay)
 
 
 def refresh(member: Member, hp: Hyperparams) -> None:
@@ -135,11 +155,14 @@ def build(
     fused: Sequence[bool | None] | None = None,
     pure: bool = False,
     pack: bool = True,
+    scaled: bool = False,
 ) -> Plan:
     """The plan of a step over ``segments`` (per D-group, its members'); ``foreach``, ``fused`` per
     D-group. ``pure``: the step makes new tensors (the in-place backends step copies). ``pack``: lay
     the small params' state flat for the backends that step it so (``PACKS``): the members then
-    hold new state tensors (``Member.seg``), which the caller keeps."""
+    hold new state tensors (``Member.seg``), which the caller keeps. ``scaled``: the backends that
+    can keep their state scaled between steps do (``_adamw``); the caller must ``normalize`` the
+    plan before anything else reads or writes that state."""
     n = len(segments)
     d_groups = []
     for segs, fe, fu in zip(segments, foreach or [None] * n, fused or [None] * n):
@@ -155,7 +178,10 @@ def build(
                         part = _layout.copy_segment(part)
                     elif pack and getattr(backend, "PACKS", False):
                         part = _layout.pack_segment(part)
-                    parts.append(Part(backend, part, index, backend.layout(part), pure and backend.PURE))
+                    lay = backend.layout(part)
+                    if scaled and backend is _adamw:
+                        lay.scaled = True
+                    parts.append(Part(backend, part, index, lay, pure and backend.PURE))
                 seg = _merge(seg, parts)
             members.append(Member(seg, parts))
         d_groups.append(members)
@@ -221,9 +247,8 @@ def _statistics(
         return None
     hp0 = members[0].seg.hparams
     p = _Pending(updates_d(hp0, ds.k), {}, {}, [], [])
-    if on_host and not reduced and p.update_d is True:
-        parts = [part for i in active for part in members[i].parts]
-        p.s_first = sum(part.numel for part in parts) >= S_FIRST_MIN and all(map(_writes_s_first, parts))
+    if on_host and not reduced and p.update_d is True and sum(members[i].numel for i in active) >= S_FIRST_MIN:
+        p.s_first = all(_writes_s_first(part) for i in active for part in members[i].parts)
     checks: list[Tensor] = []
     for i in active:
         sc = p.scalars[i] = step_scalars(members[i].seg.hparams, ds, update_d=p.update_d, beta3=hp0.beta3_value)
@@ -233,7 +258,7 @@ def _statistics(
             g = part.backend.gradients(part.seg, part.lay, raw)
             p.grads[i].append(g)
             if p.update_d is not False and not p.s_first:
-                p.sums += part.backend.statistics(part.seg, part.lay, g, sc.like(part.seg.params[0]))
+                p.sums += part.backend.statistics(part.seg, part.lay, g, _like(sc, part))
                 p.scales.append(sc.numerator_scale)
             # where the statistics do not read every gradient element, its extremes decide the skip
             if hp0.skip_nonfinite and g and (p.update_d is not True or part.seg.hparams.slice_p > 1):
@@ -353,7 +378,7 @@ def _update(members: Sequence[Member], p: _Pending, d_new: Any, ok: Tensor | Non
             sc = p.scalars[i].finish(d_new, ok, moves)
             sc = sc.with_(beta3=None) if p.s_written else sc
             for part, g in zip(m.parts, p.grads[i]):
-                new = _update_part(part, g, sc.like(part.seg.params[0]))
+                new = _update_part(part, g, _like(sc, part))
                 if res is None:
                     continue
                 for key in ("params", "exp_avg", "exp_avg_sq", "s"):
@@ -365,12 +390,14 @@ def _update(members: Sequence[Member], p: _Pending, d_new: Any, ok: Tensor | Non
     return out
 
 
+def _like(sc: StepScalars, part: Part) -> StepScalars:
+    return sc.like(part.seg.params[0]) if part.wrapped else sc
+
+
 def _update_part(part: Part, grads: Ts, sc: StepScalars) -> SegmentResult:
     """``update`` of one part, in place or into new tensors of the params' dtype; with stochastic
     rounding, of float32 copies of the bfloat16 params, rounded into them here."""
-    seg = part.seg
-    sr = seg.hparams.stochastic_rounding and any(x.dtype == torch.bfloat16 for x in seg.params)
-    sr = sr and not getattr(part.backend, "WRITES_PARAMS", False)  # (_compact rounds per chunk)
+    seg, sr = part.seg, part.rounds
     if not (sr or part.pure):
         return part.backend.update(seg, part.lay, grads, sc, part.own)  # type: ignore[no-any-return]
     if sr:

@@ -46,11 +46,11 @@ def write(groups: list[dict[str, Any]], hps: list[Hyperparams], old: DState, new
                 # (a host number filled in: copy_ would copy it from the host, a sync)
                 group[key].copy_(value) if isinstance(value, Tensor) else group[key].fill_(value)
         return
-    new_values = {key: getattr(new, key) for key in D_STATE_FIELDS}
+    new_values = vars(new)  # (a dataclass's fields: D_STATE_FIELDS)
     for group in groups:
         group.update(new_values)
-    for group, values in zip(groups, steps):
-        group.update(zip(STEP_KEYS, values))
+    for group, (eff, size) in zip(groups, steps):
+        group["effective_lr"], group["step_size"] = eff, size
 
 
 def bind(groups: list[dict[str, Any]], device: torch.device, seen: set[int]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,7 +24,7 @@ from ..functional._hyperparams import _from_fp32_state
 from ..functional._scalars import frozen
 from ..functional._state import d_dtype
 from . import _diagnostics, _group_keys, _per_param, _plan
-from ._checks import check_group, check_param_group, check_settings, hparams, one_device
+from ._checks import check_group, check_param_group, check_settings, one_device
 
 __all__ = ["KProdigy"]
 
@@ -203,6 +204,18 @@ class KProdigy(torch.optim.Optimizer):
         super().__init__(params, defaults)
         _diagnostics.check_lr(self, "at construction", use_schedule=False)  # KProdigyWarning
 
+    @property  # type: ignore[override]
+    def state(self) -> defaultdict[Tensor, Any]:
+        """torch's per-param state (``exp_avg``, ``exp_avg_sq``, ``s``, ``p0``, ``step``), with
+        prodigyopt's values: the default step keeps the moments and ``s`` scaled between steps
+        (``functional/_adamw.py``), and reading ``state`` multiplies the scales back in first."""
+        _plan.normalize(self)
+        return self.__dict__["state"]  # type: ignore[no-any-return]
+
+    @state.setter
+    def state(self, value: defaultdict[Tensor, Any]) -> None:
+        self.__dict__["state"] = value
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its settings are validated first (a bad group changes nothing)."""
         if not isinstance(param_group, dict):
@@ -222,6 +235,7 @@ class KProdigy(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         """torch's state plus the optimizer-wide settings, which ``copy.deepcopy`` and pickling keep
         (``process_group``, not picklable, is left out)."""
+        _plan.normalize(self)
         state = {k: v for k, v in super().__getstate__().items() if k not in ("_kept", "_pending", "_scratch_store")}
         state.update(independent_d=self.independent_d, reduce_d_stats=self.reduce_d_stats, d_ratio_cap=self.d_ratio_cap)
         return state
@@ -255,6 +269,7 @@ class KProdigy(torch.optim.Optimizer):
         moments and ``s`` are converted to its state format (``_formats.convert``, chunk by chunk;
         torch's loader would cast them to the param dtype), D is held as it holds it. Per-param
         steps not yet finalized are dropped."""
+        _plan.release(self)
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         if isinstance(groups, (list, tuple)):  # this optimizer's state_precision and capturable
             mine = [{"capturable": g["capturable"], "state_precision": g["state_precision"]} for g in self.param_groups]
@@ -333,17 +348,19 @@ class KProdigy(torch.optim.Optimizer):
             self.finalize_step()
             return loss
         kept = self._kept if self._kept is not None and self._kept.holds(self) else _plan.build(self)
-        groups = [[self.param_groups[i] for i in m] for m in kept.members]
+        groups, stepped = kept.by_d_group, kept.stepped
         old = [self._d_state(g, kept.plan.on_host) for g in groups]
-        local = _distributed.local if kept.dtensor else lambda g: g
-        grads = [[[local(p.grad) for p in ps] for ps in d] for d in kept.stepped]  # type: ignore[arg-type]
+        if kept.dtensor:
+            grads = [[[_distributed.local(p.grad) for p in ps] for ps in d] for d in stepped]  # type: ignore[arg-type]
+        else:
+            grads = [[[p.grad for p in ps] for ps in d] for d in stepped]  # type: ignore[misc]
         distributed = dist.is_available() and dist.is_initialized()
         reduce_stats = self._reduce_stats([p for d in kept.stepped for ps in d for p in ps]) if distributed else None
         with _scratch.owned_by(self._scratch()):
             _, new = _engine.step(kept.plan, grads, old, reduce_stats=reduce_stats, d_ratio_cap=self.d_ratio_cap)
-        for g, params, o, n in zip(groups, kept.stepped, old, new):
-            self._record(g, [p for group, ps in zip(g, params) if group["lr"] > 0 for p in ps], o, n)
-        _diagnostics.after_step(self, [g for g, ps in zip(groups, kept.stepped) if any(ps)])
+        for g, hps, params, o, n in zip(groups, kept.hps_by_d_group(), stepped, old, new):
+            self._record(g, [p for group, ps in zip(g, params) if group["lr"] > 0 for p in ps], o, n, hps)
+        _diagnostics.after_step(self, [g for g, ps in zip(groups, stepped) if any(ps)])
         return loss
 
     def _d_state(self, groups: list[dict[str, Any]], on_host: bool) -> DState:
@@ -354,28 +371,31 @@ class KProdigy(torch.optim.Optimizer):
         device = self._device([p for g in groups for p in g["params"]])
         return ds.on_device(device, d_dtype(device))
 
-    def _record(self, groups: list[dict[str, Any]], params: list[Tensor], old: DState, new: DState) -> None:
+    def _record(
+        self, groups: list[dict[str, Any]], params: list[Tensor], old: DState, new: DState, hps: list[Hyperparams]
+    ) -> None:
         """After a D-group's step: its group keys, the ``step`` of the params it moved (with gradients,
-        in groups with lr > 0), a warning on the first skip, and D frozen (``d_steps``) where due."""
+        in groups with lr > 0), a warning on the first skip, and D frozen (``d_steps``) where due;
+        ``hps`` the groups' hyperparameters."""
         if new is old:
             return  # nothing changed (no gradients, or every lr 0)
         lead = groups[0]
         if not lead["capturable"] and isinstance(new.d, Tensor):
             new = new.on_host()  # (a plan with D on the device, for another D-group)
-        hps = [hparams(g) for g in groups]
         advanced = new.k - old.k  # (before the write: capturable keys are old's tensors)
+        state = _plan.raw_state(self)
         _group_keys.write(groups, hps, old, new, stepped=bool(params) and any(hp.lr > 0 for hp in hps))
         if lead["capturable"]:
             if params:
                 # alpha: the Tensor overload (without it, the Scalar one reads ``advanced`` on the host)
-                torch._foreach_add_([self.state[p]["step"] for p in params], advanced, alpha=1)
+                torch._foreach_add_([state[p]["step"] for p in params], advanced, alpha=1)
             return
         for p in params:
-            self.state[p]["step"] += advanced
+            state[p]["step"] += advanced
         if new.skipped_steps > old.skipped_steps:
             self._warn_skip([i for i, g in enumerate(self.param_groups) if any(g is h for h in groups)])
         if frozen(hps[0], new.k) and not lead["d_frozen"]:
-            self._kept = None
+            _plan.release(self)
             for group in groups:
                 group["d_frozen"] = True
                 for p in group["params"]:  # D is fixed from now on: its statistics are not needed

@@ -77,7 +77,7 @@ def finalize(opt: Any) -> None:
                 new[j] = _partial.finish(item.core, reduces[j], read.get(j))
     new = cap_d_ratio(old, new, [any(g["lr"] > 0 for g in gs) for gs in groups], opt.d_ratio_cap)
     for gs, item, o, n in zip(groups, items, old, new):
-        opt._record(gs, item.moved if item is not None else [], o, n)
+        opt._record(gs, item.moved if item is not None else [], o, n, [hparams(g) for g in gs])
     _diagnostics.after_step(opt, [item.groups for item in pending.values()])
 
 

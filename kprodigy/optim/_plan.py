@@ -13,13 +13,13 @@ from ..functional._state import STATE_KEYS, Segment
 from . import _group_keys
 from ._checks import check_d_group_agrees, check_grads, check_group, hparams, one_device
 
-__all__ = ["Kept", "build", "segment"]
+__all__ = ["Kept", "build", "normalize", "raw_state", "release", "segment"]
 
 
 def build(opt: Any) -> Kept:
     """Validate everything (nothing changes on an error), create state where needed and build
     the plan of this step; kept for the next steps unless a param is a DTensor."""
-    opt._kept = None
+    release(opt)
     for i, group in enumerate(opt.param_groups):
         check_group(group, i)
         check_grads(group, i, opt.state)
@@ -41,6 +41,7 @@ def build(opt: Any) -> Kept:
         foreach=[opt.param_groups[m[0]]["foreach"] for m in members],
         fused=[opt.param_groups[m[0]]["fused"] for m in members],
         pack=not dtensor,
+        scaled=not dtensor,  # (kept: ``release`` normalizes it)
     )
     for d, ps_list in zip(plan.d_groups, stepped):  # the state as laid out (small params' packed)
         for member, ps in zip(d, ps_list):
@@ -53,6 +54,25 @@ def build(opt: Any) -> Kept:
     if not dtensor:
         opt._kept = kept
     return kept
+
+
+def normalize(opt: Any) -> None:
+    """The kept plan's scales multiplied into the state (``_engine.normalize``): ``opt.state``
+    holds prodigyopt's values; the plan is kept."""
+    kept = opt.__dict__.get("_kept")
+    if kept is not None:
+        _engine.normalize(kept.plan)
+
+
+def release(opt: Any) -> None:
+    """Drop the kept plan, its state normalized first."""
+    normalize(opt)
+    opt._kept = None
+
+
+def raw_state(opt: Any) -> dict[Tensor, dict[str, Any]]:
+    """``opt.state`` without normalizing it (the step's own bookkeeping)."""
+    return opt.__dict__["state"]  # type: ignore[no-any-return]
 
 
 def segment(states: dict[Tensor, dict[str, Any]], group: dict[str, Any]) -> tuple[Segment, list[Tensor]]:
@@ -93,6 +113,7 @@ class Kept:
     ) -> None:
         self.plan, self.members, self.stepped = plan, members, stepped
         self.groups = list(opt.param_groups)
+        self.by_d_group = [[self.groups[i] for i in m] for m in members]  # each D-group's param groups
         self.key = (opt.independent_d, [g["d_group"] for g in self.groups])
         self.hps = [hparams(g) for g in self.groups]
         self.settings = [_settings(g) for g in self.groups]
@@ -100,7 +121,7 @@ class Kept:
         flat = [p for d in stepped for ps in d for p in ps]
         self.idle = [p for g in self.groups for p in g["params"] if p.grad is None]  # no gradient then
         self.tensors = [_tensors(opt, p) for p in flat]
-        self.state = opt.state  # each param's state dict is kept by identity (``_tensors``)
+        self.state = raw_state(opt)  # each param's state dict is kept by identity (``_tensors``)
         self.dtensor = any(_distributed.is_dtensor(p) for p in flat)
 
     def holds(self, opt: Any) -> bool:
@@ -121,7 +142,7 @@ class Kept:
                     self._refresh(i, hp)
         except (ValueError, RuntimeError, TypeError):
             return False  # the full step raises it, with its context
-        if any(p.grad is not None for p in self.idle) or opt.state is not self.state:
+        if any(p.grad is not None for p in self.idle) or raw_state(opt) is not self.state:
             return False
         for p, layout, st, m, v, s, p0 in self.tensors:  # (``opt.state`` replaced wholesale by a load: above)
             g = p.grad
@@ -132,6 +153,10 @@ class Kept:
             if st.get("s") is not s or st.get("p0") is not p0:
                 return False
         return True
+
+    def hps_by_d_group(self) -> list[list[Hyperparams]]:
+        """Each D-group's param groups' hyperparameters, as ``holds`` last took them."""
+        return [[self.hps[i] for i in m] for m in self.members]
 
     def _refresh(self, i: int, hp: Hyperparams) -> None:
         """Take a param group's new hyperparameter values into the plan."""
