@@ -102,6 +102,7 @@ class Bucket:
     sliced: Tensor | None = None
     sliced_views: list[Tensor] = field(default_factory=list)
     x_views: list[Tensor] = field(default_factory=list)
+    whole: list[Tensor] = field(default_factory=list)  # a tensor's first slice: its flat x, m, v
 
 
 @dataclass(eq=False)
@@ -159,6 +160,8 @@ def layout(seg: Segment) -> FlatGroup:
                 m = [] if ms is None else [ms[i].view(-1)[lo:hi]]
                 v = [vs[i].view(-1)[lo:hi]]
                 buckets.append(Bucket([i], lo, hi, [x.view(-1)[lo:hi]], m, v, ss[i][s_lo:s_hi], p0[s_lo:s_hi]))
+                if lo == 0 and ms is not None:
+                    buckets[-1].whole = [x.view(-1), ms[i].view(-1), vs[i].view(-1)]
             continue
         params = [xs[i] for i in idx]
         laid = ([] if ms is None else [ms]) + [vs] + ([] if frozen else [ss])
@@ -340,6 +343,44 @@ def update(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars, out: Segmen
     # prodigyopt, not x * (1 - decay))
     kwargs: dict[str, Any] = {**_FIXED, "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps}
     rule = _s_rule(fg, sc) if sc.beta3 is not None else None
+    if rule is None and factor is None and b1 > 0 and not (hp.maximize or hp.weight_decay > 0 and not hp.decouple):
+        _update_whole(fg, grads, sc.decay, kwargs)  # (nothing per bucket: one kernel call)
+    else:
+        _update_buckets(fg, hp, grads, rule, factor, sc.decay, kwargs)
+    if fg.scaled:
+        fg.scales[:2] = [a_new, b_new]
+    if rule is not None:
+        fg.scales[2] = rule[2]
+    return out
+
+
+def _update_whole(fg: FlatGroup, grads: Ts, decay: Any, kwargs: dict[str, Any]) -> None:
+    """The update as one kernel call over whole tensors (where no bucket needs scratch): the
+    packed buckets' params with their gathered gradients, each sliced tensor whole."""
+    xs, gs, ms, vs = [], [], [], []
+    for bk, gb in zip(fg.buckets, grads):
+        if bk.grad is not None:
+            xs += bk.params
+            gs += bk.grad_views
+            ms += bk.m
+            vs += bk.v
+        elif bk.whole:
+            x, m, v = bk.whole
+            xs.append(x)
+            gs.append(gb.as_strided(x.shape, (1,)))  # (the contiguous gradient, from its first slice)
+            ms.append(m)
+            vs.append(v)
+    if decay:
+        torch._foreach_add_(xs, xs, alpha=-decay)
+    torch._fused_adamw_(xs, gs, ms, vs, [], [fg.steps[0]] * len(xs), **kwargs)
+
+
+def _update_buckets(
+    fg: FlatGroup, hp: Hyperparams, grads: Ts, rule: Any, factor: Any, decay: Any, kwargs: dict[str, Any]
+) -> None:
+    """The update bucket by bucket: ``s`` written (``rule``), the gradient times ``factor`` or
+    a zeroed ``m`` (betas[0] == 0) in scratch, or the effective gradient of a slice."""
+    b1 = hp.betas[0]
     for bk, gb in zip(fg.buckets, grads):
         n = bk.hi - bk.lo
         g = _grad(fg, bk, gb, hp)
@@ -355,14 +396,9 @@ def update(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars, out: Segmen
         if b1 <= 0:
             fg.work[:n].zero_()
             ms = bk.work_views if bk.grad is not None else [fg.work[:n]]
-        if sc.decay:
-            torch._foreach_add_(bk.params, bk.params, alpha=-sc.decay)
+        if decay:
+            torch._foreach_add_(bk.params, bk.params, alpha=-decay)
         torch._fused_adamw_(bk.params, gs, ms, bk.v, [], fg.steps[: len(bk.params)], **kwargs)
-    if fg.scaled:
-        fg.scales[:2] = [a_new, b_new]
-    if rule is not None:
-        fg.scales[2] = rule[2]
-    return out
 
 
 def _ema(beta: float, gain: float, old: float, value: float) -> tuple[float, float]:
