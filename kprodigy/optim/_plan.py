@@ -144,11 +144,11 @@ class Kept:
             return False  # the full step raises it, with its context
         if any(p.grad is not None for p in self.idle) or raw_state(opt) is not self.state:
             return False
-        for p, layout, st, m, v, s, p0 in self.tensors:  # (``opt.state`` replaced wholesale by a load: above)
-            g = p.grad
-            if g is None or (type(g), g.dtype, g.device, g.shape, g.is_contiguous()) != layout:
+        for p, (kind, dtype, device, shape, contiguous), st, m, v, s, p0 in self.tensors:  # (a load replaces
+            g = p.grad  # ``opt.state`` wholesale: above; cheapest checks first, no tuple per param)
+            if type(g) is not kind or g.dtype is not dtype or g.shape != shape or g.is_contiguous() != contiguous:
                 return False
-            if st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v:
+            if g.device != device or st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v:
                 return False
             if st.get("s") is not s or st.get("p0") is not p0:
                 return False
@@ -189,5 +189,6 @@ def _settings(group: dict[str, Any]) -> tuple[Any, ...]:
 def _tensors(opt: Any, p: Tensor) -> tuple[Any, ...]:
     """What a planned param must still have: its gradient's type and layout, its state tensors."""
     g, st = p.grad, opt.state.get(p, {})
-    layout = None if g is None else (type(g), g.dtype, g.device, g.shape, g.is_contiguous())
+    assert g is not None, "a planned param has a gradient"
+    layout = (type(g), g.dtype, g.device, g.shape, g.is_contiguous())
     return (p, layout, st, *(st.get(key) for key in STATE_KEYS))
