@@ -54,7 +54,7 @@ def pack_segment(seg: Segment) -> Segment:
 def copy_segment(seg: Segment) -> Segment:
     """``seg`` with copies of its params, exp_avg, exp_avg_sq and s laid as ``pack_segment`` lays them,
     which a pure step writes into (each copied apart under ``torch.compile``, whose fake tensors
-    ``unflatten_dense_tensors`` does not take)."""
+    ``unflatten_dense_tensors`` does not take), and ``p0`` laid flat if it is not (a copy, once)."""
     small = _small(seg)
     changes: dict[str, list[Tensor]] = {}
     for key in ("params", "exp_avg", "exp_avg_sq", "s"):
@@ -66,6 +66,9 @@ def copy_segment(seg: Segment) -> Segment:
         packed = small if len(small) > 1 and same and not torch.compiler.is_compiling() else []
         done = set(packed)
         changes[key] = [t if i in done else t.clone() for i, t in enumerate(_packed(ts, packed))]
+    p0 = [seg.p0[i] for i in small]  # (read only: laid flat once, so later pure steps find it flat)
+    if len(small) > 1 and not torch.compiler.is_compiling() and all(t.dim() for t in p0) and flat_span(p0) is None:
+        changes["p0"] = _packed(seg.p0, small)
     return replace(seg, **changes)  # type: ignore[arg-type]
 
 
@@ -88,7 +91,11 @@ def flat_span(ts: Sequence[Tensor]) -> Tensor | None:
 
 def pack(ts: Sequence[Tensor]) -> list[Tensor]:
     """Copies of ``ts`` (same shapes, dtype, device) laid back to back in one new flat buffer, which
-    the fused kernels step in one call with no gathering copies (``flat_span``)."""
+    the fused kernels step in one call with no gathering copies (``flat_span``); ``ts`` laid so
+    already (a pure step's outputs): one copy of their span."""
+    span = flat_span(ts)
+    if span is not None:
+        return views(span.clone(), ts)  # (half the time of cat over 300 64x64 views, CPU)
     return views(torch.cat([t.reshape(-1) for t in ts]), ts)  # (flatten_dense_tensors: 2.6x slower on CPU)
 
 
