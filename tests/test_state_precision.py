@@ -735,7 +735,7 @@ def test_one_rounding_draw_serves_m_v_and_s_of_a_chunk(monkeypatch: pytest.Monke
 
     draws: list[int] = []
     original = _robust.rounding_noise
-    monkeypatch.setattr(_robust, "rounding_noise", lambda n, device: draws.append(n) or original(n, device))
+    monkeypatch.setattr(_robust, "rounding_noise", lambda n, device, out=None: draws.append(n) or original(n, device, out))
     p = torch.nn.Parameter(torch.full((300,), 2.0, dtype=torch.bfloat16))
     opt = KProdigy([p], d0=1e-2)  # (steps above bfloat16's spacing at 2.0: the params move)
     for _ in range(30):

@@ -15,13 +15,13 @@ is not contiguous, or keeps a factored ``v``, is stepped whole (one tensor's flo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from . import _factored, _formats, _fused, _robust, _scratch, _single
+from . import _adamw, _factored, _formats, _fused, _robust, _scratch, _single
 from ._layout import SMALL, flat_span, p0_full
 from ._scalars import StepScalars
 from ._single import Moments, Ts
@@ -70,11 +70,16 @@ def applies(seg: Segment) -> bool:
 @dataclass(frozen=True)
 class Layout:
     """Indices of a segment's params: ``packed`` (small, stepped as one span), ``direct`` (in
-    chunks of their flat views), ``whole`` (not contiguous, or a factored ``v``)."""
+    chunks of their flat views), ``whole`` (not contiguous, or a factored ``v``); and what a step
+    need not rebuild: ``views`` the direct params' spans without a gradient (``_Span.g`` None),
+    ``flat`` the packed params' state per key, one flat span where laid back to back, else the
+    tensors gathered each step."""
 
     packed: list[int]
     direct: list[int]
     whole: list[int]
+    views: list[_Span]
+    flat: dict[str, Tensor | list[Tensor]]
 
 
 def layout(seg: Segment) -> Layout:
@@ -90,7 +95,23 @@ def layout(seg: Segment) -> Layout:
             direct.append(i)
     if len(packed) < 2:
         direct, packed = sorted(direct + packed), []
-    return Layout(packed, direct, whole)
+    xs, vs, ss, p0s = seg.params, seg.exp_avg_sq, seg.s, seg.p0
+    views = [
+        _Span(xs[i].view(-1), None, None if ms is None else _flat(ms[i]), _flat(vs[i]), ss[i], p0s[i].reshape(-1))
+        for i in direct
+    ]
+    flat: dict[str, Tensor | list[Tensor]] = {}
+    if packed:
+        for key, ts in (("m", ms), ("v", vs), ("s", ss)):
+            if ts is not None:
+                sub = [ts[i] for i in packed]
+                flat[key] = flat_span(sub) if flat_span(sub) is not None else sub  # type: ignore[assignment]
+        p0_list = [p0_full(p0s[i], ss[i].numel()) for i in packed]
+        p0_flat = flat_span(p0_list)
+        if p0_flat is None and any(ss[i].numel() == 0 for i in packed):
+            p0_flat = xs[packed[0]].new_empty(0)
+        flat["p0"] = p0_list if p0_flat is None else p0_flat
+    return Layout(packed, direct, whole, views, flat)
 
 
 def gradients(seg: Segment, lay: Any, grads: Ts) -> list[Tensor]:
@@ -104,7 +125,7 @@ class _Span:
     (1-D views, or int8 tensors), ``s`` and ``p0`` 1-D (``p0`` 0-dim where compact)."""
 
     x: Tensor
-    g: Tensor
+    g: Tensor | None
     m: Tensor | None
     v: Tensor
     s: Tensor
@@ -113,29 +134,26 @@ class _Span:
 
 def _spans(seg: Segment, lay: Layout, grads: Ts, keys: Sequence[str]) -> list[tuple[_Span, Any]]:
     """The spans of the ``packed`` and ``direct`` params, each with what writes it back: for the
-    packed span the gathered copies (``_fused`` helpers), else None."""
-    xs, ms, vs, ss, p0s = seg.params, seg.exp_avg, seg.exp_avg_sq, seg.s, seg.p0
-    out: list[tuple[_Span, Any]] = []
-    for i in lay.direct:
-        m = None if ms is None else _flat(ms[i])
-        out.append((_Span(xs[i].view(-1), grads[i].view(-1), m, _flat(vs[i]), ss[i], p0s[i].reshape(-1)), None))
+    packed span its index and the gathered state copies among ``keys`` (``_fused`` helpers), else
+    None. The packed state not laid flat and not in ``keys`` is a placeholder (not read)."""
+    out: list[tuple[_Span, Any]] = [
+        (replace(span, g=grads[i].view(-1)), None) for i, span in zip(lay.direct, lay.views)
+    ]
     if lay.packed:
-        idx = lay.packed
-        x_flat, g_flat = _fused._gather_xg(xs, grads, idx)
-        gathered = {}
-        for key, ts in (("m", ms), ("v", vs), ("s", ss)):
-            if ts is not None and key in keys:
-                gathered[key] = _fused._gather([ts[i] for i in idx])
-        p0_list = [p0_full(p0s[i], ss[i].numel()) for i in idx]
-        p0_flat = flat_span(p0_list)
-        if p0_flat is None and not any(s.numel() == 0 for s in (ss[i] for i in idx)):
-            p0_flat = _fused._cat_scratch(p0_list, "p0")
-        elif p0_flat is None:
-            p0_flat = xs[idx[0]].new_empty(0)
-        m_flat = gathered["m"][0] if "m" in gathered else None
-        v_flat = gathered["v"][0] if "v" in gathered else vs[idx[0]]
-        s_flat = gathered["s"][0] if "s" in gathered else ss[idx[0]]
-        out.append((_Span(x_flat, g_flat, m_flat, v_flat, s_flat, p0_flat), (idx, gathered)))
+        idx, flat = lay.packed, lay.flat
+        x_flat, g_flat = _fused._gather_xg(seg.params, grads, idx)
+        gathered, got = {}, {}
+        for key in ("m", "v", "s"):
+            item = flat.get(key)
+            if isinstance(item, list) and key in keys:
+                gathered[key] = item
+                got[key] = _fused._cat(item)
+            elif item is not None:
+                got[key] = item if isinstance(item, Tensor) else item[0]
+        p0 = flat["p0"]
+        p0_flat = p0 if isinstance(p0, Tensor) else _fused._cat_scratch(p0, "p0")
+        span = _Span(x_flat, g_flat, got.get("m"), got["v"], got["s"], p0_flat)
+        out.append((span, (idx, gathered, got)))
     return out
 
 
@@ -143,14 +161,14 @@ def _flat(t: Tensor) -> Tensor:
     return t if _formats.is_int8(t) else t.view(-1)
 
 
-def _write_packed(seg: Segment, res: SegmentResult, span: _Span, back: Any, params: bool) -> None:
+def _write_packed(res: SegmentResult, span: _Span, back: Any, params: bool) -> None:
     """After a packed span's update: its params and any gathered (not laid flat) state written back."""
-    idx, gathered = back
+    idx, gathered, got = back
     if params:
         _fused._write_back(res.params, idx, span.x)
     for key, dst in (("m", res.exp_avg), ("v", res.exp_avg_sq), ("s", res.s)):
-        if key in gathered and gathered[key][1] and dst is not None:
-            _fused._write_back(dst, idx, gathered[key][0])
+        if key in gathered and dst is not None:
+            _fused._write_back(dst, idx, got[key])
 
 
 def statistics(seg: Segment, lay: Any, grads: Ts, sc: StepScalars) -> tuple[Tensor, Tensor]:
@@ -163,11 +181,11 @@ def statistics(seg: Segment, lay: Any, grads: Ts, sc: StepScalars) -> tuple[Tens
         for i in lay.whole
     ]
     for span in spans:
-        dtype = compute_dtype(span.x.dtype)
+        dtype, g = compute_dtype(span.x.dtype), cast(Tensor, span.g)
         for lo, hi, s_lo, s_hi in _chunks(span.x, p):
-            s = _formats.decode(span.s, "s", s_lo, s_hi, dtype)
+            s = _decode(span.s, "s", s_lo, s_hi, dtype)
             p0 = span.p0 if span.p0.numel() == 1 and span.s.numel() != 1 else span.p0[s_lo:s_hi]
-            dot, norm = _single.statistics_of([span.x[lo:hi]], [span.g[lo:hi]], [s], [p0], sc=sc, slice_p=p)
+            dot, norm = _single.statistics_of([span.x[lo:hi]], [g[lo:hi]], [s], [p0], sc=sc, slice_p=p)
             dots.append(dot.to(dtype))
             norms.append(norm.to(dtype))
     return torch.stack(dots).sum(), torch.stack(norms).sum()
@@ -187,7 +205,7 @@ def _update(seg: Segment, lay: Any, grads: Ts, sc: StepScalars, *, moments: bool
     for span, back in _spans(seg, lay, grads, ("m", "v", "s") if moments else ("m", "v")):
         _step_span(span, sc, hp.slice_p, moments=moments, params=params, sr=sr)
         if back is not None:
-            _write_packed(seg, res, span, back, params)
+            _write_packed(res, span, back, params)
     for i in lay.whole:
         _step_whole(seg, i, grads[i], sc, moments=moments, params=params, sr=sr)
     return res
@@ -205,32 +223,72 @@ def _chunks(x: Tensor, slice_p: int) -> list[tuple[int, int, int, int]]:
 
 
 def _step_span(span: _Span, sc: StepScalars, slice_p: int, *, moments: bool, params: bool, sr: bool) -> None:
-    """The update of one span, chunk by chunk: decode, ``_single``'s ops in place on the float
-    chunk, encode (m, v, s with ``moments``; x with ``params``)."""
+    """The update of one span, chunk by chunk: decode, the specification's ops in place on the
+    float chunk (``_single``'s, or ``_adam_chunk``'s where ``_adam_kwargs`` allows), encode (m, v, s
+    with ``moments``; x with ``params``)."""
+    assert span.g is not None
     dtype = compute_dtype(span.x.dtype)
     update_s = moments and sc.beta3 is not None and span.s.numel() > 0
+    adam = _adam_kwargs(sc, span, slice_p) if moments and params else None
     for lo, hi, s_lo, s_hi in _chunks(span.x, slice_p):
         xc = span.x[lo:hi]
         x = xc if xc.dtype == dtype else _work(xc, dtype, "x")
         g = span.g[lo:hi]
-        g = g if g.dtype == dtype else _work(g, dtype, "g")
-        m = None if span.m is None else _formats.decode(span.m, "exp_avg", lo, hi, dtype)
-        v = _formats.decode(span.v, "exp_avg_sq", lo, hi, dtype)
-        if moments:
-            s = _formats.decode(span.s, "s", s_lo, s_hi, dtype) if update_s else span.s
+        g = g if g.dtype == dtype and adam is None else _work(g, dtype, "g")  # (``_adam_chunk`` scales it)
+        m = None if span.m is None else _decode(span.m, "exp_avg", lo, hi, dtype)
+        v = _decode(span.v, "exp_avg_sq", lo, hi, dtype)
+        s = _decode(span.s, "s", s_lo, s_hi, dtype) if update_s else span.s
+        if adam is not None:
+            m = _adam_chunk(x, g, m, v, s if update_s else None, sc, slice_p, adam)
+        elif moments:
             dest = SegmentResult([x], None if m is None else [m], [v], [s])
             _single.update_moments([g], None if m is None else [m], [v], [s], sc=sc, slice_p=slice_p, out=dest)
+        if params and adam is None:
+            _single.update_params(
+                [x], [g], None if m is None else [m], [v], sc=sc, out=SegmentResult([x], None, [], [])
+            )
+        if moments:  # (after the params: encoding overwrites the float m, v, s)
             noise = _shared_noise(span, hi - lo, update_s)
-            if m is not None:
+            if span.m is not None:
                 _formats.encode(span.m, "exp_avg", lo, hi, m, noise)  # type: ignore[arg-type]
             _formats.encode(span.v, "exp_avg_sq", lo, hi, v, noise)
             if update_s:
                 _formats.encode(span.s, "s", s_lo, s_hi, s, noise)
-        if params:
-            dest = SegmentResult([x], None, [], [])
-            _single.update_params([x], [g], None if m is None else [m], [v], sc=sc, out=dest)
-            if x is not xc:
-                xc.copy_(_robust.stochastic_round(x, xc.dtype) if sr else x)
+        if params and x is not xc and sr:
+            _robust.round_into(xc, x, _noise(hi - lo, x.device, "x"))
+        elif params and x is not xc:
+            xc.copy_(x)
+
+
+def _adam_kwargs(sc: StepScalars, span: _Span, slice_p: int) -> dict[str, Any] | None:
+    """The keywords of ``torch._fused_adamw_`` that make it this step's m, v, x update (as
+    ``_adamw``: lr = dlr, eps = d_new * eps, Adam's bias corrections 1, the gradient times d_old;
+    betas[0] == 0: m a zeroed scratch, lr = dlr * d_new / d_old), or None where it does not apply:
+    D on the device (its scalars are tensors: the kernel takes floats), a skip folded into them."""
+    if sc.ok is not None or isinstance(sc.d_new, Tensor) or span.x.device.type not in ("cpu", "cuda"):
+        return None
+    b1 = sc.decays[0]
+    lr = sc.dlr if span.m is not None else sc.dlr * sc.d_new / sc.weight
+    step = torch.full((), _adamw.HUGE_STEP, dtype=torch.float32, device=span.x.device)
+    return {**_adamw._FIXED, "lr": lr, "beta1": b1, "beta2": sc.decays[1], "eps": sc.eps_d, "state_steps": [step]}
+
+
+def _adam_chunk(
+    x: Tensor, g: Tensor, m: Tensor | None, v: Tensor, s: Tensor | None, sc: StepScalars, slice_p: int, kw: dict
+) -> Tensor:
+    """m, v, s and x of one float chunk in place (``g`` scratch: scaled here), as ``_single``'s
+    ``update_moments`` then ``update_params`` compute them (x bit for bit, m within an ulp:
+    benchmarks/NOTES.md, "Native path"): s <- beta3 s + s_scale g[::p], then one fused kernel.
+    Returns m (a zeroed scratch where the step keeps none)."""
+    if s is not None and sc.beta3 is not None:
+        s.mul_(sc.beta3).add_(g[::slice_p] if slice_p > 1 else g, alpha=sc.s_scale)
+    g.mul_(sc.weight)
+    if m is None:
+        m = torch.zeros_like(g)
+    if sc.decay is not None:
+        x.add_(x, alpha=-sc.decay)
+    torch._fused_adamw_([x], [g], [m], [v], [], **kw)
+    return m
 
 
 def _shared_noise(span: _Span, n: int, update_s: bool) -> Tensor | None:
@@ -240,7 +298,17 @@ def _shared_noise(span: _Span, n: int, update_s: bool) -> Tensor | None:
     keys = [t for t in (span.m, span.v, span.s if update_s else None) if t is not None]
     if sum(t.dtype == torch.bfloat16 for t in keys) < 2:
         return None
-    return _robust.rounding_noise(n, span.x.device)
+    return _noise(n, span.x.device, "noise")
+
+
+def _noise(n: int, device: torch.device, slot: str) -> Tensor:
+    """``_robust.rounding_noise`` of ``n`` elements into a reused buffer where ``_scratch`` has one."""
+    return _robust.rounding_noise(n, device, _scratch.buffer(n, torch.int32, device, ("compact", slot)))
+
+
+def _decode(t: Tensor, key: str, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
+    """``_formats.decode`` into a reused buffer (slot ``key``) where it makes a copy."""
+    return _formats.decode(t, key, lo, hi, dtype, _scratch.buffer(hi - lo, dtype, t.device, ("compact", key)))
 
 
 def _step_whole(seg: Segment, i: int, g: Tensor, sc: StepScalars, *, moments: bool, params: bool, sr: bool) -> None:
@@ -290,9 +358,9 @@ def _store(t: Tensor, key: str, values: Tensor) -> None:
 
 
 def _work(t: Tensor, dtype: torch.dtype, slot: str) -> Tensor:
-    """``t`` as ``dtype`` in a reused buffer (``_scratch``) or a new tensor."""
+    """A copy of ``t`` as ``dtype`` in a reused buffer (``_scratch``) or a new tensor."""
     buf = _scratch.buffer(t.numel(), dtype, t.device, ("compact", slot))
-    return t.to(dtype) if buf is None else buf.view(t.shape).copy_(t)
+    return t.to(dtype, copy=True) if buf is None else buf.view(t.shape).copy_(t)
 
 
 def update_moments(
