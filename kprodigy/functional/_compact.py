@@ -6,23 +6,25 @@ Each pass walks every tensor in chunks (``CHUNK`` elements on CPU, ``CHUNK_ACCEL
 CUDA, where each chunk costs a few dozen kernel launches): ``decode`` the chunk's m, v, s to
 float32 (x and g too for 16-bit params), run the specification's ops on the chunk, ``encode`` the
 new m, v, s and write x (rounded stochastically for bfloat16 params with ``stochastic_rounding``).
-The extra memory of a step is one chunk's float32 working set, never a float32 copy of the state.
-Small contiguous params (slice_p == 1, bfloat16 state) are stepped as one span: their state laid
-back to back (``PACKS``), params and gradients gathered as ``_fused`` gathers them. A param that
-is not contiguous, or keeps a factored ``v``, is stepped whole (one tensor's float32 working set).
+With D on the host the m, v, x ops are one ``torch._fused_adamw_`` call on the float chunk (as
+``_adamw`` maps Prodigy onto it, ``_adam_kwargs``), and the bfloat16 m, v, s of a chunk are
+rounded with one draw of bits by one pair of ops (``_Loaded``). The extra memory of a step is one
+chunk's float32 working set, never a float32 copy of the state. Small contiguous params (slice_p
+== 1, state laid back to back by the plan: ``PACKS``) are stepped in buckets of at most a chunk,
+gathered into the layout's scratch. A param that is not contiguous, or keeps a factored ``v``, is
+stepped whole (one tensor's float32 working set).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from . import _adamw, _factored, _formats, _fused, _robust, _scratch, _single
-from ._layout import SMALL, flat_span, p0_full
+from . import _adamw, _factored, _formats, _robust, _scratch, _single
+from ._layout import SMALL, flat_span, p0_full, views
 from ._scalars import StepScalars
 from ._single import Moments, Ts
 from ._state import Segment, SegmentResult, compute_dtype, is_wrapped
@@ -67,62 +69,11 @@ def applies(seg: Segment) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Indices of a segment's params: ``packed`` (small, stepped as one span), ``direct`` (in
-    chunks of their flat views), ``whole`` (not contiguous, or a factored ``v``); and what a step
-    need not rebuild: ``views`` the direct params' spans without a gradient (``_Span.g`` None),
-    ``flat`` the packed params' state per key, one flat span where laid back to back, else the
-    tensors gathered each step."""
-
-    packed: list[int]
-    direct: list[int]
-    whole: list[int]
-    views: list[_Span]
-    flat: dict[str, Tensor | list[Tensor]]
-
-
-def layout(seg: Segment) -> Layout:
-    slice_p, ms = seg.hparams.slice_p, seg.exp_avg
-    packed, direct, whole = [], [], []
-    for i, x in enumerate(seg.params):
-        v = seg.exp_avg_sq[i]
-        if not x.is_contiguous() or (not _formats.is_int8(v) and v.shape != x.shape):
-            whole.append(i)
-        elif x.numel() < SMALL and slice_p == 1 and not any(_formats.is_int8(t) for t in (v, *(ms or [v])[i : i + 1])):
-            packed.append(i)
-        else:
-            direct.append(i)
-    if len(packed) < 2:
-        direct, packed = sorted(direct + packed), []
-    xs, vs, ss, p0s = seg.params, seg.exp_avg_sq, seg.s, seg.p0
-    views = [
-        _Span(xs[i].view(-1), None, None if ms is None else _flat(ms[i]), _flat(vs[i]), ss[i], p0s[i].reshape(-1))
-        for i in direct
-    ]
-    flat: dict[str, Tensor | list[Tensor]] = {}
-    if packed:
-        for key, ts in (("m", ms), ("v", vs), ("s", ss)):
-            if ts is not None:
-                sub = [ts[i] for i in packed]
-                flat[key] = flat_span(sub) if flat_span(sub) is not None else sub  # type: ignore[assignment]
-        p0_list = [p0_full(p0s[i], ss[i].numel()) for i in packed]
-        p0_flat = flat_span(p0_list)
-        if p0_flat is None and any(ss[i].numel() == 0 for i in packed):
-            p0_flat = xs[packed[0]].new_empty(0)
-        flat["p0"] = p0_list if p0_flat is None else p0_flat
-    return Layout(packed, direct, whole, views, flat)
-
-
-def gradients(seg: Segment, lay: Any, grads: Ts) -> list[Tensor]:
-    """The effective gradients in the params' dtype (each chunk is raised to float32 as it is read)."""
-    return _single.effective_grads(seg.params, grads, seg.params, seg.hparams, foreach=False)
-
-
 @dataclass
 class _Span:
-    """One run of elements stepped chunk by chunk: 1-D params and gradients, the state tensors
-    (1-D views, or int8 tensors), ``s`` and ``p0`` 1-D (``p0`` 0-dim where compact)."""
+    """Elements stepped chunk by chunk: 1-D params and gradients (None in a layout: given each
+    step), the state tensors (1-D views, or int8 tensors), ``s`` and ``p0`` 1-D (``p0`` 0-dim where
+    compact)."""
 
     x: Tensor
     g: Tensor | None
@@ -132,63 +83,148 @@ class _Span:
     p0: Tensor
 
 
-def _spans(seg: Segment, lay: Layout, grads: Ts, keys: Sequence[str]) -> list[tuple[_Span, Any]]:
-    """The spans of the ``packed`` and ``direct`` params, each with what writes it back: for the
-    packed span its index and the gathered state copies among ``keys`` (``_fused`` helpers), else
-    None. The packed state not laid flat and not in ``keys`` is a placeholder (not read)."""
-    out: list[tuple[_Span, Any]] = [
-        (replace(span, g=grads[i].view(-1)), None) for i, span in zip(lay.direct, lay.views)
+@dataclass(eq=False)
+class _Bucket:
+    """Small contiguous params (``index``) stepped as one chunk: ``state`` their span, whose ``x``
+    and ``g`` are the layout's scratch their values are gathered into (the params' dtype, for
+    the statistics; float32, for both passes), and whose ``m``, ``v``, ``s``, ``p0`` are their
+    state laid back to back (``p0_parts``: the p0 to gather where they are not); ``x32`` the
+    scratch the update gathers the params into; ``*_views`` views of them shaped as the params."""
+
+    index: list[int]
+    state: _Span
+    p0_parts: list[Tensor] | None
+    x32: Tensor
+    x16_views: list[Tensor]
+    x32_views: list[Tensor]
+    g32_views: list[Tensor]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A segment's params as stepped: ``buckets`` of small ones (their state laid back to back),
+    ``direct`` ones in chunks of their flat views (``views``, ``_Span.g`` None), ``whole`` ones
+    (not contiguous, or a factored ``v``); ``step`` the state step of ``torch._fused_adamw_``."""
+
+    buckets: list[_Bucket]
+    direct: list[int]
+    views: list[_Span]
+    whole: list[int]
+    step: Tensor
+
+
+def layout(seg: Segment) -> Layout:
+    slice_p, xs, ms, vs, ss, p0s = seg.hparams.slice_p, seg.params, seg.exp_avg, seg.exp_avg_sq, seg.s, seg.p0
+    small, direct, whole = [], [], []
+    for i, x in enumerate(xs):
+        v = vs[i]
+        if not x.is_contiguous() or (not _formats.is_int8(v) and v.shape != x.shape):
+            whole.append(i)
+        elif x.numel() < SMALL and slice_p == 1 and not any(_formats.is_int8(t) for t in (v, *(ms or [v])[i : i + 1])):
+            small.append(i)
+        else:
+            direct.append(i)
+    runs = []
+    for run in _runs(xs, small):
+        spans = _laid_flat(seg, run) if len(run) > 1 else None
+        if spans is None:
+            direct += run
+        else:
+            runs.append((run, spans))
+    direct.sort()
+    views = [
+        _Span(xs[i].view(-1), None, None if ms is None else _flat(ms[i]), _flat(vs[i]), ss[i], p0s[i].reshape(-1))
+        for i in direct
     ]
-    if lay.packed:
-        idx, flat = lay.packed, lay.flat
-        x_flat, g_flat = _fused._gather_xg(seg.params, grads, idx)
-        gathered, got = {}, {}
-        for key in ("m", "v", "s"):
-            item = flat.get(key)
-            if isinstance(item, list) and key in keys:
-                gathered[key] = item
-                got[key] = _fused._cat(item)
-            elif item is not None:
-                got[key] = item if isinstance(item, Tensor) else item[0]
-        p0 = flat["p0"]
-        p0_flat = p0 if isinstance(p0, Tensor) else _fused._cat_scratch(p0, "p0")
-        span = _Span(x_flat, g_flat, got.get("m"), got["v"], got["s"], p0_flat)
-        out.append((span, (idx, gathered, got)))
-    return out
+    step = torch.full((), _adamw.HUGE_STEP, dtype=torch.float32, device=xs[0].device) if xs else torch.ones(())
+    if not runs:
+        return Layout([], direct, views, whole, step)
+    width, x0 = max(sum(xs[i].numel() for i in run) for run, _ in runs), xs[runs[0][0][0]]
+    x16 = torch.empty(width, dtype=x0.dtype, device=x0.device)
+    x32, g32 = (torch.empty(width, dtype=compute_dtype(x0.dtype), device=x0.device) for _ in range(2))
+    return Layout([_bucket(seg, run, spans, x16, x32, g32) for run, spans in runs], direct, views, whole, step)
+
+
+def _runs(xs: Ts, small: list[int]) -> list[list[int]]:
+    """``small`` in runs of at most a chunk's elements."""
+    runs: list[list[int]] = []
+    total = 0
+    for i in small:
+        n = xs[i].numel()
+        if not runs or total + n > (CHUNK if xs[i].device.type == "cpu" else CHUNK_ACCELERATOR):
+            runs.append([])
+            total = 0
+        runs[-1].append(i)
+        total += n
+    return runs
+
+
+def _laid_flat(seg: Segment, idx: list[int]) -> dict[str, Tensor] | None:
+    """The 1-D spans of the m, v, s of params ``idx`` (``s`` empty where theirs are), or None where
+    they do not lie back to back (state the plan did not lay out: ``_partial``)."""
+    spans = {}
+    for key, ts in (("m", seg.exp_avg), ("v", seg.exp_avg_sq), ("s", seg.s)):
+        if ts is not None:
+            sub = [ts[i] for i in idx]
+            empty = key == "s" and not any(t.numel() for t in sub)
+            span = seg.params[idx[0]].new_empty(0) if empty else flat_span(sub)
+            if span is None:
+                return None
+            spans[key] = span
+    return spans
+
+
+def _bucket(seg: Segment, idx: list[int], spans: dict[str, Tensor], x16: Tensor, x32: Tensor, g32: Tensor) -> _Bucket:
+    """The bucket of params ``idx``, their state ``spans``, on the shared scratch."""
+    params = [seg.params[i] for i in idx]
+    n = sum(x.numel() for x in params)
+    s = spans["s"]
+    p0_parts = [p0_full(seg.p0[i], seg.s[i].numel()) for i in idx]
+    p0 = flat_span(p0_parts) if s.numel() else s
+    state = _Span(x16[:n], g32[:n], spans.get("m"), spans["v"], s, p0 if p0 is not None else s)
+    x16_views, x32_views, g32_views = (views(t[:n], params) for t in (x16, x32, g32))
+    return _Bucket(idx, state, None if p0 is not None else p0_parts, x32[:n], x16_views, x32_views, g32_views)
 
 
 def _flat(t: Tensor) -> Tensor:
     return t if _formats.is_int8(t) else t.view(-1)
 
 
-def _write_packed(res: SegmentResult, span: _Span, back: Any, params: bool) -> None:
-    """After a packed span's update: its params and any gathered (not laid flat) state written back."""
-    idx, gathered, got = back
-    if params:
-        _fused._write_back(res.params, idx, span.x)
-    for key, dst in (("m", res.exp_avg), ("v", res.exp_avg_sq), ("s", res.s)):
-        if key in gathered and dst is not None:
-            _fused._write_back(dst, idx, got[key])
+def gradients(seg: Segment, lay: Any, grads: Ts) -> list[Tensor]:
+    """The effective gradients in the params' dtype (each chunk is raised to float32 as it is read)."""
+    return _single.effective_grads(seg.params, grads, seg.params, seg.hparams, foreach=False)
 
 
 def statistics(seg: Segment, lay: Any, grads: Ts, sc: StepScalars) -> tuple[Tensor, Tensor]:
     """The contract's statistics, chunk by chunk (reads only: ``s`` is decoded into scratch)."""
     lay = lay if lay is not None else layout(seg)
-    p, dots, norms = seg.hparams.slice_p, [], []
-    spans = [span for span, _ in _spans(seg, lay, grads, ("s",))]
+    p, dots, norms = seg.hparams.slice_p, list[Tensor](), list[Tensor]()
+    spans = [replace(span, g=grads[i].view(-1)) for i, span in zip(lay.direct, lay.views)]
     spans += [
         _Span(seg.params[i].reshape(-1), grads[i].reshape(-1), None, seg.exp_avg_sq[i], seg.s[i], seg.p0[i].reshape(-1))
         for i in lay.whole
     ]
+    for b in lay.buckets:
+        torch._foreach_copy_(b.x16_views, [seg.params[i] for i in b.index])
+        torch._foreach_copy_(b.g32_views, [grads[i] for i in b.index])
+        spans.append(b.state if b.p0_parts is None else replace(b.state, p0=torch.cat(b.p0_parts)))
+        _span_statistics(spans.pop(), sc, p, dots, norms)  # (now: the next bucket reuses the scratch)
     for span in spans:
-        dtype, g = compute_dtype(span.x.dtype), cast(Tensor, span.g)
-        for lo, hi, s_lo, s_hi in _chunks(span.x, p):
-            s = _decode(span.s, "s", s_lo, s_hi, dtype)
-            p0 = span.p0 if span.p0.numel() == 1 and span.s.numel() != 1 else span.p0[s_lo:s_hi]
-            dot, norm = _single.statistics_of([span.x[lo:hi]], [g[lo:hi]], [s], [p0], sc=sc, slice_p=p)
-            dots.append(dot.to(dtype))
-            norms.append(norm.to(dtype))
+        _span_statistics(span, sc, p, dots, norms)
+    if len(dots) == 1:
+        return dots[0], norms[0]
     return torch.stack(dots).sum(), torch.stack(norms).sum()
+
+
+def _span_statistics(span: _Span, sc: StepScalars, slice_p: int, dots: list[Tensor], norms: list[Tensor]) -> None:
+    """``_single.statistics_of`` of each chunk of ``span``, appended to ``dots`` and ``norms``."""
+    dtype, g = compute_dtype(span.x.dtype), cast(Tensor, span.g)
+    for lo, hi, s_lo, s_hi in _chunks(span.x, slice_p):
+        s = _decode(span.s, "s", s_lo, s_hi, dtype)
+        p0 = span.p0 if span.p0.numel() == 1 and span.s.numel() != 1 else span.p0[s_lo:s_hi]
+        dot, norm = _single.statistics_of([span.x[lo:hi]], [g[lo:hi]], [s], [p0], sc=sc, slice_p=slice_p)
+        dots.append(dot.to(dtype))
+        norms.append(norm.to(dtype))
 
 
 def update(seg: Segment, lay: Any, grads: Ts, sc: StepScalars, out: SegmentResult | None) -> SegmentResult:
@@ -199,16 +235,23 @@ def update(seg: Segment, lay: Any, grads: Ts, sc: StepScalars, out: SegmentResul
 def _update(seg: Segment, lay: Any, grads: Ts, sc: StepScalars, *, moments: bool, params: bool) -> SegmentResult:
     lay = lay if lay is not None else layout(seg)
     hp = seg.hparams
-    ms = None if seg.exp_avg is None else list(seg.exp_avg)
-    res = SegmentResult(list(seg.params), ms, list(seg.exp_avg_sq), list(seg.s))
     sr = hp.stochastic_rounding and params
-    for span, back in _spans(seg, lay, grads, ("m", "v", "s") if moments else ("m", "v")):
-        _step_span(span, sc, hp.slice_p, moments=moments, params=params, sr=sr)
-        if back is not None:
-            _write_packed(res, span, back, params)
+    adam = _adam_kwargs(sc, seg, lay) if moments and params else None
+    for i, span in zip(lay.direct, lay.views):
+        _step_span(replace(span, g=grads[i].view(-1)), sc, hp.slice_p, moments=moments, params=params, sr=sr, adam=adam)
+    for b in lay.buckets:
+        xs = [seg.params[i] for i in b.index]
+        torch._foreach_copy_(b.x32_views, xs)
+        torch._foreach_copy_(b.g32_views, [grads[i] for i in b.index])
+        g = cast(Tensor, b.state.g)
+        _step_chunk(b.state, b.x32, g, (0, g.numel(), 0, b.state.s.numel()), sc, hp.slice_p, moments, params, adam)
+        if params:
+            _round_x(b.x32, xs[0].dtype, sr)
+            torch._foreach_copy_(xs, b.x32_views)
     for i in lay.whole:
         _step_whole(seg, i, grads[i], sc, moments=moments, params=params, sr=sr)
-    return res
+    ms = None if seg.exp_avg is None else list(seg.exp_avg)
+    return SegmentResult(list(seg.params), ms, list(seg.exp_avg_sq), list(seg.s))
 
 
 def _chunks(x: Tensor, slice_p: int) -> list[tuple[int, int, int, int]]:
@@ -222,55 +265,134 @@ def _chunks(x: Tensor, slice_p: int) -> list[tuple[int, int, int, int]]:
     return [(lo, min(lo + width, n), lo // slice_p, -(-min(lo + width, n) // slice_p)) for lo in range(0, n, width)]
 
 
-def _step_span(span: _Span, sc: StepScalars, slice_p: int, *, moments: bool, params: bool, sr: bool) -> None:
-    """The update of one span, chunk by chunk: decode, the specification's ops in place on the
-    float chunk (``_single``'s, or ``_adam_chunk``'s where ``_adam_kwargs`` allows), encode (m, v, s
-    with ``moments``; x with ``params``)."""
-    assert span.g is not None
-    dtype = compute_dtype(span.x.dtype)
-    update_s = moments and sc.beta3 is not None and span.s.numel() > 0
-    adam = _adam_kwargs(sc, span, slice_p) if moments and params else None
-    for lo, hi, s_lo, s_hi in _chunks(span.x, slice_p):
-        xc = span.x[lo:hi]
+def _step_span(
+    span: _Span, sc: StepScalars, slice_p: int, *, moments: bool, params: bool, sr: bool, adam: dict | None
+) -> None:
+    """The update of one param's span, chunk by chunk: float copies of its x (16-bit params) and g
+    (where ``adam`` scales it, or 16-bit), ``_step_chunk``, x written back."""
+    dtype, g = compute_dtype(span.x.dtype), cast(Tensor, span.g)
+    for chunk in _chunks(span.x, slice_p):
+        lo, hi = chunk[:2]
+        xc, gc = span.x[lo:hi], g[lo:hi]
         x = xc if xc.dtype == dtype else _work(xc, dtype, "x")
-        g = span.g[lo:hi]
-        g = g if g.dtype == dtype and adam is None else _work(g, dtype, "g")  # (``_adam_chunk`` scales it)
-        m = None if span.m is None else _decode(span.m, "exp_avg", lo, hi, dtype)
-        v = _decode(span.v, "exp_avg_sq", lo, hi, dtype)
-        s = _decode(span.s, "s", s_lo, s_hi, dtype) if update_s else span.s
-        if adam is not None:
-            m = _adam_chunk(x, g, m, v, s if update_s else None, sc, slice_p, adam)
-        elif moments:
-            dest = SegmentResult([x], None if m is None else [m], [v], [s])
-            _single.update_moments([g], None if m is None else [m], [v], [s], sc=sc, slice_p=slice_p, out=dest)
-        if params and adam is None:
+        _step_chunk(
+            span,
+            x,
+            gc if gc.dtype == dtype and adam is None else _work(gc, dtype, "g"),
+            chunk,
+            sc,
+            slice_p,
+            moments,
+            params,
+            adam,
+        )
+        if params and x is not xc:
+            xc.copy_(_round_x(x, xc.dtype, sr))
+
+
+def _step_chunk(
+    span: _Span, x: Tensor, g: Tensor, chunk: tuple[int, int, int, int], sc: StepScalars, slice_p: int,
+    moments: bool, params: bool, adam: dict | None,
+) -> None:  # fmt: skip
+    """Elements [lo, hi) of ``span`` (``chunk``: lo, hi, s_lo, s_hi) stepped in ``x``, from ``g``
+    (float; scratch where ``adam``: scaled there): m, v, s loaded (``_load_chunk``), the specification's
+    ops (``_single``'s, or ``_adam_chunk``'s), m, v, s stored with moments (``_store_chunk``)."""
+    lo, hi, s_lo, s_hi = chunk
+    update_s = moments and sc.beta3 is not None and span.s.numel() > 0
+    where = [
+        (span.m, "exp_avg", lo, hi),
+        (span.v, "exp_avg_sq", lo, hi),
+        (span.s if update_s else None, "s", s_lo, s_hi),
+    ]
+    loaded = _load_chunk(where, x.dtype, x.device)
+    m, v, s = loaded.values
+    v = cast(Tensor, v)
+    if adam is not None:
+        m = _adam_chunk(x, g, m, v, s, sc, slice_p, adam)
+    else:
+        if moments:
+            s_in = s if s is not None else span.s
+            _single.update_moments(
+                [g],
+                None if m is None else [m],
+                [v],
+                [s_in],
+                sc=sc,
+                slice_p=slice_p,
+                out=SegmentResult([x], None if m is None else [m], [v], [s_in]),
+            )
+        if params:
             _single.update_params(
                 [x], [g], None if m is None else [m], [v], sc=sc, out=SegmentResult([x], None, [], [])
             )
-        if moments:  # (after the params: encoding overwrites the float m, v, s)
-            noise = _shared_noise(span, hi - lo, update_s)
-            if span.m is not None:
-                _formats.encode(span.m, "exp_avg", lo, hi, m, noise)  # type: ignore[arg-type]
-            _formats.encode(span.v, "exp_avg_sq", lo, hi, v, noise)
-            if update_s:
-                _formats.encode(span.s, "s", s_lo, s_hi, s, noise)
-        if params and x is not xc and sr:
-            _robust.round_into(xc, x, _noise(hi - lo, x.device, "x"))
-        elif params and x is not xc:
-            xc.copy_(x)
+    if moments:  # (after the params: storing overwrites the float m, v, s)
+        _store_chunk(where, loaded, _shared_noise(span, hi - lo, update_s))
 
 
-def _adam_kwargs(sc: StepScalars, span: _Span, slice_p: int) -> dict[str, Any] | None:
+@dataclass
+class _Loaded:
+    """A chunk's m, v, s in the compute dtype (None: absent or not stepped); ``rows`` a (k, n)
+    scratch whose rows are the bfloat16 ones of the chunk's length (``joint`` which), rounded by
+    one pair of ops; None where fewer than two."""
+
+    values: list[Tensor | None]
+    rows: Tensor | None
+    joint: list[int]
+
+
+def _load_chunk(where: list[tuple[Tensor | None, str, int, int]], dtype: torch.dtype, device: torch.device) -> _Loaded:
+    """The float values of the state ``where`` (tensor, key, lo, hi) of a chunk."""
+    n = where[1][3] - where[1][2]
+    joint = [
+        j for j, (t, _, lo, hi) in enumerate(where) if t is not None and t.dtype == torch.bfloat16 and hi - lo == n
+    ]
+    if dtype != torch.float32 or len(joint) < 2:
+        joint = []
+    rows = None
+    if joint:
+        buf = _scratch.buffer(len(joint) * n, dtype, device, ("compact", "rows"))
+        rows = (torch.empty(len(joint) * n, dtype=dtype, device=device) if buf is None else buf).view(len(joint), n)
+    values: list[Tensor | None] = []
+    for j, (t, key, lo, hi) in enumerate(where):
+        if t is None:
+            values.append(None)
+        elif rows is not None and j in joint:
+            values.append(rows[joint.index(j)].copy_(t.view(-1)[lo:hi]))
+        else:
+            values.append(_decode(t, key, lo, hi, dtype))
+    return _Loaded(values, rows, joint)
+
+
+def _store_chunk(where: list[tuple[Tensor | None, str, int, int]], loaded: _Loaded, noise: Tensor | None) -> None:
+    """Write the chunk's new m, v, s (``loaded``, stepped in place) into their state ``where``:
+    the rows rounded at once, the others encoded one by one (``noise`` shared)."""
+    if loaded.rows is not None:
+        _robust.round_bits_(loaded.rows, noise)
+        dsts = [cast(Tensor, where[j][0]).view(-1)[where[j][2] : where[j][3]] for j in loaded.joint]
+        torch._foreach_copy_(dsts, list(loaded.rows.unbind(0)))
+    for j, ((t, key, lo, hi), value) in enumerate(zip(where, loaded.values)):
+        if t is not None and value is not None and j not in loaded.joint:
+            _formats.encode(t, key, lo, hi, value, noise)
+
+
+def _round_x(x: Tensor, dtype: torch.dtype, sr: bool) -> Tensor:
+    """Float params ``x`` to be copied into params of ``dtype``: rounded stochastically in place
+    where ``sr`` and bfloat16 (the copy is then exact), else as they are (it rounds to nearest)."""
+    if sr and dtype == torch.bfloat16 and x.dtype == torch.float32:
+        return _robust.round_bits_(x, _noise(x.numel(), x.device, "x"))
+    return x
+
+
+def _adam_kwargs(sc: StepScalars, seg: Segment, lay: Layout) -> dict[str, Any] | None:
     """The keywords of ``torch._fused_adamw_`` that make it this step's m, v, x update (as
     ``_adamw``: lr = dlr, eps = d_new * eps, Adam's bias corrections 1, the gradient times d_old;
     betas[0] == 0: m a zeroed scratch, lr = dlr * d_new / d_old), or None where it does not apply:
     D on the device (its scalars are tensors: the kernel takes floats), a skip folded into them."""
-    if sc.ok is not None or isinstance(sc.d_new, Tensor) or span.x.device.type not in ("cpu", "cuda"):
+    if sc.ok is not None or isinstance(sc.d_new, Tensor) or lay.step.device.type not in ("cpu", "cuda"):
         return None
-    b1 = sc.decays[0]
-    lr = sc.dlr if span.m is not None else sc.dlr * sc.d_new / sc.weight
-    step = torch.full((), _adamw.HUGE_STEP, dtype=torch.float32, device=span.x.device)
-    return {**_adamw._FIXED, "lr": lr, "beta1": b1, "beta2": sc.decays[1], "eps": sc.eps_d, "state_steps": [step]}
+    lr = sc.dlr if seg.exp_avg is not None else sc.dlr * sc.d_new / sc.weight
+    beta1, beta2 = sc.decays
+    return {**_adamw._FIXED, "lr": lr, "beta1": beta1, "beta2": beta2, "eps": sc.eps_d, "state_steps": [lay.step]}
 
 
 def _adam_chunk(
@@ -340,7 +462,7 @@ def _step_whole(seg: Segment, i: int, g: Tensor, sc: StepScalars, *, moments: bo
             _formats.encode(s0, "s", 0, s0.numel(), s)
     if params:
         kernels.update_params(shaped[:1], shaped[1:], mm, vv, sc=sc, out=SegmentResult(shaped[:1], None, [], []))
-        x0.copy_((_robust.stochastic_round(x, x0.dtype) if sr else x).view(x0.shape))
+        x0.copy_(_round_x(x, x0.dtype, sr).view(x0.shape))
 
 
 def _contiguous(t: Tensor) -> Tensor:

@@ -174,8 +174,7 @@ def encode(t: Tensor, key: str, lo: int, hi: int, values: Tensor, noise: Tensor 
     if flat.data_ptr() == values.data_ptr() and flat.dtype == values.dtype:
         return
     if flat.dtype == torch.bfloat16:  # (float64 values: to float32 first, 2^-24 relative, then unbiased)
-        _robust.round_into(flat, values.to(torch.float32), noise)
-        return
+        values = _robust.round_bits_(values.to(torch.float32), noise)
     flat.copy_(values)
 
 

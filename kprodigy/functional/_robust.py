@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ._state import is_wrapped
 
-__all__ = ["extremes", "round_into", "rounding_noise", "sanitize", "stochastic_round", "write_back", "zero_nonfinite"]
+__all__ = ["extremes", "round_bits_", "rounding_noise", "sanitize", "stochastic_round", "write_back", "zero_nonfinite"]
 
 
 def extremes(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
@@ -45,12 +45,11 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, noise: Tensor | None = None)
     return _rounded(x, noise, into_x=False).to(dtype)
 
 
-def round_into(dst: Tensor, x: Tensor, noise: Tensor | None = None) -> None:
-    """``dst.copy_(stochastic_round(x, dst.dtype, noise))`` with ``x`` (float scratch) overwritten
-    instead of new temporaries: two passes fewer (the cast of truncated bits is exact)."""
-    if dst.dtype == torch.bfloat16 and x.dtype == torch.float32:
-        x = _rounded(x, noise, into_x=True)
-    dst.copy_(x)
+def round_bits_(x: Tensor, noise: Tensor | None = None) -> Tensor:
+    """float32 ``x`` rounded in place to the bfloat16 values ``stochastic_round`` gives, still
+    float32 (their cast, by ``copy_``, is then exact): two passes fewer, no temporaries. ``noise``
+    as there, for the last dimension (one draw serves every row of a (k, n) ``x``)."""
+    return _rounded(x, noise, into_x=True)
 
 
 def _rounded(x: Tensor, noise: Tensor | None, *, into_x: bool) -> Tensor:
@@ -61,7 +60,7 @@ def _rounded(x: Tensor, noise: Tensor | None, *, into_x: bool) -> Tensor:
         drawn = rounding_noise(bits.numel(), bits.device).view_as(bits)
         total = bits.add_(drawn) if into_x else drawn.add_(bits)
     else:
-        total = torch.add(bits, noise[: bits.numel()].view_as(bits), out=bits if into_x else None)
+        total = torch.add(bits, noise[: bits.shape[-1]], out=bits if into_x else None)
     return total.bitwise_and_(-65536).view(torch.float32)
 
 
