@@ -17,7 +17,7 @@ stepped whole (one tensor's float32 working set).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import torch
@@ -73,7 +73,7 @@ def applies(seg: Segment) -> bool:
 class _Span:
     """Elements stepped chunk by chunk: 1-D params and gradients (None in a layout: given each
     step), the state tensors (1-D views, or int8 tensors), ``s`` and ``p0`` 1-D (``p0`` 0-dim where
-    compact)."""
+    compact), and its ``chunks`` (``_chunked``)."""
 
     x: Tensor
     g: Tensor | None
@@ -81,6 +81,43 @@ class _Span:
     v: Tensor
     s: Tensor
     p0: Tensor
+    chunks: list[_Chunk] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Chunk:
+    """Elements [lo, hi) of a span, [s_lo, s_hi) of its ``s``: ``state`` its m, v, s as ``_formats``
+    reads them (tensor, key, lo, hi; m None without it); ``rows`` which of them are bfloat16 of the
+    chunk's length (a float32 step loads and rounds them together, ``_load_chunk``), ``slices``
+    their 1-D views there."""
+
+    lo: int
+    hi: int
+    s_lo: int
+    s_hi: int
+    state: list[tuple[Tensor | None, str, int, int]]
+    rows: list[int]
+    slices: list[Tensor]
+
+
+def _chunked(span: _Span, slice_p: int) -> _Span:
+    """``span`` with its chunks (``CHUNK`` elements on CPU, else ``CHUNK_ACCELERATOR``), each
+    starting at a multiple of ``slice_p`` and of the int8 block, so that its ``s`` is
+    ``s[s_lo:s_hi]`` and its blocks are whole."""
+    n, unit = span.x.numel(), _formats.BLOCK * slice_p
+    width = max(unit, (CHUNK if span.x.device.type == "cpu" else CHUNK_ACCELERATOR) // unit * unit)
+    for lo in range(0, n, width):
+        hi = min(lo + width, n)
+        s_lo, s_hi = lo // slice_p, -(-hi // slice_p)
+        state = [(span.m, "exp_avg", lo, hi), (span.v, "exp_avg_sq", lo, hi), (span.s, "s", s_lo, s_hi)]
+        rows = [j for j, (t, _, a, b) in enumerate(state) if t is not None and _row(t) and b - a == hi - lo]
+        slices = [cast(Tensor, state[j][0]).view(-1)[state[j][2] : state[j][3]] for j in rows]
+        span.chunks.append(_Chunk(lo, hi, s_lo, s_hi, state, rows, slices))
+    return span
+
+
+def _row(t: Tensor) -> bool:
+    return t.dtype == torch.bfloat16 and t.is_contiguous()
 
 
 @dataclass(eq=False)
@@ -133,7 +170,10 @@ def layout(seg: Segment) -> Layout:
             runs.append((run, spans))
     direct.sort()
     views = [
-        _Span(xs[i].view(-1), None, None if ms is None else _flat(ms[i]), _flat(vs[i]), ss[i], p0s[i].reshape(-1))
+        _chunked(
+            _Span(xs[i].view(-1), None, None if ms is None else _flat(ms[i]), _flat(vs[i]), ss[i], p0s[i].reshape(-1)),
+            slice_p,
+        )
         for i in direct
     ]
     step = torch.full((), _adamw.HUGE_STEP, dtype=torch.float32, device=xs[0].device) if xs else torch.ones(())
@@ -181,7 +221,7 @@ def _bucket(seg: Segment, idx: list[int], spans: dict[str, Tensor], x16: Tensor,
     s = spans["s"]
     p0_parts = [p0_full(seg.p0[i], seg.s[i].numel()) for i in idx]
     p0 = flat_span(p0_parts) if s.numel() else s
-    state = _Span(x16[:n], g32[:n], spans.get("m"), spans["v"], s, p0 if p0 is not None else s)
+    state = _chunked(_Span(x16[:n], g32[:n], spans.get("m"), spans["v"], s, p0 if p0 is not None else s), 1)
     x16_views, x32_views, g32_views = (views(t[:n], params) for t in (x16, x32, g32))
     return _Bucket(idx, state, None if p0 is not None else p0_parts, x32[:n], x16_views, x32_views, g32_views)
 
@@ -199,32 +239,39 @@ def statistics(seg: Segment, lay: Any, grads: Ts, sc: StepScalars) -> tuple[Tens
     """The contract's statistics, chunk by chunk (reads only: ``s`` is decoded into scratch)."""
     lay = lay if lay is not None else layout(seg)
     p, dots, norms = seg.hparams.slice_p, list[Tensor](), list[Tensor]()
-    spans = [replace(span, g=grads[i].view(-1)) for i, span in zip(lay.direct, lay.views)]
-    spans += [
-        _Span(seg.params[i].reshape(-1), grads[i].reshape(-1), None, seg.exp_avg_sq[i], seg.s[i], seg.p0[i].reshape(-1))
-        for i in lay.whole
-    ]
-    for b in lay.buckets:
+    for b in lay.buckets:  # (each in turn: the next one reuses the scratch)
         torch._foreach_copy_(b.x16_views, [seg.params[i] for i in b.index])
         torch._foreach_copy_(b.g32_views, [grads[i] for i in b.index])
-        spans.append(b.state if b.p0_parts is None else replace(b.state, p0=torch.cat(b.p0_parts)))
-        _span_statistics(spans.pop(), sc, p, dots, norms)  # (now: the next bucket reuses the scratch)
-    for span in spans:
-        _span_statistics(span, sc, p, dots, norms)
+        _span_statistics(
+            b.state if b.p0_parts is None else replace(b.state, p0=torch.cat(b.p0_parts)), sc, p, dots, norms
+        )
+    for i, span in zip(lay.direct, lay.views):
+        _span_statistics(replace(span, g=grads[i].view(-1)), sc, p, dots, norms)
+    for i in lay.whole:
+        x, g, v, s, p0 = (
+            seg.params[i].reshape(-1),
+            grads[i].reshape(-1),
+            seg.exp_avg_sq[i],
+            seg.s[i],
+            seg.p0[i].reshape(-1),
+        )
+        _span_statistics(_chunked(_Span(x, g, None, v, s, p0), p), sc, p, dots, norms)
     if len(dots) == 1:
         return dots[0], norms[0]
     return torch.stack(dots).sum(), torch.stack(norms).sum()
 
 
 def _span_statistics(span: _Span, sc: StepScalars, slice_p: int, dots: list[Tensor], norms: list[Tensor]) -> None:
-    """``_single.statistics_of`` of each chunk of ``span``, appended to ``dots`` and ``norms``."""
-    dtype, g = compute_dtype(span.x.dtype), cast(Tensor, span.g)
-    for lo, hi, s_lo, s_hi in _chunks(span.x, slice_p):
-        s = _decode(span.s, "s", s_lo, s_hi, dtype)
-        p0 = span.p0 if span.p0.numel() == 1 and span.s.numel() != 1 else span.p0[s_lo:s_hi]
-        dot, norm = _single.statistics_of([span.x[lo:hi]], [g[lo:hi]], [s], [p0], sc=sc, slice_p=slice_p)
-        dots.append(dot.to(dtype))
-        norms.append(norm.to(dtype))
+    """The ops of ``_single.statistics_of`` on each chunk of ``span`` (its g raised to the compute
+    dtype; the new ``s`` in its decoded copy), appended to ``dots`` and ``norms``."""
+    dtype, g, own = compute_dtype(span.x.dtype), cast(Tensor, span.g), span.s.dtype != compute_dtype(span.x.dtype)
+    compact_p0 = span.p0.numel() == 1 and span.s.numel() != 1
+    for c in span.chunks:
+        s = _decode(span.s, "s", c.s_lo, c.s_hi, dtype)
+        x, gc = span.x[c.lo : c.hi : slice_p], g[c.lo : c.hi : slice_p].to(dtype)
+        dots.append(torch.dot(gc, torch.sub(span.p0 if compact_p0 else span.p0[c.s_lo : c.s_hi], x).to(dtype)))
+        s_new = _single._op("mul", s, sc.beta3, out=s if own else None)
+        norms.append(_single._l1(_single._axpy(s_new, gc, sc.s_scale, out=s_new), out=s_new))
 
 
 def update(seg: Segment, lay: Any, grads: Ts, sc: StepScalars, out: SegmentResult | None) -> SegmentResult:
@@ -243,8 +290,7 @@ def _update(seg: Segment, lay: Any, grads: Ts, sc: StepScalars, *, moments: bool
         xs = [seg.params[i] for i in b.index]
         torch._foreach_copy_(b.x32_views, xs)
         torch._foreach_copy_(b.g32_views, [grads[i] for i in b.index])
-        g = cast(Tensor, b.state.g)
-        _step_chunk(b.state, b.x32, g, (0, g.numel(), 0, b.state.s.numel()), sc, hp.slice_p, moments, params, adam)
+        _step_chunk(b.state, b.state.chunks[0], b.x32, cast(Tensor, b.state.g), sc, hp.slice_p, moments, params, adam)
         if params:
             _round_x(b.x32, xs[0].dtype, sr)
             torch._foreach_copy_(xs, b.x32_views)
@@ -254,123 +300,85 @@ def _update(seg: Segment, lay: Any, grads: Ts, sc: StepScalars, *, moments: bool
     return SegmentResult(list(seg.params), ms, list(seg.exp_avg_sq), list(seg.s))
 
 
-def _chunks(x: Tensor, slice_p: int) -> list[tuple[int, int, int, int]]:
-    """(lo, hi, s_lo, s_hi) of each chunk of the elements of ``x`` (``CHUNK`` on CPU, else
-    ``CHUNK_ACCELERATOR``): ``lo`` a multiple of ``slice_p`` and of the int8 block, so that the
-    chunk's ``s`` is ``s[s_lo:s_hi]`` and its blocks are whole."""
-    n = x.numel()
-    unit = _formats.BLOCK * slice_p
-    chunk = CHUNK if x.device.type == "cpu" else CHUNK_ACCELERATOR
-    width = max(unit, chunk // unit * unit)
-    return [(lo, min(lo + width, n), lo // slice_p, -(-min(lo + width, n) // slice_p)) for lo in range(0, n, width)]
-
-
 def _step_span(
     span: _Span, sc: StepScalars, slice_p: int, *, moments: bool, params: bool, sr: bool, adam: dict | None
 ) -> None:
     """The update of one param's span, chunk by chunk: float copies of its x (16-bit params) and g
     (where ``adam`` scales it, or 16-bit), ``_step_chunk``, x written back."""
     dtype, g = compute_dtype(span.x.dtype), cast(Tensor, span.g)
-    for chunk in _chunks(span.x, slice_p):
-        lo, hi = chunk[:2]
-        xc, gc = span.x[lo:hi], g[lo:hi]
+    for c in span.chunks:
+        xc, gc = span.x[c.lo : c.hi], g[c.lo : c.hi]
         x = xc if xc.dtype == dtype else _work(xc, dtype, "x")
-        _step_chunk(
-            span,
-            x,
-            gc if gc.dtype == dtype and adam is None else _work(gc, dtype, "g"),
-            chunk,
-            sc,
-            slice_p,
-            moments,
-            params,
-            adam,
-        )
+        gc = gc if gc.dtype == dtype and adam is None else _work(gc, dtype, "g")
+        _step_chunk(span, c, x, gc, sc, slice_p, moments, params, adam)
         if params and x is not xc:
             xc.copy_(_round_x(x, xc.dtype, sr))
 
 
 def _step_chunk(
-    span: _Span, x: Tensor, g: Tensor, chunk: tuple[int, int, int, int], sc: StepScalars, slice_p: int,
-    moments: bool, params: bool, adam: dict | None,
+    span: _Span, c: _Chunk, x: Tensor, g: Tensor, sc: StepScalars, slice_p: int, moments: bool, params: bool,
+    adam: dict | None,
 ) -> None:  # fmt: skip
-    """Elements [lo, hi) of ``span`` (``chunk``: lo, hi, s_lo, s_hi) stepped in ``x``, from ``g``
-    (float; scratch where ``adam``: scaled there): m, v, s loaded (``_load_chunk``), the specification's
-    ops (``_single``'s, or ``_adam_chunk``'s), m, v, s stored with moments (``_store_chunk``)."""
-    lo, hi, s_lo, s_hi = chunk
+    """Chunk ``c`` of ``span`` stepped in ``x`` from ``g`` (float; scratch where ``adam``: scaled
+    there): m, v, s loaded (``_load_chunk``), the specification's ops (``_single``'s, or
+    ``_adam_chunk``'s), m, v, s stored with ``moments`` (``_store_chunk``)."""
     update_s = moments and sc.beta3 is not None and span.s.numel() > 0
-    where = [
-        (span.m, "exp_avg", lo, hi),
-        (span.v, "exp_avg_sq", lo, hi),
-        (span.s if update_s else None, "s", s_lo, s_hi),
-    ]
-    loaded = _load_chunk(where, x.dtype, x.device)
+    loaded = _load_chunk(c, update_s, x.dtype, x.device)
     m, v, s = loaded.values
     v = cast(Tensor, v)
     if adam is not None:
         m = _adam_chunk(x, g, m, v, s, sc, slice_p, adam)
     else:
+        ms = None if m is None else [m]
         if moments:
-            s_in = s if s is not None else span.s
-            _single.update_moments(
-                [g],
-                None if m is None else [m],
-                [v],
-                [s_in],
-                sc=sc,
-                slice_p=slice_p,
-                out=SegmentResult([x], None if m is None else [m], [v], [s_in]),
-            )
+            ss = [s if s is not None else span.s]
+            _single.update_moments([g], ms, [v], ss, sc=sc, slice_p=slice_p, out=SegmentResult([x], ms, [v], ss))
         if params:
-            _single.update_params(
-                [x], [g], None if m is None else [m], [v], sc=sc, out=SegmentResult([x], None, [], [])
-            )
+            _single.update_params([x], [g], ms, [v], sc=sc, out=SegmentResult([x], None, [], []))
     if moments:  # (after the params: storing overwrites the float m, v, s)
-        _store_chunk(where, loaded, _shared_noise(span, hi - lo, update_s))
+        _store_chunk(c, loaded, _shared_noise(span, c.hi - c.lo, update_s))
 
 
 @dataclass
 class _Loaded:
     """A chunk's m, v, s in the compute dtype (None: absent or not stepped); ``rows`` a (k, n)
-    scratch whose rows are the bfloat16 ones of the chunk's length (``joint`` which), rounded by
-    one pair of ops; None where fewer than two."""
+    scratch whose rows are those of ``joint`` (indices into them and ``_Chunk.rows``), or None."""
 
     values: list[Tensor | None]
     rows: Tensor | None
     joint: list[int]
 
 
-def _load_chunk(where: list[tuple[Tensor | None, str, int, int]], dtype: torch.dtype, device: torch.device) -> _Loaded:
-    """The float values of the state ``where`` (tensor, key, lo, hi) of a chunk."""
-    n = where[1][3] - where[1][2]
-    joint = [
-        j for j, (t, _, lo, hi) in enumerate(where) if t is not None and t.dtype == torch.bfloat16 and hi - lo == n
-    ]
-    if dtype != torch.float32 or len(joint) < 2:
-        joint = []
+def _load_chunk(c: _Chunk, update_s: bool, dtype: torch.dtype, device: torch.device) -> _Loaded:
+    """The float m, v and (``update_s``) s of chunk ``c``: the bfloat16 ones of its length as rows
+    of one scratch where two or more are and ``dtype`` is float32 (``_store_chunk`` rounds them with
+    one pair of ops), the others decoded one by one."""
+    n = c.hi - c.lo
+    joint = c.rows if update_s or 2 not in c.rows else c.rows[:-1]
+    joint = joint if len(joint) > 1 and dtype == torch.float32 else []
     rows = None
     if joint:
         buf = _scratch.buffer(len(joint) * n, dtype, device, ("compact", "rows"))
         rows = (torch.empty(len(joint) * n, dtype=dtype, device=device) if buf is None else buf).view(len(joint), n)
-    values: list[Tensor | None] = []
-    for j, (t, key, lo, hi) in enumerate(where):
+    values: list[Tensor | None] = [None, None, None]
+    for j, (t, key, lo, hi) in enumerate(c.state if update_s else c.state[:2]):
         if t is None:
-            values.append(None)
-        elif rows is not None and j in joint:
-            values.append(rows[joint.index(j)].copy_(t.view(-1)[lo:hi]))
+            continue
+        if j in joint:
+            values[j] = cast(Tensor, rows)[joint.index(j)].copy_(c.slices[c.rows.index(j)])
         else:
-            values.append(_decode(t, key, lo, hi, dtype))
+            values[j] = _decode(t, key, lo, hi, dtype)
     return _Loaded(values, rows, joint)
 
 
-def _store_chunk(where: list[tuple[Tensor | None, str, int, int]], loaded: _Loaded, noise: Tensor | None) -> None:
-    """Write the chunk's new m, v, s (``loaded``, stepped in place) into their state ``where``:
-    the rows rounded at once, the others encoded one by one (``noise`` shared)."""
+def _store_chunk(c: _Chunk, loaded: _Loaded, noise: Tensor | None) -> None:
+    """Write chunk ``c``'s new m, v, s (``loaded``, stepped in place) into their state: the rows
+    rounded at once, the others encoded one by one (``noise`` shared)."""
     if loaded.rows is not None:
         _robust.round_bits_(loaded.rows, noise)
-        dsts = [cast(Tensor, where[j][0]).view(-1)[where[j][2] : where[j][3]] for j in loaded.joint]
-        torch._foreach_copy_(dsts, list(loaded.rows.unbind(0)))
-    for j, ((t, key, lo, hi), value) in enumerate(zip(where, loaded.values)):
+        torch._foreach_copy_([c.slices[c.rows.index(j)] for j in loaded.joint], list(loaded.rows.unbind(0)))
+    for j, value in enumerate(loaded.values):
+        t, key, lo, hi = c.state[j]
         if t is not None and value is not None and j not in loaded.joint:
             _formats.encode(t, key, lo, hi, value, noise)
 
