@@ -247,15 +247,9 @@ def statistics(seg: Segment, lay: Any, grads: Ts, sc: StepScalars) -> tuple[Tens
         )
     for i, span in zip(lay.direct, lay.views):
         _span_statistics(replace(span, g=grads[i].view(-1)), sc, p, dots, norms)
-    for i in lay.whole:
-        x, g, v, s, p0 = (
-            seg.params[i].reshape(-1),
-            grads[i].reshape(-1),
-            seg.exp_avg_sq[i],
-            seg.s[i],
-            seg.p0[i].reshape(-1),
-        )
-        _span_statistics(_chunked(_Span(x, g, None, v, s, p0), p), sc, p, dots, norms)
+    for i in lay.whole:  # (flat copies where not contiguous: read only)
+        x, g, p0 = seg.params[i].reshape(-1), grads[i].reshape(-1), seg.p0[i].reshape(-1)
+        _span_statistics(_chunked(_Span(x, g, None, seg.exp_avg_sq[i], seg.s[i], p0), p), sc, p, dots, norms)
     if len(dots) == 1:
         return dots[0], norms[0]
     return torch.stack(dots).sum(), torch.stack(norms).sum()
