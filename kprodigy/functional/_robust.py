@@ -38,8 +38,9 @@ def zero_nonfinite(t: Tensor, out: Tensor | None = None) -> Tensor:
 
 def stochastic_round(x: Tensor, dtype: torch.dtype, noise: Tensor | None = None) -> Tensor:
     """float32 ``x`` rounded to bfloat16 stochastically, unbiased (else a cast): 16 random low bits
-    added to the float32 pattern, then truncated; inf and NaN stay. ``noise``: those bits for the
-    first ``x.numel()`` elements (``rounding_noise``; read, not written), else drawn here."""
+    added to the float32 pattern, then truncated; inf and NaN stay. ``noise``: those bits for x's
+    last dimension (``rounding_noise``; read, not written; one draw serves every row), else drawn
+    here for every element."""
     if dtype != torch.bfloat16 or x.dtype != torch.float32:
         return x.to(dtype)
     return _rounded(x, noise, into_x=False).to(dtype)
@@ -66,12 +67,14 @@ def _rounded(x: Tensor, noise: Tensor | None, *, into_x: bool) -> Tensor:
 
 def rounding_noise(n: int, device: torch.device, out: Tensor | None = None) -> Tensor:
     """(n,) int32 uniform in [0, 2^16) (into ``out``, an int32 buffer of n): the random low bits of
-    ``stochastic_round``, four per 64 random bits (``random_`` over int64's full range, cut into
-    16-bit lanes: on CPU 2x faster than ``random_`` per int32 element, which ``randint_like`` is
-    1.7x slower than). One draw may serve the m, v and s of the same elements in one step
+    ``stochastic_round``, four per 64 random bits on CPU and CUDA (``random_`` over int64's full
+    range, cut into 16-bit lanes: on CPU 2x faster than ``random_`` per int32 element, which
+    ``randint_like`` is 1.7x slower than). One draw may serve the m, v and s of the same elements in one step
     (``_compact``): each rounding stays unbiased; a third of the draws."""
-    wide = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-(2**63), None)
     out = torch.empty(n, dtype=torch.int32, device=device) if out is None else out
+    if device.type not in ("cpu", "cuda"):  # (where the full-range draw is not known to exist)
+        return out.random_().bitwise_and_(0xFFFF)
+    wide = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-(2**63), None)
     return out.copy_(wide.view(torch.int16)[:n]).bitwise_and_(0xFFFF)
 
 
