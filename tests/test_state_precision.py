@@ -802,7 +802,7 @@ def test_fused_adam_chunks_match_the_specification_kernels(kw: dict, monkeypatch
     monkeypatch.setattr(_compact, "_adam_kwargs", lambda *args: None)
     spec = compact_run(kw)
     assert abs(fast[2] - spec[2]) <= 1e-5 * spec[2]
-    assert spec[2] > 2e-3 or "safeguard_warmup" in kw  # D grew (safeguard_warmup holds it at d0 here)
+    assert spec[2] > 0.1 or "safeguard_warmup" in kw  # D grew 100x (safeguard_warmup holds it at d0 here)
     for ours, ref in zip(fast[:2], spec[:2]):
         unequal, rel = differing(ours, ref)
         assert unequal < 0.01 and rel < 2e-3
