@@ -140,23 +140,27 @@ def _codec(key: str) -> Int8Codec:
     return M_CODEC if key == "exp_avg" else V_CODEC
 
 
-def decode(t: Tensor, key: str, lo: int, hi: int, dtype: torch.dtype = torch.float32) -> Tensor:
+def decode(
+    t: Tensor, key: str, lo: int, hi: int, dtype: torch.dtype = torch.float32, out: Tensor | None = None
+) -> Tensor:
     """Elements [lo, hi) of state ``t`` (contiguous; logical order) in ``dtype``: a view where ``t``
-    holds ``dtype`` (in place updates reach ``t``), else a new tensor; ``lo`` a multiple of
-    ``BLOCK`` for int8 state."""
+    holds ``dtype`` (in place updates reach ``t``), else a new tensor (or ``out``, a buffer of
+    ``hi - lo`` elements of ``dtype``, for bfloat16 state); ``lo`` a multiple of ``BLOCK`` for int8 state."""
     if is_int8(t):
         b0, b1 = lo // BLOCK, -(-hi // BLOCK)
         codes, scales = _int8_parts(t)
         return _codec(key).decode(codes[b0:b1], scales[b0:b1]).view(-1)[: hi - lo].to(dtype)
     flat = t.view(-1)[lo:hi]
-    return flat if flat.dtype == dtype else flat.to(dtype)
+    if flat.dtype == dtype:
+        return flat
+    return flat.to(dtype) if out is None else out.copy_(flat)
 
 
 def encode(t: Tensor, key: str, lo: int, hi: int, values: Tensor, noise: Tensor | None = None) -> None:
     """Store float ``values`` as elements [lo, hi) of state ``t``: int8 codes (a block is whole
     unless it ends the tensor), bfloat16 stochastically rounded (with ``noise``, ``_robust.
-    rounding_noise`` of at least ``hi - lo`` elements, if given), float copied (a no-op for the
-    view ``decode`` gave)."""
+    rounding_noise`` of at least ``hi - lo`` elements, if given; float32 ``values`` are scratch
+    then: overwritten), float copied (a no-op for the view ``decode`` gave)."""
     if is_int8(t):
         b0, b1 = lo // BLOCK, -(-hi // BLOCK)
         codes, scales = _int8_parts(t)
@@ -170,7 +174,7 @@ def encode(t: Tensor, key: str, lo: int, hi: int, values: Tensor, noise: Tensor 
     if flat.data_ptr() == values.data_ptr() and flat.dtype == values.dtype:
         return
     if flat.dtype == torch.bfloat16:  # (float64 values: to float32 first, 2^-24 relative, then unbiased)
-        values = _robust.stochastic_round(values.to(torch.float32), flat.dtype, noise)
+        values = _robust.round_bits_(values.to(torch.float32), noise)
     flat.copy_(values)
 
 
