@@ -111,6 +111,22 @@ def test_structure_mismatch_raises_and_changes_nothing() -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, pytree.tree_leaves(state)))
 
 
+def test_flat_lists_and_tuples_keep_their_type_and_are_checked() -> None:
+    """A list or a tuple of tensors (flattened without pytree's walk, ``_tree._tree_flatten``)
+    comes back as what it was, in params and in the state, and a list is not a tuple."""
+    hp = Hyperparams()
+    for kind in (list, tuple):
+        params = kind(torch.randn(3) for _ in range(4))
+        state = F.init_state(params, hp)
+        new, new_state = F.step(params, kind(torch.randn(3) for _ in range(4)), state, hp)
+        assert type(new) is kind and type(new_state.exp_avg_sq) is kind and len(new) == 4
+        other = tuple if kind is list else list
+        with pytest.raises(ValueError, match="grads have structure"):
+            F.step(params, other(torch.randn(3) for _ in range(4)), state, hp)
+        with pytest.raises(ValueError, match="grads have structure"):
+            F.step(params, kind(torch.randn(3) for _ in range(3)), state, hp)
+
+
 # ---------------------------------------------------------------- functional training loop
 
 

@@ -84,7 +84,7 @@ def step(
     """
     leaves, gleaves, flat, spec = _flatten_step(params, grads, state)
     new_leaves, new_flat, _ = _step_lists(leaves, gleaves, flat, hparams, foreach=foreach, fused=fused, pure=True)
-    return pytree.tree_unflatten(new_leaves, spec), _unflatten_state(new_flat, spec)
+    return _tree_unflatten(new_leaves, spec), _unflatten_state(new_flat, spec)
 
 
 def step_(
@@ -176,10 +176,40 @@ def _check_grads(params: Ts, grads: Ts) -> None:
             raise ValueError(f"grads[{i}] is on {g.device} but params[{i}] on {x.device}")
 
 
+_FLAT_SPECS: dict[tuple[type, int], pytree.TreeSpec] = {}  # the spec of a list or tuple of n tensors
+
+
+def _tree_flatten(tree: Any) -> tuple[list[Any], pytree.TreeSpec]:
+    """``pytree.tree_flatten``; a list or tuple of tensors (the common case) without walking it,
+    its spec made once per type and length (300 leaves: pytree's walk was a tenth of a pure step)."""
+    if torch.compiler.is_compiling():  # (no global cache in a traced graph)
+        return pytree.tree_flatten(tree)
+    if type(tree) in (list, tuple) and all(isinstance(t, Tensor) for t in tree):
+        key = (type(tree), len(tree))
+        spec = _FLAT_SPECS.get(key)
+        if spec is None:
+            if len(_FLAT_SPECS) >= 64:
+                _FLAT_SPECS.clear()
+            spec = _FLAT_SPECS[key] = pytree.tree_flatten(tree)[1]
+        return list(tree), spec
+    return pytree.tree_flatten(tree)
+
+
+def _tree_unflatten(leaves: list[Any], spec: pytree.TreeSpec) -> Any:
+    """``pytree.tree_unflatten``; for a spec of ``_tree_flatten``'s cache, the list or tuple."""
+    if not torch.compiler.is_compiling() and _FLAT_SPECS.get((spec.type, len(leaves))) is spec:
+        return spec.type(leaves)
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def _same(a: pytree.TreeSpec, b: pytree.TreeSpec) -> bool:
+    return a is b or a == b
+
+
 def _flatten(tree: PyTree, what: str) -> tuple[list[Tensor], pytree.TreeSpec]:
     if not isinstance(tree, Tensor) and _compat.tree_is_leaf(tree) and hasattr(tree, "__iter__"):
         tree = list(tree)  # an iterator such as model.parameters()
-    leaves, spec = pytree.tree_flatten(tree)
+    leaves, spec = _tree_flatten(tree)
     if not all(isinstance(leaf, Tensor) for leaf in leaves):  # name the first culprit by its path
         path, leaf = next((p, x) for p, x in pytree.tree_flatten_with_path(tree)[0] if not isinstance(x, Tensor))
         raise TypeError(f"{what}{pytree.keystr(path)} is a {type(leaf).__name__}; expected a tensor")
@@ -191,7 +221,7 @@ def _flatten_step(params: PyTree, grads: PyTree, state: State) -> tuple[list[Ten
     params' structure, which the grads and the state's fields must have (else a clear error)."""
     leaves, spec = _flatten(params, "params")
     gleaves, gspec = _flatten(grads, "grads")
-    if gspec != spec:
+    if not _same(gspec, spec):
         raise ValueError(
             f"grads have structure {_describe(gspec)} but params have structure {_describe(spec)}; "
             "expected one grad per param, in the same structure"
@@ -203,8 +233,8 @@ def _flatten_step(params: PyTree, grads: PyTree, state: State) -> tuple[list[Ten
         if value is None:  # exp_avg where betas[0] == 0
             fields[name] = None
             continue
-        fields[name], fspec = pytree.tree_flatten(value)
-        if fspec != spec:
+        fields[name], fspec = _tree_flatten(value)
+        if not _same(fspec, spec):
             raise ValueError(
                 f"state.{name} has structure {_describe(fspec)} but params have structure {_describe(spec)}; "
                 "the state must come from init_state(params) of the same structure"
@@ -215,7 +245,7 @@ def _flatten_step(params: PyTree, grads: PyTree, state: State) -> tuple[list[Ten
 def _unflatten_state(flat: State, spec: pytree.TreeSpec) -> State:
     fields: dict[str, Any] = {}
     for name in STATE_KEYS:
-        fields[name] = None if (leaves := getattr(flat, name)) is None else pytree.tree_unflatten(leaves, spec)
+        fields[name] = None if (leaves := getattr(flat, name)) is None else _tree_unflatten(leaves, spec)
     return State(d=flat.d, **fields)
 
 
