@@ -113,3 +113,31 @@ def test_the_s_scale_is_reset_before_it_underflows(beta3: float) -> None:
         for p, q in zip(ours, theirs):
             s, s_ref = opt.state[p]["s"], ref.state[q]["s"]
             assert float((s - s_ref).norm()) <= 10 * tol * float(s_ref.norm())  # (an axpy of s / C)
+
+
+def test_per_parameter_steps_between_scaled_steps() -> None:
+    """step() (scaled) and step_parameter()/finalize_step() (on the state as prodigyopt holds it)
+    alternate on one optimizer: float64 equal to the same alternation on the per-tensor kernels."""
+
+    def run(**flags: bool) -> tuple[list[torch.nn.Parameter], KProdigy]:
+        ps = _params()
+        opt = KProdigy(ps, **flags)
+        for k in range(16):
+            if k % 4 == 3:
+                for p, g in zip(ps, _grads(ps, k)):
+                    p.grad = g
+                    opt.step_parameter(p)
+                opt.finalize_step()
+            else:
+                _step(opt, ps, k)
+        return ps, opt
+
+    ours, opt = run()
+    ref, ref_opt = run(foreach=False, fused=False)
+    assert opt.param_groups[0]["d"] == pytest.approx(ref_opt.param_groups[0]["d"], rel=1e-10)
+    assert opt.param_groups[0]["d"] > 1e2 * 1e-6
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-12)
+        for key in ("exp_avg", "exp_avg_sq", "s"):
+            a, b = opt.state[p][key], ref_opt.state[q][key]
+            assert float((a - b).norm()) <= 1e-10 * float(b.norm()), key

@@ -413,7 +413,8 @@ def _ema(beta: float, gain: float, old: float, value: float) -> tuple[float, flo
 def normalize(lay: FlatGroup) -> None:
     """Multiply the scales into the stored m, v, s (``FlatGroup``): they hold prodigyopt's values
     again, and the scales are 1 (the next ``update`` sets A, B from d again)."""
-    _multiply(lay, lay.scales)
+    if lay.scales != [1.0, 1.0, 1.0]:  # (a read of the optimizer's state after another: nothing to do)
+        _multiply(lay, lay.scales)
     lay.scales[:] = [1.0, 1.0, 1.0]
     lay.anchored = False
 
