@@ -72,7 +72,9 @@ def rounding_noise(n: int, device: torch.device, out: Tensor | None = None) -> T
     ``randint_like`` is 1.7x slower than). One draw may serve the m, v and s of the same elements in one step
     (``_compact``): each rounding stays unbiased; a third of the draws."""
     out = torch.empty(n, dtype=torch.int32, device=device) if out is None else out
-    if device.type not in ("cpu", "cuda"):  # (where the full-range draw is not known to exist)
+    # per element where the full-range draw is not known to exist, and inside torch.compile (torch
+    # 2.7's FX printed aten.random.from, a keyword: a SyntaxError)
+    if device.type not in ("cpu", "cuda") or torch.compiler.is_compiling():
         return out.random_().bitwise_and_(0xFFFF)
     wide = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-(2**63), None)
     return out.copy_(wide.view(torch.int16)[:n]).bitwise_and_(0xFFFF)
