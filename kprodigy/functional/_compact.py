@@ -36,6 +36,7 @@ __all__ = [
     "PURE",
     "WRITES_PARAMS",
     "applies",
+    "takes_16bit_params",
     "gradients",
     "layout",
     "statistics",
@@ -67,6 +68,15 @@ def applies(seg: Segment) -> bool:
     if torch.compiler.is_compiling() or any(is_wrapped(t) for t in [*seg.params, *keys]):
         raise ValueError(UNDER_TRANSFORMS.format("int8" if any(_formats.is_int8(t) for t in keys) else "bfloat16"))
     return True
+
+
+def takes_16bit_params(seg: Segment) -> bool:
+    """Whether this backend steps ``seg`` of 16-bit params whose state is not compact (float32:
+    ``state_precision="float32"``, decoded as views of itself) on its fused chunks: outside
+    ``torch.func`` transforms and ``torch.compile``."""
+    if torch.compiler.is_compiling() or not any(x.dtype in (torch.bfloat16, torch.float16) for x in seg.params):
+        return False
+    return not any(is_wrapped(t) for t in [*seg.params, *(seg.exp_avg or []), *seg.exp_avg_sq, *seg.s])
 
 
 @dataclass

@@ -135,15 +135,19 @@ def use_fused(tensors: Sequence[Tensor], fused: bool | None) -> bool:
 def choose_backend(seg: Segment, on_host: bool, foreach: bool | None, fused: bool | None, pack: bool) -> ModuleType:
     """A member's backend: compact (state stored in bfloat16 or int8, ``_formats``), factored (a
     factored ``v``), compiled (``use_fused``), fused AdamW (D on the host, automatic flags, state
-    that may be laid flat, ``_adamw.usable``), foreach or per-tensor."""
+    that may be laid flat, ``_adamw.usable``), compact for 16-bit params with float32 state there
+    too, foreach or per-tensor."""
     if _compact.applies(seg):
         return _compact
     if _factored.is_factored(seg.params, seg.exp_avg_sq):
         return _factored
     if use_fused(seg.params, fused):
         return _fused
-    if on_host and pack and foreach is None and fused is None and _adamw.usable(seg):
-        return _adamw
+    if on_host and pack and foreach is None and fused is None:
+        if _adamw.usable(seg):
+            return _adamw
+        if _compact.takes_16bit_params(seg):  # (16-bit params, float32 state: its fused chunks)
+            return _compact
     return _foreach if use_foreach(seg.params, foreach) else _single
 
 
