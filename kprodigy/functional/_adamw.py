@@ -37,7 +37,7 @@ from ._single import Ts
 from ._state import Segment, SegmentResult, is_wrapped
 
 __all__ = ["PACKS", "PURE", "SMALL", "S_FIRST", "Bucket", "FlatGroup", "dots", "gradients", "layout", "norms"]
-__all__ += ["normalize", "statistics", "update", "usable"]
+__all__ += ["normalize", "statistics", "unscaled_kwargs", "update", "usable"]
 
 PURE = False  # update works in place; the engine steps copies for a pure step
 PACKS = True  # the small params' state lies back to back (the plan lays it so)
@@ -211,7 +211,7 @@ def gradients(seg: Segment, lay: FlatGroup, grads: Ts) -> list[Tensor]:
         torch._foreach_copy_(b.grad_views, [grads[i] for i in b.index])
         if hp.maximize:
             b.grad.neg_()
-        if hp.weight_decay > 0 and not hp.decouple:
+        if hp.coupled_decay:
             torch._foreach_add_(b.grad_views, b.params, alpha=hp.weight_decay)
         if b.sliced is not None:
             torch._foreach_copy_(b.sliced_views, [g.view(-1)[:: lay.slice_p] for g in b.grad_views])
@@ -219,17 +219,22 @@ def gradients(seg: Segment, lay: FlatGroup, grads: Ts) -> list[Tensor]:
     return out
 
 
+def _remade(hp: Hyperparams) -> bool:
+    """Whether the effective gradient differs from the raw one (``maximize``, coupled decay): a
+    slice's is then made in scratch (``_grad``)."""
+    return hp.maximize or hp.coupled_decay
+
+
 def _grad(fg: FlatGroup, b: Bucket, g: Tensor, hp: Hyperparams) -> Tensor:
     """A bucket's effective gradient: a slice's into ``work3``, from the params before ``update``."""
-    coupled = hp.weight_decay > 0 and not hp.decouple
-    if b.grad is not None or not (hp.maximize or coupled):
+    if b.grad is not None or not _remade(hp):
         return g
     if fg.work3 is None:
         fg.work3 = torch.empty_like(fg.work)
     out = fg.work3[: b.hi - b.lo]
     if hp.maximize:
         torch.neg(g, out=out)
-        return out.add_(b.params[0], alpha=hp.weight_decay) if coupled else out
+        return out.add_(b.params[0], alpha=hp.weight_decay) if hp.coupled_decay else out
     return torch.add(g, b.params[0], alpha=hp.weight_decay, out=out)
 
 
@@ -336,14 +341,11 @@ def update(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars, out: Segmen
         b_new, beta2 = _ema(b2, sc.gains[1], b, d_old * d_old)
         root, factor = math.sqrt(b_new), None  # (sqrt(fl(d * d)) == d: lr == dlr while d stays)
         lr, eps = (dlr * a_new if b1 > 0 else dlr * d_new) / root, d_new * hp.eps / root
-    else:  # the gradient times d_old in scratch; betas[0] == 0: m = d_old * g in a zeroed scratch
-        beta1, beta2, factor = b1, b2, d_old
-        lr, eps = (dlr if b1 > 0 else dlr * d_new / d_old), d_new * hp.eps
-    # (betas[0] == 0: the step dlr * d_new * g / den; decoupled decay apart, below: x - decay * x as
-    # prodigyopt, not x * (1 - decay))
-    kwargs: dict[str, Any] = {**_FIXED, "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps}
+        kwargs: dict[str, Any] = {**_FIXED, "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps}
+    else:  # the gradient times d_old in scratch
+        kwargs, factor = unscaled_kwargs(sc, b1 > 0), d_old
     rule = _s_rule(fg, sc) if sc.beta3 is not None else None
-    if rule is None and factor is None and b1 > 0 and not (hp.maximize or hp.weight_decay > 0 and not hp.decouple):
+    if rule is None and factor is None and b1 > 0 and not _remade(hp):
         _update_whole(fg, grads, sc.decay, kwargs)  # (nothing per bucket: one kernel call)
     else:
         _update_buckets(fg, hp, grads, rule, factor, sc.decay, kwargs)
@@ -352,6 +354,16 @@ def update(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars, out: Segmen
     if rule is not None:
         fg.scales[2] = rule[2]
     return out
+
+
+def unscaled_kwargs(sc: StepScalars, keeps_m: bool) -> dict[str, Any]:
+    """The keywords that make ``torch._fused_adamw_`` Prodigy's m, v, x update of unscaled state,
+    the gradient given times d_old (``sc.weight``): lr = dlr, eps = d_new * eps, Adam's bias
+    corrections 1 (``HUGE_STEP`` state steps, the caller's); without m (betas[0] == 0, a zeroed
+    scratch m = d_old g) lr = dlr d_new / d_old: the step dlr * d_new * g / den. Decoupled decay
+    apart (x - decay * x as prodigyopt, not x * (1 - decay))."""
+    lr = sc.dlr if keeps_m else sc.dlr * sc.d_new / sc.weight
+    return {**_FIXED, "lr": lr, "beta1": sc.decays[0], "beta2": sc.decays[1], "eps": sc.eps_d}
 
 
 def _update_whole(fg: FlatGroup, grads: Ts, decay: Any, kwargs: dict[str, Any]) -> None:

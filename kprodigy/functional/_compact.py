@@ -402,9 +402,7 @@ def _adam_kwargs(sc: StepScalars, seg: Segment, lay: Layout) -> dict[str, Any] |
     D on the device (its scalars are tensors: the kernel takes floats), a skip folded into them."""
     if sc.ok is not None or isinstance(sc.d_new, Tensor) or lay.step.device.type not in ("cpu", "cuda"):
         return None
-    lr = sc.dlr if seg.exp_avg is not None else sc.dlr * sc.d_new / sc.weight
-    beta1, beta2 = sc.decays
-    return {**_adamw._FIXED, "lr": lr, "beta1": beta1, "beta2": beta2, "eps": sc.eps_d, "state_steps": [lay.step]}
+    return {**_adamw.unscaled_kwargs(sc, seg.exp_avg is not None), "state_steps": [lay.step]}
 
 
 def _adam_chunk(

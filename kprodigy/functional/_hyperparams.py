@@ -81,6 +81,11 @@ class Hyperparams:
         """``beta3``, with None resolved to ``sqrt(betas[1])``."""
         return math.sqrt(self.betas[1]) if self.beta3 is None else self.beta3
 
+    @property
+    def coupled_decay(self) -> bool:
+        """Whether weight decay is added to the gradient (``decouple=False``), not to the params."""
+        return self.weight_decay > 0 and not self.decouple
+
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return _FIELD_NAMES if cls is Hyperparams else tuple(f.name for f in fields(cls))

@@ -33,22 +33,23 @@ def pack_segment(seg: Segment) -> Segment:
     """``seg`` with the state of its small contiguous params laid back to back in one new buffer per
     key, unless it already is; a compact (0-dim) ``p0`` stays so (memory first: the kernels gather it)."""
     small = _small(seg)
-    changes: dict[str, list[Tensor]] = {}
-    for key in STATE_KEYS:
-        ts = getattr(seg, key)
-        if len(small) < 2 or ts is None:
-            continue
-        sub = [ts[i] for i in small]
-        if (
-            key == "p0"
-            and any(t.dim() == 0 for t in sub)
-            or key in ("exp_avg", "exp_avg_sq")
-            and any(t.shape != seg.params[i].shape for t, i in zip(sub, small))
-        ):
-            continue  # compact p0, factored v, int8 moments (_formats): not laid flat
-        if flat_span(sub) is None:
-            changes[key] = _packed(ts, small)
+    changes = {key: laid for key in STATE_KEYS if (laid := _laid_flat(seg, key, small)) is not None}
     return replace(seg, **changes) if changes else seg  # type: ignore[arg-type]
+
+
+def _laid_flat(seg: Segment, key: str, small: list[int]) -> list[Tensor] | None:
+    """``seg``'s ``key`` list with the entries ``small`` laid back to back in a new buffer, or None
+    where they are already, or are not laid flat: fewer than two, a compact p0, a factored v, int8
+    moments (``_formats``)."""
+    ts = getattr(seg, key)
+    if len(small) < 2 or ts is None:
+        return None
+    sub = [ts[i] for i in small]
+    if key == "p0" and any(t.dim() == 0 for t in sub):
+        return None
+    if key in ("exp_avg", "exp_avg_sq") and any(t.shape != seg.params[i].shape for t, i in zip(sub, small)):
+        return None
+    return _packed(ts, small) if flat_span(sub) is None else None
 
 
 def copy_segment(seg: Segment) -> Segment:
@@ -66,9 +67,9 @@ def copy_segment(seg: Segment) -> Segment:
         packed = small if len(small) > 1 and same and not torch.compiler.is_compiling() else []
         done = set(packed)
         changes[key] = [t if i in done else t.clone() for i, t in enumerate(_packed(ts, packed))]
-    p0 = [seg.p0[i] for i in small]  # (read only: laid flat once, so later pure steps find it flat)
-    if len(small) > 1 and not torch.compiler.is_compiling() and all(t.dim() for t in p0) and flat_span(p0) is None:
-        changes["p0"] = _packed(seg.p0, small)
+    p0 = None if torch.compiler.is_compiling() else _laid_flat(seg, "p0", small)  # (read only)
+    if p0 is not None:  # laid flat once, as ``pack_segment`` lays it: later pure steps find it so
+        changes["p0"] = p0
     return replace(seg, **changes)  # type: ignore[arg-type]
 
 

@@ -48,7 +48,7 @@ def effective_grads(xs: Ts, gs: Ts, like: Ts, hp: Hyperparams, *, foreach: bool)
     """-g if maximize, plus wd * x if coupled weight decay (new tensors), each in the dtype of
     ``like[i]`` (float32 state of 16-bit params: ``d * g`` neither underflows nor rounds to 8 bits)."""
     out = list(gs)
-    coupled = hp.weight_decay > 0 and not hp.decouple
+    coupled = hp.coupled_decay
     if foreach and out:
         if hp.maximize:
             out = list(torch._foreach_neg(out))
