@@ -140,7 +140,6 @@ def test_no_compiler_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(_fused, "_STATUS", {})
     monkeypatch.setattr(_fused, "_WARNED", set())
     monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(_engine, "AUTO_FUSED_MIN", 1)  # fused=None would take the fused path
     hp = Hyperparams()
     xs, grads = _tensors([(7, 9), (3,)], 0, torch.float64)
     with warnings.catch_warnings():
@@ -160,17 +159,15 @@ def test_no_compiler_falls_back_with_one_warning(monkeypatch):
 
 
 def test_automatic_fused_never_compiles_on_cpu(monkeypatch):
-    """fused=None on CPU: the eager kernels at every size (the optimizer's default there is the
-    native path); fused=True asks for the compiled ones. (On CUDA the automatic mode compiles
-    from AUTO_FUSED_MIN elements: not testable without a GPU.)"""
+    """fused=None: the eager kernels at every size (the optimizer's default is the native path);
+    fused=True asks for the compiled ones. (tests/test_cuda_fake.py: None never compiles on CUDA.)"""
     calls = []
     real = _fused.statistics
     monkeypatch.setattr(_fused, "statistics", lambda *a, **k: calls.append(1) or real(*a, **k))
     small = [torch.zeros(10), torch.zeros(5)]
     assert not _engine.use_fused(small, None) and _engine.use_fused(small, True)
     assert not _engine.use_fused(small, False)
-    monkeypatch.setattr(_engine, "AUTO_FUSED_MIN", 15)  # above the threshold: still eager on CPU
-    assert not _engine.use_fused(small, None)
+    assert not _engine.use_fused([torch.zeros(1 << 21)], None)  # at any size
     hp = Hyperparams()
     xs, grads = _tensors([(3, 5)], 0, torch.float32)
     step(xs, grads[0], init_state(xs, hp), hp)
@@ -222,7 +219,6 @@ def test_fused_skips_a_nonfinite_step_exactly_and_matches_eager(betas):
 
 @pytest.mark.parametrize("fused", [None, True])
 def test_inputs_that_require_grad_take_the_differentiable_eager_step(monkeypatch, fused):
-    monkeypatch.setattr(_engine, "AUTO_FUSED_MIN", 1)  # fused=None would compile
     hp = Hyperparams(d0=1e-2)
     xs, grads = _tensors([(7, 9), (3,)], 0, torch.float64)
     leaves = [x.clone().requires_grad_() for x in xs]

@@ -25,12 +25,11 @@ from ._scalars import StepScalars, cap_d_ratio, next_d, step_scalars, updates_d
 from ._single import Ts
 from ._state import STATE_KEYS, DState, Segment, SegmentResult, d_dtype, is_wrapped
 
-__all__ = ["AUTO_FUSED_MIN", "S_FIRST_MIN", "Member", "Plan", "ReduceStats", "build", "choose_backend"]
+__all__ = ["S_FIRST_MIN", "Member", "Plan", "ReduceStats", "build", "choose_backend"]
 __all__ += ["d_on_host", "normalize", "refresh", "step", "use_foreach", "use_fused"]
 
 ReduceStats = Callable[[Tensor], Tensor]  # sums [numerator_0, denom_0, numerator_1, ...] over ranks
 
-AUTO_FUSED_MIN = 1 << 20  # fused=None compiles a CUDA param group of at least this many elements
 S_FIRST_MIN = 1 << 16  # elements of a D-group from which ``_s_first`` pays for its extra read (NOTES)
 
 
@@ -120,16 +119,15 @@ def use_foreach(tensors: Sequence[Tensor], foreach: bool | None) -> bool:
 
 
 def use_fused(tensors: Sequence[Tensor], fused: bool | None) -> bool:
-    """Resolve ``fused``: the compiled kernels (``_fused.py``) if True or, for None, on CUDA from
-    ``AUTO_FUSED_MIN`` elements; never inside ``torch.compile``, for torch.func-wrapped inputs or
-    inputs that require grad in grad mode, or where compiling fails (``_fused.available``)."""
-    if fused is False or not tensors or torch.compiler.is_compiling():
-        return False
-    if fused is None and (tensors[0].device.type != "cuda" or sum(t.numel() for t in tensors) < AUTO_FUSED_MIN):
+    """Resolve ``fused``: the compiled kernels (``_fused.py``) only if True (None compiles nothing,
+    on any device: the first step costs what later ones cost, and no compiler or Triton is
+    needed); never inside ``torch.compile``, for torch.func-wrapped inputs or inputs that require
+    grad in grad mode, or where compiling fails (``_fused.available``)."""
+    if fused is not True or not tensors or torch.compiler.is_compiling():
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) or any(is_wrapped(t) for t in tensors):
         return False
-    return _fused.available(tensors[0].device, warn=fused is True)
+    return _fused.available(tensors[0].device, warn=True)
 
 
 def choose_backend(seg: Segment, on_host: bool, foreach: bool | None, fused: bool | None, pack: bool) -> ModuleType:

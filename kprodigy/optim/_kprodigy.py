@@ -114,7 +114,7 @@ class KProdigy(torch.optim.Optimizer):
         fused: compiled kernels (torch.compile: one kernel per pass, no param-sized temporaries; the
             first step compiles for seconds; foreach where compiling fails) if True; None (default)
             torch's fused AdamW kernel where that is the step exactly (float32/float64 params, D on
-            the host), compiled kernels for CUDA groups of 2**20 elements or more; False: foreach.
+            the host; it compiles nothing, on any device); False: foreach.
         capturable: keep each D-group's D state as 0-dim tensors on its params' device, updated in
             place, so that ``step()`` reads nothing on the host and can be captured in a CUDA graph
             (default False; equal within a D-group). The D and step group keys are then those
