@@ -48,7 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kprodigy.functional as KF
 from kprodigy import KProdigy
-from kprodigy.functional import _adamw, _engine, _factored, _foreach, _fused, _single
+from kprodigy.functional import _adamw, _factored, _foreach, _fused, _single
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__")
 aten = torch.ops.aten

@@ -37,7 +37,7 @@ from ._single import Ts
 from ._state import Segment, SegmentResult, is_wrapped
 
 __all__ = ["PACKS", "PURE", "SMALL", "S_FIRST", "Bucket", "FlatGroup", "dots", "gradients", "layout", "norms"]
-__all__ += ["normalize", "statistics", "unscaled_kwargs", "update", "usable"]
+__all__ += ["norm_scale", "normalize", "statistics", "unscaled_kwargs", "update", "usable"]
 
 PURE = False  # update works in place; the engine steps copies for a pure step
 PACKS = True  # the small params' state lies back to back (the plan lays it so)
@@ -246,14 +246,15 @@ def _sliced(fg: FlatGroup, b: Bucket, g: Tensor) -> Tensor:
 
 
 def statistics(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars) -> tuple[Tensor, Tensor]:
-    """Writes only scratch: per bucket ``_dot`` and ``_norm`` (``s`` read, not written)."""
+    """Writes only scratch: per bucket ``_dot`` and ``_norm`` (``s`` read, not written); the norm
+    is that of the stored ``s / C``: times ``norm_scale``, taken before, it is sum ||s||_1."""
     dots, norms = [], []
     rule = _s_rule(lay, sc)
     for b, gb in zip(lay.buckets, grads):
         g = _sliced(lay, b, _grad(lay, b, gb, seg.hparams))
         dots.append(_dot(lay, b, g))
         norms.append(_norm(lay, b, g, rule, write_s=False))
-    return _total(dots), _scaled_total(norms, rule)
+    return _total(dots), _total(norms)
 
 
 def dots(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars) -> Tensor:
@@ -264,13 +265,19 @@ def dots(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars) -> Tensor:
 
 def norms(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars) -> Tensor:
     """The second half of ``statistics``, writing this step's ``s`` in place (``update`` must then
-    leave it: ``sc.beta3`` None there): sum ||beta3 s + s_scale g||_1."""
+    leave it: ``sc.beta3`` None there): sum ||beta3 s + s_scale g||_1 / ``norm_scale`` (taken before)."""
     out = []
     rule = _s_rule(lay, sc)
     for b, gb in zip(lay.buckets, grads):  # (one bucket at a time: ``_grad`` may reuse scratch)
         out.append(_norm(lay, b, _sliced(lay, b, _grad(lay, b, gb, seg.hparams)), rule, write_s=True))
     lay.scales[2] = rule[2]
-    return _scaled_total(out, rule)
+    return _total(out)
+
+
+def norm_scale(lay: FlatGroup, sc: StepScalars) -> float:
+    """C after this step's ``s`` update (``_s_rule``): the factor of the norms ``statistics`` and
+    ``norms`` return (the engine multiplies it in on the host: no op per step)."""
+    return _s_rule(lay, sc)[2] if sc.beta3 is not None else lay.scales[2]
 
 
 def _dot(fg: FlatGroup, b: Bucket, g: Tensor) -> Tensor:
@@ -318,12 +325,6 @@ def _s_write(s: Tensor, g: Tensor, rule: tuple[float | None, float, float], out:
 
 def _total(ts: list[Tensor]) -> Tensor:
     return ts[0] if len(ts) == 1 else torch.stack(ts).sum()
-
-
-def _scaled_total(ts: list[Tensor], rule: tuple[float | None, float, float]) -> Tensor:
-    """The sum of the buckets' ||s / C||_1 times C: sum ||s||_1."""
-    total = _total(ts)
-    return total if rule[2] == 1.0 else total * rule[2]
 
 
 def update(seg: Segment, lay: FlatGroup, grads: Ts, sc: StepScalars, out: SegmentResult | None) -> SegmentResult:

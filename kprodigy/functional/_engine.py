@@ -221,6 +221,8 @@ def step(
         else:
             results.append(_update(members, p, new.d, ok if isinstance(ok, Tensor) else None, moves, plan.pure))
         new_states.append(new)
+    if d_ratio_cap is None:
+        return results, new_states
     live = [any(m.seg.hparams.lr > 0 for m in members) for members in plan.d_groups]
     return results, cap_d_ratio(d_states, new_states, live, d_ratio_cap)
 
@@ -233,7 +235,7 @@ class _Pending:
     grads: dict[int, list[list[Tensor]]]  # per active member, per part: the effective gradients
     scalars: dict[int, StepScalars]  # per active member
     sums: list[Tensor]  # per part (dot, norm), then the gradient extremes that decide the skip
-    scales: list[Any]  # per part with statistics: the numerator scale of its dot
+    scales: list[tuple[Any, float]]  # per part with statistics: the scales of its dot and its norm
     n_sums: int = 0  # how many of ``sums`` are (dot, norm) entries
     s_first: bool = False  # its statistics are ``_s_first``'s to take
     s_written: bool = False  # they wrote this step's ``s``: the update leaves it
@@ -260,8 +262,8 @@ def _statistics(
             g = part.backend.gradients(part.seg, part.lay, raw)
             p.grads[i].append(g)
             if p.update_d is not False and not p.s_first:
+                p.scales.append((sc.numerator_scale, _norm_scale(part, sc)))
                 p.sums += part.backend.statistics(part.seg, part.lay, g, _like(sc, part))
-                p.scales.append(sc.numerator_scale)
             # where the statistics do not read every gradient element, its extremes decide the skip
             if hp0.skip_nonfinite and g and (p.update_d is not True or part.seg.hparams.slice_p > 1):
                 checks += _robust.extremes(g, d_dtype(g[0].device))
@@ -294,11 +296,11 @@ def _s_first(groups: Sequence[tuple[Sequence[Member], _Pending]]) -> None:
         fits = all(abs(sc.s_scale) <= torch.finfo(part.seg.params[0].dtype).max for sc, part, _ in mine)
         p.s_written = fits and (finite or not ms[0].seg.hparams.skip_nonfinite)
         for (sc, part, g), dot in zip(mine, ds):
+            p.scales.append((sc.numerator_scale, _norm_scale(part, sc)))  # (before ``norms`` moves it)
             if p.s_written:
                 p.sums += [dot, part.backend.norms(part.seg, part.lay, g, sc)]
             else:
                 p.sums += part.backend.statistics(part.seg, part.lay, g, sc)
-            p.scales.append(sc.numerator_scale)
         p.n_sums = len(p.sums)
 
 
@@ -344,12 +346,21 @@ def _reduce(
     return out
 
 
-def _combine(raw: Sequence[Any], scales: Sequence[Any]) -> list[Any]:
-    """[sum of scale * dot, sum of norm] from the parts' (dot, norm) pairs."""
-    if not raw:
-        return []
-    num = sum((raw[2 * i] * scale for i, scale in enumerate(scales)), start=raw[0] * 0)
-    return [num, sum(raw[1::2], start=raw[1] * 0)]
+def _combine(raw: Sequence[Any], scales: Sequence[tuple[Any, float]]) -> list[Any]:
+    """[sum of scale * dot, sum of scale * norm] from the parts' (dot, norm) pairs and scales."""
+    num: Any = None
+    den: Any = None
+    for i, (a, b) in enumerate(scales):
+        dot, norm = raw[2 * i] * a, raw[2 * i + 1] if b == 1.0 else raw[2 * i + 1] * b
+        num, den = (dot, norm) if num is None else (num + dot, den + norm)
+    return [] if num is None else [num, den]
+
+
+def _norm_scale(part: Part, sc: StepScalars) -> float:
+    """What the norm of a part's statistics is to be multiplied by (its backend's ``norm_scale``:
+    ``_adamw``'s scaled ``s``), taken before its statistics run; 1 for the others."""
+    of = getattr(part.backend, "norm_scale", None)
+    return 1.0 if of is None else of(part.lay, sc)  # type: ignore[no-any-return]
 
 
 def _device(plan: Plan, d_states: Sequence[DState]) -> torch.device:

@@ -6,8 +6,7 @@ than the arithmetic on it (benchmarks/NOTES.md, changes 6 and 8).
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable, Iterator
-from contextlib import contextmanager
+from collections.abc import Hashable
 from typing import Any
 
 import torch
@@ -20,16 +19,21 @@ MAX_ENTRIES = 16
 MIN_BYTES = 1 << 17  # smaller temporaries come from the C heap cheaply (glibc maps 128 KiB+ apart)
 
 
-@contextmanager
-def owned_by(store: dict[Hashable, Tensor]) -> Iterator[None]:
+class owned_by:  # noqa: N801 (a context manager used as a function; a class: cheaper per step)
     """Within this block (this thread), temporaries are reused from ``store``: a dict the caller
     keeps between steps, {(device, dtype, key): 1-D buffer}, most recently used last."""
-    previous = getattr(_LOCAL, "store", None), getattr(_LOCAL, "memo", None)
-    _LOCAL.store, _LOCAL.memo = store, {}
-    try:
-        yield
-    finally:
-        _LOCAL.store, _LOCAL.memo = previous
+
+    __slots__ = ("previous", "store")
+
+    def __init__(self, store: dict[Hashable, Tensor]) -> None:
+        self.store = store
+
+    def __enter__(self) -> None:
+        self.previous = getattr(_LOCAL, "store", None), getattr(_LOCAL, "memo", None)
+        _LOCAL.store, _LOCAL.memo = self.store, {}
+
+    def __exit__(self, *exc: object) -> None:
+        _LOCAL.store, _LOCAL.memo = self.previous
 
 
 def step_memo() -> dict[Hashable, Any] | None:
