@@ -24,6 +24,7 @@ bit-identical to the per-tensor kernels in float32 and float64 on CPU. With beta
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -103,6 +104,8 @@ class Bucket:
     sliced_views: list[Tensor] = field(default_factory=list)
     x_views: list[Tensor] = field(default_factory=list)
     whole: list[Tensor] = field(default_factory=list)  # a tensor's first slice: its flat x, m, v
+    x_s: Tensor | None = None  # a slice's ``x[::slice_p]`` (a view, made once)
+    work_s: list[Tensor] = field(default_factory=list)  # the scratch ``work``, ``work2`` cut to (n_s,)
 
 
 @dataclass(eq=False)
@@ -125,6 +128,7 @@ class FlatGroup:
     scaled: bool = False
     scales: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     anchored: bool = False  # A, B are set from d (``update``), not 1 (after ``normalize``)
+    whole: tuple[Any, ...] | None = None  # ``_update_whole``'s lists, made on its first call
 
 
 def layout(seg: Segment) -> FlatGroup:
@@ -185,7 +189,10 @@ def layout(seg: Segment) -> FlatGroup:
     width = max(b.hi - b.lo for b in buckets)
     work, work2 = (torch.empty(width, dtype=xs[0].dtype, device=xs[0].device) for _ in range(2))
     for b in buckets:
-        if b.grad is not None:
+        b.work_s = [work[: b.s.numel()], work2[: b.s.numel()]]
+        if b.grad is None:
+            b.x_s = b.params[0][::p]
+        else:
             b.work_views = views(work[: b.hi - b.lo], b.params)
             if b.sliced is not None:
                 b.x_views = views(work[: b.s.numel()], b.sliced_views)
@@ -203,10 +210,13 @@ def gradients(seg: Segment, lay: FlatGroup, grads: Ts) -> list[Tensor]:
     """Each bucket's (n,) gradient: a packed one's buffer of its effective gradients (gathered), a
     slice's view of its raw gradient (made effective by ``_grad``)."""
     hp = seg.hparams
-    out = []
+    out: list[Tensor] = []
+    pieces: Iterator[Tensor] = iter(())  # the slices of the current large tensor's gradient
     for b in lay.buckets:
         if b.grad is None:
-            out.append(grads[b.index[0]].view(-1)[b.lo : b.hi])
+            if b.lo == 0:  # (its first slice: the width of all but the last; one ``split`` for all)
+                pieces = iter(grads[b.index[0]].view(-1).split(b.hi))
+            out.append(next(pieces))
             continue
         torch._foreach_copy_(b.grad_views, [grads[i] for i in b.index])
         if hp.maximize:
@@ -282,9 +292,9 @@ def norm_scale(lay: FlatGroup, sc: StepScalars) -> float:
 
 def _dot(fg: FlatGroup, b: Bucket, g: Tensor) -> Tensor:
     """<g, p0 - x> of a bucket (``g`` its sliced effective gradient)."""
-    work = fg.work[: b.s.numel()]
-    if b.grad is None:
-        x = b.params[0][:: fg.slice_p]
+    work = b.work_s[0]
+    if b.x_s is not None:
+        x = b.x_s
     elif b.sliced is not None:
         torch._foreach_copy_(b.x_views, [x.view(-1)[:: fg.slice_p] for x in b.params])
         x = work
@@ -310,9 +320,8 @@ def _s_rule(fg: FlatGroup, sc: StepScalars) -> tuple[float | None, float, float]
 def _norm(fg: FlatGroup, b: Bucket, g: Tensor, rule: tuple[float | None, float, float], *, write_s: bool) -> Tensor:
     """||s_new / C||_1 of a bucket (``_s_rule``): the new ``s`` in scratch, or written into ``s``
     (the ops of ``update``)."""
-    n_s = b.s.numel()
-    s_new = _s_write(b.s, g, rule, None if write_s else fg.work2[:n_s])
-    return torch.abs(s_new, out=fg.work[:n_s]).sum()
+    s_new = _s_write(b.s, g, rule, None if write_s else b.work_s[1])
+    return torch.abs(s_new, out=b.work_s[0]).sum()
 
 
 def _s_write(s: Tensor, g: Tensor, rule: tuple[float | None, float, float], out: Tensor | None) -> Tensor:
@@ -370,22 +379,36 @@ def unscaled_kwargs(sc: StepScalars, keeps_m: bool) -> dict[str, Any]:
 def _update_whole(fg: FlatGroup, grads: Ts, decay: Any, kwargs: dict[str, Any]) -> None:
     """The update as one kernel call over whole tensors (where no bucket needs scratch): the
     packed buckets' params with their gathered gradients, each sliced tensor whole."""
-    xs, gs, ms, vs = [], [], [], []
-    for bk, gb in zip(fg.buckets, grads):
-        if bk.grad is not None:
-            xs += bk.params
-            gs += bk.grad_views
-            ms += bk.m
-            vs += bk.v
-        elif bk.whole:
-            x, m, v = bk.whole
-            xs.append(x)
-            gs.append(gb.as_strided(x.shape, (1,)))  # (the contiguous gradient, from its first slice)
-            ms.append(m)
-            vs.append(v)
+    if fg.whole is None:  # (the lists but the sliced tensors' gradients are the same every step)
+        fg.whole = _whole_lists(fg)
+    xs, gs, ms, vs, steps, slots = fg.whole
+    gs = list(gs)
+    for at, j in slots:  # a sliced tensor's contiguous gradient, from its first slice
+        gs[at] = grads[j].as_strided(xs[at].shape, (1,))
     if decay:
         torch._foreach_add_(xs, xs, alpha=-decay)
-    torch._fused_adamw_(xs, gs, ms, vs, [], [fg.steps[0]] * len(xs), **kwargs)
+    torch._fused_adamw_(xs, gs, ms, vs, [], steps, **kwargs)
+
+
+def _whole_lists(fg: FlatGroup) -> tuple[Any, ...]:
+    """``_update_whole``'s x, g (None where a sliced tensor's comes each step), m, v and step lists,
+    and (position, bucket) of those gradients."""
+    xs, ms, vs, slots = [], [], [], []
+    gs: list[Tensor | None] = []
+    for j, b in enumerate(fg.buckets):
+        if b.grad is not None:
+            xs += b.params
+            gs += b.grad_views
+            ms += b.m
+            vs += b.v
+        elif b.whole:
+            x, m, v = b.whole
+            slots.append((len(xs), j))
+            xs.append(x)
+            gs.append(None)
+            ms.append(m)
+            vs.append(v)
+    return xs, gs, ms, vs, [fg.steps[0]] * len(xs), slots
 
 
 def _update_buckets(
