@@ -47,6 +47,7 @@ S_FIRST = True  # ``dots`` then ``norms`` write ``s`` once per step where the en
 HUGE_STEP = 1e9  # Adam's bias corrections 1 - b^step are exactly 1 in float64
 PACK_MAX = 1 << 18  # elements of small tensors in one bucket on CPU
 SLICE = 1 << 17  # elements of a large tensor's slice on CPU (benchmarks/NOTES.md, "Native path")
+RUN_MIN = 4  # tensors per run, on average, from which a packed bucket is gathered by ``cat``
 _FIXED = {"weight_decay": 0.0, "amsgrad": False, "maximize": False, "grad_scale": None, "found_inf": None}
 
 
@@ -105,6 +106,8 @@ class Bucket:
     x_views: list[Tensor] = field(default_factory=list)
     whole: list[Tensor] = field(default_factory=list)  # a tensor's first slice: its flat x, m, v
     x_s: Tensor | None = None  # a slice's ``x[::slice_p]`` (a view, made once)
+    grad_runs: list[tuple[Tensor, int, int]] = field(default_factory=list)  # ``_gather``'s into ``grad``
+    work_runs: list[tuple[Tensor, int, int]] = field(default_factory=list)  # and into ``work``
     work_s: list[Tensor] = field(default_factory=list)  # the scratch ``work``, ``work2`` cut to (n_s,)
 
 
@@ -194,11 +197,47 @@ def layout(seg: Segment) -> FlatGroup:
             b.x_s = b.params[0][::p]
         else:
             b.work_views = views(work[: b.hi - b.lo], b.params)
+            cats = _runs(b.params)
+            b.grad_runs, b.work_runs = (_run_views(buf, b.params, cats) for buf in (cast(Tensor, b.grad), work))
             if b.sliced is not None:
                 b.x_views = views(work[: b.s.numel()], b.sliced_views)
     step = torch.full((), HUGE_STEP, dtype=torch.float32, device=xs[0].device)
     steps = [step] * max(len(b.params) for b in buckets)
     return FlatGroup(buckets, work, work2, steps, p)
+
+
+def _runs(xs: list[Tensor]) -> list[tuple[int, int]]:
+    """Runs [i, j) of ``xs`` that ``torch.cat`` joins along dim 0 (one ndim >= 1, the same trailing
+    dims), where they average at least ``RUN_MIN`` tensors (one cat per run is then cheaper than a
+    copy per tensor: benchmarks/NOTES.md, "gathers by cat"), else none (``_gather`` copies)."""
+    runs: list[tuple[int, int]] = []
+    for i, x in enumerate(xs):
+        if x.dim() == 0:
+            return []
+        if runs and xs[runs[-1][0]].shape[1:] == x.shape[1:] and xs[runs[-1][0]].dim() == x.dim():
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs if len(runs) * RUN_MIN <= len(xs) else []
+
+
+def _run_views(flat: Tensor, xs: list[Tensor], runs: list[tuple[int, int]]) -> list[tuple[Tensor, int, int]]:
+    """Per run, the part of ``flat`` its tensors fill, shaped (rows, *trailing dims)."""
+    out, at = [], 0
+    for i, j in runs:
+        n = sum(x.numel() for x in xs[i:j])
+        out.append((flat[at : at + n].view(-1, *xs[i].shape[1:]), i, j))
+        at += n
+    return out
+
+
+def _gather(runs: list[tuple[Tensor, int, int]], views_: list[Tensor], ts: list[Tensor]) -> None:
+    """``ts`` copied into a packed bucket's buffer: one ``cat`` per run, else a copy per tensor."""
+    if not runs:
+        torch._foreach_copy_(views_, ts)
+        return
+    for out, i, j in runs:
+        torch.cat(ts[i:j], out=out)
 
 
 def _frozen(seg: Segment) -> bool:
@@ -218,7 +257,7 @@ def gradients(seg: Segment, lay: FlatGroup, grads: Ts) -> list[Tensor]:
                 pieces = iter(grads[b.index[0]].view(-1).split(b.hi))
             out.append(next(pieces))
             continue
-        torch._foreach_copy_(b.grad_views, [grads[i] for i in b.index])
+        _gather(b.grad_runs, b.grad_views, [grads[i] for i in b.index])
         if hp.maximize:
             b.grad.neg_()
         if hp.coupled_decay:
@@ -299,7 +338,7 @@ def _dot(fg: FlatGroup, b: Bucket, g: Tensor) -> Tensor:
         torch._foreach_copy_(b.x_views, [x.view(-1)[:: fg.slice_p] for x in b.params])
         x = work
     else:
-        torch._foreach_copy_(b.work_views, b.params)
+        _gather(b.work_runs, b.work_views, b.params)
         x = work
     return torch.dot(g, torch.sub(b.p0, x, out=work))
 
