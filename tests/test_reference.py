@@ -147,6 +147,7 @@ PARITY_CONFIGS = [
     dict(weight_decay=0.05, decouple=False),
     dict(use_bias_correction=True),
     dict(safeguard_warmup=True, slice_p=3),
+    dict(slice_p=11),  # tensors of 2 and 16 elements: one and two sampled (issue 22's CNN finding is prodigyopt's too)
     dict(d_coef=0.5, growth_rate=1.1),
     dict(betas=(0.95, 0.99), beta3=0.9),
 ]
