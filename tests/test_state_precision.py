@@ -844,17 +844,20 @@ def test_rows_round_as_each_key_alone(kw: dict, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_rounding_noise_and_rows_rounding() -> None:
-    """``_robust.rounding_noise`` (16-bit lanes of 64-bit draws): every bit set half of the time
+    """``_robust.rounding_noise`` (per element under ``FEW_BITS``, else 16-bit lanes of 64-bit
+    draws), each way: every bit set half of the time
     (within 5 standard errors), values in [0, 2^16); ``round_bits_`` of a (3, n) block with one
     draw equals ``stochastic_round`` of each row with it, and keeps each row's mean (a value a
     quarter of the way between two bfloat16 neighbours, within 4 standard errors)."""
     from kprodigy.functional import _robust
 
     torch.manual_seed(0)
-    noise = torch.cat([_robust.rounding_noise(n, torch.device("cpu")) for n in (1, 3, 65536, 70001)])
-    assert noise.dtype == torch.int32 and int(noise.min()) >= 0 and int(noise.max()) < 1 << 16
-    for k in range(16):
-        assert abs(float(((noise >> k) & 1).double().mean()) - 0.5) < 5 * 0.5 / math.sqrt(noise.numel())
+    few = [1, 3] + [_robust.FEW_BITS - 1] * 16  # (one draw per element, ``FEW_BITS``)
+    for sizes in (few, [65536, 70001]):
+        noise = torch.cat([_robust.rounding_noise(n, torch.device("cpu")) for n in sizes])
+        assert noise.dtype == torch.int32 and int(noise.min()) >= 0 and int(noise.max()) < 1 << 16
+        for k in range(16):
+            assert abs(float(((noise >> k) & 1).double().mean()) - 0.5) < 5 * 0.5 / math.sqrt(noise.numel())
     rows = torch.randn(3, 1000)
     draw = _robust.rounding_noise(1000, torch.device("cpu"))
     expected = torch.stack([_robust.stochastic_round(r, torch.bfloat16, draw) for r in rows])

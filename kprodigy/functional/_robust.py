@@ -65,6 +65,9 @@ def _rounded(x: Tensor, noise: Tensor | None, *, into_x: bool) -> Tensor:
     return total.bitwise_and_(-65536).view(torch.float32)
 
 
+FEW_BITS = 1 << 12  # elements under which ``rounding_noise`` draws per element, in one op
+
+
 def rounding_noise(n: int, device: torch.device, out: Tensor | None = None) -> Tensor:
     """(n,) int32 uniform in [0, 2^16) (into ``out``, an int32 buffer of n): the random low bits of
     ``stochastic_round``, four per 64 random bits on CPU and CUDA (``random_`` over int64's full
@@ -76,6 +79,8 @@ def rounding_noise(n: int, device: torch.device, out: Tensor | None = None) -> T
     # 2.7's FX printed aten.random.from, a keyword: a SyntaxError)
     if device.type not in ("cpu", "cuda") or torch.compiler.is_compiling():
         return out.random_().bitwise_and_(0xFFFF)
+    if n < FEW_BITS:  # one op: fewer ops beat fewer draws (769 elements on CPU: 3.0 against 9.2 us)
+        return out.random_(0, 1 << 16)
     wide = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-(2**63), None)
     return out.copy_(wide.view(torch.int16)[:n]).bitwise_and_(0xFFFF)
 
