@@ -233,3 +233,38 @@ def test_tensor_lr_and_fused_with_foreach_are_refused_in_torch_words() -> None:
     assert str(ours.value) == str(theirs.value) == "`fused` and `foreach` cannot be `True` together."
     with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together."):
         KProdigy([w], fused=True).add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "foreach": True})
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [{}, {"foreach": False}, {"foreach": True}, {"slice_p": 3}, {"state_precision": "bfloat16"}],
+    ids=["default", "per_tensor", "foreach", "slice_p3", "bf16_state"],
+)
+def test_params_with_zero_elements_step_beside_the_others(flags: dict) -> None:
+    """Params with no elements ((0,), (5, 0), (0, 3)) among small packed ones and a large sliced
+    one step as prodigyopt steps them (torch.optim accepts them): the packed layouts and the
+    gathers skip them. float64, D grows, prodigyopt 1.1.2 to 1e-9 (bfloat16 state: to its
+    rounding, D only)."""
+    prodigyopt = pytest.importorskip("prodigyopt")
+    shapes = [(0,), (3, 4), (5, 0), (7,), (0, 3)] + [(16, 16)] * 6 + [(700, 400), (2,)]
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
+    pull = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
+    runs = []
+    for cls, kw in ((KProdigy, flags), (prodigyopt.Prodigy, {"slice_p": flags.get("slice_p", 1)})):
+        ps = [torch.nn.Parameter(x.clone()) for x in init]
+        opt = cls(ps, lr=1.0, **kw)
+        for _ in range(25):
+            for p, t in zip(ps, pull):
+                p.grad = p.detach() - t
+            opt.step()
+        runs.append((ps, opt.param_groups[0]["d"]))
+    (ours, d_ours), (theirs, d_theirs) = runs
+    assert d_theirs > 10 * 1e-6
+    if "state_precision" in flags:
+        assert d_ours == pytest.approx(d_theirs, rel=1e-2)
+        return
+    assert d_ours == pytest.approx(d_theirs, rel=1e-9)
+    for p, q in zip(ours, theirs):
+        assert p.shape == q.shape
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-9, atol=1e-9)  # (scaled state: an entry near 0)

@@ -212,7 +212,7 @@ def _runs(xs: list[Tensor]) -> list[tuple[int, int]]:
     copy per tensor: benchmarks/NOTES.md, "gathers by cat"), else none (``_gather`` copies)."""
     runs: list[tuple[int, int]] = []
     for i, x in enumerate(xs):
-        if x.dim() == 0:
+        if x.dim() == 0 or not x.numel():  # (cat takes neither a 0-dim nor a (5, 0) run's view)
             return []
         if runs and xs[runs[-1][0]].shape[1:] == x.shape[1:] and xs[runs[-1][0]].dim() == x.dim():
             runs[-1] = (runs[-1][0], i + 1)

@@ -75,14 +75,19 @@ def copy_segment(seg: Segment) -> Segment:
 
 def flat_span(ts: Sequence[Tensor]) -> Tensor | None:
     """The 1-D tensor whose consecutive slices are ``ts``, when they lie back to back in one
-    buffer (as ``pack`` leaves them), else None. Reads pointers only: no copy, no sync."""
-    if not ts:
+    buffer (as ``pack`` leaves them; empty ones lie anywhere), else None. Reads pointers only: no
+    copy, no sync."""
+    if not ts or any(t.dtype != ts[0].dtype for t in ts):
         return None
-    first = ts[0]
-    dtype, ptr, size = first.dtype, first.data_ptr(), first.element_size()
+    first = next((t for t in ts if t.numel()), None)
+    if first is None:
+        return ts[0].new_empty(0)
+    ptr, size = first.data_ptr(), first.element_size()
     total = 0
     for t in ts:
-        if t.dtype != dtype or t.data_ptr() != ptr + total * size or not t.is_contiguous():
+        if not t.numel():
+            continue
+        if t.data_ptr() != ptr + total * size or not t.is_contiguous():
             return None
         total += t.numel()
     if (first.storage_offset() + total) * size > first.untyped_storage().nbytes():
