@@ -165,6 +165,8 @@ def make_config(seed: int) -> Config:
             row[0] = (1,)
         if big and gi == 0:
             row.append(rng.choice([(70_001,), (260, 270)]))
+        if rng.random() < 0.1:  # a param with no elements among the others (torch.optim takes it)
+            row.insert(rng.randrange(len(row) + 1), rng.choice([(0,), (2, 0)]))
         shapes.append(row)
     zero_init = {(gi, rng.randrange(len(shapes[gi]))) for gi in range(n_groups) if rng.random() < 0.3}
     n_d_groups = n_groups if independent else 1
@@ -195,6 +197,7 @@ def make_config(seed: int) -> Config:
             (gi, ti)
             for gi, ti in tensors
             if groups[gi]["lr"] > 0 and groups[gi]["skip_nonfinite"] and (gi, ti) not in e.none
+            and math.prod(shapes[gi][ti])
         ]
         if use_bad and live and not e.zero and k >= 3 and rng.random() < 0.08:
             gi, ti = rng.choice(live)

@@ -19,7 +19,7 @@ from kprodigy.functional import Hyperparams, init_state, step
 
 D_KEYS = ("d", "d_max", "d_numerator", "d_denom", "d_hat")
 
-shapes_st = st.lists(st.lists(st.integers(1, 5), min_size=0, max_size=2).map(tuple), min_size=1, max_size=3)
+shapes_st = st.lists(st.lists(st.integers(0, 5), min_size=0, max_size=2).map(tuple), min_size=1, max_size=3)  # (0: no elements)
 hparams_st = st.builds(
     Hyperparams,
     lr=st.sampled_from([1.0, 0.5, 0.0]),
@@ -71,9 +71,12 @@ def test_fuzz_functional_step(shapes, hp, seed, dtype, g_exp, x_exp, events, for
         if event == "zero":
             grads = [torch.zeros_like(g) for g in grads]
         elif event is not None:
-            i = int(torch.randint(len(grads), (), generator=gen))
-            flat = grads[i].view(-1)
-            flat[int(torch.randint(flat.numel(), (), generator=gen))] = event
+            filled = [g for g in grads if g.numel()]
+            if not filled:
+                event = None  # (no element to hold it)
+            else:
+                flat = filled[int(torch.randint(len(filled), (), generator=gen))].view(-1)
+                flat[int(torch.randint(flat.numel(), (), generator=gen))] = event
         new_params, new_state = step(params, grads, state, hp, foreach=foreach)
         assert all(p.dtype == dtype and p.shape == q.shape for p, q in zip(new_params, params))
         if event in BAD_VALUES or hp.lr == 0:  # skipped or frozen: nothing but counters changes

@@ -262,6 +262,9 @@ def statistics(seg: Segment, lay: Any, grads: Ts, sc: StepScalars) -> tuple[Tens
         _span_statistics(_chunked(_Span(x, g, None, seg.exp_avg_sq[i], seg.s[i], p0), p), sc, p, dots, norms)
     if len(dots) == 1:
         return dots[0], norms[0]
+    if not dots:  # (params with no elements)
+        zero = seg.params[0].new_zeros((), dtype=compute_dtype(seg.params[0].dtype))
+        return zero, zero
     return torch.stack(dots).sum(), torch.stack(norms).sum()
 
 

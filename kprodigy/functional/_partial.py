@@ -57,8 +57,10 @@ def accumulate(pending: Pending, seg: Segment, foreach: bool | None = None) -> N
         if p.hp0.skip_nonfinite:
             ok = torch.isfinite(mine).all()
         p.stats += mine
-    if p.hp0.skip_nonfinite and (p.update_d is not True or hp.slice_p > 1):
-        seen = torch.isfinite(torch.stack(_robust.extremes(grads, p.stats.dtype))).all()
+    checks = p.hp0.skip_nonfinite and (p.update_d is not True or hp.slice_p > 1)
+    extremes = _robust.extremes(grads, p.stats.dtype) if checks else []
+    if extremes:  # (none where the tensors have no elements)
+        seen = torch.isfinite(torch.stack(extremes)).all()
         ok = seen if ok is None else ok & seen
         p.stats.copy_(torch.where(seen, p.stats, torch.nan))
     own = SegmentResult(list(seg.params), seg.exp_avg, seg.exp_avg_sq, seg.s)  # type: ignore[arg-type]
