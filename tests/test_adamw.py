@@ -3,6 +3,8 @@ reference kernels, large (sliced) tensors included, with the NaN skip exact and 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -382,3 +384,59 @@ def test_an_overflowing_s_scale_raises_with_nothing_written() -> None:
     with pytest.raises(RuntimeError, match="overflow"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(_snapshot(opt, ps), before))
+
+
+def test_channels_last_params_take_the_native_path_and_equal_per_tensor() -> None:
+    """Dense params whose dim 0 is outermost in memory (channels_last conv weights; a small one and
+    one in several row slices) step on the fused-AdamW backend beside contiguous ones, with their
+    statistics in logical order (the order of ``p0`` and ``s``, as prodigyopt flattens): the class
+    and the functional steps equal the per-tensor kernels (float64, D grows; a NaN step in the
+    strided tensor skipped exactly; the state read back in prodigyopt's layout)."""
+    import kprodigy.functional as F
+
+    shapes = [(8, 4, 3, 3), (8,), (64, 40, 9, 9), (300, 400)]
+    assert 40 * 9 * 9 * 64 > _adamw.SLICE  # (the large one in several row slices)
+    gen = torch.Generator().manual_seed(2)
+    init = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
+    init = [x.to(memory_format=torch.channels_last) if x.dim() == 4 else x for x in init]
+    pulls = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
+
+    def grads(xs: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+        gs = [(x.detach() - t + 0.01 * k).clone(memory_format=torch.preserve_format) for x, t in zip(xs, pulls)]
+        if k == 5:
+            gs[2][3, 1, 2, 4] = float("nan")
+        return gs
+
+    def run(flags: dict) -> tuple[list[torch.nn.Parameter], KProdigy]:
+        ps = [torch.nn.Parameter(x.clone(memory_format=torch.preserve_format)) for x in init]
+        opt = KProdigy(ps, **flags)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the one-time skip warning
+            for k in range(12):
+                for p, g in zip(ps, grads(ps, k)):
+                    p.grad = g
+                opt.step()
+        return ps, opt
+
+    ours, opt = run({})
+    assert {part.backend for d in opt._kept.plan.d_groups for m in d for part in m.parts} == {_adamw}
+    ref, ropt = run({"foreach": False, "fused": False})
+    assert opt.param_groups[0]["skipped_steps"] == 1 and ropt.param_groups[0]["d"] > 100 * 1e-6
+    assert opt.param_groups[0]["d"] == pytest.approx(ropt.param_groups[0]["d"], rel=1e-12)
+    for p, q in zip(ours, ref):
+        assert p.stride() == q.stride()
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-10)
+        for key in ("exp_avg", "exp_avg_sq", "s", "p0"):
+            b = ropt.state[q][key]
+            torch.testing.assert_close(opt.state[p][key], b, rtol=1e-9, atol=1e-11 * float(b.abs().max()))
+    hp = F.Hyperparams()
+    for pure in (True, False):
+        xs = [x.clone(memory_format=torch.preserve_format) for x in init]
+        state = F.init_state(xs, hp)
+        for k in range(12):
+            if pure:
+                xs, state = F.step(xs, grads(xs, k), state, hp)
+            else:
+                state = F.step_(xs, grads(xs, k), state, hp)
+        for x, q in zip(xs, ref):
+            torch.testing.assert_close(x, q.detach(), rtol=1e-10, atol=1e-10)

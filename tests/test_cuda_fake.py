@@ -373,6 +373,22 @@ def test_fused_none_never_compiles_on_cuda(monkeypatch: pytest.MonkeyPatch) -> N
         _assert_on_device(opt, capturable=False)
 
 
+def test_channels_last_params_take_the_native_path_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """channels_last conv weights beside contiguous params: the fused-AdamW backend (their rows in
+    one bucket per tensor on CUDA, copied in logical order for the statistics), one host read per
+    step, state on the device, the layout kept."""
+    with fake_cuda(monkeypatch) as watch:
+        shapes = [(16, 8, 3, 3), (16,), (64, 32, 5, 5)]
+        xs = [torch.randn(s, device="cuda") for s in shapes]
+        ps = [torch.nn.Parameter(x.to(memory_format=torch.channels_last) if x.dim() == 4 else x) for x in xs]
+        opt = KProdigy(ps)
+        counts = _steps(opt, ps, watch, 3)
+        assert counts[1:] == [(1, [], [])] * 2
+        assert _backends(opt) == {_adamw}
+        assert opt.state[ps[2]]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+        _assert_on_device(opt, capturable=False)
+
+
 def test_fused_true_without_a_compiler_warns_and_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     """``fused=True`` without a compiler: one RuntimeWarning naming the cause, then foreach."""
     with fake_cuda(monkeypatch) as watch:

@@ -52,8 +52,10 @@ _FIXED = {"weight_decay": 0.0, "amsgrad": False, "maximize": False, "grad_scale"
 
 
 def usable(seg: Segment) -> bool:
-    """Whether these kernels compute exactly this segment's step: plain contiguous float32/float64
-    tensors on one CPU or CUDA device, state of their dtype and shape, no stochastic rounding."""
+    """Whether these kernels compute exactly this segment's step: plain float32/float64 tensors on
+    one CPU or CUDA device, contiguous or (slice_p 1, betas[0] > 0, the raw gradient) dense with
+    dim 0 outermost and x, g, m, v of one layout (channels_last: ``_in_rows``), state of their
+    dtype and shape, no stochastic rounding."""
     hp = seg.hparams
     if hp.stochastic_rounding or not seg.params or (hp.betas[0] > 0) != (seg.exp_avg is not None):
         return False
@@ -63,6 +65,7 @@ def usable(seg: Segment) -> bool:
         return False
     grad_mode = torch.is_grad_enabled()
     frozen = _frozen(seg)
+    plain = hp.slice_p == 1 and hp.betas[0] > 0 and not _remade(hp)  # (what rows of a strided tensor take)
     ms = seg.exp_avg if seg.exp_avg is not None else seg.exp_avg_sq
     for x, g, m, v, s, p0 in zip(seg.params, seg.grads, ms, seg.exp_avg_sq, seg.s, seg.p0):
         if type(x) not in (Tensor, torch.nn.Parameter) or type(g) is not Tensor:
@@ -72,7 +75,8 @@ def usable(seg: Segment) -> bool:
         if m.dtype != dtype or v.dtype != dtype or s.dtype != dtype or v.shape != x.shape or m.shape != x.shape:
             return False
         if not (x.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
-            return False
+            if not (_in_rows(x) and g.stride() == m.stride() == v.stride() == x.stride() and plain):
+                return False
         n_s = 0 if frozen else -(-x.numel() // hp.slice_p)
         if s.numel() != n_s or (p0.numel() != n_s and not (p0.dim() == 0 and not frozen)):
             return False
@@ -106,6 +110,8 @@ class Bucket:
     x_views: list[Tensor] = field(default_factory=list)
     whole: list[Tensor] = field(default_factory=list)  # a tensor's first slice: its flat x, m, v
     x_s: Tensor | None = None  # a slice's ``x[::slice_p]`` (a view, made once)
+    logical: bool = False  # rows of a strided tensor (``_in_rows``): x, g copied in order for statistics
+    split: int = 0  # a sliced tensor's gradient cut into slices of this many elements (rows if logical)
     grad_runs: list[tuple[Tensor, int, int]] = field(default_factory=list)  # ``_gather``'s into ``grad``
     work_runs: list[tuple[Tensor, int, int]] = field(default_factory=list)  # and into ``work``
     work_s: list[Tensor] = field(default_factory=list)  # the scratch ``work``, ``work2`` cut to (n_s,)
@@ -143,12 +149,13 @@ def layout(seg: Segment) -> FlatGroup:
     on_cpu = xs[0].device.type == "cpu"
     runs: list[list[int]] = []  # packed runs of small tensors, and single large ones
     total = 0
+    alone = [x.numel() >= SMALL or not x.is_contiguous() for x in xs]  # (sliced; the others packed)
     for i, x in enumerate(xs):
         n = x.numel()
-        if n >= SMALL:
+        if alone[i]:
             runs.append([i])
             continue
-        if not runs or runs[-1] and xs[runs[-1][0]].numel() >= SMALL or on_cpu and total + n > PACK_MAX:
+        if not runs or runs[-1] and alone[runs[-1][0]] or on_cpu and total + n > PACK_MAX:
             runs.append([])
             total = 0
         runs[-1].append(i)
@@ -157,7 +164,10 @@ def layout(seg: Segment) -> FlatGroup:
     buckets = []
     for idx in runs:
         x = xs[idx[0]]
-        if x.numel() >= SMALL:
+        if alone[idx[0]] and not x.is_contiguous():
+            buckets += _rows(idx[0], x, cast(list, ms), vs, ss, p0s, frozen, on_cpu)
+            continue
+        if alone[idx[0]]:
             i, n = idx[0], x.numel()
             p0 = empty if frozen else p0_full(p0s[i], -(-n // p))
             width = (SLICE // p) * p if on_cpu else n
@@ -167,6 +177,7 @@ def layout(seg: Segment) -> FlatGroup:
                 m = [] if ms is None else [ms[i].view(-1)[lo:hi]]
                 v = [vs[i].view(-1)[lo:hi]]
                 buckets.append(Bucket([i], lo, hi, [x.view(-1)[lo:hi]], m, v, ss[i][s_lo:s_hi], p0[s_lo:s_hi]))
+                buckets[-1].split = width
                 if lo == 0 and ms is not None:
                     buckets[-1].whole = [x.view(-1), ms[i].view(-1), vs[i].view(-1)]
             continue
@@ -193,7 +204,7 @@ def layout(seg: Segment) -> FlatGroup:
     work, work2 = (torch.empty(width, dtype=xs[0].dtype, device=xs[0].device) for _ in range(2))
     for b in buckets:
         b.work_s = [work[: b.s.numel()], work2[: b.s.numel()]]
-        if b.grad is None:
+        if b.grad is None and not b.logical:
             b.x_s = b.params[0][::p]
         else:
             b.work_views = views(work[: b.hi - b.lo], b.params)
@@ -204,6 +215,38 @@ def layout(seg: Segment) -> FlatGroup:
     step = torch.full((), HUGE_STEP, dtype=torch.float32, device=xs[0].device)
     steps = [step] * max(len(b.params) for b in buckets)
     return FlatGroup(buckets, work, work2, steps, p)
+
+
+def _rows(
+    i: int, x: Tensor, ms: list[Tensor], vs: list[Tensor], ss: list[Tensor], p0s: list[Tensor], frozen: bool, on_cpu: bool
+) -> list[Bucket]:
+    """The buckets of strided tensor ``i`` (``_in_rows``; slice_p 1): runs of rows of about
+    ``SLICE`` elements on CPU (at least one row), all of them elsewhere; ``whole`` on the first."""
+    rows, row = x.size(0), x.numel() // x.size(0)
+    step = max(1, SLICE // row) if on_cpu else rows
+    p0 = p0s[i].new_empty(0) if frozen else p0_full(p0s[i], x.numel())
+    out = []
+    for a in range(0, rows, step):
+        b = min(a + step, rows)
+        lo, hi = a * row, b * row
+        s, p0_ = (ss[i], p0) if frozen else (ss[i][lo:hi], p0[lo:hi])
+        out.append(Bucket([i], lo, hi, [x[a:b]], [ms[i][a:b]], [vs[i][a:b]], s, p0_, logical=True, split=step))
+    out[0].whole = [x, ms[i], vs[i]]
+    return out
+
+
+def _in_rows(x: Tensor) -> bool:
+    """Whether ``x``'s memory is one dense block with dim 0 outermost (channels_last, for one):
+    its rows ``x[a:b]`` are blocks too, stepped as they lie, their statistics on copies in
+    ``x``'s logical (row-major) order, the order of ``p0`` and ``s`` (``Bucket.logical``)."""
+    if x.dim() < 2 or not x.numel():
+        return False
+    expected = 1
+    for size, stride in sorted(zip(x.shape, x.stride()), key=lambda pair: pair[1]):
+        if size != 1 and stride != expected:
+            return False  # (overlapping, or gaps)
+        expected *= size
+    return x.size(0) == 1 or x.stride(0) == x.numel() // x.size(0)
 
 
 def _runs(xs: list[Tensor]) -> list[tuple[int, int]]:
@@ -253,8 +296,9 @@ def gradients(seg: Segment, lay: FlatGroup, grads: Ts) -> list[Tensor]:
     pieces: Iterator[Tensor] = iter(())  # the slices of the current large tensor's gradient
     for b in lay.buckets:
         if b.grad is None:
-            if b.lo == 0:  # (its first slice: the width of all but the last; one ``split`` for all)
-                pieces = iter(grads[b.index[0]].view(-1).split(b.hi))
+            if b.lo == 0:  # (its first slice: one ``split`` for all)
+                g = grads[b.index[0]]
+                pieces = iter(g.split(b.split) if b.logical else g.view(-1).split(b.split))
             out.append(next(pieces))
             continue
         _gather(b.grad_runs, b.grad_views, [grads[i] for i in b.index])
@@ -278,19 +322,30 @@ def _grad(fg: FlatGroup, b: Bucket, g: Tensor, hp: Hyperparams) -> Tensor:
     """A bucket's effective gradient: a slice's into ``work3``, from the params before ``update``."""
     if b.grad is not None or not _remade(hp):
         return g
-    if fg.work3 is None:
-        fg.work3 = torch.empty_like(fg.work)
-    out = fg.work3[: b.hi - b.lo]
+    out = _work3(fg)[: b.hi - b.lo]
     if hp.maximize:
         torch.neg(g, out=out)
         return out.add_(b.params[0], alpha=hp.weight_decay) if hp.coupled_decay else out
     return torch.add(g, b.params[0], alpha=hp.weight_decay, out=out)
 
 
+def _work3(fg: FlatGroup) -> Tensor:
+    if fg.work3 is None:
+        fg.work3 = torch.empty_like(fg.work)
+    return fg.work3
+
+
+def _in_order(buf: Tensor, t: Tensor) -> Tensor:
+    """``t`` (rows of a strided tensor) copied into ``buf`` in logical order, flat."""
+    return buf[: t.numel()].view(t.shape).copy_(t).view(-1)
+
+
 def _sliced(fg: FlatGroup, b: Bucket, g: Tensor) -> Tensor:
-    """The bucket's (n_s,) ``g[::slice_p]`` of its effective gradient ``g``."""
+    """The bucket's (n_s,) ``g[::slice_p]`` of its effective gradient ``g`` (in logical order)."""
     if b.sliced is not None:
         return b.sliced
+    if b.logical:
+        return _in_order(_work3(fg), g)
     return g if fg.slice_p == 1 else g[:: fg.slice_p]
 
 
@@ -332,7 +387,9 @@ def norm_scale(lay: FlatGroup, sc: StepScalars) -> float:
 def _dot(fg: FlatGroup, b: Bucket, g: Tensor) -> Tensor:
     """<g, p0 - x> of a bucket (``g`` its sliced effective gradient)."""
     work = b.work_s[0]
-    if b.x_s is not None:
+    if b.logical:
+        x = _in_order(work, b.params[0])
+    elif b.x_s is not None:
         x = b.x_s
     elif b.sliced is not None:
         torch._foreach_copy_(b.x_views, [x.view(-1)[:: fg.slice_p] for x in b.params])
@@ -423,7 +480,7 @@ def _update_whole(fg: FlatGroup, grads: Ts, decay: Any, kwargs: dict[str, Any]) 
     xs, gs, ms, vs, steps, slots = fg.whole
     gs = list(gs)
     for at, j in slots:  # a sliced tensor's contiguous gradient, from its first slice
-        gs[at] = grads[j].as_strided(xs[at].shape, (1,))
+        gs[at] = grads[j].as_strided(xs[at].shape, xs[at].stride())
     if decay:
         torch._foreach_add_(xs, xs, alpha=-decay)
     torch._fused_adamw_(xs, gs, ms, vs, [], steps, **kwargs)
@@ -466,7 +523,7 @@ def _update_buckets(
             if factor is not None:
                 bk.grad.mul_(factor)
         else:
-            gs = [g if factor is None else torch.mul(g, factor, out=fg.work2[:n])]
+            gs = [g if factor is None else torch.mul(g, factor, out=fg.work2[:n].as_strided(g.shape, g.stride()))]
         ms = bk.m
         if b1 <= 0:
             fg.work[:n].zero_()
