@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kprodigy import KProdigy
-from kprodigy.functional import _adamw, _engine
+from kprodigy.functional import _adamw, _engine, _single
 
 SHAPES = [(300, 256), (64, 32), (32,), (1, 7)]  # one tensor above _adamw.SMALL (a slice), small ones (packed)
 
@@ -440,3 +440,49 @@ def test_channels_last_params_take_the_native_path_and_equal_per_tensor() -> Non
                 state = F.step_(xs, grads(xs, k), state, hp)
         for x, q in zip(xs, ref):
             torch.testing.assert_close(x, q.detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_a_param_the_native_path_cannot_take_leaves_it_the_others() -> None:
+    """A transposed param (neither contiguous nor in rows) among others: it alone takes the
+    per-tensor kernels, the rest of its group the fused-AdamW backend (before, one such param
+    sent the whole group to the per-tensor kernels); the class and the pure functional step equal
+    the per-tensor kernels (float64, D grows)."""
+    import kprodigy.functional as F
+
+    gen = torch.Generator().manual_seed(4)
+    init = [
+        torch.randn(40, 30, generator=gen, dtype=torch.float64).t(),
+        torch.randn(30, generator=gen, dtype=torch.float64),
+        torch.randn(8, 4, 3, 3, generator=gen, dtype=torch.float64).to(memory_format=torch.channels_last),
+        torch.randn(300, 300, generator=gen, dtype=torch.float64),
+        torch.randn(7, generator=gen, dtype=torch.float64),
+    ]
+    pulls = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in init]
+
+    def grads(xs: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+        return [(x.detach() - t - 0.01 * k).clone(memory_format=torch.preserve_format) for x, t in zip(xs, pulls)]
+
+    def run(flags: dict) -> tuple[list[torch.nn.Parameter], KProdigy]:
+        ps = [torch.nn.Parameter(x.clone(memory_format=torch.preserve_format)) for x in init]
+        opt = KProdigy(ps, weight_decay=0.01, **flags)
+        for k in range(10):
+            for p, g in zip(ps, grads(ps, k)):
+                p.grad = g
+            opt.step()
+        return ps, opt
+
+    ours, opt = run({})
+    parts = [(part.backend, part.index) for d in opt._kept.plan.d_groups for m in d for part in m.parts]
+    assert parts == [(_adamw, [1, 2, 3, 4]), (_single, [0])]
+    ref, ropt = run({"foreach": False, "fused": False})
+    assert ropt.param_groups[0]["d"] > 100 * 1e-6
+    assert opt.param_groups[0]["d"] == pytest.approx(ropt.param_groups[0]["d"], rel=1e-12)
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-10)
+    hp = F.Hyperparams(weight_decay=0.01)
+    xs = [x.clone(memory_format=torch.preserve_format) for x in init]
+    state = F.init_state(xs, hp)
+    for k in range(10):
+        xs, state = F.step(xs, grads(xs, k), state, hp)
+    for x, q in zip(xs, ref):
+        torch.testing.assert_close(x, q.detach(), rtol=1e-10, atol=1e-10)

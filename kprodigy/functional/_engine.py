@@ -173,17 +173,22 @@ def build(
             parts: list[Part] = []
             if seg.params:
                 backend = choose_backend(seg, on_host, fe, fu, pack or pure)
-                whole = backend is _adamw  # one dtype (``usable``); the others take one dtype per call
-                for index in [list(range(len(seg.params)))] if whole else _by_dtype(seg.params):
+                native = list(range(len(seg.params))) if backend is _adamw else []
+                if backend in (_single, _foreach) and on_host and (pack or pure) and fe is None and fu is None:
+                    native = _natives(seg)  # (the params the fused-AdamW backend takes on their own)
+                indices = [native] if native else []  # (one dtype: ``usable``; the others one dtype per call)
+                indices += [[i for i in idx if i not in native] for idx in _by_dtype(seg.params)]
+                for index in [idx for idx in indices if idx]:
+                    kernels = _adamw if index is native else backend
                     part = _take(seg, index)
-                    if pure and not backend.PURE:
+                    if pure and not kernels.PURE:
                         part = _layout.copy_segment(part)
-                    elif pack and getattr(backend, "PACKS", False):
+                    elif pack and getattr(kernels, "PACKS", False):
                         part = _layout.pack_segment(part)
-                    lay = backend.layout(part)
-                    if scaled and backend is _adamw:
+                    lay = kernels.layout(part)
+                    if scaled and kernels is _adamw:
                         lay.scaled = True
-                    parts.append(Part(backend, part, index, lay, pure and backend.PURE))
+                    parts.append(Part(kernels, part, index, lay, pure and kernels.PURE))
                 seg = _merge(seg, parts)
             members.append(Member(seg, parts))
         d_groups.append(members)
@@ -423,6 +428,17 @@ def _update_part(part: Part, grads: Ts, sc: StepScalars) -> SegmentResult:
 def _unchanged(seg: Segment) -> SegmentResult:
     m = list(seg.exp_avg) if seg.exp_avg is not None else None
     return SegmentResult(list(seg.params), m, list(seg.exp_avg_sq), list(seg.s))
+
+
+def _natives(seg: Segment) -> list[int]:
+    """The params of a member the fused-AdamW backend does not take whole that it takes on their
+    own, those of the first one's dtype and device (a transposed param beside contiguous ones
+    leaves them the fast path): [] if none, or if they are all."""
+    ok = [i for i in range(len(seg.params)) if _adamw.usable(_take(seg, [i]))]
+    if ok:
+        x0 = seg.params[ok[0]]
+        ok = [i for i in ok if seg.params[i].dtype == x0.dtype and seg.params[i].device == x0.device]
+    return ok if ok and len(ok) < len(seg.params) and _adamw.usable(_take(seg, ok)) else []
 
 
 def _by_dtype(xs: Ts) -> list[list[int]]:
