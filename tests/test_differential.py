@@ -105,6 +105,7 @@ class Config:
     groups: list[dict[str, Any]]  # per group: GROUP_KEYS and D_GROUP_KEYS
     options: dict[str, Any]  # independent_d, d_ratio_cap, d_steps
     script: list[Event]
+    strided: set[tuple[int, int]] = field(default_factory=set)  # 4-D: channels_last; 2-D: transposed strides
 
     def d_groups(self) -> list[list[int]]:
         n = len(self.groups)
@@ -113,6 +114,7 @@ class Config:
     def describe(self) -> str:
         return (
             f"seed={self.seed} dtype={self.dtype} shapes={self.shapes} zero_init={sorted(self.zero_init)} "
+            f"strided={sorted(self.strided)} "
             f"options={self.options} groups={self.groups} "
             f"events={[(k, e) for k, e in enumerate(self.script) if e.zero or e.none or e.bad]}"
         )
@@ -157,6 +159,7 @@ def make_config(seed: int) -> Config:
     if all(g["lr"] == 0 for g in groups) and rng.random() < 0.7:
         groups[0]["lr"] = 1.0  # a few examples keep every group frozen
     big = rng.random() < 0.1
+    extra = random.Random(seed + 1_000_033)  # (draws added later, apart: the earlier examples stay)
     shapes = []
     for gi in range(n_groups):
         pool = [(1,), (3,), (4, 5), (2, 3, 4), (7,), (6, 2)]
@@ -164,11 +167,15 @@ def make_config(seed: int) -> Config:
         if gi == 0 and rng.random() < 0.5:
             row[0] = (1,)
         if big and gi == 0:
-            row.append(rng.choice([(70_001,), (260, 270)]))
-        if rng.random() < 0.1:  # a param with no elements among the others (torch.optim takes it)
-            row.insert(rng.randrange(len(row) + 1), rng.choice([(0,), (2, 0)]))
+            row.append(rng.choice([(70_001,), (260, 270)]) if extra.random() < 0.7 else (16, 16, 24, 24))
+        if extra.random() < 0.15:  # a 4-D param (channels_last where strided)
+            row.insert(extra.randrange(len(row) + 1), (3, 2, 2, 2))
+        if extra.random() < 0.1:  # a param with no elements among the others (torch.optim takes it)
+            row.insert(extra.randrange(len(row) + 1), extra.choice([(0,), (2, 0)]))
         shapes.append(row)
     zero_init = {(gi, rng.randrange(len(shapes[gi]))) for gi in range(n_groups) if rng.random() < 0.3}
+    strided = {(gi, ti) for gi, row in enumerate(shapes) for ti, sh in enumerate(row) if len(sh) in (2, 4)}
+    strided = {t for t in sorted(strided) if extra.random() < 0.3}  # (channels_last or transposed strides)
     n_d_groups = n_groups if independent else 1
     options = dict(
         independent_d=independent,
@@ -204,7 +211,7 @@ def make_config(seed: int) -> Config:
             numel = math.prod(shapes[gi][ti])
             e.bad = (gi, ti, rng.randrange(numel), rng.choice([math.nan, math.inf, -math.inf]))
         script.append(e)
-    cfg = Config(seed, dtype, shapes, zero_init, groups, options, script)
+    cfg = Config(seed, dtype, shapes, zero_init, groups, options, script, strided)
     if random.Random(seed + 1_000_003).random() < 0.2:
         cfg = prodigyopt_style(cfg)
     return cfg
@@ -262,7 +269,7 @@ _PROBLEMS: dict[tuple[int, str, str], Problem] = {}
 
 def problem(cfg: Config) -> Problem:
     """The tensors of ``cfg`` (from its seed, shapes and zero-initialised tensors), built once."""
-    key = (cfg.seed, repr(cfg.shapes), repr(sorted(cfg.zero_init)))
+    key = (cfg.seed, repr(cfg.shapes), repr(sorted(cfg.zero_init)), repr(sorted(cfg.strided)))
     if key not in _PROBLEMS:
         _PROBLEMS[key] = _make_problem(cfg)
     return _PROBLEMS[key]
@@ -281,10 +288,17 @@ def _make_problem(cfg: Config) -> Problem:
             ts.append(x + sign * (0.5 + 1.5 * torch.rand(shape, generator=gen, dtype=torch.float64)))
             cs.append(0.5 + 1.5 * torch.rand(shape, generator=gen, dtype=torch.float64))
             xs.append(x)
+            if (gi, ti) in cfg.strided:  # the same values, laid out otherwise (the gradients follow)
+                xs[-1], ts[-1], cs[-1] = (_strided(t) for t in (xs[-1], ts[-1], cs[-1]))
         x0.append(xs)
         target.append(ts)
         curv.append(cs)
     return Problem(x0, target, curv)
+
+
+def _strided(t: Tensor) -> Tensor:
+    """``t`` in channels_last (4-D) or with transposed strides (2-D)."""
+    return t.to(memory_format=torch.channels_last) if t.dim() == 4 else t.t().contiguous().t()
 
 
 def gradients(cfg: Config, prob: Problem, params: list[list[Tensor]], k: int) -> list[list[Tensor | None]]:
@@ -305,8 +319,8 @@ def gradients(cfg: Config, prob: Problem, params: list[list[Tensor]], k: int) ->
                 if cfg.groups[gi]["maximize"]:
                     g = -g  # maximize -f: the optimizer still walks to the target
             if e.bad is not None and e.bad[:2] == (gi, ti):
-                g = g.clone()
-                g.view(-1)[e.bad[2]] = e.bad[3]
+                g = g.clone(memory_format=torch.preserve_format)
+                g[tuple(int(i) for i in torch.unravel_index(torch.tensor(e.bad[2]), g.shape))] = e.bad[3]
             grow.append(g)
         out.append(grow)
     return out

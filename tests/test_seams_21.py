@@ -394,15 +394,17 @@ def test_d_ratio_cap_never_takes_d_below_d0(path: str) -> None:
             assert rel(d, ref.ds[i].d) < 1e-10, f"step {k}: group {i} d={d!r}, re-statement {ref.ds[i].d!r}"
 
 
+@pytest.mark.parametrize("d_update_freq", [1, 2])
 @pytest.mark.parametrize("path", [*FLAGS, "step_parameter"])
-def test_step_with_gradients_only_in_lr0_groups_keeps_k(path: str) -> None:
+def test_step_with_gradients_only_in_lr0_groups_keeps_k(path: str, d_update_freq: int) -> None:
     """One D over groups a (lr=1) and b (lr=0): a step where only b has gradients changes nothing,
-    k included (prodigyopt: d_denom == 0, it returns before k advances; ours advances k)."""
+    k included (prodigyopt: d_denom == 0, it returns before k advances; ours advanced k), also on
+    a step that does not update D (``d_update_freq=2`` from k=3: step_parameter advanced k there)."""
     a0 = torch.tensor([0.5, -0.3], dtype=torch.float64)
     b0 = torch.tensor([0.2, 0.1], dtype=torch.float64)
     a, b = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
     c, e = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
-    opt = make([{"params": [a]}, {"params": [b], "lr": 0.0}], path)
+    opt = make([{"params": [a]}, {"params": [b], "lr": 0.0}], path, d_update_freq=d_update_freq)
     theirs = prodigyopt.Prodigy([{"params": [c]}, {"params": [e], "lr": 0.0}])
     hooks = path == "step_parameter"
     for _ in range(3):

@@ -72,7 +72,10 @@ def finalize(opt: Any) -> None:
     local = [j for j, core in cores.items() if not isinstance(core.d_state.d, Tensor)]
     read = dict(zip(local, _partial.read_stats([cores[j] for j in local])))
     for j, item in enumerate(items):
-        if item is not None:
+        # as step(): a D-group none of whose groups with lr > 0 got a gradient changes nothing, k
+        # included (unless it takes part in a reduction over ranks)
+        takes_part = reduces[j] is not None and any(g["lr"] > 0 for g in groups[j])
+        if item is not None and (item.moved or takes_part):
             with _scratch.owned_by(opt._scratch()):
                 new[j] = _partial.finish(item.core, reduces[j], read.get(j))
     new = cap_d_ratio(old, new, [any(g["lr"] > 0 for g in gs) for gs in groups], opt.d_ratio_cap)
