@@ -268,3 +268,35 @@ def test_params_with_zero_elements_step_beside_the_others(flags: dict) -> None:
     for p, q in zip(ours, theirs):
         assert p.shape == q.shape
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-9, atol=1e-9)  # (scaled state: an entry near 0)
+
+
+@pytest.mark.parametrize("state_precision", ["float32", "bfloat16", "int8"])
+def test_params_with_zero_elements_only_among_the_small_ones_and_a_checkpoint(state_precision: str) -> None:
+    """Every small param without elements ((0,), (2, 0)) beside a large one: the steps run (the
+    compact backend had a bucket with nothing to step), and a checkpoint taken mid-run loads (its
+    check divided by a zero last dimension) and continues as the run without it (bfloat16, int8:
+    bit for bit)."""
+    import io
+
+    shapes = [(0,), (2, 0), (300, 400)]
+
+    def run(reload: bool) -> list[torch.nn.Parameter]:
+        torch.manual_seed(0)  # (stochastic rounding of the compact formats draws from it)
+        gen = torch.Generator().manual_seed(1)
+        ps = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
+        opt = KProdigy(ps, state_precision=state_precision)
+        for k in range(6):
+            if reload and k == 3:
+                buf = io.BytesIO()
+                torch.save(opt.state_dict(), buf)
+                buf.seek(0)
+                opt = KProdigy(ps, state_precision=state_precision)
+                opt.load_state_dict(torch.load(buf))
+            for p in ps:
+                p.grad = p.detach() - 0.5 - 0.01 * k
+            opt.step()
+        return ps
+
+    for p, q in zip(run(False), run(True)):  # (float32: the checkpoint normalizes the scaled state: last bits)
+        assert p.shape == q.shape
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)

@@ -222,7 +222,7 @@ def _check_param_state(pid: Any, st: Any, p: Tensor, hp: Hyperparams, *, d_froze
     if "exp_avg" in st and st["exp_avg"].shape != p.shape and st["exp_avg"].dtype != torch.uint8:
         raise ValueError(f"{where}: exp_avg has shape {tuple(st['exp_avg'].shape)}; expected the param's shape")
     v = st["exp_avg_sq"]
-    packed = p.dim() >= 2 and v.shape == (p.numel() // p.shape[-1] + p.shape[-1],)  # factored=True: [rows, cols]
+    packed = p.dim() >= 2 and v.shape == (math.prod(p.shape[:-1]) + p.shape[-1],)  # factored=True: [rows, cols]
     if v.shape != p.shape and not packed and v.dtype != torch.uint8:
         raise ValueError(
             f"{where}: exp_avg_sq has shape {tuple(v.shape)}; expected the param's shape "

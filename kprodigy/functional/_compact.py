@@ -173,6 +173,8 @@ def layout(seg: Segment) -> Layout:
             direct.append(i)
     runs = []
     for run in _runs(xs, small):
+        if not any(xs[i].numel() for i in run):
+            continue  # (params with no elements: nothing to step)
         spans = _laid_flat(seg, run) if len(run) > 1 else None
         if spans is None:
             direct += run
