@@ -81,7 +81,7 @@ def time_case(case: Case, rounds: int) -> dict[str, float]:
                 torch.sub(p, 0.5, out=p.grad).mul_(0.1)
 
     times: dict[str, list[float]] = {name: [] for name in built}
-    for name, (ps, opt) in built.items():
+    for ps, opt in built.values():
         for _ in range(3):
             pull(ps)
             opt.step()
@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     for label, case in CASES.items():
         med = time_case(case, args.rounds)
         results[label] = med
-        lines.append(f"| {label} | {med['kprodigy']:.1f} | {med['prodigyopt']:.1f} | {med['prodigyopt'] / med['kprodigy']:.2f}x |")
+        lines.append(
+            f"| {label} | {med['kprodigy']:.1f} | {med['prodigyopt']:.1f} | {med['prodigyopt'] / med['kprodigy']:.2f}x |"
+        )
         print(lines[-1], flush=True)
     _output.write_report(_output.output_dir(args.out, args.update_results), "step_cases_cpu", "\n".join(lines), results)
 
