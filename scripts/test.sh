@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 TORCH=2.13.0
 start=$(date +%s)
 mapfile -t missing < <(python3 scripts/_deps.py --extras test,integration --torch "$TORCH")
-echo "test.sh: ruff, mypy, the docs build (scripts/docs.sh) and the test suite (pytest, about 1,480 tests):"
+echo "test.sh: ruff, mypy, the docs build (scripts/docs.sh) and the test suite (pytest, about 1,600 tests):"
 echo "  2-10 min on a 2-core x86_64 CPU (README: about 2-4 min lightly loaded, up to 10 min under load)"
 if [ ${#missing[@]} -eq 0 ]; then
     echo "test.sh: torch $TORCH, this package and its 'test' and 'integration' extras are installed: nothing to install"
