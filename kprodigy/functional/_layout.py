@@ -106,8 +106,9 @@ def pack(ts: Sequence[Tensor]) -> list[Tensor]:
 
 
 def views(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    """Consecutive slices of ``flat`` shaped as ``like``."""
-    return list(torch._C._nn.unflatten_dense_tensors(flat, list(like)))
+    """Consecutive slices of ``flat`` shaped as ``like`` (an empty one shaped too: torch 2.7 gave (0,))."""
+    out = torch._C._nn.unflatten_dense_tensors(flat, list(like))
+    return [v if v.shape == t.shape else flat[:0].view(t.shape) for v, t in zip(out, like)]
 
 
 def p0_full(p0: Tensor, n: int) -> Tensor:

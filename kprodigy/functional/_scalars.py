@@ -108,7 +108,10 @@ class StepScalars(NamedTuple):
         """The record of the update pass: ``d_new`` the D after the update (None: m, v, s only);
         ``moves`` False on an all-zero-statistics step (m, v, s move, nothing else, as prodigyopt);
         ``ok`` a device-side skip decision (False: nothing is written)."""
-        done = StepScalars(*self[:9], d_new, None if d_new is None else d_new * self.eps, self.ok)  # type: ignore[misc]
+        s, eps_d = self, None if d_new is None else d_new * self.eps  # (every field named: see ``with_``)
+        done = StepScalars(
+            s.numerator_scale, s.s_scale, s.beta3, s.dlr, s.weight, s.gains, s.decays, s.decay, s.eps, d_new, eps_d, s.ok
+        )
         if moves is not True:
             ops = _ops(moves)
             decay = None if self.decay is None else ops.where(moves, self.decay, 0.0)
