@@ -177,7 +177,8 @@ def build(
                 if backend in (_single, _foreach) and on_host and (pack or pure) and fe is None and fu is None:
                     native = _natives(seg)  # (the params the fused-AdamW backend takes on their own)
                 indices = [native] if native else []  # (one dtype: ``usable``; the others one dtype per call)
-                indices += [[i for i in idx if i not in native] for idx in _by_dtype(seg.params)]
+                taken = set(native)
+                indices += [[i for i in idx if i not in taken] for idx in _by_dtype(seg.params)]
                 for index in [idx for idx in indices if idx]:
                     kernels = _adamw if index is native else backend
                     part = _take(seg, index)
