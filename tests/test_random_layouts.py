@@ -110,3 +110,39 @@ def test_the_examples_hold_what_they_are_for() -> None:
     assert sum(x.numel() > 65_536 for x in xs) >= 5
     assert sum("state_precision" in kw for _, _, kw, _ in examples) >= 5
     assert sum("state_precision" not in kw and "d_update_freq" not in kw for _, _, kw, _ in examples) >= 20
+
+
+@pytest.mark.parametrize("seed", range(N_EXAMPLES // 2))
+def test_random_layouts_checkpoints_move_between_prodigyopt_and_us(seed: int) -> None:
+    """A prodigyopt checkpoint taken mid-run loads into KProdigy and continues as prodigyopt would
+    (even seeds), and ours into prodigyopt (odd seeds): float64, prodigyopt's settings, the same
+    random param sets (channels_last, transposed, no elements)."""
+    init, pulls, kw, switch = _example(seed)
+    kw = {k: v for k, v in kw.items() if k not in ("state_precision", "d_update_freq")}
+    init = [x.double() for x in init]
+    pulls = [t.double() for t in pulls]
+    first, second = (prodigyopt.Prodigy, KProdigy) if seed % 2 == 0 else (KProdigy, prodigyopt.Prodigy)
+    ps = [torch.nn.Parameter(x.clone(memory_format=torch.preserve_format)) for x in init]
+    qs = [torch.nn.Parameter(x.clone(memory_format=torch.preserve_format)) for x in init]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt, ref = first(ps, **kw), prodigyopt.Prodigy(qs, **kw)
+        for k in range(STEPS):
+            if k == switch:
+                buf = io.BytesIO()
+                torch.save(opt.state_dict(), buf)
+                buf.seek(0)
+                opt = second(ps, **kw)
+                opt.load_state_dict(torch.load(buf))
+            for p, g in zip(ps, _grads(ps, pulls, k)):
+                p.grad = g
+            for q, g in zip(qs, _grads(qs, pulls, k)):
+                q.grad = g
+            opt.step()
+            ref.step()
+    d, want = opt.param_groups[0]["d"], ref.param_groups[0]["d"]
+    assert abs(d - want) <= 1e-9 * want, f"D {d} vs prodigyopt {want}"
+    for p, q, x0 in zip(ps, qs, init):
+        if p.numel():
+            moved = float((q.detach() - x0).abs().max())
+            assert float((p - q).abs().max()) <= 1e-8 * max(moved, 1e-12) + 1e-12
