@@ -300,3 +300,59 @@ def test_params_with_zero_elements_only_among_the_small_ones_and_a_checkpoint(st
     for p, q in zip(run(False), run(True)):  # (float32: the checkpoint normalizes the scaled state: last bits)
         assert p.shape == q.shape
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+def test_param_data_swapped_mid_run_is_stepped_as_prodigyopt_steps_it() -> None:
+    """``p.data = t`` between steps (``Module.to``/``.double()``, ``vector_to_parameters``, EMA
+    swaps do it): the next steps move the new storage, as prodigyopt's do (the kept plan held views
+    of the old one: a sliced large param stopped moving). float64, the same numbers."""
+    import prodigyopt
+
+    def run(cls: type) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        shapes = [(400, 400), (30,), (8, 4, 3, 3)]
+        ps = [torch.nn.Parameter(torch.randn(*s, generator=gen, dtype=torch.float64)) for s in shapes]
+        ps[2].data = ps[2].data.to(memory_format=torch.channels_last)
+        opt = cls(ps)
+        for k in range(8):
+            if k == 3:
+                for p in ps:
+                    p.data = torch.full_like(p, 0.5)  # (a new storage, the same param)
+            for p in ps:
+                p.grad = (p.detach() - 1.0 - 0.01 * k).clone(memory_format=torch.preserve_format)
+            opt.step()
+        return [p.detach().clone() for p in ps]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (prodigyopt prints its weight decay mode)
+        ours, theirs = run(KProdigy), run(prodigyopt.Prodigy)
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+def test_functional_step_inplace_follows_a_swapped_tensor_data() -> None:
+    """``kprodigy.functional.step_`` keeps a plan per tensor set: a ``x.data = t`` swap between calls
+    is stepped in the new storage, as the pure step does."""
+    import kprodigy.functional as F
+
+    hp = F.Hyperparams()
+    results = []
+    for inplace in (True, False):
+        gen = torch.Generator().manual_seed(1)
+        xs = [
+            torch.randn(400, 400, generator=gen, dtype=torch.float64),
+            torch.randn(30, generator=gen, dtype=torch.float64),
+        ]
+        state = F.init_state(xs, hp)
+        for k in range(6):
+            if k == 3:
+                for x in xs:
+                    x.data = torch.full_like(x, 0.5)
+            grads = [x - 1.0 - 0.01 * k for x in xs]
+            if inplace:
+                state = F.step_(xs, grads, state, hp)
+            else:
+                xs, state = F.step(xs, grads, state, hp)
+        results.append(xs)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -123,10 +123,11 @@ _KEPT: dict[int, tuple[tuple[Any, ...], _engine.Plan]] = {}  # id(State) -> (sig
 
 
 def _signature(params: Ts, grads: Ts, state: State, hp: Hyperparams, foreach: Flag, fused: Flag) -> tuple[Any, ...]:
-    """What a kept plan of ``step_`` was built from: the tensors, the gradients' layout, grad mode,
-    the flags and the settings that choose the backend and lay the state out."""
+    """What a kept plan of ``step_`` was built from: the tensors (and their storage: ``x.data = ...``
+    swaps it), the gradients' layout, grad mode, the flags and the settings that choose the backend
+    and lay the state out."""
     layout = tuple((g.dtype, g.device, g.shape, g.is_contiguous(), x.requires_grad) for x, g in zip(params, grads))
-    ids = tuple(map(id, params)), tuple(map(id, _state_leaves(state)))
+    ids = tuple(map(id, params)), tuple(x.data_ptr() for x in params), tuple(map(id, _state_leaves(state)))
     return ids, layout, torch.is_grad_enabled(), foreach, fused, hp.slice_p, hp.betas[0] > 0, hp.stochastic_rounding
 
 

@@ -144,10 +144,12 @@ class Kept:
             return False  # the full step raises it, with its context
         if any(p.grad is not None for p in self.idle) or raw_state(opt) is not self.state:
             return False
-        for p, (kind, dtype, device, shape, contiguous), st, m, v, s, p0 in self.tensors:  # (a load replaces
-            g = p.grad  # ``opt.state`` wholesale: above; cheapest checks first, no tuple per param)
+        for p, (kind, dtype, device, shape, contiguous), ptr, st, m, v, s, p0 in self.tensors:  # (a load
+            g = p.grad  # replaces ``opt.state`` wholesale: above; cheapest checks first, no tuple per param)
             if type(g) is not kind or g.dtype is not dtype or g.shape != shape or g.is_contiguous() != contiguous:
                 return False
+            if p.data_ptr() != ptr:
+                return False  # ``p.data = ...`` (``Module.to`` does it): the plan's views hold the old storage
             if g.device != device or st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v:
                 return False
             if st.get("s") is not s or st.get("p0") is not p0:
@@ -187,8 +189,9 @@ def _settings(group: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def _tensors(opt: Any, p: Tensor) -> tuple[Any, ...]:
-    """What a planned param must still have: its gradient's type and layout, its state tensors."""
+    """What a planned param must still have: its gradient's type and layout, its storage, its state
+    tensors."""
     g, st = p.grad, opt.state.get(p, {})
     assert g is not None, "a planned param has a gradient"
     layout = (type(g), g.dtype, g.device, g.shape, g.is_contiguous())
-    return (p, layout, st, *(st.get(key) for key in STATE_KEYS))
+    return (p, layout, p.data_ptr(), st, *(st.get(key) for key in STATE_KEYS))
