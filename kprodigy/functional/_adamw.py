@@ -108,6 +108,7 @@ class Bucket:
     sliced: Tensor | None = None
     sliced_views: list[Tensor] = field(default_factory=list)
     x_views: list[Tensor] = field(default_factory=list)
+    strided: list[list[Tensor]] = field(default_factory=list)  # slice_p > 1: each g[::p], x[::p] (views)
     whole: list[Tensor] = field(default_factory=list)  # a tensor's first slice: its flat x, m, v
     x_s: Tensor | None = None  # a slice's ``x[::slice_p]`` (a view, made once)
     logical: bool = False  # rows of a strided tensor (``_in_rows``): x, g copied in order for statistics
@@ -212,6 +213,7 @@ def layout(seg: Segment) -> FlatGroup:
             b.grad_runs, b.work_runs = (_run_views(buf, b.params, cats) for buf in (cast(Tensor, b.grad), work))
             if b.sliced is not None:
                 b.x_views = views(work[: b.s.numel()], b.sliced_views)
+                b.strided = [[t.view(-1)[::p] for t in ts] for ts in (b.grad_views, b.params)]
     step = torch.full((), HUGE_STEP, dtype=torch.float32, device=xs[0].device)
     steps = [step] * max(len(b.params) for b in buckets)
     return FlatGroup(buckets, work, work2, steps, p)
@@ -307,7 +309,7 @@ def gradients(seg: Segment, lay: FlatGroup, grads: Ts) -> list[Tensor]:
         if hp.coupled_decay:
             torch._foreach_add_(b.grad_views, b.params, alpha=hp.weight_decay)
         if b.sliced is not None:
-            torch._foreach_copy_(b.sliced_views, [g.view(-1)[:: lay.slice_p] for g in b.grad_views])
+            torch._foreach_copy_(b.sliced_views, b.strided[0])
         out.append(b.grad)
     return out
 
@@ -392,7 +394,7 @@ def _dot(fg: FlatGroup, b: Bucket, g: Tensor) -> Tensor:
     elif b.x_s is not None:
         x = b.x_s
     elif b.sliced is not None:
-        torch._foreach_copy_(b.x_views, [x.view(-1)[:: fg.slice_p] for x in b.params])
+        torch._foreach_copy_(b.x_views, b.strided[1])
         x = work
     else:
         _gather(b.work_runs, b.work_views, b.params)
