@@ -356,3 +356,19 @@ def test_functional_step_inplace_follows_a_swapped_tensor_data() -> None:
         results.append(xs)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_param_data_replaced_by_another_shape_raises_naming_it() -> None:
+    """``p.data`` replaced by a tensor of another shape after the state was made: a ValueError
+    naming the param, both shapes and the fix (it said slice_p had changed), nothing changed."""
+    p = torch.nn.Parameter(torch.randn(400, 400))
+    opt = KProdigy([p])
+    for _ in range(2):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    p.data = torch.randn(10, 10)
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=r"param 0 of param group 0 has shape \(10, 10\) but its state .*\(400, 400\)"):
+        opt.step()
+    assert torch.equal(p.detach(), before)

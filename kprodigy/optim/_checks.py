@@ -90,11 +90,19 @@ def check_grads(group: dict[str, Any], index: int, state: dict[Tensor, dict[str,
             raise RuntimeError(
                 f"a gradient of shape {tuple(g.shape)} belongs to a parameter of shape {tuple(p.shape)} ({where})"
             )
-        s = state.get(p, {}).get("s")
+        st = state.get(p, {})
+        m = st.get("exp_avg")  # (param-shaped, but as int8 blocks)
+        if isinstance(m, Tensor) and m.dtype != torch.uint8 and m.shape != p.shape and not is_dtensor(p):
+            raise ValueError(
+                f"{where} has shape {tuple(p.shape)} but its state was made for shape {tuple(m.shape)} (was "
+                "p.data replaced by a tensor of another shape?); reset its state (del optimizer.state[p]) "
+                "or keep its shape"
+            )
+        s = st.get("s")
         if s is not None and not is_dtensor(p) and s.numel() != (p.numel() + slice_p - 1) // slice_p:
             raise ValueError(
                 f"slice_p={slice_p} does not match the state of {where} ({p.numel()} elements, s has "
-                f"{s.numel()}); slice_p cannot change after the first step"
+                f"{s.numel()}); slice_p cannot change after the first step, nor the param's size"
             )
 
 
