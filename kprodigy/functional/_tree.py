@@ -140,7 +140,10 @@ def _step_lists(
 ) -> tuple[list[Tensor], State, _engine.Plan]:
     """The step over lists (one D-group of one member): new tensors (``pure``) or in place, on a
     kept ``plan`` (its hyperparameters refreshed) or a new one."""
-    on_host = len(xs) > 0 and _engine.d_on_host([*xs, *gs, *(t for t in [state.d.d] if isinstance(t, Tensor))])
+    if plan is not None and not torch.compiler.is_compiling():
+        on_host = plan.on_host  # (``step_``'s signature holds what decides it: devices, grad mode, the tensors)
+    else:
+        on_host = len(xs) > 0 and _engine.d_on_host([*xs, *gs, *(t for t in [state.d.d] if isinstance(t, Tensor))])
     if plan is None or plan.on_host != on_host:
         _check_grads(xs, gs)
         exp_avg = state.exp_avg
