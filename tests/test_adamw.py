@@ -4,6 +4,7 @@ reference kernels, large (sliced) tensors included, with the NaN skip exact and 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -386,6 +387,22 @@ def test_an_overflowing_s_scale_raises_with_nothing_written() -> None:
     assert all(torch.equal(a, b) for a, b in zip(_snapshot(opt, ps), before))
 
 
+def _stepped(
+    init: list[torch.Tensor], grads: Any, steps: int, **kwargs: Any
+) -> tuple[list[torch.nn.Parameter], KProdigy]:
+    """``KProdigy(**kwargs)`` over params made from ``init`` (their layout kept), ``steps`` steps on
+    ``grads(params, k)`` (the one-time skip warning silenced)."""
+    ps = [torch.nn.Parameter(x.clone(memory_format=torch.preserve_format)) for x in init]
+    opt = KProdigy(ps, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for k in range(steps):
+            for p, g in zip(ps, grads(ps, k)):
+                p.grad = g
+            opt.step()
+    return ps, opt
+
+
 def test_channels_last_params_take_the_native_path_and_equal_per_tensor() -> None:
     """Dense params whose dim 0 is outermost in memory (channels_last conv weights; a small one and
     one in several row slices) step on the fused-AdamW backend beside contiguous ones, with their
@@ -407,20 +424,9 @@ def test_channels_last_params_take_the_native_path_and_equal_per_tensor() -> Non
             gs[2][3, 1, 2, 4] = float("nan")
         return gs
 
-    def run(flags: dict) -> tuple[list[torch.nn.Parameter], KProdigy]:
-        ps = [torch.nn.Parameter(x.clone(memory_format=torch.preserve_format)) for x in init]
-        opt = KProdigy(ps, **flags)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # the one-time skip warning
-            for k in range(12):
-                for p, g in zip(ps, grads(ps, k)):
-                    p.grad = g
-                opt.step()
-        return ps, opt
-
-    ours, opt = run({})
+    ours, opt = _stepped(init, grads, 12)
     assert {part.backend for d in opt._kept.plan.d_groups for m in d for part in m.parts} == {_adamw}
-    ref, ropt = run({"foreach": False, "fused": False})
+    ref, ropt = _stepped(init, grads, 12, foreach=False, fused=False)
     assert opt.param_groups[0]["skipped_steps"] == 1 and ropt.param_groups[0]["d"] > 100 * 1e-6
     assert opt.param_groups[0]["d"] == pytest.approx(ropt.param_groups[0]["d"], rel=1e-12)
     for p, q in zip(ours, ref):
@@ -462,19 +468,10 @@ def test_a_param_the_native_path_cannot_take_leaves_it_the_others() -> None:
     def grads(xs: list[torch.Tensor], k: int) -> list[torch.Tensor]:
         return [(x.detach() - t - 0.01 * k).clone(memory_format=torch.preserve_format) for x, t in zip(xs, pulls)]
 
-    def run(flags: dict) -> tuple[list[torch.nn.Parameter], KProdigy]:
-        ps = [torch.nn.Parameter(x.clone(memory_format=torch.preserve_format)) for x in init]
-        opt = KProdigy(ps, weight_decay=0.01, **flags)
-        for k in range(10):
-            for p, g in zip(ps, grads(ps, k)):
-                p.grad = g
-            opt.step()
-        return ps, opt
-
-    ours, opt = run({})
+    ours, opt = _stepped(init, grads, 10, weight_decay=0.01)
     parts = [(part.backend, part.index) for d in opt._kept.plan.d_groups for m in d for part in m.parts]
     assert parts == [(_adamw, [1, 2, 3, 4]), (_single, [0])]
-    ref, ropt = run({"foreach": False, "fused": False})
+    ref, ropt = _stepped(init, grads, 10, weight_decay=0.01, foreach=False, fused=False)
     assert ropt.param_groups[0]["d"] > 100 * 1e-6
     assert opt.param_groups[0]["d"] == pytest.approx(ropt.param_groups[0]["d"], rel=1e-12)
     for p, q in zip(ours, ref):

@@ -61,6 +61,16 @@ def _grads(ps: list[torch.Tensor], pulls: list[torch.Tensor], k: int) -> list[to
     return [(p.detach() - t - 0.01 * k).clone(memory_format=torch.preserve_format) for p, t in zip(ps, pulls)]
 
 
+def _reloaded(opt: Any, cls: Any, ps: list[torch.nn.Parameter], kw: dict[str, Any]) -> Any:
+    """A ``cls`` over ``ps`` that loaded ``opt``'s state dict through ``torch.save``/``torch.load``."""
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    new = cls(ps, **kw)
+    new.load_state_dict(torch.load(buf))
+    return new
+
+
 def _run(seed: int, cls: Any, reload_at: int | None) -> tuple[list[torch.nn.Parameter], Any]:
     init, pulls, kw, _ = _example(seed)
     torch.manual_seed(seed)  # (the compact formats' stochastic rounding draws from it)
@@ -68,11 +78,7 @@ def _run(seed: int, cls: Any, reload_at: int | None) -> tuple[list[torch.nn.Para
     opt = cls(ps, **kw)
     for k in range(STEPS):
         if k == reload_at:
-            buf = io.BytesIO()
-            torch.save(opt.state_dict(), buf)
-            buf.seek(0)
-            opt = cls(ps, **kw)
-            opt.load_state_dict(torch.load(buf))
+            opt = _reloaded(opt, cls, ps, kw)
         for p, g in zip(ps, _grads(ps, pulls, k)):
             p.grad = g
         opt.step()
@@ -129,11 +135,7 @@ def test_random_layouts_checkpoints_move_between_prodigyopt_and_us(seed: int) ->
         opt, ref = first(ps, **kw), prodigyopt.Prodigy(qs, **kw)
         for k in range(STEPS):
             if k == switch:
-                buf = io.BytesIO()
-                torch.save(opt.state_dict(), buf)
-                buf.seek(0)
-                opt = second(ps, **kw)
-                opt.load_state_dict(torch.load(buf))
+                opt = _reloaded(opt, second, ps, kw)
             for p, g in zip(ps, _grads(ps, pulls, k)):
                 p.grad = g
             for q, g in zip(qs, _grads(qs, pulls, k)):
