@@ -94,11 +94,19 @@ def peers() -> dict[str, Any]:
 
 
 def bench(
-    name: str, rounds: int, steps: int, makers: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32
+    name: str,
+    rounds: int,
+    steps: int,
+    makers: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    base: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
+    """Median ms per step of each peer (``makers``: name -> factory over a list of params) on the
+    workload ``name``, or on params made from ``base`` (their layout kept, the noise laid alike)."""
     gen = torch.Generator().manual_seed(0)
-    base = [torch.randn(s, generator=gen).to(dtype) for s in shapes(name)]
-    noise = [0.01 * torch.randn(s, generator=gen).to(dtype) for s in shapes(name)]
+    if base is None:
+        base = [torch.randn(s, generator=gen).to(dtype) for s in shapes(name)]
+    noise = [torch.empty_like(b).copy_(0.01 * torch.randn(b.shape, generator=gen).to(b.dtype)) for b in base]
     runs = {}
     for peer, make in (peers() if makers is None else makers).items():
         ps = [torch.nn.Parameter(b.clone()) for b in base]

@@ -3,9 +3,9 @@
 Cases: the convergence suite's 2-tensor logistic regression (iris: a 3x4 weight and a bias), a
 ConvNet of ~1.2M params (8 conv weights, batch-norm-sized vectors, a linear head) with its conv
 weights contiguous and in channels_last (as timm's ``--channels-last`` lays them), and a group of
-24 tensors of which one has transposed strides. Gradients come from a quadratic pull recomputed
-outside the timed region, so that D settles. Each optimizer steps a few times per round, rounds
-in a shuffled order; the per-step median over the rounds is reported.
+24 tensors of which one has transposed strides. Timed as ``small_models.bench`` times its
+workloads (a quadratic pull plus fixed noise laid as the params, recomputed outside the timed
+region; shuffled rounds, the first a warm-up; the per-step median).
 
 Usage (from the repository root)::
 
@@ -16,14 +16,12 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
-import time
 from collections.abc import Callable
 
 import _output
 import convergence as C  # code_version, machine_description: the header every benchmark writes
 import prodigyopt
+import small_models
 import torch
 
 from kprodigy import KProdigy
@@ -64,38 +62,13 @@ CASES: dict[str, Case] = {
 OPTIMIZERS = {"kprodigy": KProdigy, "prodigyopt": prodigyopt.Prodigy}
 
 
-def time_case(case: Case, rounds: int) -> dict[str, float]:
-    """Median microseconds per step of each optimizer on ``case``."""
-    built = {}
-    for name, cls in OPTIMIZERS.items():
-        ps = [torch.nn.Parameter(x) for x in case(torch.Generator().manual_seed(0))]
-        for p in ps:
-            p.grad = torch.empty_like(p)
-        built[name] = (ps, cls(ps, lr=1.0))
-    small = sum(p.numel() for p in built["kprodigy"][0]) < 10_000
-    steps = 200 if small else 5
-
-    def pull(ps: list[torch.nn.Parameter]) -> None:
-        with torch.no_grad():
-            for p in ps:
-                torch.sub(p, 0.5, out=p.grad).mul_(0.1)
-
-    times: dict[str, list[float]] = {name: [] for name in built}
-    for ps, opt in built.values():
-        for _ in range(3):
-            pull(ps)
-            opt.step()
-    for _ in range(rounds):
-        for name in random.sample(list(built), len(built)):
-            ps, opt = built[name]
-            total = 0.0
-            for _ in range(steps):
-                pull(ps)
-                t = time.perf_counter()
-                opt.step()
-                total += time.perf_counter() - t
-            times[name].append(total / steps * 1e6)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+def time_case(label: str, case: Case, rounds: int) -> dict[str, float]:
+    """Median microseconds per step of each optimizer on ``case`` (``small_models.bench``'s rounds)."""
+    base = case(torch.Generator().manual_seed(0))
+    steps = 200 if sum(x.numel() for x in base) < 10_000 else 5
+    makers = {name: (lambda ps, cls=cls: cls(ps, lr=1.0)) for name, cls in OPTIMIZERS.items()}
+    res = small_models.bench(label, rounds, steps, makers, base=base)
+    return {name: res[name] * 1e3 for name in OPTIMIZERS}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     results = {}
     for label, case in CASES.items():
-        med = time_case(case, args.rounds)
+        med = time_case(label, case, args.rounds)
         results[label] = med
         lines.append(
             f"| {label} | {med['kprodigy']:.1f} | {med['prodigyopt']:.1f} | {med['prodigyopt'] / med['kprodigy']:.2f}x |"
