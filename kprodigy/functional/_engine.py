@@ -141,12 +141,18 @@ def choose_backend(seg: Segment, on_host: bool, foreach: bool | None, fused: boo
         return _factored
     if use_fused(seg.params, fused):
         return _fused
-    if on_host and pack and foreach is None and fused is None:
+    if _automatic(on_host, foreach, fused, pack):
         if _adamw.usable(seg):
             return _adamw
         if _compact.takes_16bit_params(seg):  # (16-bit params, float32 state: its fused chunks)
             return _compact
     return _foreach if use_foreach(seg.params, foreach) else _single
+
+
+def _automatic(on_host: bool, foreach: bool | None, fused: bool | None, pack: bool) -> bool:
+    """Whether the fused-AdamW backend may take params: D on the host, automatic flags, state that
+    may be laid flat."""
+    return on_host and pack and foreach is None and fused is None
 
 
 def build(
@@ -174,7 +180,7 @@ def build(
             if seg.params:
                 backend = choose_backend(seg, on_host, fe, fu, pack or pure)
                 native = list(range(len(seg.params))) if backend is _adamw else []
-                if backend in (_single, _foreach) and on_host and (pack or pure) and fe is None and fu is None:
+                if backend in (_single, _foreach) and _automatic(on_host, fe, fu, pack or pure):
                     native = _natives(seg)  # (the params the fused-AdamW backend takes on their own)
                 indices = [native] if native else []  # (one dtype: ``usable``; the others one dtype per call)
                 taken = set(native)
